@@ -1,0 +1,66 @@
+"""Ready-made configurations and the bundled tokenizer, for the offline demo, the tests and the benchmarks.
+
+The tiny preset mirrors the real structure at a size a CPU trains in minutes: CLIP with a 7×7 patch grid
+plus CLS (like B/32's 224/32), Qwen3 with grouped-query attention (2 KV heads for 4 query heads), an
+explicit head_dim and tied embeddings, and the real 151,936-row vocabulary so the real tokenizer fits.
+"""
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+# The three model files live at the repository root, which is also the shape of the Hub repository.
+from configuration_clipqwen import ClipQwenConfig
+from processing_clipqwen import ClipQwenProcessor
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
+
+TINY_VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    image_size=224, patch_size=32, projection_dim=32,
+)
+TINY_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+)
+
+
+def tiny_config(**overrides) -> ClipQwenConfig:
+    """A ClipQwenConfig of the real shape at toy size (about 10 M parameters, mostly the vocabulary)."""
+    vision = {**TINY_VISION, **overrides.pop("vision_config", {})}
+    text = {**TINY_TEXT, **overrides.pop("text_config", {})}
+    return ClipQwenConfig(vision_config=vision, text_config=text, **overrides)
+
+
+def bundled_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer shipped with the package (gzipped), unpacked once into the HF cache."""
+    cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "clipqwen" / "qwen3-tokenizer"
+    if not (cache / "tokenizer.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy(BUNDLED_TOKENIZER / "tokenizer_config.json", cache / "tokenizer_config.json")
+        partial = cache / f"tokenizer.json.{os.getpid()}.tmp"
+        with gzip.open(BUNDLED_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.replace(cache / "tokenizer.json")  # atomic: parallel test workers never read half a file
+    return cache
+
+
+def clip_image_processor(**kwargs):
+    """CLIP ViT-B/32 preprocessing: shortest edge 224, bicubic, centre crop 224, OpenAI mean/std. The
+    torchvision-free class is used where torchvision is absent, the default one elsewhere."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers import CLIPImageProcessorPil as image_processor_class
+    else:
+        from transformers import CLIPImageProcessor as image_processor_class
+    return image_processor_class(**kwargs)
+
+
+def bundled_processor(num_image_tokens: int = 1) -> ClipQwenProcessor:
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+    return ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=num_image_tokens)

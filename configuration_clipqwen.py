@@ -1,0 +1,127 @@
+"""ClipQwen configuration: a frozen CLIP vision tower, a small trainable adapter and a Qwen3 decoder.
+
+Shaped like transformers' `LlavaConfig`: one composite config holding complete sub-configs, checked at
+construction so that a wrong value fails at once with the field's name and what is allowed.
+"""
+
+from typing import Literal
+
+from transformers import CLIPVisionConfig, PreTrainedConfig, Qwen3Config
+from transformers.configuration_utils import SubConfigSpec
+
+# Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
+# partial `text_config` dict is not merged with defaults by transformers, so we keep the full set here.
+QWEN3_0_6B_BASE = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+    tie_word_embeddings=True,
+    attention_bias=False,
+    bos_token_id=151643,
+    eos_token_id=151643,
+)
+# CLIP ViT-B/32 (openai/clip-vit-base-patch32) is exactly `CLIPVisionConfig()`: 768 wide, 12 layers, patch 32.
+CLIP_VIT_B32 = dict(projection_dim=512)
+
+ADAPTER_TYPES = ("linear", "mlp2x_gelu")
+VISION_FEATURE_TYPES = ("pooled", "patch")
+
+
+class ClipQwenConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the seed-exact captioner:
+    CLIP ViT-B/32's pooled, projected 512-d image embedding → `nn.Linear(512, 1024)` → one image token in
+    front of the caption of Qwen3-0.6B-Base.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP vision tower. A dict is merged over CLIP ViT-B/32's values.
+        text_config (`dict` or `Qwen3Config`, *optional*):
+            The Qwen3 decoder. A dict is merged over Qwen3-0.6B-Base's values.
+        adapter_type (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` (one `nn.Linear`, the seed's) or `"mlp2x_gelu"` (Linear-GELU-Linear, LLaVA-1.5).
+        vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
+            `"pooled"`: the projected image embedding (`projection_dim` wide), expanded by the adapter into
+            `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: the hidden states of every position
+            (CLS + patches) of CLIP layer `vision_feature_layer`, one token each (LLaVA).
+        num_pooled_image_tokens (`int`, *optional*, defaults to 1):
+            Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate).
+        image_token_id (`int`, *optional*, defaults to 151655):
+            Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`).
+        freeze_vision_model (`bool`, *optional*, defaults to `True`):
+            Keep every CLIP parameter at `requires_grad=False`.
+        freeze_language_model (`bool`, *optional*, defaults to `True`):
+            Keep every Qwen3 parameter at `requires_grad=False` (LoRA adds its own trainable weights).
+    """
+
+    model_type = "clipqwen"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(CLIPVisionConfig, init_kwargs=CLIP_VIT_B32),
+        "text_config": SubConfigSpec(Qwen3Config, init_kwargs=QWEN3_0_6B_BASE),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    adapter_type: Literal["linear", "mlp2x_gelu"] = "linear"
+    vision_feature_type: Literal["pooled", "patch"] = "pooled"
+    num_pooled_image_tokens: int = 1
+    vision_feature_layer: int = -2
+    image_token_id: int = 151655
+    freeze_vision_model: bool = True
+    freeze_language_model: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        # Merge partial sub-config dicts over the real checkpoints' values instead of the class defaults.
+        if isinstance(self.vision_config, dict):
+            self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
+        if isinstance(self.text_config, dict):
+            self.text_config = {**QWEN3_0_6B_BASE, **self.text_config}
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = self.text_config.tie_word_embeddings
+        self.validate_clipqwen()
+
+    def validate_clipqwen(self):
+        def fail(field, value, allowed):
+            raise ValueError(f"ClipQwenConfig.{field}={value!r} is not valid: {allowed}.")
+
+        if self.adapter_type not in ADAPTER_TYPES:
+            fail("adapter_type", self.adapter_type, f"use one of {ADAPTER_TYPES}")
+        if self.vision_feature_type not in VISION_FEATURE_TYPES:
+            fail("vision_feature_type", self.vision_feature_type, f"use one of {VISION_FEATURE_TYPES}")
+        if not isinstance(self.num_pooled_image_tokens, int) or self.num_pooled_image_tokens < 1:
+            fail("num_pooled_image_tokens", self.num_pooled_image_tokens, "use an integer >= 1")
+        layers = self.vision_config.num_hidden_layers
+        if not -layers - 1 <= self.vision_feature_layer <= layers:
+            fail("vision_feature_layer", self.vision_feature_layer, f"CLIP has hidden states -{layers + 1}..{layers}")
+        if not 0 <= self.image_token_id < self.text_config.vocab_size:
+            fail("image_token_id", self.image_token_id, f"use an id below vocab_size={self.text_config.vocab_size}")
+        if self.vision_config.image_size % self.vision_config.patch_size:
+            fail("vision_config.image_size", self.vision_config.image_size, "use a multiple of patch_size")
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Width of one CLIP feature vector entering the adapter."""
+        if self.vision_feature_type == "pooled":
+            return self.vision_config.projection_dim
+        return self.vision_config.hidden_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many `<|image_pad|>` placeholders one image takes in the text."""
+        if self.vision_feature_type == "pooled":
+            return self.num_pooled_image_tokens
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2 + 1
+
+
+__all__ = ["ClipQwenConfig"]

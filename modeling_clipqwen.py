@@ -1,0 +1,299 @@
+"""ClipQwen: CLIP image features → trainable adapter → Qwen3 decoder, as one transformers model.
+
+Where the ideas come from:
+- LLaVA (Liu et al. 2023) and transformers' `modeling_llava.py`: image features replace placeholder-token
+  embeddings (`masked_scatter`), so `generate()` — KV cache, beam search, static cache — works unchanged;
+  the `mlp2x_gelu` projector is LLaVA-1.5's.
+- ClipCap (Mokady et al. 2021): one pooled CLIP embedding expanded into K prefix tokens.
+- The course project this replaces: a frozen pooled CLIP-B/32 embedding → `nn.Linear(512, 1024)` → Qwen3.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionModelWithProjection,
+    GenerationMixin,
+    PreTrainedModel,
+    Qwen3ForCausalLM,
+)
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
+
+
+try:
+    from .configuration_clipqwen import ClipQwenConfig
+except ImportError:  # the repository root used as a plain module path (tests, scripts)
+    from configuration_clipqwen import ClipQwenConfig
+
+
+@dataclass
+class ClipQwenCausalLMOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        Cross-entropy over the supervised tokens (caption + one end-of-text), summed and divided by their
+        count (or by `num_items_in_batch`, which Trainer passes so that gradient accumulation is exact).
+    logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
+        Next-token scores. Not computed when `labels` is given (the loss needs them only at supervised
+        positions, computed internally); otherwise for the last `logits_to_keep` positions (0 = all).
+    cache (`Cache`, *optional*):
+        The decoder's key/value cache, for `generate()`.
+    image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
+        The adapter output placed at the image placeholders.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class ClipQwenAdapter(nn.Module):
+    """Maps CLIP features (batch, n, feature_size) to decoder embeddings (batch, num_image_tokens, hidden)."""
+
+    def __init__(self, config: ClipQwenConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        # A pooled embedding (n = 1) is expanded into K tokens by the last layer's width (ClipCap);
+        # patch features (n = 50) map one to one.
+        tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type == "pooled" else 1
+        self.hidden_size = hidden
+        if config.adapter_type == "linear":
+            self.layers = nn.Sequential(nn.Linear(config.vision_feature_size, hidden * tokens_per_feature))
+        else:  # mlp2x_gelu
+            self.layers = nn.Sequential(
+                nn.Linear(config.vision_feature_size, hidden),
+                nn.GELU(),
+                nn.Linear(hidden, hidden * tokens_per_feature),
+            )
+
+    def forward(self, vision_embeds: torch.Tensor) -> torch.Tensor:
+        projected = self.layers(vision_embeds)
+        return projected.reshape(projected.shape[0], -1, self.hidden_size)
+
+
+class ClipQwenPreTrainedModel(PreTrainedModel):
+    config_class = ClipQwenConfig
+    config: ClipQwenConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # The sub-models initialise their own modules; only the adapter is ours. Defaults (Kaiming-uniform
+        # for nn.Linear) would give image tokens a norm far above Qwen's word embeddings (std 0.02).
+        if isinstance(module, ClipQwenAdapter):
+            std = self.config.text_config.initializer_range
+            for layer in module.layers:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=std)
+                    nn.init.zeros_(layer.bias)
+        else:
+            super()._init_weights(module)
+
+
+class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin):
+    """CLIP vision tower + adapter + Qwen3 causal LM. Use `generate()` for captions."""
+
+    def __init__(self, config: ClipQwenConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionModelWithProjection._from_config(config.vision_config)
+        self.adapter = ClipQwenAdapter(config)
+        self.language_model = Qwen3ForCausalLM._from_config(config.text_config)
+        # register_for_auto_class keeps one Auto class per model; the image-text-to-text entry goes beside it.
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                           "AutoModelForImageTextToText": f"{module}.{type(self).__name__}"}
+        self.post_init()
+        if self.generation_config.pad_token_id is None:  # Qwen3-Base pads with its EOS, <|endoftext|>
+            self.generation_config.pad_token_id = config.text_config.eos_token_id
+        self.apply_freezing()
+
+    # ---- freezing -------------------------------------------------------------------------------------
+    def apply_freezing(self):
+        """Set `requires_grad=False` on the frozen backbones. Frozen weights that still require grad would
+        double the backward cost, so this runs after `__init__` and again after `from_pretrained`."""
+        self.vision_model.requires_grad_(not self.config.freeze_vision_model)
+        self.language_model.requires_grad_(not self.config.freeze_language_model)
+        self.adapter.requires_grad_(True)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading re-creates parameters with requires_grad=True, undoing the freezing done in __init__.
+        model = super().from_pretrained(*args, **kwargs)
+        return model.apply_freezing()
+
+    @classmethod
+    def from_pretrained_backbones(
+        cls,
+        vision_model_name_or_path: str = "openai/clip-vit-base-patch32",
+        text_model_name_or_path: str = "Qwen/Qwen3-0.6B-Base",
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        **config_kwargs,
+    ) -> "ClipQwenForConditionalGeneration":
+        """Assemble a ClipQwen model from a CLIP and a Qwen3 checkpoint (Hub ids or local folders); the
+        adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig` fields, for example
+        `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`."""
+        vision = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path, dtype=dtype, revision=revision)
+        text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=dtype, revision=revision)
+        if not isinstance(text, Qwen3ForCausalLM):
+            raise ValueError(
+                f"{text_model_name_or_path!r} is a {type(text).__name__}; ClipQwen needs a Qwen3 causal LM "
+                "(for example Qwen/Qwen3-0.6B-Base)."
+            )
+        config = ClipQwenConfig(vision_config=vision.config.to_dict(), text_config=text.config.to_dict(), **config_kwargs)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_model, model.language_model = vision, text
+        model.adapter = ClipQwenAdapter(config).to(dtype=text.dtype)
+        model._init_weights(model.adapter)
+        return model.apply_freezing()
+
+    # ---- embeddings (used by generate, peft and resize_token_embeddings) -------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    # ---- image features ------------------------------------------------------------------------------
+    def get_vision_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """The frozen CLIP part alone: (batch, projection_dim) pooled embeddings, or (batch, 50, hidden)
+        hidden states of `vision_feature_layer`. This is what a feature cache stores."""
+        pixel_values = pixel_values.to(self.vision_model.dtype)
+        if self.config.vision_feature_type == "pooled":
+            return self.vision_model(pixel_values=pixel_values).image_embeds
+        hidden_states = self.vision_model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return hidden_states[self.config.vision_feature_layer]
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Adapter output for a batch of images: (batch, num_image_tokens, text hidden size)."""
+        if vision_embeds is None:
+            vision_embeds = self.get_vision_embeds(pixel_values)
+        return self.adapter(vision_embeds.to(self.adapter.layers[0].weight.dtype))
+
+    def merge_image_features(self, input_ids, inputs_embeds, image_features):
+        """Write the image features into the placeholder positions of `inputs_embeds`."""
+        placeholder_mask = input_ids == self.config.image_token_id
+        # The Python-side count check would break the compiled graph; generate() builds well-formed inputs.
+        if not torch.compiler.is_compiling():
+            found, expected = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
+            if found != expected:
+                raise ValueError(
+                    f"The text has {found} image placeholder tokens (id {self.config.image_token_id}) but the "
+                    f"images give {expected} feature vectors ({image_features.shape[0]} images × "
+                    f"{image_features.shape[1]} tokens). Build inputs with ClipQwenProcessor, whose "
+                    "num_image_tokens must equal the model config's num_image_tokens."
+                )
+        mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+    # ---- forward -------------------------------------------------------------------------------------
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ClipQwenCausalLMOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+            Token ids with `num_image_tokens` `<|image_pad|>` placeholders per image (see ClipQwenProcessor).
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, 224, 224)`, *optional*):
+            CLIP-normalised images.
+        vision_embeds (`torch.FloatTensor`, *optional*):
+            Precomputed output of `get_vision_embeds` (a feature cache), used instead of `pixel_values`.
+        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+            Target ids, -100 where nothing is supervised; shifted inside, as in every causal LM.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if pixel_values is not None and vision_embeds is not None:
+            raise ValueError("Pass pixel_values or vision_embeds, not both.")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values is not None or vision_embeds is not None:
+                image_features = self.get_image_features(pixel_values, vision_embeds)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        lm_head = self.language_model.get_output_embeddings()
+
+        loss = logits = None
+        if labels is not None:
+            # The LM head (hidden × 151,936) is a quarter of a token's forward cost: apply it only where a
+            # target exists (caption tokens and the closing end-of-text), not at image/prompt/pad positions.
+            shift_labels = labels[:, 1:].to(hidden_states.device)
+            supervised = shift_labels != -100
+            selected_logits = lm_head(hidden_states[:, :-1][supervised]).float()
+            loss = nn.functional.cross_entropy(selected_logits, shift_labels[supervised], reduction="sum")
+            denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
+            loss = loss / torch.as_tensor(denominator, device=loss.device).clamp(min=1)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = lm_head(hidden_states[:, keep])
+
+        return ClipQwenCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        # Image features enter once, at prefill; later steps read them from the KV cache. (generate already
+        # drops pixel_values after prefill; vision_embeds is ours, so we drop it here.)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs.pop("vision_embeds", None)
+        return model_inputs
+
+
+# Registered at import time so that every save_pretrained — Trainer checkpoints included — writes the .py
+# files and the auto_map that `trust_remote_code=True` loading needs.
+ClipQwenConfig.register_for_auto_class()
+ClipQwenForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["ClipQwenAdapter", "ClipQwenForConditionalGeneration", "ClipQwenPreTrainedModel"]

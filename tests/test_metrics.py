@@ -1,0 +1,92 @@
+import pytest
+
+from clipqwen.metrics import compute_caption_metrics, tokenize_caption
+
+
+def test_identical_captions_score_perfectly():
+    captions = ["a man rides a red bicycle down the street", "two dogs play with a ball in the park"]
+    m = compute_caption_metrics(captions, [[c] for c in captions])
+    assert m["rougeL"] == pytest.approx(1.0)
+    assert m["bleu4"] == pytest.approx(1.0, abs=1e-6)  # pycocoevalcap adds 1e-15/1e-9 smoothing
+    assert m["gen_len"] == pytest.approx(9.0)
+
+
+def test_rouge_l_hand_computed():
+    # pred: a black cat sits on the mat (7 tokens); ref: the cat sits on a mat (6 tokens)
+    # LCS = "cat sits on mat" = 4 ("the" and "a" appear in opposite orders, so only one side's can join).
+    # P = 4/7, R = 4/6, F = 2PR / (P + R) = (32/42) / (52/42) = 8/13
+    m = compute_caption_metrics(["a black cat sits on the mat"], [["The cat sits on a mat."]])
+    assert m["rougeL"] == pytest.approx(8 / 13)
+
+
+def test_case_and_punctuation_are_ignored():
+    m = compute_caption_metrics(["A dog, running!"], [["a dog running"]])
+    assert m["rougeL"] == pytest.approx(1.0)
+
+
+def test_rouge_l_takes_the_best_reference_not_the_mean():
+    pred = "a black cat sits on the mat"
+    refs = ["a bowl of fruit", "The cat sits on a mat.", "a black cat sits on the mat"]
+    assert compute_caption_metrics([pred], [refs])["rougeL"] == pytest.approx(1.0)
+    assert compute_caption_metrics([pred], [refs[:2]])["rougeL"] == pytest.approx(8 / 13)
+    assert compute_caption_metrics([pred], [refs[:2][::-1]])["rougeL"] == pytest.approx(8 / 13)
+
+
+def test_cider_rewards_matching_predictions_over_shuffled_ones():
+    references = [
+        ["a man riding a wave on a surfboard", "a surfer rides a large ocean wave"],
+        ["a plate of food with broccoli and rice", "rice and broccoli on a white plate"],
+        ["a giraffe standing next to a tree", "a tall giraffe eating leaves from a tree"],
+        ["a red double decker bus on a street", "a bus driving down a city street"],
+    ]
+    matching = [refs[0] for refs in references]
+    shuffled = matching[1:] + matching[:1]
+    good = compute_caption_metrics(matching, references)
+    bad = compute_caption_metrics(shuffled, references)
+    assert good["cider"] > 1.0
+    assert bad["cider"] < 0.1 < good["cider"] - bad["cider"]
+    assert good["bleu4"] > bad["bleu4"] and good["rougeL"] > bad["rougeL"]
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "Кошка сидит на деревянном столе",  # Cyrillic: rouge_score's default tokenizer would drop every letter
+        "一只猫坐在木桌上",  # Chinese: no spaces at all
+        "🐱 on a 🪑 ☀️",  # emoji
+        "قطة تجلس على طاولة خشبية",  # Arabic
+        "एक बिल्ली मेज़ पर बैठी है",  # Devanagari: combining vowel signs must not split words
+    ],
+)
+def test_non_latin_captions_equal_to_reference_score_one(caption):
+    assert tokenize_caption(caption)
+    m = compute_caption_metrics([caption], [[caption]])
+    assert m["rougeL"] == pytest.approx(1.0)
+
+
+def test_cjk_is_split_into_characters():
+    assert tokenize_caption("猫在桌子上") == ["猫", "在", "桌", "子", "上"]
+    # One character of five differs: LCS = 4, P = R = 4/5.
+    m = compute_caption_metrics(["狗在桌子上"], [["猫在桌子上"]])
+    assert m["rougeL"] == pytest.approx(0.8)
+
+
+def test_empty_and_whitespace_predictions_score_zero():
+    m = compute_caption_metrics(["", "   "], [["a cat on a mat"], ["a dog in the park"]])
+    assert m == {"rougeL": 0.0, "bleu4": pytest.approx(0.0, abs=1e-9), "cider": 0.0, "gen_len": 0.0}
+
+
+def test_no_predictions_is_an_error():
+    with pytest.raises(ValueError, match="at least one prediction"):
+        compute_caption_metrics([], [])
+
+
+def test_length_mismatch_names_both_lengths():
+    with pytest.raises(ValueError, match=r"2 predictions but 3 reference"):
+        compute_caption_metrics(["a", "b"], [["a"], ["b"], ["c"]])
+
+
+@pytest.mark.parametrize("bad_refs", [[], ["", "  "], "a cat"])
+def test_missing_references_name_the_image(bad_refs):
+    with pytest.raises(ValueError, match=r"references\[1\]"):
+        compute_caption_metrics(["a cat", "a dog"], [["a cat"], bad_refs])

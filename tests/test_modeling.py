@@ -1,0 +1,187 @@
+import pytest
+import torch
+from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM
+
+from clipqwen.presets import tiny_config
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+
+def inputs_for(processor, images, captions=None, num_image_tokens=1):
+    processor.num_image_tokens = num_image_tokens
+    try:
+        return processor(images=images, captions=captions)
+    finally:
+        processor.num_image_tokens = 1
+
+
+@pytest.mark.parametrize("feature_type", ["pooled", "patch"])
+def test_vision_part_equals_plain_clip(make_model, processor, photos, feature_type):
+    model = make_model(vision_feature_type=feature_type)
+    clip = CLIPVisionModelWithProjection(model.config.vision_config).eval()
+    clip.load_state_dict(model.vision_model.state_dict())
+    pixel_values = processor(images=photos)["pixel_values"]
+    with torch.no_grad():
+        ours = model.get_vision_embeds(pixel_values)
+        if feature_type == "pooled":
+            reference = clip(pixel_values=pixel_values).image_embeds
+        else:
+            reference = clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
+    model = make_model()
+    qwen = Qwen3ForCausalLM(model.config.text_config).eval()
+    qwen.load_state_dict(model.language_model.state_dict())
+    embeds = torch.randn(2, 7, model.config.text_config.hidden_size) * 0.02
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    with torch.no_grad():
+        ours = model(inputs_embeds=embeds, attention_mask=mask).logits
+        reference = qwen(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"adapter_type": "mlp2x_gelu"}, {"num_pooled_image_tokens": 4}, {"vision_feature_type": "patch", "adapter_type": "mlp2x_gelu"}],
+)
+def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, overrides):
+    model = make_model(**overrides)
+    batch = inputs_for(processor, photos[:2], ["A dog runs on the beach.", "Two cats."], model.config.num_image_tokens)
+    with torch.no_grad():
+        loss = model(**batch).loss
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+    keep = shift_labels != -100
+    expected = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    # Trainer's num_items_in_batch turns the mean into sum / count across accumulated micro-batches
+    with torch.no_grad():
+        summed = model(**batch, num_items_in_batch=torch.tensor(1)).loss
+    torch.testing.assert_close(summed, expected * keep.sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(make_model, processor, photos):
+    model = make_model(num_pooled_image_tokens=2)
+    batch = processor(images=photos[:1], captions=["A dog."])  # one placeholder, the model wants two
+    with pytest.raises(ValueError, match="1 image placeholder tokens .* 2 feature vectors"):
+        model(**batch)
+
+
+def test_frozen_backbones_do_not_change_and_stay_frozen_after_loading(make_model, processor, photos, tmp_path):
+    model = make_model().train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable == list(model.adapter.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # all of them: frozen ones must not move anyway
+    model(**processor(images=photos[:2], captions=["A dog.", "A cat."])).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name.startswith("adapter."):
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert param.grad is None and torch.equal(param, before[name]), name
+
+    model.save_pretrained(tmp_path)
+    reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path)
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+
+
+def test_unfreezing_the_language_model_is_a_config_switch(make_model):
+    model = make_model(freeze_language_model=False)
+    assert all(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+def naive_greedy(model, batch, new_tokens):
+    """The course project's loop: no cache, the whole sequence every step."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for _ in range(new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+        next_token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vision_feature_type": "patch"}])
+def test_greedy_with_kv_cache_equals_naive_loop(make_model, processor, photos, overrides):
+    model = make_model(**overrides)
+    batch = inputs_for(processor, photos[:1], num_image_tokens=model.config.num_image_tokens)
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        naive = naive_greedy(model, batch, 8)
+    assert torch.equal(cached, naive)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(make_model, processor, photos):
+    model = make_model()
+    prompts = ["", "A photo of", "", "Look:"]  # different prompt lengths force left padding
+    with torch.no_grad():
+        batched = model.generate(**processor(images=photos, text=prompts), max_new_tokens=6, min_new_tokens=6)
+        width = batched.shape[1]
+        for i, (image, prompt) in enumerate(zip(photos, prompts)):
+            single = model.generate(**processor(images=[image], text=[prompt]), max_new_tokens=6, min_new_tokens=6)
+            assert torch.equal(batched[i, width - 6 :], single[0, -6:])
+
+
+def test_beam_search_static_cache_and_sampling_run(make_model, processor, photos):
+    model = make_model()
+    batch = processor(images=photos[:2])
+    with torch.no_grad():
+        greedy = model.generate(**batch, max_new_tokens=5, min_new_tokens=5)
+        static = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+        beams = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+        sampled = model.generate(**batch, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.7)
+        from_cache = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    vision_embeds=model.get_vision_embeds(batch["pixel_values"]), max_new_tokens=5, min_new_tokens=5)
+    assert torch.equal(greedy, static) and torch.equal(greedy, from_cache)
+    assert beams.shape[0] == 4 and sampled.shape[0] == 2
+
+
+def test_learns_to_stop_at_end_of_text(make_model, processor, photos):
+    """Qwen3-Base pads with its EOS: if labels masked every pad id, the model would never learn to stop."""
+    model = make_model(freeze_language_model=False).train()
+    captions = ["a dog on a beach.", "two red buses."]
+    batch = processor(images=photos[:2], captions=captions)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**processor(images=photos[:2]), max_new_tokens=20)
+    assert processor.batch_decode(out) == captions
+    assert out.shape[1] < 1 + 20  # stopped before max_new_tokens
+    assert (out[:, -1] == model.config.text_config.eos_token_id).all()
+
+
+def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
+    config = tiny_config()
+    torch.manual_seed(1)
+    clip = CLIPVisionModelWithProjection(config.vision_config)
+    qwen = Qwen3ForCausalLM(config.text_config)
+    clip.save_pretrained(tmp_path / "clip")
+    qwen.save_pretrained(tmp_path / "qwen")
+    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+        str(tmp_path / "clip"), str(tmp_path / "qwen"), adapter_type="mlp2x_gelu"
+    )
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    for name, tensor in qwen.state_dict().items():
+        assert torch.equal(model.language_model.state_dict()[name], tensor), name
+    assert model.config.adapter_type == "mlp2x_gelu"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    model.save_pretrained(tmp_path / "assembled")  # a self-contained folder
+    reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path / "assembled")
+    assert torch.equal(reloaded.adapter.layers[0].weight, model.adapter.layers[0].weight)
+
+
+def test_from_pretrained_backbones_rejects_a_non_qwen3_text_model(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = tiny_config()
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="needs a Qwen3 causal LM"):
+        ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "gpt2"))

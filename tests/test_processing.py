@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processing_clipqwen import ClipQwenProcessor
+
+ENDOFTEXT, IMAGE_PAD = 151643, 151655
+
+
+def test_the_bundled_tokenizer_is_the_real_qwen3_one(processor):
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) == 151669
+    assert tokenizer.encode("A dog runs on the beach.", add_special_tokens=False) == [32, 5562, 8473, 389, 279, 11321, 13]
+    assert (processor.image_token_id, processor.caption_end_token_id) == (IMAGE_PAD, ENDOFTEXT)
+
+
+def test_training_labels_supervise_the_caption_and_exactly_one_end_token(processor, photos):
+    captions = ["A dog runs on the beach.", "Hi", "A much longer caption about a red bus in the city."]
+    batch = processor(images=photos[:3], captions=captions)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert batch["pixel_values"].shape == (3, 3, 224, 224)
+    for i, caption in enumerate(captions):
+        caption_ids = processor.tokenizer.encode(caption, add_special_tokens=False)
+        length = int(mask[i].sum())
+        assert ids[i, 0] == IMAGE_PAD and labels[i, 0] == -100  # the placeholder is never a target
+        assert labels[i, 1:length].tolist() == caption_ids + [ENDOFTEXT]
+        assert (labels[i] == ENDOFTEXT).sum() == 1  # one supervised EOS, even though pad == EOS
+        assert (labels[i, length:] == -100).all() and (mask[i, length:] == 0).all()  # right padding
+        assert (ids[i, length:] == ENDOFTEXT).all()  # Qwen3-Base pads with its EOS
+
+
+def test_prompt_tokens_are_not_supervised(processor, photos):
+    batch = processor(images=photos[:1], text=["A photo of"], captions=["a dog."])
+    prompt_len = len(processor.tokenizer.encode("A photo of", add_special_tokens=False))
+    labels = batch["labels"][0].tolist()
+    assert labels[: 1 + prompt_len] == [-100] * (1 + prompt_len)
+    assert labels[1 + prompt_len :] == processor.tokenizer.encode("a dog.", add_special_tokens=False) + [ENDOFTEXT]
+
+
+def test_long_captions_are_truncated_and_keep_their_end_token(processor, photos):
+    batch = processor(images=photos[:1], captions=[" ".join(["word"] * 500)], max_caption_length=32)
+    supervised = batch["labels"][0][batch["labels"][0] != -100]
+    assert len(supervised) == 32 and supervised[-1] == ENDOFTEXT
+
+
+def test_literal_special_tokens_in_captions_stay_text(processor, photos):
+    batch = processor(images=photos[:1], captions=["a sign reading <|endoftext|> and <|image_pad|>"])
+    assert (batch["input_ids"] == IMAGE_PAD).sum() == 1  # only the real placeholder
+    assert (batch["labels"] == ENDOFTEXT).sum() == 1  # only the real end token
+
+
+def test_inference_inputs_are_left_padded_without_end_token(processor, photos):
+    batch = processor(images=photos[:2], text=["", "A photo of"])
+    assert "labels" not in batch
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids[1].tolist() == [IMAGE_PAD] + processor.tokenizer.encode("A photo of", add_special_tokens=False)
+    assert ids[0, -1] == IMAGE_PAD and mask[0, 0] == 0  # left padding: generation continues from the right
+    assert ENDOFTEXT not in ids[1].tolist()
+
+
+def test_text_only_inputs_for_cached_features(processor):
+    batch = processor(captions=["a dog.", "a cat on a mat."])
+    assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
+
+
+def test_real_photos_go_through_clip_preprocessing(processor, photos):
+    pixel_values = processor(images=photos)["pixel_values"]
+    assert pixel_values.shape == (len(photos), 3, 224, 224)
+    # OpenAI CLIP normalisation: values span roughly [-1.8, 2.2], not [0, 1]
+    assert pixel_values.min() < -1.0 and pixel_values.max() > 1.5
+    ip = processor.image_processor
+    assert ip.size == {"shortest_edge": 224} and ip.crop_size == {"height": 224, "width": 224} and ip.resample == 3
+    np.testing.assert_allclose(ip.image_mean, [0.48145466, 0.4578275, 0.40821073])
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB"])
+def test_any_pil_mode_becomes_the_right_rgb_image(processor, mode):
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    if mode == "I;16":
+        image = Image.fromarray(np.full((64, 64), 32896, dtype=np.uint16))  # 16-bit mid-grey
+    elif mode == "P":
+        image = grey.convert("P", palette=Image.Palette.ADAPTIVE)
+    else:
+        image = grey.convert(mode)
+    expected = processor(images=[grey])["pixel_values"]
+    torch.testing.assert_close(processor(images=[image])["pixel_values"], expected, atol=0.05, rtol=0)
+
+
+def test_transparent_pixels_become_white_not_black(processor):
+    transparent = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    torch.testing.assert_close(processor(images=[transparent])["pixel_values"], processor(images=[white])["pixel_values"])
+
+
+def test_mismatched_batch_sizes_raise(processor, photos):
+    with pytest.raises(ValueError, match="2 captions for a batch of 3"):
+        processor(images=photos[:3], captions=["a", "b"])
+
+
+def test_save_and_reload_keeps_settings_and_caption_template(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    reloaded = ClipQwenProcessor.from_pretrained(tmp_path)
+    assert reloaded.num_image_tokens == processor.num_image_tokens
+    assert reloaded.caption_end_token == "<|endoftext|>" and reloaded.image_token == "<|image_pad|>"
+    rendered = reloaded.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A photo of"}]}], tokenize=False
+    )
+    assert rendered == "<|image_pad|>A photo of"  # no <|im_start|> markup the captioner never saw

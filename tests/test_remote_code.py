@@ -1,0 +1,72 @@
+"""A saved folder must load with trust_remote_code in a fresh process that cannot import the project: the code
+has to come from the folder itself."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from conftest import PHOTOS
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from PIL import Image
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+    folder, photo = sys.argv[1], sys.argv[2]
+    assert "modeling_clipqwen" not in sys.modules
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)) is type(model)
+    image = Image.open(photo)
+    batch = processor(images=[image])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    captioner = pipeline("image-text-to-text", model=model, processor=processor)
+    piped = captioner(images=image, text="", generate_kwargs={"max_new_tokens": 6, "min_new_tokens": 6})
+    print(json.dumps({
+        "module": type(model).__module__, "frozen": not any(p.requires_grad for p in model.vision_model.parameters()),
+        "logits": logits[0, -1, :50].tolist(), "ids": ids.tolist(), "pipeline": piped[0]["generated_text"],
+        "decoded": processor.batch_decode(ids)[0],
+    }))
+    """
+)
+
+
+def test_saved_folder_loads_in_a_fresh_process_with_identical_outputs(make_model, processor, tmp_path):
+    model = make_model()
+    folder = tmp_path / "clipqwen-tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    files = set(os.listdir(folder))
+    assert {"model.safetensors", "config.json", "configuration_clipqwen.py", "modeling_clipqwen.py", "processing_clipqwen.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"]["AutoProcessor"] == "processing_clipqwen.ClipQwenProcessor"
+
+    photo = sorted(PHOTOS.glob("*.jpg"))[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(photo)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    assert child["module"].startswith("transformers_modules")  # loaded from the folder, not the project
+    assert child["frozen"]
+
+    from PIL import Image
+
+    batch = processor(images=[Image.open(photo)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    assert child["logits"] == logits[0, -1, :50].tolist()
+    assert child["ids"] == ids.tolist()
+    assert child["pipeline"].strip() == child["decoded"] == processor.batch_decode(ids)[0]
