@@ -37,16 +37,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         if image.mode == "F" and pixels.size and pixels.max() <= 1.0:
             pixels = pixels * 255.0  # float images in [0, 1]
-        elif pixels.size and pixels.max() > 255:
-            pixels = pixels / 257.0  # 16-bit range 0..65535 → 0..255
+        elif image.mode.startswith("I;16") or (pixels.size and pixels.max() > 255):
+            pixels = pixels / 257.0  # 16-bit range 0..65535 → 0..255 (I;16 always, even when the image is dark)
         image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ("1", "L", "RGB") and image.info.get("transparency") is not None:
+        image = image.convert("RGBA")  # a PNG/GIF colour key (tRNS): pixels of that value are transparent
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
+    """Centre-crop the long side to at most `max_ratio` × the short side. CLIP resizes the short side to 224
+    and centre-crops 224×224, so the crop changes nothing the model sees, but a 1×10000 strip would otherwise
+    be resized to 224×2,240,000 pixels first (gigabytes)."""
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    keep_w, keep_h = min(width, max_ratio * height), min(height, max_ratio * width)
+    left, top = (width - keep_w) // 2, (height - keep_h) // 2
+    return image.crop((left, top, left + keep_w, top + keep_h))
 
 
 class ClipQwenProcessor(ProcessorMixin):
@@ -114,7 +128,7 @@ class ClipQwenProcessor(ProcessorMixin):
         pixel_values = None
         if images is not None:
             images = [images] if isinstance(images, Image.Image) or getattr(images, "ndim", 0) == 3 else list(images)
-            images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
+            images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
             pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         batch_size = len(images) if images is not None else len(caps if caps is not None else texts or [])
         if batch_size == 0:
@@ -182,4 +196,4 @@ class ClipQwenProcessor(ProcessorMixin):
 
 ClipQwenProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["ClipQwenProcessor", "to_rgb"]
+__all__ = ["ClipQwenProcessor", "bound_aspect_ratio", "to_rgb"]

@@ -107,3 +107,11 @@ def test_save_and_reload_keeps_settings_and_caption_template(processor, tmp_path
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A photo of"}]}], tokenize=False
     )
     assert rendered == "<|image_pad|>A photo of"  # no <|im_start|> markup the captioner never saw
+
+
+@pytest.mark.parametrize("size", [(1, 10000), (10000, 1), (3000, 200)])
+def test_extreme_strips_are_cropped_before_resizing_not_blown_up(processor, size):
+    strip = Image.new("RGB", size, (200, 30, 30))
+    pixel_values = processor(images=[strip])["pixel_values"]  # without the crop: 224 × 2,240,000 pixels first
+    assert pixel_values.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(pixel_values, processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))])["pixel_values"], atol=0.02, rtol=0)

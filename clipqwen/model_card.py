@@ -1,0 +1,108 @@
+"""The model card (README.md of the exported folder), written from the run's real values, never by hand."""
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE = """---
+{card_data}
+---
+
+# {title}
+
+An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter}
+adapter** ({feature_desc}, {num_image_tokens} image token(s)) → **{text}** (Qwen3 decoder, {text_state}).
+Trained with clipqwen's `run_captioning.py` on **{dataset}**.
+
+## Results
+
+Captions generated with {generation} on the {split_desc}, scored against all references. ROUGE-L is
+`rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-4 and CIDEr-D are
+pycocoevalcap's scorers on lower-cased, punctuation-free tokens.
+
+| split | images | ROUGE-L | BLEU-4 | CIDEr-D | loss |
+|---|---|---|---|---|---|
+{metrics_rows}
+
+{curves}
+
+## Usage
+
+```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+repo = "{repo_id}"
+revision = "{revision}"  # pin the commit you reviewed: trust_remote_code runs this repository's .py files
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, revision=revision)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True, revision=revision)
+
+inputs = processor(images=[Image.open("photo.jpg")])
+ids = model.generate(**inputs, max_new_tokens={max_new_tokens}, num_beams={num_beams})
+print(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:]))
+```
+
+`trust_remote_code=True` is needed because the architecture ships with the weights
+(`configuration_clipqwen.py`, `modeling_clipqwen.py`, `processing_clipqwen.py`); read them and pin `revision`.
+{demo}
+## Training
+
+| hyper-parameter | value |
+|---|---|
+{hyper_rows}
+
+Trainable parameters: {trainable:,} of {total:,}.
+"""
+
+
+def _fmt(value, digits=4):
+    return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
+
+
+def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config, metrics: dict, hyperparameters: dict,
+                     generation_kwargs: dict, trainable: int, total: int, curves_png=None, samples_png=None,
+                     revision="<commit sha>", has_demo=False, license="apache-2.0") -> ModelCard:
+    """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images)."""
+    rows = []
+    for prefix, name in (("eval", "validation"), ("test", "test")):
+        if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:
+            rows.append(f"| {name} | {_fmt(metrics.get(f'{prefix}_num_images'))} | {_fmt(metrics.get(f'{prefix}_rougeL'))} | "
+                        f"{_fmt(metrics.get(f'{prefix}_bleu4'))} | {_fmt(metrics.get(f'{prefix}_cider'))} | {_fmt(metrics.get(f'{prefix}_loss'))} |")
+    model_index_results = [
+        {"task": {"type": "image-to-text", "name": "Image captioning"},
+         "dataset": {"name": dataset_name, "type": dataset_name, "split": "test" if prefix == "test" else "validation"},
+         "metrics": [{"type": key, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
+                     for key, label in (("rougeL", "ROUGE-L (rouge_score F)"), ("bleu4", "BLEU-4"), ("cider", "CIDEr-D"))
+                     if f"{prefix}_{key}" in metrics]}
+        for prefix in ("eval", "test") if f"{prefix}_rougeL" in metrics
+    ]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=license,
+        base_model=[vision_id, text_id],
+        datasets=[dataset_name] if "/" in dataset_name else None,
+        tags=["image-captioning", "clip", "qwen3", "clipqwen", "custom_code"],
+        metrics=["rouge", "bleu", "cider"],
+        model_name=repo_id,
+        eval_results=None,
+    )
+    card_data_yaml = card_data.to_yaml()
+    if model_index_results:
+        import yaml
+
+        card_data_yaml += "\n" + yaml.safe_dump({"model-index": [{"name": repo_id, "results": model_index_results}]}, sort_keys=False).strip()
+    curves = "\n\n".join(f"![{alt}]({png})" for alt, png in (("Loss and metric curves", curves_png), ("Sample captions", samples_png)) if png)
+    feature_desc = ("pooled, projected CLIP embedding" if model_config.vision_feature_type == "pooled"
+                    else f"CLIP patch tokens of layer {model_config.vision_feature_layer}")
+    generation = ", ".join(f"{k}={v}" for k, v in generation_kwargs.items()) or "greedy decoding"
+    text = TEMPLATE.format(
+        card_data=card_data_yaml, title=repo_id.split("/")[-1], vision=vision_id, text=text_id,
+        vision_state="frozen" if model_config.freeze_vision_model else "fine-tuned",
+        text_state="frozen" if model_config.freeze_language_model else "fine-tuned",
+        adapter=model_config.adapter_type, feature_desc=feature_desc, num_image_tokens=model_config.num_image_tokens,
+        dataset=dataset_name, generation=generation, split_desc="validation and test splits",
+        metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |", curves=curves, repo_id=repo_id, revision=revision,
+        max_new_tokens=generation_kwargs.get("max_new_tokens", 30), num_beams=generation_kwargs.get("num_beams", 1),
+        demo="\nA Gradio demo (`app.py`) runs this model in the browser: `python app.py --model " + repo_id + "`.\n" if has_demo else "",
+        hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()), trainable=trainable, total=total,
+    )
+    return ModelCard(text)

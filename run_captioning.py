@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""Train, evaluate and publish a ClipQwen image captioner with HF Trainer.
+
+    accelerate launch run_captioning.py --output_dir out --do_train --do_eval --do_predict   # Flickr30K, real backbones
+    python run_captioning.py configs/embedded-tiny.json                                      # offline demo, a few CPU minutes
+
+Arguments come as flags or as one JSON file (HfArgumentParser), in the shape of transformers'
+examples/pytorch/*/run_*.py. What happens, in order: build or load the model and processor → load the data
+into one layout (image_id, image, captions) → drop unreadable images and empty captions → cache the frozen
+CLIP features once per image → train with Trainer (resuming from the last checkpoint) → generation-based
+evaluation (ROUGE-L, BLEU-4, CIDEr-D) on validation and test → export a self-contained model folder with its
+processor, predictions, curves and a model card → optionally push it to the Hub.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+import transformers
+from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+logger = logging.getLogger("run_captioning")
+
+FLICKR30K = "nlphuji/flickr30k"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled from the two backbones below."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
+    vision_model_name_or_path: str = field(default="openai/clip-vit-base-patch32", metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower and image processor."})
+    text_model_name_or_path: str = field(default="Qwen/Qwen3-0.6B-Base", metadata={"help": "Qwen3 checkpoint (Hub id or folder) for the decoder and tokenizer."})
+    tiny_model: bool = field(default=False, metadata={"help": "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) instead of loading backbones."})
+    adapter_type: str = field(default="linear", metadata={"help": f"Adapter: one of {ADAPTER_TYPES} ('linear' is the seed-exact preset)."})
+    vision_feature_type: str = field(default="pooled", metadata={"help": f"CLIP features: one of {VISION_FEATURE_TYPES}."})
+    num_pooled_image_tokens: int = field(default=1, metadata={"help": "Image tokens made from the pooled embedding (ClipCap-style K)."})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP hidden-state index for --vision_feature_type patch."})
+    freeze_vision_model: bool = field(default=True, metadata={"help": "Keep CLIP frozen (enables the feature cache)."})
+    freeze_language_model: bool = field(default=True, metadata={"help": "Keep Qwen3 frozen (LoRA still trains its own weights)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model; 0 turns LoRA off."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "Comma-separated Qwen3 module names that get LoRA (language model only, never CLIP)."})
+    merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in <output_dir>/lora."})
+    auto_bf16: bool = field(default=True, metadata={"help": "On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
+
+    def __post_init__(self):
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"--adapter_type {self.adapter_type!r}: use one of {ADAPTER_TYPES}.")
+        if self.vision_feature_type not in VISION_FEATURE_TYPES:
+            raise ValueError(f"--vision_feature_type {self.vision_feature_type!r}: use one of {VISION_FEATURE_TYPES}.")
+        if self.lora_r < 0 or (self.lora_r and not self.lora_target_modules.strip()):
+            raise ValueError("--lora_r must be >= 0, and LoRA needs --lora_target_modules.")
+        if self.lora_r and not self.freeze_language_model:
+            raise ValueError("LoRA trains a frozen language model: drop --freeze_language_model False or --lora_r.")
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str = field(default=FLICKR30K, metadata={"help": "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Data set configuration."})
+    dataset_revision: str | None = field(default="refs/convert/parquet", metadata={"help": "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet."})
+    split_column: str | None = field(default="split", metadata={"help": "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."})
+    train_file: str | None = field(default=None, metadata={"help": "JSONL or CSV: an image path column (relative to the file) and a caption column."})
+    validation_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
+    test_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl (file_name + captions)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
+    test_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
+    image_column: str = field(default="image", metadata={"help": "Column with the image (or its path in JSONL/CSV)."})
+    caption_column: str = field(default="caption", metadata={"help": "Column with a caption or a list of captions."})
+    id_column: str | None = field(default=None, metadata={"help": "Column with an image id used in predictions (default: file name or row number)."})
+    caption_mode: Literal["random", "all"] = field(default="random", metadata={"help": "'random': one random caption per image per epoch; 'all': every caption is its own pair."})
+    max_caption_length: int = field(default=64, metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
+    use_feature_cache: bool = field(default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."})
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."})
+    check_images: bool = field(default=True, metadata={"help": "Decode every image before training and skip unreadable ones (logged with names)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for image checking."})
+
+    def __post_init__(self):
+        files = [self.train_file, self.validation_file, self.test_file]
+        for path in filter(None, files):
+            if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv"):
+                raise ValueError(f"{path}: annotation files must be .jsonl or .csv.")
+        if self.caption_mode not in ("random", "all"):
+            raise ValueError(f"--caption_mode {self.caption_mode!r}: use 'random' or 'all'.")
+        if self.max_caption_length < 2:
+            raise ValueError("--max_caption_length must be at least 2 (one word and the end token).")
+        if self.dataset_revision in ("", "None"):
+            self.dataset_revision = None
+        if self.dataset_name == "embedded" and self.image_column == "image" and self.caption_column == "caption":
+            self.caption_column = "captions"
+
+
+@dataclass
+class CaptioningArguments:
+    num_beams: int = field(default=1, metadata={"help": "Beams for evaluation and prediction captions."})
+    max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
+    prompt: str = field(default="", metadata={"help": "Optional text after the image placeholders, before the caption."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into an output folder that holds a finished run."})
+    hub_revision_note: str = field(default="<commit sha>", metadata={"help": "Revision shown in the model card's usage snippet."})
+
+
+def parse_args(argv=None):
+    """Flags, or one JSON file of arguments followed by flags that override it
+    (`run_captioning.py configs/embedded-tiny.json --output_dir elsewhere`)."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CaptioningArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].endswith(".json"):
+        values = json.loads(Path(argv[0]).read_text())
+        known = {f.name for dataclass_type in parser.dataclass_types for f in dataclass_type.__dataclass_fields__.values()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see run_captioning.py --help.")
+        argv = [item for key, value in values.items() for item in (f"--{key}", _flag_value(value))] + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _flag_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+def build_model_and_processor(args: ModelArguments):
+    settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
+                    num_pooled_image_tokens=args.num_pooled_image_tokens, vision_feature_layer=args.vision_feature_layer,
+                    freeze_vision_model=args.freeze_vision_model, freeze_language_model=args.freeze_language_model)
+    try:
+        if args.model_name_or_path:
+            model = ClipQwenForConditionalGeneration.from_pretrained(args.model_name_or_path, revision=args.model_revision, cache_dir=args.cache_dir)
+            model.config.freeze_vision_model, model.config.freeze_language_model = args.freeze_vision_model, args.freeze_language_model
+            model.apply_freezing()
+            processor = AutoProcessor.from_pretrained(args.model_name_or_path, revision=args.model_revision, cache_dir=args.cache_dir,
+                                                      trust_remote_code=True)
+        elif args.tiny_model:
+            from clipqwen.presets import bundled_processor, tiny_config
+
+            model = ClipQwenForConditionalGeneration(tiny_config(**settings))
+            processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
+        else:
+            from transformers import AutoTokenizer
+
+            from clipqwen.presets import clip_image_processor
+            from processing_clipqwen import ClipQwenProcessor
+
+            model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+                args.vision_model_name_or_path, args.text_model_name_or_path, **settings)
+            image_processor = clip_image_processor().from_pretrained(args.vision_model_name_or_path, cache_dir=args.cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, cache_dir=args.cache_dir)
+            processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+    except OSError as error:
+        raise SystemExit(
+            f"Could not load the model: {error}\nWithout access to the Hugging Face Hub, pass local folders "
+            "(--model_name_or_path, or --vision_model_name_or_path and --text_model_name_or_path), set "
+            "HF_HUB_OFFLINE=1 to use the local cache, or use --tiny_model for the offline demo."
+        ) from error
+    if processor.num_image_tokens != model.config.num_image_tokens:
+        raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model expects "
+                         f"{model.config.num_image_tokens}; save them together or set the processor's num_image_tokens.")
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          # a regex, so that CLIP's q_proj/v_proj are never wrapped
+                          target_modules=rf"language_model\.model\.layers\.\d+\..*\.({targets})",
+                          modules_to_save=["adapter"])
+        model = get_peft_model(model, lora)
+    return model, processor
+
+
+def describe_model(args: ModelArguments) -> tuple[str, str]:
+    if args.tiny_model:
+        return "tiny random CLIP (test size)", "tiny random Qwen3 (test size)"
+    if args.model_name_or_path:
+        config = json.loads(Path(args.model_name_or_path, "config.json").read_text()) if Path(args.model_name_or_path).is_dir() else {}
+        return config.get("vision_config", {}).get("_name_or_path") or args.vision_model_name_or_path, \
+            config.get("text_config", {}).get("_name_or_path") or args.text_model_name_or_path
+    return args.vision_model_name_or_path, args.text_model_name_or_path
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def prepare_data(data_args, model_args, training_args, model, processor):
+    from clipqwen.data import add_vision_features, drop_unreadable_images, load_caption_data, remove_empty_captions
+
+    raw = load_caption_data(data_args, cache_dir=model_args.cache_dir)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    evaluates_during_training = training_args.do_train and training_args.eval_strategy != "no"
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval or evaluates_during_training,
+              "test": training_args.do_predict}
+    splits = {}
+    for split, dataset in raw.items():
+        if not wanted.get(split):
+            continue
+        if limits[split] is not None:
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        dataset = remove_empty_captions(dataset, split)
+        if data_args.check_images:
+            dataset = drop_unreadable_images(dataset, split, data_args.preprocessing_num_workers)
+        splits[split] = dataset
+    missing = [split for split, needed in wanted.items() if needed and split not in splits]
+    if missing:
+        raise ValueError(f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
+                         "directories, or drop the corresponding --do_* flag.")
+
+    # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels.
+    shown = splits.get("test") or splits.get("validation")
+    samples = [(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))] if shown else []
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if data_args.use_feature_cache and base.config.freeze_vision_model:
+        cache_dir = data_args.feature_cache_dir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "clipqwen" / "features"
+        base.vision_model.to(training_args.device)
+        for split in splits:
+            splits[split] = add_vision_features(splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4)
+        base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
+    return splits, samples
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def export(trainer, model_args, data_args, caption_args, training_args, processor, metrics, generation_kwargs, sample_images):
+    """The folder that is published: complete model, processor, predictions, pictures and model card."""
+    from clipqwen.model_card import build_model_card
+    from clipqwen.plots import plot_sample_grid, plot_training_curves
+
+    out = Path(training_args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # LoRA
+        model.save_pretrained(out / "lora")
+        if model_args.merge_lora:
+            model = model.merge_and_unload()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    for prefix, split in (("eval", "validation"), ("test", "test")):
+        if prefix in trainer.predictions:
+            write_jsonl(out / f"predictions_{split}.jsonl", trainer.predictions[prefix])
+    curves = plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    samples = None
+    predictions = trainer.predictions.get("test") or trainer.predictions.get("eval")
+    if predictions and sample_images:
+        by_id = {row["image_id"]: row for row in predictions}
+        shown = [(image, by_id[image_id]) for image_id, image in sample_images if image_id in by_id][:8]
+        if shown:
+            samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
+                                       [row["references"] for _, row in shown], out / "sample_captions.png")
+    vision_id, text_id = describe_model(model_args)
+    repo_id = training_args.hub_model_id or out.name
+    hyper = {"learning rate": training_args.learning_rate, "epochs": training_args.num_train_epochs,
+             "batch size per device": training_args.per_device_train_batch_size,
+             "gradient accumulation": training_args.gradient_accumulation_steps, "weight decay": training_args.weight_decay,
+             "warm-up steps": training_args.warmup_steps, "scheduler": str(training_args.lr_scheduler_type),
+             "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+             "caption mode": data_args.caption_mode, "max caption tokens": data_args.max_caption_length,
+             "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}" if model_args.lora_r else "off",
+             "seed": training_args.seed}
+    card = build_model_card(
+        repo_id=repo_id, vision_id=vision_id, text_id=text_id, dataset_name=data_args.dataset_name if not data_args.train_file and not data_args.train_dir else "local data",
+        model_config=model.config, metrics=metrics, hyperparameters=hyper, generation_kwargs=generation_kwargs,
+        trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
+        revision=caption_args.hub_revision_note, has_demo=Path(__file__).with_name("app.py").exists(),
+    )
+    card.save(out / "README.md")
+    return out
+
+
+def push(training_args, folder):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = training_args.hub_model_id or Path(folder).name
+    create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
+    info = upload_folder(repo_id=repo_id, folder_path=folder, token=training_args.hub_token,
+                         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.lock"],
+                         commit_message="Upload clipqwen captioner")
+    logger.info("Pushed to %s (commit %s)", repo_id, getattr(info, "oid", "?"))
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+def main(args=None):
+    model_args, data_args, caption_args, training_args = args if args is not None else parse_args()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    for library_logger in (logger, logging.getLogger("clipqwen")):
+        library_logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.warning("process rank %s, device %s, n_gpu %s, distributed %s", training_args.process_index,
+                   training_args.device, training_args.n_gpu, training_args.parallel_mode.value)
+
+    if model_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not (training_args.fp16 or training_args.bf16):
+        training_args.bf16 = True
+    training_args.remove_unused_columns = False  # the collator needs the image / feature columns
+    training_args.label_names = ["labels"]
+
+    last_checkpoint = None
+    out = Path(training_args.output_dir)
+    if out.is_dir() and training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint = get_last_checkpoint(out)
+        if last_checkpoint is None and (out / "config.json").exists() and not caption_args.overwrite_output_dir:
+            raise ValueError(f"{out} already holds a finished run (config.json, no checkpoint-* to resume). "
+                             "Choose another --output_dir, or pass --overwrite_output_dir to train into it anyway.")
+        if last_checkpoint:
+            logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
+
+    set_seed(training_args.seed)
+    model, processor = build_model_and_processor(model_args)
+    with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
+        splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor)
+
+    from clipqwen.data import CaptionCollator, CaptionEpochCallback, expand_captions
+    from clipqwen.trainer import CaptionTrainer
+
+    train_dataset = None
+    if training_args.do_train:
+        train_dataset = expand_captions(splits["train"]) if data_args.caption_mode == "all" else splits["train"]
+    eval_pairs = {split: expand_captions(splits[split]) for split in ("validation", "test") if split in splits}
+    collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt, seed=training_args.seed)
+    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "num_beams": caption_args.num_beams}
+    trainer = CaptionTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_pairs.get("validation"),
+        data_collator=collator,
+        callbacks=[CaptionEpochCallback(collator)],
+        generation_datasets={"eval": splits.get("validation"), "test": splits.get("test")},
+        generation_collator=CaptionCollator(processor, for_generation=True, prompt=caption_args.prompt),
+        generation_kwargs=generation_kwargs,
+    )
+
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        train_metrics = dict(result.metrics, train_samples=len(train_dataset))
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    for prefix, split, flag in (("eval", "validation", training_args.do_eval), ("test", "test", training_args.do_predict)):
+        if flag:
+            split_metrics = trainer.evaluate(eval_dataset=eval_pairs[split], metric_key_prefix=prefix)
+            split_metrics[f"{prefix}_num_images"] = len(splits[split])
+            trainer.log_metrics(prefix, split_metrics)
+            trainer.save_metrics(prefix, split_metrics)
+            metrics.update(split_metrics)
+
+    if training_args.should_save:
+        folder = export(trainer, model_args, data_args, caption_args, training_args, processor, metrics, generation_kwargs, sample_images)
+        if training_args.push_to_hub:
+            push(training_args, folder)
+        logger.info("Model, processor, metrics, predictions and model card in %s", folder)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

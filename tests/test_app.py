@@ -1,0 +1,150 @@
+"""The Gradio demo, end to end: `python app.py FOLDER` in a subprocess, driven by Playwright in Debian's headless
+Chromium (no browser download). The caption in the page must be exactly what generate() + batch_decode give.
+`.ci/install-browser` installs Chromium, gradio and playwright, so CI runs this instead of skipping it."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PHOTOS, ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+PHOTO = PHOTOS / "000000159269.jpg"  # its tiny-model caption is Latin text, which the machine's fonts render
+CODE_RAN = "CODE_FROM_THE_MODEL_FOLDER_RAN"
+
+missing = [name for name in ("gradio", "playwright") if importlib.util.find_spec(name) is None]
+if missing or not CHROMIUM.exists():
+    pytest.skip(
+        f"the demo test needs {', '.join(missing + ([] if CHROMIUM.exists() else [str(CHROMIUM)]))}: "
+        "run .ci/install-browser (apt-get install chromium; pip install gradio playwright)",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+def plant_marker(folder: Path, marker: Path):
+    """Make every .py file in a model folder leave a marker when executed: the app must run none of them."""
+    for code in folder.glob("*.py"):
+        code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').write({CODE_RAN!r})\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served_app(make_model, processor, tmp_path):
+    """(url, model, marker): the app serving a tiny saved model whose bundled code must never run."""
+    model = make_model()
+    folder = tmp_path / "clipqwen-tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    marker = tmp_path / "code-ran"
+    plant_marker(folder, marker)
+
+    port, log = free_port(), tmp_path / "app.log"
+    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "app.py", str(folder), "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"app.py did not start serving {url}:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, model, marker
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(log.read_text()[-3000:])  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def page(tmp_path):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        browser.set_default_timeout(90_000)  # two shared CPU cores: the first click also loads the model
+        yield browser.new_page()
+        browser.close()
+
+
+def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, processor, tmp_path):
+    url, model, marker = served_app
+    with torch.no_grad():
+        ids = model.generate(**processor(images=[Image.open(PHOTO)]), max_new_tokens=8, num_beams=1, do_sample=False)
+    expected = processor.batch_decode(ids)[0]
+    assert expected  # an empty caption would make the comparison below meaningless
+
+    page.goto(url)
+    expect(page.get_by_text("CC BY-SA 2.0").first).to_be_visible()  # the example photos' attribution
+    page.locator("#images input[type=file]").set_input_files(PHOTO)
+    page.locator(f'#images td.filename[aria-label="{PHOTO.name}"]').wait_for()  # uploaded
+    for slider, value in (("#num-beams", "1"), ("#max-new-tokens", "8")):  # greedy, 8 tokens
+        box = page.locator(f"{slider} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#caption-button").click()
+    expect(page.locator("#status")).to_contain_text("Captioned 1 image in")
+    assert page.locator("#captions textarea").input_value() == f"{PHOTO.name}: {expected}"
+    expect(page.locator("#results .caption-label")).to_have_text(expected)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app.png", full_page=True)
+    assert not marker.exists(), "the app executed .py files from the model folder"
+
+    # A text file named .jpg: a readable message, no caption, no stack trace.
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("shopping list: milk, eggs\n")
+    page.locator("#images button[aria-label=Clear]").click()
+    page.locator("#images input[type=file]").set_input_files(fake)
+    page.locator('#images td.filename[aria-label="notes.jpg"]').wait_for()
+    page.locator("#caption-button").click()
+    expect(page.locator("#status")).to_contain_text("Cannot load image notes.jpg")
+    assert page.locator("#captions textarea").input_value() == ""
+    assert "Traceback" not in page.content()
+
+    # A model folder of another type is refused before anything in it is loaded; so is an unreachable Hub id.
+    other = tmp_path / "not-clipqwen"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoConfig": "evil.Config"}}))
+    (other / "evil.py").write_text("")
+    plant_marker(other, marker)
+    page.locator("#model textarea").fill(str(other))
+    page.locator("#caption-button").click()
+    expect(page.locator("#status")).to_contain_text('model_type "bert", not "clipqwen"')
+    page.locator("#model textarea").fill("nobody-here/clipqwen-missing")
+    page.locator("#caption-button").click()
+    expect(page.locator("#status")).to_contain_text("Could not fetch config.json of nobody-here/clipqwen-missing")
+    assert not marker.exists()

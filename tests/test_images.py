@@ -1,0 +1,286 @@
+"""clipqwen.images: every kind of bad file is rejected with a message naming it; every odd but valid one loads.
+
+Huge images are written as 1-bit PNGs streamed through zlib, so no test allocates their pixels.
+"""
+
+import io
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipqwen import images
+from clipqwen.images import ImageLoadError, find_unreadable_images, load_image
+
+
+def write_png(path, width, height):
+    """A valid white 1-bit PNG of any size, without a pixel buffer (10000×10000 is ~40 kB)."""
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    row, compressor = b"\x00" + b"\xff" * ((width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def saved(path, image, format=None, **params):
+    image.save(path, format, **params)
+    return path
+
+
+def noisy_jpeg(path, size=64):
+    rng = random.Random(0)  # noise keeps the scan data large, so cutting it really cuts pixels
+    return saved(path, Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)), "JPEG", quality=95)
+
+
+def truncated_jpeg(path):
+    data = noisy_jpeg(path).read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    return path
+
+
+def pcx_named_png(path):
+    return saved(path, Image.new("RGB", (8, 8), "red"), "PCX")
+
+
+def html_page(path):
+    path.write_text("<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>")
+    return path
+
+
+def assert_rejected(source, *fragments, name=None):
+    """load_image raises ImageLoadError whose message names the file (its path, or `name`) and has `fragments`."""
+    with pytest.raises(ImageLoadError) as info:
+        load_image(source, name=name)
+    message, name = str(info.value), name or str(source)
+    assert info.value.name == name and f"Cannot load image {name}: " in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+@pytest.fixture(scope="session")
+def huge(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("huge")
+    return {
+        "10000x10000": write_png(folder / "10000x10000.png", 10_000, 10_000),  # 100 MP: Pillow warns
+        "bomb": write_png(folder / "bomb.png", 20_000, 20_000),  # 400 MP: Pillow raises
+    }
+
+
+# --- files that must be rejected -------------------------------------------------------------------------
+
+
+def test_truncated_jpeg_is_rejected_at_load_time(tmp_path):
+    path = truncated_jpeg(tmp_path / "cut.jpg")
+    assert Image.open(path).size == (64, 64)  # the header is intact: only decoding finds the damage
+    assert_rejected(path, "truncated", "Re-download")
+
+
+def test_zero_byte_file_is_rejected(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    assert_rejected(path, "empty (0 bytes)")
+
+
+def test_random_bytes_are_rejected(tmp_path):
+    path = tmp_path / "noise.png"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    assert_rejected(path, "does not recognise it as an image")
+
+
+def test_html_page_saved_as_jpg_is_rejected(tmp_path):
+    path = html_page(tmp_path / "photo.jpg")
+    assert_rejected(path, "HTML", "failed download")
+
+
+@pytest.mark.parametrize("format", ["PCX", "ICO", "PPM"])
+def test_format_outside_allow_list_is_rejected_whatever_the_extension(tmp_path, format):
+    path = saved(tmp_path / "looks-fine.png", Image.new("RGB", (16, 16), "red"), format)
+    assert Image.open(path).format == format  # Pillow itself would open it
+    assert_rejected(path, f"its content is {format}", "Convert it to PNG or JPEG")
+
+
+def test_missing_file_is_rejected(tmp_path):
+    path = tmp_path / "gone.jpg"
+    assert_rejected(path, "cannot be read (No such file or directory)", "Check the path")
+
+
+def test_image_over_the_cap_is_rejected_naming_the_cap(tmp_path, monkeypatch):
+    path = saved(tmp_path / "big.png", Image.new("RGB", (20, 10)))
+    monkeypatch.setattr(images, "MAX_PIXELS", 199)  # read at call time, so raising it is a one-liner
+    assert_rejected(path, "20×10 = 200 pixels", "cap of 199", "raise clipqwen.images.MAX_PIXELS")
+    monkeypatch.setattr(images, "MAX_PIXELS", 200)
+    assert load_image(path).size == (20, 10)
+
+
+def test_10000x10000_is_rejected_naming_the_cap(huge):
+    path = huge["10000x10000"]
+    # Pillow's bomb warning (over 89.5 MP) fires before our cap; either way the message names the cap.
+    assert_rejected(path, "Downscale it", f"raise clipqwen.images.MAX_PIXELS (now {images.MAX_PIXELS:,}")
+
+
+def test_pillow_bomb_warning_is_an_error_even_with_the_cap_raised(huge, monkeypatch):
+    monkeypatch.setattr(images, "MAX_PIXELS", 10**9)  # only Pillow's warning (89.5 MP) stands in the way now
+    path = huge["10000x10000"]
+    assert_rejected(path, "decompression bomb", "PIL.Image.MAX_IMAGE_PIXELS")
+
+
+def test_decompression_bomb_beyond_pillows_limit_is_rejected(huge):
+    path = huge["bomb"]
+    assert path.stat().st_size < 200_000  # a small file that would decode to 400 MP
+    assert_rejected(path, "decompression bomb", "Downscale it")
+
+
+def test_bytes_are_named_in_the_message():
+    assert_rejected(b"", "empty", name="upload from alice")
+    assert "<image bytes>" in str(pytest.raises(ImageLoadError, load_image, b"GIF89a").value)
+
+
+# --- odd files that must load ------------------------------------------------------------------------------
+
+
+def test_corrupt_exif_still_loads(tmp_path):
+    data = saved(io.BytesIO(), Image.new("RGB", (16, 8), (200, 10, 10)), "JPEG").getvalue()
+    payload = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff" + b"\x00" * 10  # IFD claims 65535 entries
+    path = tmp_path / "bad-exif.jpg"
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:])
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (16, 8)
+    assert list(image.getpixel((8, 4))) == pytest.approx([200, 10, 10], abs=8)
+
+
+def rgb_pixels(path):
+    """The first row of load_image(path), flattened (pytest.approx does not look inside nested tuples)."""
+    image = load_image(path)
+    assert image.mode == "RGB"
+    return [channel for x in range(image.width) for channel in image.getpixel((x, 0))]
+
+
+def flat(pixels):
+    return [channel for pixel in pixels for channel in pixel]
+
+
+def one_row(mode, values):
+    image = Image.new(mode, (len(values), 1))
+    for x, value in enumerate(values):
+        image.putpixel((x, 0), value)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("mode", "format", "values", "expected"),
+    [
+        ("L", "PNG", [0, 100], [(0, 0, 0), (100, 100, 100)]),
+        ("LA", "PNG", [(0, 0), (100, 255)], [(255, 255, 255), (100, 100, 100)]),  # transparent → white
+        ("RGBA", "PNG", [(0, 0, 0, 0), (255, 0, 0, 255)], [(255, 255, 255), (255, 0, 0)]),
+        ("CMYK", "JPEG", [(0, 255, 255, 0), (0, 255, 255, 0)], [(255, 0, 0), (255, 0, 0)]),
+        ("I;16", "PNG", [32768, 65535], [(128, 128, 128), (255, 255, 255)]),  # mid-grey stays grey, not white
+        ("I", "TIFF", [0, 65535], [(0, 0, 0), (255, 255, 255)]),
+        ("F", "TIFF", [0.0, 0.5], [(0, 0, 0), (128, 128, 128)]),
+        ("1", "PNG", [0, 1], [(0, 0, 0), (255, 255, 255)]),
+    ],
+    ids=["L", "LA", "RGBA", "CMYK", "I;16", "I", "F", "1"],
+)
+def test_mode_loads_as_rgb(tmp_path, mode, format, values, expected):
+    path = saved(tmp_path / f"image.{format.lower()}", one_row(mode, values), format)
+    assert Image.open(path).mode == mode  # the file really holds this mode
+    assert rgb_pixels(path) == pytest.approx(flat(expected), abs=3)
+
+
+def test_palette_with_transparency_loads_on_white(tmp_path):
+    image = one_row("P", [0, 1])
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    path = saved(tmp_path / "palette.png", image, transparency=0)
+    assert Image.open(path).mode == "P"
+    assert rgb_pixels(path) == flat([(255, 255, 255), (255, 0, 0)])
+
+
+def test_dark_16bit_png_stays_dark(tmp_path):
+    # 0 and 200 out of 65535 are black; to_rgb scales 16-bit pixels only when one is over 255, so shows 200/255.
+    path = saved(tmp_path / "dark16.png", one_row("I;16", [0, 200]), "PNG")
+    assert Image.open(path).mode == "I;16"
+    assert rgb_pixels(path) == pytest.approx(flat([(0, 0, 0), (1, 1, 1)]), abs=1)
+
+
+def test_rgb_png_with_transparent_colour_key_loads_on_white(tmp_path):
+    # PNG tRNS on a truecolour image: pixels of that colour are transparent, like a palette's transparent index.
+    path = saved(tmp_path / "keyed.png", one_row("RGB", [(0, 0, 0), (255, 0, 0)]), "PNG", transparency=(0, 0, 0))
+    assert Image.open(path).info["transparency"] == (0, 0, 0)
+    assert rgb_pixels(path) == flat([(255, 255, 255), (255, 0, 0)])
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 10_000), (10_000, 1)], ids=["1x1", "1x10000", "10000x1"])
+def test_degenerate_size_loads(tmp_path, size):
+    path = saved(tmp_path / "thin.png", Image.new("L", size, 50))
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == size
+
+
+@pytest.mark.parametrize("format", ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_allowed_format_loads_whatever_the_extension(tmp_path, format):
+    frames = [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]
+    animated = {"save_all": True, "append_images": frames[1:]} if format in Image.SAVE_ALL else {}
+    path = saved(tmp_path / "image.dat", frames[0], format, **animated)
+    assert Image.open(path).format == format
+    image = load_image(path)
+    assert image.mode == "RGB" and list(image.getpixel((4, 4))) == pytest.approx([255, 0, 0], abs=6)  # first frame
+
+
+def test_load_image_accepts_bytes_and_datasets_entries(tmp_path):
+    path = saved(tmp_path / "red.png", Image.new("RGB", (4, 4), "red"))
+    for source in (path, str(path), path.read_bytes(), {"path": str(path), "bytes": None},
+                   {"path": "elsewhere.png", "bytes": path.read_bytes()}):
+        assert load_image(source).getpixel((0, 0)) == (255, 0, 0)
+
+
+# --- pre-flight scan ---------------------------------------------------------------------------------------
+
+
+def test_find_unreadable_images_returns_exactly_the_bad_files(tmp_path):
+    good = [saved(tmp_path / "a.jpg", Image.new("RGB", (8, 8))), saved(tmp_path / "b.png", Image.new("LA", (8, 8)))]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "noise.jpg").write_bytes(random.Random(1).randbytes(1000))
+    bad = {
+        "cut.jpg": "truncated",
+        "empty.jpg": "empty",
+        "page.jpg": "HTML",
+        "noise.jpg": "does not recognise",
+        "logo.png": "content is PCX",
+    }
+    truncated_jpeg(tmp_path / "cut.jpg")
+    html_page(tmp_path / "page.jpg")
+    pcx_named_png(tmp_path / "logo.png")
+    paths = sorted(tmp_path.iterdir())
+    assert len(paths) == len(bad) + len(good)
+
+    found = find_unreadable_images(paths)
+    assert [name for name, _ in found] == [str(path) for path in paths if path.name in bad]
+    for name, reason in found:
+        assert bad[Path(name).name] in reason
+    # Header-only mode catches everything but the truncated pixel data.
+    assert [name for name, _ in find_unreadable_images(paths, full_decode=False)] == [
+        str(path) for path in paths if path.name in bad and path.name != "cut.jpg"
+    ]
+
+
+def test_find_unreadable_images_on_datasets_entries(tmp_path):
+    import datasets
+
+    good, cut = saved(tmp_path / "good.png", Image.new("RGB", (8, 8))), truncated_jpeg(tmp_path / "cut.jpg")
+    rows = [{"path": str(good), "bytes": None}, {"path": str(cut), "bytes": None},
+            {"path": "page.jpg", "bytes": html_page(tmp_path / "page.jpg").read_bytes()},
+            {"path": None, "bytes": b""}, {"path": None, "bytes": good.read_bytes()}]
+    column = datasets.Dataset.from_list([{"image": row} for row in rows]).cast_column(
+        "image", datasets.Image(decode=False)
+    )["image"]
+
+    found = find_unreadable_images(column)
+    assert [name for name, _ in found] == [str(cut), "page.jpg", "item 3"]
+    assert ["truncated" in found[0][1], "HTML" in found[1][1], "empty" in found[2][1]] == [True] * 3

@@ -1,0 +1,210 @@
+"""run_captioning.py end to end on tiny models and small data, offline."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import run_captioning
+from conftest import PHOTOS, ROOT
+from clipqwen.trainer import TRAINABLE_WEIGHTS
+
+TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_new_tokens", "6", "--logging_steps", "1", "--save_strategy", "no", "--dataloader_pin_memory", "False"]
+
+
+def run(output_dir, *flags, data=("--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "8",
+                                  "--max_predict_samples", "8")):
+    args = [*TINY, *data, "--output_dir", str(output_dir), "--feature_cache_dir", str(Path(output_dir).parent / "features"), *flags]
+    return run_captioning.main(run_captioning.parse_args(args))
+
+
+def photo_rows():
+    return [json.loads(line) for line in (PHOTOS / "metadata.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short embedded run with train, eval and predict, shared by the output tests."""
+    out = tmp_path_factory.mktemp("run") / "embedded"
+    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "4")
+    return out, metrics
+
+
+def test_export_is_a_complete_model_folder_with_predictions_and_card(trained):
+    out, metrics = trained
+    for name in ("model.safetensors", "config.json", "modeling_clipqwen.py", "processor_config.json", "README.md",
+                 "predictions_validation.jsonl", "predictions_test.jsonl", "training_curves.png", "all_results.json"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"image_id", "caption", "references"} <= set(rows[0]) and len(rows[0]["references"]) == 5
+    for key in ("eval_rougeL", "eval_bleu4", "eval_cider", "eval_loss", "test_rougeL", "test_cider", "train_loss"):
+        assert key in metrics
+
+
+def test_model_card_holds_the_real_metrics_and_both_base_models(trained):
+    out, metrics = trained
+    card = (out / "README.md").read_text()
+    assert f"{metrics['test_rougeL']:.4f}" in card and f"{metrics['eval_cider']:.4f}" in card
+    assert "base_model:" in card and "trust_remote_code=True" in card and "revision" in card
+    assert "training_curves.png" in card
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    flags = ["--do_train", "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "3",
+             "--freeze_language_model", "False", "--learning_rate", "1e-3"]
+    run(tmp_path / "straight", *flags, "--max_steps", "6")
+    run(tmp_path / "resumed", *flags, "--max_steps", "3")
+    assert (tmp_path / "resumed" / "checkpoint-3" / TRAINABLE_WEIGHTS).exists()
+    run(tmp_path / "resumed", *flags, "--max_steps", "6", "--overwrite_output_dir", "True")  # picks up checkpoint-3
+    straight = load_file(tmp_path / "straight" / "checkpoint-6" / TRAINABLE_WEIGHTS)
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-6" / TRAINABLE_WEIGHTS)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_checkpoints_hold_only_trainable_weights(tmp_path):
+    run(tmp_path / "out", "--do_train", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()  # nobody can load it as a complete model by mistake
+    weights = load_file(checkpoint / TRAINABLE_WEIGHTS)
+    assert set(weights) == {"adapter.layers.0.weight", "adapter.layers.0.bias"}
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
+
+
+def test_an_output_folder_holding_a_finished_run_is_refused(trained):
+    out, _ = trained
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        run(out, "--do_train", "--max_steps", "1")
+
+
+def test_lora_train_save_reload_merge_gives_the_same_captions(tmp_path):
+    from peft import PeftModel
+    from transformers import set_seed
+
+    from clipqwen.presets import bundled_processor, tiny_config
+    from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+    out = tmp_path / "lora"
+    run(out, "--do_train", "--max_steps", "3", "--lora_r", "4", "--learning_rate", "5e-2", "--seed", "7")
+    merged = ClipQwenForConditionalGeneration.from_pretrained(out).eval()
+    set_seed(7)  # the tiny base is rebuilt exactly as the run built it
+    base = ClipQwenForConditionalGeneration(tiny_config())
+    with_lora = PeftModel.from_pretrained(base, out / "lora").eval()
+    processor = bundled_processor()
+    batch = processor(images=[Image.open(p) for p in sorted(PHOTOS.glob("*.jpg"))[:3]])
+    with torch.no_grad():
+        a = merged.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+        b = with_lora.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(a, b)
+    assert not torch.equal(merged.language_model.model.layers[0].self_attn.q_proj.weight,
+                           base.language_model.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def write_jsonl_and_csv(tmp_path):
+    """The CC-BY photos under custom column names: JSONL with a caption list, CSV with one caption per row."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = photo_rows()
+    for row in rows:
+        (folder / row["file_name"]).write_bytes((PHOTOS / row["file_name"]).read_bytes())
+    with open(tmp_path / "train.jsonl", "w") as file:
+        for row in rows:
+            file.write(json.dumps({"picture": f"photos/{row['file_name']}", "descriptions": row["captions"]}) + "\n")
+    with open(tmp_path / "val.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["picture", "descriptions"])
+        for row in rows[:3]:
+            for caption in row["captions"]:
+                writer.writerow([f"photos/{row['file_name']}", caption])
+    return rows
+
+
+def test_jsonl_and_csv_with_custom_column_names(tmp_path):
+    rows = write_jsonl_and_csv(tmp_path)
+    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2", data=(
+        "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "val.csv"),
+        "--image_column", "picture", "--caption_column", "descriptions"))
+    assert metrics["eval_num_images"] == 3 and metrics["train_samples"] == len(rows)
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions_validation.jsonl").read_text().splitlines()]
+    assert sorted(p["references"] for p in predictions) == sorted(row["captions"] for row in rows[:3])  # CSV rows grouped
+
+
+def test_imagefolder_with_custom_caption_column(tmp_path):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as file:
+        for row in photo_rows():
+            (folder / row["file_name"]).write_bytes((PHOTOS / row["file_name"]).read_bytes())
+            file.write(json.dumps({"file_name": row["file_name"], "sentences": row["captions"]}) + "\n")
+    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1", data=(
+        "--train_dir", str(folder), "--validation_dir", str(folder), "--caption_column", "sentences"))
+    assert metrics["eval_num_images"] == 8
+
+
+def test_a_missing_column_is_a_clear_error(tmp_path):
+    write_jsonl_and_csv(tmp_path)
+    with pytest.raises(ValueError, match=r"no column 'caption'.*--image_column/--caption_column"):
+        run(tmp_path / "out", "--do_train", "--max_steps", "1", data=("--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture"))
+
+
+def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path, caplog):
+    rows = write_jsonl_and_csv(tmp_path)
+    (tmp_path / "photos" / rows[1]["file_name"]).write_bytes(b"<html>404 Not Found</html>")
+    truncated = (PHOTOS / rows[2]["file_name"]).read_bytes()
+    (tmp_path / "photos" / rows[2]["file_name"]).write_bytes(truncated[: len(truncated) // 3])
+    with caplog.at_level("WARNING"):
+        metrics = run(tmp_path / "out", "--do_train", "--max_steps", "2", data=(
+            "--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture", "--caption_column", "descriptions"))
+    assert metrics["train_samples"] == len(rows) - 2
+    log = caplog.text
+    assert "skipping 2 unreadable image(s) of 8" in log
+    assert rows[1]["file_name"] in log and rows[2]["file_name"] in log
+
+
+def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path):
+    """nlphuji/flickr30k's parquet conversion: image, caption (5), sentids, split (Karpathy), img_id, filename."""
+    import datasets
+
+    rows = photo_rows()
+    splits = ["train", "train", "train", "train", "val", "val", "test", "test"]
+    table = {
+        "image": [{"bytes": (PHOTOS / r["file_name"]).read_bytes(), "path": r["file_name"]} for r in rows],
+        "caption": [r["captions"] for r in rows],
+        "sentids": [[str(5 * i + k) for k in range(5)] for i in range(len(rows))],
+        "split": splits,
+        "img_id": [str(i) for i in range(len(rows))],
+        "filename": [r["file_name"] for r in rows],
+    }
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
+                                  "sentids": datasets.List(datasets.Value("string")), "split": datasets.Value("string"),
+                                  "img_id": datasets.Value("string"), "filename": datasets.Value("string")})
+    folder = tmp_path / "flickr30k" / "TEST"
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict(table, features=features).to_parquet(folder / "0000.parquet")
+    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--do_predict", "--max_steps", "1", data=(
+        "--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None", "--id_column", "filename"))
+    assert metrics["train_samples"] == 4 and metrics["eval_num_images"] == 2 and metrics["test_num_images"] == 2
+    ids = {json.loads(line)["image_id"] for line in (tmp_path / "out" / "predictions_test.jsonl").read_text().splitlines()}
+    assert ids == {rows[6]["file_name"], rows[7]["file_name"]}
+
+
+def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
+    out, _ = trained
+    result = subprocess.run(
+        [sys.executable, "-m", "clipqwen.caption_cli", str(out), str(PHOTOS), "--num_beams", "2", "--max_new_tokens", "5",
+         "--output", str(tmp_path / "captions.jsonl")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert sorted(Path(line["file"]).name for line in lines) == sorted(p.name for p in PHOTOS.glob("*.jpg"))
+    assert all(isinstance(line["caption"], str) for line in lines)
