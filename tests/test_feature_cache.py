@@ -1,0 +1,50 @@
+"""The CLIP feature cache: computed once, reused while nothing changes, rebuilt when the vision weights or
+the image preprocessing change."""
+
+import numpy as np
+import torch
+
+from clipqwen.data import add_vision_features
+from clipqwen.embedded import load_embedded_dataset
+
+
+def counting(model):
+    calls = []
+    original = model.get_vision_embeds
+    model.get_vision_embeds = lambda pixel_values: calls.append(len(pixel_values)) or original(pixel_values)
+    return calls
+
+
+def test_features_are_reused_and_rebuilt_when_weights_or_preprocessing_change(make_model, processor, tmp_path):
+    data = load_embedded_dataset(8, 0, 0)["train"]
+    model = make_model()
+    calls = counting(model)
+    first = add_vision_features(data, model, processor, tmp_path)
+    assert sum(calls) == 8 and "image" not in first.column_names
+    expected = model.get_vision_embeds(processor(images=list(data["image"]))["pixel_values"])
+    calls.clear()
+    torch.testing.assert_close(torch.as_tensor(np.stack(first["vision_embeds"])), expected)
+
+    again = add_vision_features(data, model, processor, tmp_path)
+    assert calls == [] and again.cache_files == first.cache_files  # same key: read back, no image decoded
+
+    with torch.no_grad():
+        model.vision_model.vision_model.post_layernorm.weight.mul_(2.0)  # other vision weights
+    rebuilt = add_vision_features(data, model, processor, tmp_path)
+    assert sum(calls) == 8 and rebuilt.cache_files != first.cache_files
+    calls.clear()
+
+    processor.image_processor.image_mean = [0.5, 0.5, 0.5]  # other preprocessing
+    try:
+        reprocessed = add_vision_features(data, model, processor, tmp_path)
+    finally:
+        processor.image_processor.image_mean = [0.48145466, 0.4578275, 0.40821073]
+    assert sum(calls) == 8 and reprocessed.cache_files not in (first.cache_files, rebuilt.cache_files)
+
+
+def test_other_data_gets_other_features(make_model, processor, tmp_path):
+    model = make_model()
+    a = add_vision_features(load_embedded_dataset(4, 0, 0, seed=0)["train"], model, processor, tmp_path)
+    b = add_vision_features(load_embedded_dataset(4, 0, 0, seed=1)["train"], model, processor, tmp_path)
+    assert a.cache_files != b.cache_files
+    assert not torch.equal(torch.as_tensor(np.stack(a["vision_embeds"])), torch.as_tensor(np.stack(b["vision_embeds"])))
