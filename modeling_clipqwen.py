@@ -147,8 +147,10 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         """Assemble a ClipQwen model from a CLIP and a Qwen3 checkpoint (Hub ids or local folders); the
         adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig` fields, for example
         `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`."""
-        vision = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path, dtype=dtype, revision=revision)
-        text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=dtype, revision=revision)
+        # safetensors only: a backbone repository's pickled .bin is never unpickled
+        options = dict(dtype=dtype, revision=revision, use_safetensors=True)
+        vision = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path, **options)
+        text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **options)
         if not isinstance(text, Qwen3ForCausalLM):
             raise ValueError(
                 f"{text_model_name_or_path!r} is a {type(text).__name__}; ClipQwen needs a Qwen3 causal LM "

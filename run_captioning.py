@@ -23,8 +23,7 @@ from typing import Literal
 import datasets
 import torch
 import transformers
-from transformers import AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -136,16 +135,23 @@ def _flag_value(value) -> str:
 
 # ---- model -----------------------------------------------------------------------------------------------
 def build_model_and_processor(args: ModelArguments):
+    from clipqwen import faults
+    from clipqwen.loading import ModelLoadError
+
     settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
                     num_pooled_image_tokens=args.num_pooled_image_tokens, vision_feature_layer=args.vision_feature_layer,
                     freeze_vision_model=args.freeze_vision_model, freeze_language_model=args.freeze_language_model)
+    if not args.tiny_model:  # an unreachable Hub fails in a second, not after ~25 s of retries per file
+        faults.go_offline_if_hub_unreachable([args.model_name_or_path] if args.model_name_or_path else
+                                             [args.vision_model_name_or_path, args.text_model_name_or_path])
     try:
         if args.model_name_or_path:
-            model = ClipQwenForConditionalGeneration.from_pretrained(args.model_name_or_path, revision=args.model_revision, cache_dir=args.cache_dir)
+            # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors only
+            from clipqwen.loading import load_clipqwen
+
+            model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir)
             model.config.freeze_vision_model, model.config.freeze_language_model = args.freeze_vision_model, args.freeze_language_model
-            model.apply_freezing()
-            processor = AutoProcessor.from_pretrained(args.model_name_or_path, revision=args.model_revision, cache_dir=args.cache_dir,
-                                                      trust_remote_code=True)
+            model.apply_freezing().train()
         elif args.tiny_model:
             from clipqwen.presets import bundled_processor, tiny_config
 
@@ -157,12 +163,18 @@ def build_model_and_processor(args: ModelArguments):
             from clipqwen.presets import clip_image_processor
             from processing_clipqwen import ClipQwenProcessor
 
+            from clipqwen.loading import refuse_pickled_weights
+
+            for folder in (args.vision_model_name_or_path, args.text_model_name_or_path):
+                refuse_pickled_weights(folder)  # local folders; for Hub ids from_pretrained_backbones asks for safetensors
             model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
                 args.vision_model_name_or_path, args.text_model_name_or_path, **settings)
             image_processor = clip_image_processor().from_pretrained(args.vision_model_name_or_path, cache_dir=args.cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, cache_dir=args.cache_dir)
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
-    except OSError as error:
+    except (OSError, ModelLoadError) as error:
+        if isinstance(error, ModelLoadError) and not isinstance(error.__cause__, OSError):
+            raise  # not a download problem: the message says what is wrong with the model
         raise SystemExit(
             f"Could not load the model: {error}\nWithout access to the Hugging Face Hub, pass local folders "
             "(--model_name_or_path, or --vision_model_name_or_path and --text_model_name_or_path), set "
@@ -268,7 +280,7 @@ def export(trainer, model_args, data_args, caption_args, training_args, processo
     hyper = {"learning rate": training_args.learning_rate, "epochs": training_args.num_train_epochs,
              "batch size per device": training_args.per_device_train_batch_size,
              "gradient accumulation": training_args.gradient_accumulation_steps, "weight decay": training_args.weight_decay,
-             "warm-up steps": training_args.warmup_steps, "scheduler": str(training_args.lr_scheduler_type),
+             "warm-up steps": training_args.warmup_steps, "scheduler": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
              "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
              "caption mode": data_args.caption_mode, "max caption tokens": data_args.max_caption_length,
              "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}" if model_args.lora_r else "off",
@@ -313,10 +325,18 @@ def main(args=None):
     training_args.remove_unused_columns = False  # the collator needs the image / feature columns
     training_args.label_names = ["labels"]
 
+    from clipqwen import faults
+
     last_checkpoint = None
     out = Path(training_args.output_dir)
-    if out.is_dir() and training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(out)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
+        resume = training_args.resume_from_checkpoint = None
+    if resume is not None and training_args.do_train:
+        faults.check_resume_checkpoint(resume)  # a torn folder is refused, naming what is wrong and what is complete
+    if out.is_dir() and training_args.do_train and resume is None:
+        # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
+        last_checkpoint = faults.last_complete_checkpoint(out)
         if last_checkpoint is None and (out / "config.json").exists() and not caption_args.overwrite_output_dir:
             raise ValueError(f"{out} already holds a finished run (config.json, no checkpoint-* to resume). "
                              "Choose another --output_dir, or pass --overwrite_output_dir to train into it anyway.")
@@ -325,16 +345,22 @@ def main(args=None):
 
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
+    if not (data_args.dataset_name == "embedded" or data_args.train_file or data_args.validation_file or data_args.test_file
+            or data_args.train_dir or data_args.validation_dir or data_args.test_dir):
+        faults.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
     with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
         splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor)
 
-    from clipqwen.data import CaptionCollator, CaptionEpochCallback, expand_captions
+    from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
     from clipqwen.trainer import CaptionTrainer
 
     train_dataset = None
     if training_args.do_train:
         train_dataset = expand_captions(splits["train"]) if data_args.caption_mode == "all" else splits["train"]
     eval_pairs = {split: expand_captions(splits[split]) for split in ("validation", "test") if split in splits}
+    if training_args.train_sampling_strategy == "group_by_length":  # Trainer groups evaluation batches too
+        train_dataset = add_caption_lengths(train_dataset, processor.tokenizer) if train_dataset is not None else None
+        eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
     collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt, seed=training_args.seed)
     generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "num_beams": caption_args.num_beams}
     trainer = CaptionTrainer(
@@ -351,7 +377,15 @@ def main(args=None):
 
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        try:
+            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        except (faults.NonFiniteLossError, faults.CheckpointSaveError) as error:
+            logger.error("%s", error)
+            raise SystemExit(f"error: {error}") from error
+        if trainer.preempted:  # SIGTERM: the checkpoint is written; leave before the grace period ends
+            logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
+                           "SIGTERM", trainer.state.global_step, training_args.output_dir)
+            return {"preempted_at_step": trainer.state.global_step}
         train_metrics = dict(result.metrics, train_samples=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)

@@ -231,6 +231,23 @@ def expand_captions(dataset: Dataset) -> Dataset:
     return dataset.map(expand, batched=True, desc="one row per caption")
 
 
+def add_caption_lengths(dataset: Dataset, tokenizer) -> Dataset:
+    """A `length` column for Trainer's `--train_sampling_strategy group_by_length`: batches of similar caption
+    lengths pad less. Per pair its caption's tokens; per image (random-caption mode) the mean of its captions."""
+    def lengths(batch):
+        texts = [str(t) for t in (batch["caption"] if "caption" in batch else [c for row in batch["captions"] for c in row])]
+        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if "caption" in batch:
+            return {"length": counts}
+        out, start = [], 0
+        for row in batch["captions"]:
+            out.append(round(sum(counts[start:start + len(row)]) / len(row)))
+            start += len(row)
+        return {"length": out}
+
+    return dataset.map(lengths, batched=True, desc="caption lengths")
+
+
 # ---- CLIP feature cache --------------------------------------------------------------------------------
 def vision_cache_key(model, processor) -> str:
     """Changes whenever the cached features would: the vision weights, which features are taken, and the

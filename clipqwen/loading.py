@@ -26,6 +26,25 @@ class ModelLoadError(ValueError):
     """A model that cannot be used; the message says why and what to do."""
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(folder) -> None:
+    """A local model folder whose weights exist only as pickles is refused, naming them; nothing is unpickled.
+    (With safetensors present, pickles beside them are ignored: only safetensors are ever loaded.)"""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    raise ModelLoadError(
+        f"{folder} has no .safetensors weights" + (f", only pickled ones ({', '.join(pickles)})" if pickles else "")
+        + ". Only safetensors are loaded: unpickling a file can run any code it contains. Convert trusted weights "
+          "with `model.save_pretrained(folder)` (safetensors is the default), or get a safetensors copy."
+    )
+
+
 def read_model_type(model: str, revision: str | None = None) -> str | None:
     """model_type from the config.json of a local folder or a Hub repository, read as plain JSON."""
     path = Path(model).expanduser()
@@ -51,16 +70,19 @@ def read_model_type(model: str, revision: str | None = None) -> str | None:
         raise ModelLoadError(f"The config.json of `{model}` is not a JSON object ({error}).") from error
 
 
-def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+                  cache_dir: str | None = None):
     """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise."""
     model_type = read_model_type(model, revision)
     if model_type != "clipqwen":
         raise ModelLoadError(f"`{model}` is not a ClipQwen captioner: its config.json says model_type "
                              f"{json.dumps(model_type)}, not \"clipqwen\". It was not loaded.")
-    options = {"revision": revision, "trust_remote_code": False}
+    refuse_pickled_weights(model)
+    options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False}
     try:
-        captioner = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, use_safetensors=True, **options)
-        processor = AutoProcessor.from_pretrained(model, **options)
+        # The installed classes themselves, so the auto_map that points at the folder's .py files is never consulted.
+        captioner = ClipQwenForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True, **options)
+        processor = ClipQwenProcessor.from_pretrained(model, **options)
     except Exception as error:  # noqa: BLE001 - missing or pickled weights, wrong shapes, ...
         raise ModelLoadError(f"`{model}` is a ClipQwen config but the model did not load: {error}") from error
     return captioner.to(device).eval(), processor

@@ -8,8 +8,8 @@ TEMPLATE = """---
 
 # {title}
 
-An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter}
-adapter** ({feature_desc}, {num_image_tokens} image token(s)) → **{text}** (Qwen3 decoder, {text_state}).
+An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter} adapter**
+({feature_desc}, {num_image_tokens} image token(s)) → **{text}** (Qwen3 decoder, {text_state}).
 Trained with clipqwen's `run_captioning.py` on **{dataset}**.
 
 ## Results
@@ -53,6 +53,11 @@ Trainable parameters: {trainable:,} of {total:,}.
 """
 
 
+def is_hub_id(name: str) -> bool:
+    """'owner/name' that is not a local path: what base_model may list."""
+    return name.count("/") == 1 and " " not in name and not name.startswith((".", "/", "~"))
+
+
 def _fmt(value, digits=4):
     return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
@@ -78,7 +83,8 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=license,
-        base_model=[vision_id, text_id],
+        # Hub ids only: a tiny randomly initialised test model has no base model to link to.
+        base_model=[model_id for model_id in (vision_id, text_id) if is_hub_id(model_id)] or None,
         datasets=[dataset_name] if "/" in dataset_name else None,
         tags=["image-captioning", "clip", "qwen3", "clipqwen", "custom_code"],
         metrics=["rouge", "bleu", "cider"],
@@ -102,7 +108,8 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         dataset=dataset_name, generation=generation, split_desc="validation and test splits",
         metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |", curves=curves, repo_id=repo_id, revision=revision,
         max_new_tokens=generation_kwargs.get("max_new_tokens", 30), num_beams=generation_kwargs.get("num_beams", 1),
-        demo="\nA Gradio demo (`app.py`) runs this model in the browser: `python app.py --model " + repo_id + "`.\n" if has_demo else "",
+        demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
+             f"`python app.py {repo_id}`.\n" if has_demo else "",
         hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()), trainable=trainable, total=total,
     )
     return ModelCard(text)

@@ -5,10 +5,15 @@
 - Small checkpoints: only the trainable weights (adapter, LoRA, unfrozen parts) and the optimizer state;
   the frozen backbones are reloaded from their source on resume. The final `save_model()` still writes a
   complete, self-contained model folder.
+- Fault handling (clipqwen.faults): a checkpoint is marked complete (a manifest with sizes and SHA-256) only
+  after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
+  folder and names the intact previous checkpoint; a NaN or infinite loss stops training before its optimizer
+  step; SIGTERM saves a checkpoint at the next step end and stops (`preempted`).
 """
 
 import logging
 import os
+import shutil
 import time
 
 import safetensors.torch
@@ -17,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import faults
 from .metrics import compute_caption_metrics
 
 logger = logging.getLogger(__name__)
@@ -26,9 +32,14 @@ TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 
 class CaptionTrainer(Trainer):
     def __init__(self, *args, generation_datasets=None, generation_collator=None, generation_kwargs=None,
-                 small_checkpoints: bool = True, **kwargs):
+                 small_checkpoints: bool = True, stop_on_nonfinite_loss: bool = True, handle_sigterm: bool = True, **kwargs):
         """generation_datasets: {metric prefix ("eval", "test"): one row per image with `captions`}."""
         super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.graceful_stop = None
+        if handle_sigterm:
+            self.graceful_stop = faults.GracefulStopCallback(reduce=self._any_process if self.args.world_size > 1 else None)
+            self.add_callback(self.graceful_stop)
         self.generation_datasets = generation_datasets or {}
         self.generation_collator = generation_collator
         self.generation_kwargs = generation_kwargs or {}
@@ -111,3 +122,63 @@ class CaptionTrainer(Trainer):
         if best and os.path.isfile(os.path.join(best, TRAINABLE_WEIGHTS)):
             return self._load_from_checkpoint(best)
         return super()._load_best_model()
+
+    # ---- faults ----------------------------------------------------------------------------------------------
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process if it is True on any (one tiny all-reduce per step, multi-process only)."""
+        value = torch.tensor([int(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item())
+
+    @property
+    def preempted(self) -> bool:
+        """Training stopped early on SIGTERM, after saving a checkpoint."""
+        return self.graceful_stop is not None and self.graceful_stop.stopped_at is not None
+
+    def train(self, *args, **kwargs):
+        if self.graceful_stop is None:
+            return super().train(*args, **kwargs)
+        self.graceful_stop.install()
+        try:
+            result = super().train(*args, **kwargs)
+            if self.graceful_stop.requested is not None and self.graceful_stop.stopped_at is None:
+                # The signal came after the last step end (final evaluation): still leave a checkpoint.
+                if not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER)):
+                    self._save_checkpoint(self.model, trial=None)
+                self.graceful_stop.stopped_at = self.state.global_step
+            return result
+        finally:
+            self.graceful_stop.uninstall()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.stop_on_nonfinite_loss and not torch.isfinite(loss).all():
+            step = self.state.global_step + 1  # the optimizer step this batch belongs to, counted from 1
+            raise faults.NonFiniteLossError(faults.nonfinite_loss_message(
+                float(loss.detach().float().sum()), step, self.state.epoch, self._get_output_dir(trial=None)))
+        return loss
+
+    def _checkpoint_folder(self, trial=None) -> str:
+        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's save, made safe to interrupt: the folder is cleared first, marked complete last, and older
+        checkpoints are rotated out only after that."""
+        run_dir, folder = self._get_output_dir(trial=trial), self._checkpoint_folder(trial)
+        if self.args.should_save:
+            faults.clear_for_save(folder)
+        self.accelerator.wait_for_everyone()  # nobody writes into the folder while it is being cleared
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # Trainer would rotate before the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every process's files (RNG states) are written
+            if self.args.should_save:
+                faults.mark_complete(folder, step=self.state.global_step)
+        except Exception as error:  # noqa: BLE001 - any failure leaves a partial folder: remove it, say what is intact
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise faults.CheckpointSaveError(faults.describe_save_failure(folder, run_dir, error)) from error
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            faults.rotate_checkpoints(run_dir, limit, keep=[self.state.best_model_checkpoint])

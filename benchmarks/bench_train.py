@@ -1,0 +1,325 @@
+"""Training throughput: the course pipeline against the clipqwen path, full-size model, random weights.
+
+    python benchmarks/bench_train.py --steps 3            # both variants, each in its own process; JSON out
+
+course (baseline), per step, batch 4: open the JPEGs → CLIP image processor → CLIP forward → Linear(512, 1024)
+    prefix → Qwen3 forward/backward over the captions padded to 128 tokens with logits (151,936-way) at every
+    position and cross-entropy over them → AdamW on the adapter.
+ours: CLIP features computed once per image (a feature cache; its one-off cost is reported per image), then
+    steps from `vision_embeds` with per-batch padding (ClipQwenProcessor(captions=...)), logits only at the
+    supervised positions (model.forward with labels), batch 32, bf16 on CUDA.
+Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
+(photo, human caption) pairs and start from the same weights.
+
+FLOPs per pair are analytic (benchmarks/common.py, docs/benchmarks.md): CLIP forward where it runs per step,
+plus a frozen LM's forward and activation-gradient backward at the positions actually computed (padding
+included), plus the adapter. MFU = FLOPs/pair × pairs/s ÷ the chip's dense bf16 peak (CUDA only).
+"""
+
+import argparse
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    PeakMemory,
+    adapter_train_flops,
+    build_model,
+    clip_forward_flops,
+    configure_threads,
+    emit,
+    environment,
+    frozen_lm_train_flops,
+    load_average,
+    load_examples,
+    log,
+    pair_stream,
+    peak_flops,
+    pick_device,
+    pick_dtype,
+    processor_for,
+    profiled,
+    ratio,
+    run_variant_subprocess,
+    sync,
+)
+from processing_clipqwen import to_rgb  # noqa: E402
+
+VARIANTS = ("course", "ours")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="ours trains on steps × batch-size timed pairs "
+                        "(5 × 32 = 4 passes over the 40 photo-caption pairs); with --group-by-length the number of "
+                        "batches can differ")
+    parser.add_argument("--course-steps", type=int, default=3, help="timed steps of the course pipeline (its "
+                        "cost does not depend on the captions: they are all padded to --course-max-length)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, each variant")
+    parser.add_argument("--batch-size", type=int, default=32, help="ours: pairs per batch (at most)")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours: batch captions of similar length (sorted within the timed pairs)")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="ours, with --group-by-length: at most "
+                        "this many padded positions per batch (0 = no limit); 512 ≈ the course's 4 × 129, which "
+                        "bounds activation memory to the course's")
+    parser.add_argument("--course-batch-size", type=int, default=4)
+    parser.add_argument("--course-max-length", type=int, default=128, help="the course's fixed caption padding")
+    parser.add_argument("--vision-feature-type", choices=("pooled", "patch"), default="pooled", help="ours")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights of both variants (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
+                        "per core); use 1 on a machine shared with other busy processes")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark")
+    parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    return parser.parse_args(argv)
+
+
+def autocast(device, dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def caption_token_counts(processor, captions):
+    """Supervised tokens per caption as clipqwen counts them (caption + one end-of-text); used for both
+    variants so that tokens/s compare the same work."""
+    return [len(processor._encode_text(caption)) + 1 for caption in captions]
+
+
+# ---- the course pipeline -------------------------------------------------------------------------------------
+def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length, device, dtype):
+    images = [to_rgb(Image.open(path)) for _, path, _ in pairs]  # JPEG decoded every step
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
+    with torch.no_grad():
+        image_embeds = model.vision_model(pixel_values=pixel_values).image_embeds  # CLIP every step
+    with autocast(device, dtype):
+        prefix = model.adapter(image_embeds.to(model.adapter.layers[0].weight.dtype))  # (B, 1, 1024)
+        text = tokenizer([caption + "<|endoftext|>" for _, _, caption in pairs], padding="max_length",
+                         max_length=max_length, truncation=True, return_tensors="pt").to(device)
+        token_embeds = model.language_model.get_input_embeddings()(text["input_ids"])
+        inputs_embeds = torch.cat([prefix.to(token_embeds.dtype), token_embeds], dim=1)
+        attention_mask = torch.cat([text["attention_mask"].new_ones(len(pairs), 1), text["attention_mask"]], dim=1)
+        labels = text["input_ids"].masked_fill(text["input_ids"] == tokenizer.pad_token_id, -100)  # the seed's way
+        labels = torch.cat([labels.new_full((len(pairs), 1), -100), labels], dim=1)
+        # Qwen3ForCausalLM with labels: logits at every one of the 129 positions, CE over the shifted labels.
+        loss = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                                    use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run_course(args, device, dtype):
+    model = build_model(device, dtype, tiny=args.tiny).train()  # seed preset: pooled 512-d → Linear → 1 token
+    processor = processor_for(model)
+    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
+    steps = args.course_steps
+    bs = args.course_batch_size
+    warm, timed = pair_stream(args.warmup * bs, seed=1), pair_stream(steps * bs)
+    seq_len = 1 + args.course_max_length
+    with PeakMemory(device) as memory:
+        for step in range(args.warmup):
+            course_step(model, processor.image_processor, processor.tokenizer, warm[step * bs:(step + 1) * bs],
+                        optimizer, args.course_max_length, device, dtype)
+        sync(device)
+        step_times, cpu_times = [], []
+        with profiled(args.profile):
+            for step in range(steps):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                loss = course_step(model, processor.image_processor, processor.tokenizer,
+                                   timed[step * bs:(step + 1) * bs], optimizer, args.course_max_length, device, dtype)
+                sync(device)
+                step_times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+                log(f"course step {step}: {step_times[-1]:.2f} s, loss {loss:.3f}")
+    seconds = sum(step_times)
+    # Its cost does not depend on the captions (all padded to 128), so its supervised tokens/s is taken at
+    # the data set's mean caption length (one pass over the 40 pairs), which ours' 4 full passes also have.
+    epoch = pair_stream(40)
+    tokens_per_pair = sum(caption_token_counts(processor, [caption for _, _, caption in epoch])) / len(epoch)
+    flops_per_pair = (clip_forward_flops(model.config.vision_config)
+                      + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
+                      + adapter_train_flops(model.adapter, 1))
+    return {
+        "variant": "course",
+        "batch_size": bs,
+        "steps": steps,
+        "pairs": len(timed),
+        "sequence_length": seq_len,
+        "logit_positions_per_pair": seq_len,
+        "step_seconds": [round(t, 3) for t in step_times],
+        "pairs_per_s": len(timed) / seconds,
+        "pairs_per_cpu_s": len(timed) / sum(cpu_times),
+        "caption_tokens_per_s": tokens_per_pair * len(timed) / seconds,
+        "caption_tokens_per_pair": tokens_per_pair,
+        "flops_per_pair": flops_per_pair,
+        **memory.report(),
+    }
+
+
+# ---- ours ----------------------------------------------------------------------------------------------------
+def build_feature_cache(model, processor, device, batch_size=32):
+    """CLIP features of every photo, computed once: what a feature cache stores (frozen CLIP)."""
+    paths = [path for path, _ in load_examples()]
+    features = []
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            images = [Image.open(path) for path in paths[i:i + batch_size]]
+            pixel_values = processor.image_processor([to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+            features.append(model.get_vision_embeds(pixel_values.to(device)))
+    return torch.cat(features)
+
+
+def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_image_tokens):
+    """Sort the pairs by caption length and cut them into batches of at most `batch_size` pairs and at most
+    `max_batch_tokens` padded positions (0 = no token limit), then shuffle the batch order (fixed seed).
+    Padding then costs little, and a batch's activation memory (∝ pairs × padded length) is bounded.
+    With `max_batch_tokens=0` and `group=False`: plain fixed-size batches in stream order."""
+    lengths = [num_image_tokens + len(processor._encode_text(caption)) + 1 for _, _, caption in pairs]
+    order = sorted(range(len(pairs)), key=lengths.__getitem__)
+    batches, current = [], []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        too_many_tokens = max_batch_tokens and longest * (len(current) + 1) > max_batch_tokens
+        if current and (len(current) == batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    random.Random(0).shuffle(batches)
+    return [[pairs[i] for i in batch] for batch in batches]
+
+
+def ours_step(model, processor, cache, pairs, optimizer, device, dtype):
+    inputs = processor(captions=[caption for _, _, caption in pairs]).to(device)  # per-batch padding, labels
+    vision_embeds = cache[torch.tensor([index for index, _, _ in pairs], device=device)]
+    with autocast(device, dtype):
+        loss = model(**inputs, vision_embeds=vision_embeds).loss  # logits only where labels != -100
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), inputs["input_ids"].shape[1], int((inputs["labels"][:, 1:] != -100).sum())
+
+
+def run_ours(args, device, dtype):
+    model = build_model(device, dtype, tiny=args.tiny, vision_feature_type=args.vision_feature_type).train()
+    processor = processor_for(model)
+    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
+    bs = args.batch_size
+    # the timed pairs start at an epoch boundary: 5 × 32 = 4 whole passes over the 40 pairs
+    warm, timed = pair_stream(args.warmup * bs, seed=1), pair_stream(args.steps * bs)
+    if args.group_by_length:
+        make = lambda pairs: length_grouped_batches(pairs, processor, bs, args.max_batch_tokens,  # noqa: E731
+                                                    model.config.num_image_tokens)
+    else:
+        make = lambda pairs: [pairs[i:i + bs] for i in range(0, len(pairs), bs)]  # noqa: E731
+    warm_batches, timed_batches = make(warm), make(timed)
+    with PeakMemory(device) as memory:
+        sync(device)
+        start = time.perf_counter()
+        cache = build_feature_cache(model, processor, device)
+        sync(device)
+        cache_seconds = time.perf_counter() - start
+        log(f"feature cache: {len(cache)} images in {cache_seconds:.2f} s")
+        for batch in warm_batches[:args.warmup]:
+            ours_step(model, processor, cache, batch, optimizer, device, dtype)
+        sync(device)
+        step_times, cpu_times, shapes, flops = [], [], [], 0.0
+        text = model.config.text_config
+        with profiled(args.profile):
+            for step, batch in enumerate(timed_batches):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                loss, seq_len, supervised = ours_step(model, processor, cache, batch, optimizer, device, dtype)
+                sync(device)
+                step_times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+                shapes.append([len(batch), seq_len])
+                # every sequence runs at the batch's padded length; the LM head only at supervised positions
+                flops += (len(batch) * frozen_lm_train_flops(text, seq_len, 0)
+                          + 2 * 2 * text.hidden_size * text.vocab_size * supervised
+                          + adapter_train_flops(model.adapter, len(batch)))
+                log(f"ours step {step}: {step_times[-1]:.2f} s, batch {len(batch)} × {seq_len} positions, "
+                    f"loss {loss:.3f}")
+    seconds = sum(step_times)
+    tokens = sum(caption_token_counts(processor, [caption for _, _, caption in timed]))
+    pairs_per_s = len(timed) / seconds
+    cache_per_image = cache_seconds / len(cache)
+    return {
+        "variant": "ours",
+        "max_batch_size": bs,
+        "group_by_length": args.group_by_length,
+        "max_batch_tokens": args.max_batch_tokens if args.group_by_length else None,
+        "batch_shapes": shapes,
+        "steps": len(timed_batches),
+        "pairs": len(timed),
+        "vision_feature_type": args.vision_feature_type,
+        "num_image_tokens": model.config.num_image_tokens,
+        "step_seconds": [round(t, 3) for t in step_times],
+        "pairs_per_s": pairs_per_s,
+        "pairs_per_cpu_s": len(timed) / sum(cpu_times),
+        "caption_tokens_per_s": tokens / seconds,
+        "caption_tokens_per_pair": tokens / len(timed),
+        "flops_per_pair": flops / len(timed),
+        "feature_cache_s_per_image": cache_per_image,
+        "feature_cache_flops_per_image": clip_forward_flops(model.config.vision_config),
+        # one epoch over a Flickr30K-style set using all 5 captions per image: each image encoded once
+        "pairs_per_s_incl_cache_5_captions_per_image": 1 / (1 / pairs_per_s + cache_per_image / 5),
+        **memory.report(),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    configure_threads(args.threads)
+    if args.only:
+        torch.manual_seed(0)
+        load_before = load_average()
+        result = (run_course if args.only == "course" else run_ours)(args, device, dtype)
+        result["threads"] = torch.get_num_threads()
+        result["load_average_1min"] = [load_before, load_average()]
+        peak = peak_flops(device)
+        result["achieved_tflops"] = result["flops_per_pair"] * result["pairs_per_s"] / 1e12
+        result["mfu"] = result["achieved_tflops"] * 1e12 / peak if peak else None
+        emit(result)
+        return
+
+    argv = list(argv if argv is not None else sys.argv[1:])
+    variants = [v for v in args.variants.split(",") if v]
+    results = {v: run_variant_subprocess(Path(__file__), v, argv) for v in variants}
+    summary = {"benchmark": "train", **environment(device), "dtype": str(dtype).replace("torch.", ""),
+               "threads": torch.get_num_threads() if device.type == "cpu" else None,
+               "peak_flops_bf16": peak_flops(device), **results}
+    if "course" in results and "ours" in results:
+        course, ours = results["course"], results["ours"]
+        summary["ratios_ours_over_course"] = {
+            "pairs_per_s": ratio(ours["pairs_per_s"], course["pairs_per_s"]),
+            "pairs_per_cpu_s": ratio(ours["pairs_per_cpu_s"], course["pairs_per_cpu_s"]),
+            "caption_tokens_per_s": ratio(ours["caption_tokens_per_s"], course["caption_tokens_per_s"]),
+            "pairs_per_s_incl_cache_5_captions_per_image":
+                ratio(ours["pairs_per_s_incl_cache_5_captions_per_image"], course["pairs_per_s"]),
+            "peak_memory": ratio(ours["peak_memory_gib"], course["peak_memory_gib"], 3),
+            "flops_per_pair": ratio(ours["flops_per_pair"], course["flops_per_pair"], 3),
+        }
+        summary["targets"] = {
+            "pairs_per_s_at_least_5x": summary["ratios_ours_over_course"]["pairs_per_s"] >= 5,
+            "peak_memory_not_higher": ours["peak_memory_gib"] <= course["peak_memory_gib"],
+        }
+    emit(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Shared pieces of the benchmarks: the full-size model with random weights, real photos and captions,
+device/dtype choice, peak-memory measurement, analytic FLOPs, and running each variant in its own process.
+
+Every variant (the course pipeline and ours) runs in a fresh subprocess that builds the same model from the
+same seed, so that peak memory is measured the same way for each and one variant's allocations cannot
+inflate another's: on CUDA `torch.cuda.max_memory_allocated`, on CPU the process's peak resident set size
+(VmHWM), reset after the model is built so that both report "weights + what the pipeline needs".
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the Hub: weights are random
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the Hub files live at the repository root
+
+import torch  # noqa: E402
+
+from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from configuration_clipqwen import ClipQwenConfig  # noqa: E402
+from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
+
+PHOTOS = ROOT / "examples" / "coco-cc-by"
+DATE = "2026-11-26"
+# Dense bf16 tensor-core peak (no sparsity) of the chips the GPU script may run on, in FLOP/s.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ---- device, dtype, model --------------------------------------------------------------------------------
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """Weights of both pipelines, so that ratios measure the pipeline and not the precision. auto: bf16 on
+    CUDA, fp32 on CPU (CPUs with AMX run bf16 matrix products faster: pass bfloat16 explicitly there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def configure_threads(threads: int | None):
+    """CPU threads for torch (None: torch's default, one per core). On a machine shared with other busy
+    processes, 2-thread OpenMP regions stall for a scheduler slice whenever the second thread is not running:
+    measured here, silu on 16×3072 took 6 ms with 2 threads and 22 µs with 1 under load ≈ 4 on 2 cores."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def profiled(enabled: bool, rows: int = 15):
+    """torch.profiler around the timed region when enabled; prints the top ops by self time to stderr."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run():
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            yield
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        log(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48))
+
+    return run()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)".replace("  ", " ")
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for chip, flops in PEAK_BF16_FLOPS.items() if chip in name), None)
+
+
+def build_model(device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, **config_kwargs):
+    """The full-size architecture (`ClipQwenConfig()` defaults are CLIP ViT-B/32 + Qwen3-0.6B-Base) with
+    random weights, built directly on `device`. Same seed ⇒ same weights in every process. `tiny` builds
+    the test preset instead (a smoke test of the scripts, not a benchmark)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    config = tiny_config(**config_kwargs) if tiny else ClipQwenConfig(**config_kwargs)
+    with torch.device(device):
+        model = ClipQwenForConditionalGeneration(config)
+    model.to(dtype)
+    if dtype != torch.float32:
+        model.adapter.float()  # the trainable part keeps fp32 master weights for AdamW
+    log(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
+        f"on {device} in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def processor_for(model):
+    return bundled_processor(num_image_tokens=model.config.num_image_tokens)
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+def load_examples():
+    """[(jpeg path, [5 human captions])] for the 8 CC-BY COCO photos, in file-name order."""
+    rows = [json.loads(line) for line in open(PHOTOS / "metadata.jsonl")]
+    return sorted((PHOTOS / row["file_name"], row["captions"]) for row in rows)
+
+
+def pair_stream(n: int, seed: int = 0):
+    """n (image index, path, caption) pairs: every image × caption pair once per epoch (40), shuffled per
+    epoch with a fixed seed, as a Trainer would see them. Both pipelines read the same stream."""
+    examples = load_examples()
+    epoch = [(i, path, caption) for i, (path, captions) in enumerate(examples) for caption in captions]
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        order = epoch[:]
+        rng.shuffle(order)
+        pairs.extend(order)
+    return pairs[:n]
+
+
+def image_paths(n: int):
+    """n photo paths, cycling the 8 photos."""
+    examples = load_examples()
+    return [examples[i % len(examples)][0] for i in range(n)]
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of what runs inside the `with` block, weights included. CUDA: max_memory_allocated.
+    CPU: the process's peak RSS (VmHWM), reset at entry via /proc/self/clear_refs (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = None
+        self.peak_bytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets the peak-RSS watermark
+                self.method = "peak RSS (VmHWM) after a reset at model-built"
+            except OSError:
+                self.method = "peak RSS (ru_maxrss) of the whole process, model build included"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.method.startswith("peak RSS (VmHWM)"):
+            self.peak_bytes = _proc_status_kb("VmHWM") * 1024
+        else:
+            import resource
+
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return False
+
+    def report(self):
+        return {"peak_memory_gib": round(self.peak_bytes / 2**30, 3), "peak_memory_method": self.method}
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# ---- analytic FLOPs ----------------------------------------------------------------------------------------
+def clip_forward_flops(vision_config) -> float:
+    """One image through the CLIP vision tower (all layers run, also for patch features) + projection."""
+    d, i, layers = vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers
+    grid = vision_config.image_size // vision_config.patch_size
+    tokens = grid * grid + 1
+    patch_embed = 2 * (3 * vision_config.patch_size**2) * d * grid * grid
+    per_layer = tokens * 2 * (4 * d * d + 2 * d * i) + 4 * d * tokens * tokens  # linears + QKᵀ, AV
+    return patch_embed + layers * per_layer + 2 * d * vision_config.projection_dim
+
+
+def lm_forward_flops(text_config, seq_len: int, logit_positions: int) -> float:
+    """Qwen3 forward over one sequence of `seq_len` positions (padding included: it is computed), with the
+    LM head applied at `logit_positions` of them. Attention scores counted causally (½ T²)."""
+    d, inter, v = text_config.hidden_size, text_config.intermediate_size, text_config.vocab_size
+    hq = text_config.num_attention_heads * text_config.head_dim
+    hkv = text_config.num_key_value_heads * text_config.head_dim
+    linear_params = d * hq + 2 * d * hkv + hq * d + 3 * d * inter
+    attention = 4 * hq * seq_len * (seq_len + 1) / 2
+    linears = 2 * linear_params * seq_len
+    head = 2 * d * v * logit_positions
+    return text_config.num_hidden_layers * (linears + attention) + head
+
+
+def frozen_lm_train_flops(text_config, seq_len: int, logit_positions: int) -> float:
+    """Forward + backward of a frozen LM whose gradient must reach its input embeddings (the adapter):
+    backward computes activation gradients only (no weight gradients), which costs what the forward's
+    matrix products cost (grad_x = grad_y·Wᵀ), and twice the forward for attention (dQ, dK, dV, dP).
+    So ≈ 2 × forward for linears and LM head, 3 × forward for the attention scores."""
+    fwd = lm_forward_flops(text_config, seq_len, logit_positions)
+    attn_fwd = text_config.num_hidden_layers * 4 * text_config.num_attention_heads * text_config.head_dim \
+        * seq_len * (seq_len + 1) / 2
+    return 2 * fwd + attn_fwd
+
+
+def adapter_train_flops(adapter: torch.nn.Module, vectors: int) -> float:
+    """Adapter forward + full backward (weight grads too): 6 FLOPs per parameter per input vector."""
+    return 6 * sum(p.numel() for p in adapter.parameters()) * vectors
+
+
+# ---- variants in subprocesses --------------------------------------------------------------------------------
+def run_variant_subprocess(script: Path, variant: str, argv: list[str]) -> dict:
+    """Run `script --only VARIANT argv…` in a fresh Python and return the JSON object on its last stdout line."""
+    command = [sys.executable, str(script), "--only", variant, *argv]
+    log(f"\n=== {variant}: {' '.join(command[1:])}")
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed with exit status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    return {
+        "device": device_name(device),
+        "date": DATE,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "command": " ".join(["python", _script_name(), *sys.argv[1:]]),
+    }
+
+
+def _script_name() -> str:
+    script = Path(sys.argv[0]).resolve()
+    return str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+
+
+def ratio(a, b, digits: int = 2):
+    return round(a / b, digits) if a is not None and b else None
+
+
+def emit(result: dict):
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,348 @@
+"""What a training run does when something goes wrong: torn checkpoints, a full disk, NaN losses, preemption,
+an unreachable Hub.
+
+HF Trainer writes a checkpoint file by file straight into `checkpoint-N/`, so a run killed during a save
+leaves a torn folder that `transformers.trainer_utils.get_last_checkpoint` picks up next time. Here a
+checkpoint counts as complete only once `checkpoint_complete.json` is in it: a manifest (name, size, SHA-256
+of every file) written atomically after everything else has been written and fsynced. `CaptionTrainer` writes
+it; `last_complete_checkpoint` is what run_captioning.py resumes from: it skips (and logs) folders without a
+manifest or whose files do not match it, and takes the newest one that checks out.
+"""
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+LOW_SPACE_BYTES = 64 * 1024 * 1024  # below this, a failed write is reported as a full disk
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names it and the previous complete one."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the last complete checkpoint."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """--resume_from_checkpoint names a folder that is not a complete checkpoint."""
+
+
+# ---- completeness manifest ---------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path, directory: bool = False):
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync directories
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp"))
+
+
+def mark_complete(folder, step: int | None = None) -> Path:
+    """Write the manifest that makes `folder` a complete checkpoint. Call it after every file is written.
+    Every file is fsynced first and the manifest goes in by an atomic rename, so after a crash or power cut
+    the manifest exists only if the data it describes is on disk."""
+    folder = Path(folder)
+    files = {}
+    for path in _files(folder):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"step": step, "files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    partial = folder / f"{MARKER}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as file:
+        json.dump(manifest, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, folder / MARKER)
+    _fsync(folder, directory=True)
+    return folder / MARKER
+
+
+def checkpoint_problem(folder, verify_hashes: bool = True, legacy: bool = False) -> str | None:
+    """None if `folder` is a complete checkpoint, else why not. Without a manifest a folder is torn, unless
+    `legacy` (a folder none of whose checkpoints has a manifest: written by plain Trainer or an older
+    clipqwen), where a parseable trainer_state.json (Trainer writes it last) and no empty file must do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it is not a folder"
+    marker = folder / MARKER
+    if not marker.is_file():
+        if not legacy:
+            return f"it has no {MARKER} (the save did not finish)"
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"it has no {MARKER} and no readable trainer_state.json ({type(error).__name__})"
+        empty = [p.name for p in _files(folder) if p.stat().st_size == 0]
+        return f"it has no {MARKER} and empty file(s) {empty}" if empty else None
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {MARKER} is unreadable ({type(error).__name__})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+    if verify_hashes:
+        for name, expected in files.items():
+            if _sha256(folder / name) != expected["sha256"]:
+                return f"{name} does not match its SHA-256 in {MARKER} (changed or corrupted after the save)"
+    return None
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir, verify_hashes: bool = True, log: bool = True) -> str | None:
+    """The newest complete checkpoint in `output_dir` (None if there is none); torn ones are skipped and logged.
+    Sizes are checked for every candidate, SHA-256 for the one returned."""
+    checkpoints = list_checkpoints(output_dir)
+    legacy = not any((folder / MARKER).is_file() for _, folder in checkpoints)
+    for _, folder in reversed(checkpoints):
+        problem = checkpoint_problem(folder, verify_hashes=verify_hashes, legacy=legacy)
+        if problem is None:
+            if legacy and log:
+                logger.warning("%s has no %s (written before clipqwen marked complete checkpoints); it looks "
+                               "complete and is used.", folder, MARKER)
+            return str(folder)
+        if log:
+            logger.warning("Skipping %s: incomplete checkpoint, %s. Using an older one.", folder, problem)
+    return None
+
+
+def check_resume_checkpoint(folder) -> str:
+    """An explicit --resume_from_checkpoint must be complete; IncompleteCheckpointError says why it is not."""
+    siblings = list_checkpoints(Path(folder).parent)
+    legacy = not any((f / MARKER).is_file() for _, f in siblings) and not (Path(folder) / MARKER).is_file()
+    problem = checkpoint_problem(folder, legacy=legacy)
+    if problem:
+        newest = last_complete_checkpoint(Path(folder).parent, log=False)
+        raise IncompleteCheckpointError(
+            f"--resume_from_checkpoint {folder}: not a complete checkpoint, {problem}."
+            + (f" The newest complete one is {newest}." if newest else ""))
+    return str(folder)
+
+
+def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[str]:
+    """Like Trainer's rotation, but counting only complete checkpoints, and run after the new one is marked
+    complete (Trainer's runs before, so a kill right then could leave no complete checkpoint). Torn folders
+    older than the newest complete one are deleted too. Returns what was deleted."""
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    complete = [f for _, f in checkpoints if (f / MARKER).is_file()]
+    if not complete:
+        return []
+    protected = {Path(p).resolve() for p in keep if p} | {complete[-1].resolve()}
+    newest_step = int(_CHECKPOINT_RE.match(complete[-1].name).group(1))
+    deleted = []
+    surplus = len(complete) - max(save_total_limit, len(protected & {f.resolve() for f in complete}))
+    for folder in complete:
+        if surplus <= 0:
+            break
+        if folder.resolve() not in protected:
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(str(folder))
+            surplus -= 1
+    for step, folder in checkpoints:
+        if step < newest_step and not (folder / MARKER).is_file() and folder.resolve() not in protected:
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(str(folder))
+    for folder in deleted:
+        logger.info("Deleted checkpoint %s (--save_total_limit %d)", folder, save_total_limit)
+    return deleted
+
+
+def clear_for_save(folder) -> None:
+    """Before writing checkpoint-N: a folder left at that path by an interrupted run goes, manifest first, so
+    that none of its files can end up in (or make complete) the new checkpoint."""
+    folder = Path(folder)
+    if folder.exists():
+        logger.warning("Removing %s left by an interrupted run before saving it again.", folder)
+        (folder / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def describe_save_failure(folder, output_dir, error: BaseException) -> str:
+    """The message for a failed save: what failed, whether the disk is full, and the intact checkpoint."""
+    folder, output_dir = Path(folder), Path(output_dir)
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    full = (getattr(error, "errno", None) in _DISK_FULL_ERRNOS or (free is not None and free < LOW_SPACE_BYTES)
+            or "write failed" in str(error).lower() or "no space left" in str(error).lower())
+    what = f"{type(error).__name__}: {error}".strip()
+    previous = last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
+    message = (f"Saving checkpoint {folder} failed" + (" because the disk is full" if full else "") + f" ({what})"
+               + (f"; {free / 2**20:.0f} MiB free on that disk" if free is not None else "") + ". ")
+    message += "The partial checkpoint was removed. "
+    message += (f"The previous complete checkpoint, {previous}, is intact: " if previous else
+                "No complete checkpoint was saved before it. ")
+    message += ("free some space (or lower --save_total_limit, or use another --output_dir), then rerun the same "
+                "command" + (" to resume from it." if previous else "."))
+    return message
+
+
+# ---- non-finite loss -----------------------------------------------------------------------------------------
+def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, output_dir) -> str:
+    kind = "NaN" if math.isnan(loss_value) else "infinite"
+    last = last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
+    return (f"The training loss is {kind} at step {step}" + (f" (epoch {epoch:.2f})" if epoch else "")
+            + ": training stopped before the optimizer step, so no weights were updated with it and no checkpoint "
+            "was written after it. "
+            + (f"The last complete checkpoint is {last}; rerunning the same command resumes from it. " if last else
+               "No checkpoint was saved before it. ")
+            + "Common causes: a learning rate too high (--learning_rate), no gradient clipping (--max_grad_norm), "
+              "fp16 overflow (try --bf16 or fp32), or bad data in that step's batch.")
+
+
+# ---- preemption ----------------------------------------------------------------------------------------------
+class GracefulStopCallback(TrainerCallback):
+    """On SIGTERM (what Kubernetes, SLURM and spot-instance preemption send before killing), finish the current
+    optimizer step, save a checkpoint and stop; run_captioning.py then exits with status 0 without evaluating or
+    exporting, and rerunning the same command resumes. A second signal kills at once (the default action).
+
+    `reduce(flag) -> flag` makes all processes agree (any process signalled → all stop at the same step), which
+    a distributed save needs."""
+
+    def __init__(self, signals=(signal.SIGTERM,), reduce=None):
+        self.signals = tuple(signals)
+        self.reduce = reduce
+        self.requested = None  # the signal received
+        self.stopped_at = None  # the global step a checkpoint was saved at because of it
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            logger.info("Not in the main thread: SIGTERM will not trigger a checkpoint.")
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # a second signal: stop waiting
+            self.uninstall()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signum
+        logger.warning("Received %s: saving a checkpoint after the current step, then stopping.",
+                       signal.Signals(signum).name)
+
+    def stop_now(self) -> bool:
+        flag = self.requested is not None
+        return bool(self.reduce(flag)) if self.reduce is not None else flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_now():
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = False  # the grace period is short: save first
+            self.stopped_at = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the loop was left after the save: no epoch-end evaluation or second save
+            control.should_save = False
+            control.should_evaluate = False
+        return control
+
+
+# ---- Hub reachability -----------------------------------------------------------------------------------------
+_HUB_PROBE: dict = {}
+
+
+def is_local(name: str | None) -> bool:
+    return bool(name) and Path(name).expanduser().exists()
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """None if the Hub endpoint answers (any HTTP status), else why not. One probe per process, no retries."""
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_PROBE:
+        import httpx
+
+        try:
+            httpx.head(endpoint, timeout=timeout, follow_redirects=False)
+            _HUB_PROBE[endpoint] = None
+        except (httpx.HTTPError, OSError) as error:
+            _HUB_PROBE[endpoint] = f"{type(error).__name__}: {error}".strip()
+    return _HUB_PROBE[endpoint]
+
+
+def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
+    """If some of `names` (model or data set ids) must come from the Hub, offline mode is not set and the Hub
+    does not answer within `timeout` seconds, switch this process to offline mode (HF_HUB_OFFLINE=1): what is
+    in the local cache still loads, and the rest fails at once with a clear message, instead of
+    huggingface_hub retrying each file for about 25 seconds. Returns whether it switched."""
+    from huggingface_hub import constants
+
+    remote = [name for name in names if name and not is_local(name)]
+    if not remote or constants.HF_HUB_OFFLINE:
+        return False
+    reason = hub_unreachable_reason(timeout)
+    if reason is None:
+        return False
+    logger.warning("The Hugging Face Hub (%s) does not answer (%s): working offline, from the local cache only, "
+                   "for %s.", constants.ENDPOINT, reason, ", ".join(remote))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    except ImportError:
+        pass
+    return True
+
+
+# ---- untrusted model folders --------------------------------------------------------------------------------

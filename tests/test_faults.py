@@ -1,0 +1,318 @@
+"""Faults during training: SIGKILL mid-epoch, a kill during a checkpoint save, a full disk, a NaN loss, SIGTERM.
+
+Every scenario trains the same tiny run (16 embedded images, batch 4: 4 steps an epoch; 8 steps = 2 epochs,
+constant learning rate, a checkpoint every 2 steps) and compares with one uninterrupted run: the same final
+trainable weights, bit for bit, and the same logged loss at every step. Only the runs that must die are
+subprocesses; everything else runs in-process to keep the file fast on a 2-core machine.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+
+import run_captioning
+from clipqwen import faults
+from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer
+
+MAX_STEPS = 8
+FLAGS = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+         "--dataloader_pin_memory", "False", "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train",
+         "--lr_scheduler_type", "constant", "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "2",
+         "--max_steps", str(MAX_STEPS), "--disable_tqdm", "True"]
+
+
+def args_for(out: Path) -> list[str]:
+    return [*FLAGS, "--output_dir", str(out), "--feature_cache_dir", str(out.parent / "features")]
+
+
+def run(out: Path, *extra):
+    return run_captioning.main(run_captioning.parse_args([*args_for(out), *extra]))
+
+
+# The killed runs: run_captioning in a child process, each optimizer step slowed down so the parent can catch
+# it mid-epoch, or killed by itself (SIGKILL, no cleanup) in the middle of writing a checkpoint.
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, os.getcwd())
+    from transformers import Trainer
+    from clipqwen.trainer import CaptionTrainer
+    import run_captioning
+
+    slow = float(os.environ.get("SLOW_STEP", "0"))
+    training_step = CaptionTrainer.training_step
+    def slowed(self, *args, **kwargs):
+        time.sleep(slow)
+        return training_step(self, *args, **kwargs)
+    CaptionTrainer.training_step = slowed
+
+    kill_in_save = int(os.environ.get("KILL_IN_SAVE_AT", "0"))
+    save_optimizer = Trainer._save_optimizer_and_scheduler
+    def torn(self, output_dir):
+        if self.state.global_step == kill_in_save:  # half an optimizer.pt on disk, then the power goes
+            with open(os.path.join(output_dir, "optimizer.pt"), "wb") as file:
+                file.write(b"PK" + b"\\0" * 1000)
+                file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_optimizer(self, output_dir)
+    Trainer._save_optimizer_and_scheduler = torn
+
+    run_captioning.main(run_captioning.parse_args(sys.argv[1:]))
+""")
+
+
+def start_child(out: Path, **env) -> subprocess.Popen:
+    with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-c", CHILD, *args_for(out)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **{key: str(value) for key, value in env.items()}})
+
+
+def child_log(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def losses(out: Path) -> dict[int, float]:
+    state = json.loads((out / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / TRAINABLE_WEIGHTS)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Both killed runs, started together (each spends ~10 s importing) and in parallel with `straight`:
+    "mid-epoch" is SIGKILLed from here as soon as checkpoint-6 (epoch 1.5) is complete, i.e. during step 7;
+    "torn" SIGKILLs itself halfway through writing checkpoint-6."""
+    base = tmp_path_factory.mktemp("killed")
+    mid, torn = base / "mid-epoch", base / "torn"
+    children = {"mid-epoch": (mid, start_child(mid, SLOW_STEP=0.3)), "torn": (torn, start_child(torn, KILL_IN_SAVE_AT=6))}
+
+    def kill_mid_epoch():
+        marker, child = mid / "checkpoint-6" / faults.MARKER, children["mid-epoch"][1]
+        deadline = time.monotonic() + 300
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_epoch, daemon=True)
+    killer.start()
+    yield {name: (out, child, killer) for name, (out, child) in children.items()}
+    for _, child in children.values():
+        if child.poll() is None:
+            child.kill()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run everything is compared with."""
+    out = tmp_path_factory.mktemp("faults") / "straight"
+    run(out)
+    assert len(losses(out)) == MAX_STEPS
+    return out
+
+
+def assert_matches_straight(out: Path, straight: Path):
+    assert_same_weights(weights(out / f"checkpoint-{MAX_STEPS}"), weights(straight / f"checkpoint-{MAX_STEPS}"))
+    assert losses(out) == losses(straight)  # exact floats, every step, including those before the fault
+
+
+# ---- SIGKILL ---------------------------------------------------------------------------------------------------
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_and_weights(killed_runs, straight):
+    out, child, killer = killed_runs["mid-epoch"]
+    assert child.wait(timeout=300) == -signal.SIGKILL, child_log(out)[-3000:]
+    killer.join()
+    resumed_from = faults.last_complete_checkpoint(out)
+    step = int(resumed_from.rsplit("-", 1)[1])  # step 7 was running when the kill came
+    assert step == 6, resumed_from  # epoch 1.5: the resumed run starts mid-epoch, in epoch 1
+    assert not (out / "config.json").exists()  # the killed run never finished
+
+    run(out)  # the same command again: resumes
+    assert_matches_straight(out, straight)
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_a_torn_folder_that_is_skipped(killed_runs, straight, caplog):
+    out, child, _ = killed_runs["torn"]
+    assert child.wait(timeout=300) == -signal.SIGKILL, child_log(out)[-3000:]
+    torn = out / "checkpoint-6"
+    assert (torn / TRAINABLE_WEIGHTS).exists() and not (torn / faults.MARKER).exists()
+    assert get_last_checkpoint(out) == str(torn)  # what Trainer alone would resume from, and crash on
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-4")
+
+    with caplog.at_level("WARNING"):
+        run(out)
+    assert f"Skipping {torn}" in caplog.text and "save did not finish" in caplog.text
+    assert_matches_straight(out, straight)
+    assert faults.checkpoint_problem(torn) is None  # saved again, completely, on the way
+
+
+# ---- disk full -------------------------------------------------------------------------------------------------
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(straight, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if str(path).endswith(os.path.join("checkpoint-6", "optimizer.pt")):
+            Path(path).write_bytes(b"PK\x03\x04" + b"\0" * 100)  # what fitted before the disk filled up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as error:
+        run(out)
+    message = str(error.value)
+    assert "checkpoint-6 failed because the disk is full" in message and "No space left on device" in message
+    assert f"{out / 'checkpoint-4'}, is intact" in message and "rerun the same command" in message
+    assert not (out / "checkpoint-6").exists()  # the partial folder is removed, freeing what it took
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-4")  # manifest and SHA-256 check out
+    assert_same_weights(weights(out / "checkpoint-4"), weights(straight / "checkpoint-4"))
+
+
+def test_a_disk_full_error_from_torch_writer_is_recognised(tmp_path):
+    error = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                         "file write failed")
+    message = faults.describe_save_failure(tmp_path / "checkpoint-8", tmp_path, error)
+    assert "because the disk is full" in message and "No complete checkpoint was saved before it" in message
+
+
+# ---- NaN / inf loss ------------------------------------------------------------------------------------------------
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoints(straight, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    compute_loss = CaptionTrainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 6 else loss  # the batch of step 7
+
+    monkeypatch.setattr(CaptionTrainer, "compute_loss", poisoned)
+    with pytest.raises(SystemExit) as error:
+        run(out, "--save_total_limit", "2")
+    message = str(error.value)
+    assert "loss is NaN at step 7" in message and f"last complete checkpoint is {out / 'checkpoint-6'}" in message
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-6")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # rotated, limit 2
+    assert_same_weights(weights(out / "checkpoint-6"), weights(straight / "checkpoint-6"))
+
+
+def test_the_message_for_an_infinite_loss(tmp_path):
+    message = faults.nonfinite_loss_message(float("inf"), 3, 0.5, tmp_path)
+    assert "loss is infinite at step 3" in message and "No checkpoint was saved before it" in message
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------------------------------
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(straight, tmp_path, monkeypatch):
+    out = tmp_path / "preempted"
+    training_step = CaptionTrainer.training_step
+    before = signal.getsignal(signal.SIGTERM)
+
+    def preempt(self, *args, **kwargs):
+        if self.state.global_step == 4:  # during step 5: mid-epoch 1, not a save step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaptionTrainer, "training_step", preempt)
+    result = run(out)  # returns normally: `python run_captioning.py` exits with status 0
+    assert result == {"preempted_at_step": 5}
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-5")
+    assert not (out / "config.json").exists() and not (out / "checkpoint-6").exists()  # no export, no more steps
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler only lives while training
+
+    monkeypatch.setattr(CaptionTrainer, "training_step", training_step)
+    run(out)  # resumes from checkpoint-5 and finishes
+    assert_matches_straight(out, straight)
+
+
+def test_sigterm_after_the_last_step_still_leaves_a_checkpoint(tmp_path, monkeypatch):
+    """Between the last step's end and the end of train() (the evaluation at the last step, say), with no
+    checkpoint at that step yet: one is saved there, and the run still stops before evaluating and exporting."""
+    out = tmp_path / "late"
+    finalize = CaptionTrainer._finalize_training
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaptionTrainer, "_finalize_training", signalled)
+    assert run(out, "--save_strategy", "no", "--max_steps", "2") == {"preempted_at_step": 2}
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-2") and not (out / "config.json").exists()
+
+
+# ---- checkpoint bookkeeping (no training) -------------------------------------------------------------------------
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINABLE_WEIGHTS).write_bytes(os.urandom(64))
+    (checkpoint / "optimizer.pt").write_bytes(os.urandom(128))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        faults.mark_complete(checkpoint, step)
+    return checkpoint
+
+
+def test_truncated_corrupted_or_unmarked_checkpoints_are_skipped(tmp_path):
+    good = fake_checkpoint(tmp_path, 2)
+    truncated = fake_checkpoint(tmp_path, 4)
+    with open(truncated / "optimizer.pt", "r+b") as file:
+        file.truncate(10)
+    corrupted = fake_checkpoint(tmp_path, 6)
+    data = bytearray((corrupted / TRAINABLE_WEIGHTS).read_bytes())
+    data[0] ^= 0xFF
+    (corrupted / TRAINABLE_WEIGHTS).write_bytes(bytes(data))
+    unmarked = fake_checkpoint(tmp_path, 8, complete=False)
+    assert "optimizer.pt has 10 bytes" in faults.checkpoint_problem(truncated)
+    assert "SHA-256" in faults.checkpoint_problem(corrupted)
+    assert "save did not finish" in faults.checkpoint_problem(unmarked)
+    assert faults.last_complete_checkpoint(tmp_path) == str(good)
+    with pytest.raises(faults.IncompleteCheckpointError, match=rf"not a complete checkpoint.*newest complete one is {good}"):
+        faults.check_resume_checkpoint(unmarked)
+
+
+def test_checkpoints_from_before_the_marker_still_resume(tmp_path):
+    """Folders written by plain Trainer or an older clipqwen have no manifest: trainer_state.json decides."""
+    old = fake_checkpoint(tmp_path, 2, complete=False)
+    torn = fake_checkpoint(tmp_path, 4, complete=False)
+    (torn / "trainer_state.json").unlink()
+    assert faults.last_complete_checkpoint(tmp_path) == str(old)
+
+
+def test_rotation_counts_only_complete_checkpoints_and_runs_after_the_marker(tmp_path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 5, complete=False)  # torn by an earlier crash
+    fake_checkpoint(tmp_path, 8, complete=False)  # being written
+    faults.rotate_checkpoints(tmp_path, 2, keep=[tmp_path / "checkpoint-2"])  # 2 is the best model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+
+
+def test_resume_from_an_explicit_torn_checkpoint_is_refused(tmp_path):
+    fake_checkpoint(tmp_path / "out", 2)
+    torn = fake_checkpoint(tmp_path / "out", 4, complete=False)
+    with pytest.raises(faults.IncompleteCheckpointError, match="checkpoint-4: not a complete checkpoint"):
+        run(tmp_path / "out", "--resume_from_checkpoint", str(torn))
+
+
+def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]"))  # the finished run, checkpoint-8
+    with pytest.raises(ValueError, match="trainable weights of another setup"):
+        run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")
