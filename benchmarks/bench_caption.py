@@ -13,7 +13,6 @@ they must be the same.
 """
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_common_arguments,
+    autocast,
     PeakMemory,
     build_model,
     configure_threads,
@@ -57,23 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--static-cache", action="store_true", help="ours: cache_implementation='static'")
     parser.add_argument("--compile", action="store_true",
                         help="ours, with --static-cache on CUDA: let generate() torch.compile the decoding step")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights of both variants (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
-                        "per core); use 1 on a machine shared with other busy processes")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
-    parser.add_argument("--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ",".join(VARIANTS))
-    parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    add_common_arguments(parser, VARIANTS)
     return parser.parse_args(argv)
 
-
-def autocast(device, dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def suppressed_ids(model):

@@ -17,7 +17,6 @@ included), plus the adapter. MFU = FLOPs/pair × pairs/s ÷ the chip's dense bf1
 """
 
 import argparse
-import contextlib
 import random
 import sys
 import time
@@ -29,6 +28,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_common_arguments,
+    autocast,
     PeakMemory,
     adapter_train_flops,
     build_model,
@@ -72,23 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--course-batch-size", type=int, default=4)
     parser.add_argument("--course-max-length", type=int, default=128, help="the course's fixed caption padding")
     parser.add_argument("--vision-feature-type", choices=("pooled", "patch"), default="pooled", help="ours")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights of both variants (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
-                        "per core); use 1 on a machine shared with other busy processes")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ",".join(VARIANTS))
-    parser.add_argument("--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark")
-    parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    add_common_arguments(parser, VARIANTS)
     return parser.parse_args(argv)
 
-
-def autocast(device, dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def caption_token_counts(processor, captions):

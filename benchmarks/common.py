@@ -7,6 +7,8 @@ inflate another's: on CUDA `torch.cuda.max_memory_allocated`, on CPU the process
 (VmHWM), reset after the model is built so that both report "weights + what the pipeline needs".
 """
 
+import argparse
+import contextlib
 import json
 import os
 import random
@@ -281,3 +283,22 @@ def ratio(a, b, digits: int = 2):
 
 def emit(result: dict):
     print(json.dumps(result), flush=True)
+
+
+def add_common_arguments(parser, variants):
+    """The options both benchmarks share: device, dtype, threads, profiling, variants."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights of both variants (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
+                        "per core); use 1 on a machine shared with other busy processes")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
+    parser.add_argument("--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark")
+    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
+    parser.add_argument("--only", choices=variants, help=argparse.SUPPRESS)  # internal: run one variant here
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()

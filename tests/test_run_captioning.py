@@ -50,6 +50,20 @@ def test_export_is_a_complete_model_folder_with_predictions_and_card(trained):
         assert key in metrics
 
 
+def test_the_folder_that_would_be_uploaded_loads_in_a_fresh_process(trained, tmp_path):
+    """What --push_to_hub uploads is the exported folder: it must load with trust_remote_code from elsewhere."""
+    from test_remote_code import CHILD
+
+    out, _ = trained
+    photo = sorted(PHOTOS.glob("*.jpg"))[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", CHILD, str(out), str(photo)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    assert child["module"].startswith("transformers_modules") and child["frozen"]
+
+
 def test_model_card_holds_the_real_metrics(trained):
     out, metrics = trained
     card = (out / "README.md").read_text()
