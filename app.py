@@ -3,7 +3,8 @@
     python app.py [MODEL] [--revision REV] [--host 127.0.0.1] [--port 7860]
 
 MODEL is a folder written by `save_pretrained` or a Hub id; the default comes from $CLIPQWEN_MODEL (and
-$CLIPQWEN_REVISION). As a Hugging Face Space, this file and requirements.txt sit at the repository root.
+$CLIPQWEN_REVISION). As a Hugging Face Space, push this repository as it is: app.py and requirements.txt
+at the root, beside the three *_clipqwen.py files and the clipqwen/ package they import.
 
 Safety: models open through clipqwen.loading, which refuses anything that is not a clipqwen model and builds
 it from this repository's own classes, never from the .py files shipped beside the weights.

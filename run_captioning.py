@@ -195,14 +195,12 @@ def build_model_and_processor(args: ModelArguments):
     return model, processor
 
 
-def describe_model(args: ModelArguments) -> tuple[str, str]:
+def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
+    """Where the vision and text weights came from, for the model card."""
     if args.tiny_model:
         return "tiny random CLIP (test size)", "tiny random Qwen3 (test size)"
-    if args.model_name_or_path:
-        config = json.loads(Path(args.model_name_or_path, "config.json").read_text()) if Path(args.model_name_or_path).is_dir() else {}
-        return config.get("vision_config", {}).get("_name_or_path") or args.vision_model_name_or_path, \
-            config.get("text_config", {}).get("_name_or_path") or args.text_model_name_or_path
-    return args.vision_model_name_or_path, args.text_model_name_or_path
+    return (getattr(config.vision_config, "_name_or_path", "") or args.vision_model_name_or_path,
+            getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path)
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -275,7 +273,7 @@ def export(trainer, model_args, data_args, caption_args, training_args, processo
         if shown:
             samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
                                        [row["references"] for _, row in shown], out / "sample_captions.png")
-    vision_id, text_id = describe_model(model_args)
+    vision_id, text_id = describe_backbones(model_args, model.config)
     repo_id = training_args.hub_model_id or out.name
     hyper = {"learning rate": training_args.learning_rate, "epochs": training_args.num_train_epochs,
              "batch size per device": training_args.per_device_train_batch_size,
