@@ -73,7 +73,7 @@ def load_hub_dataset(name, config_name, revision, cache_dir):
 def split_by_column(raw: DatasetDict, column: str, source: str) -> DatasetDict:
     """Flickr30K's Karpathy split lives in a column of one big split; turn its values into real splits."""
     everything = datasets.concatenate_datasets(list(raw.values()))
-    check_columns(everything, [column], source, "--split_column")
+    check_columns(everything.column_names, [column], source, "--split_column")
     values = everything.unique(column)
     unknown = [value for value in values if value not in SPLIT_ALIASES]
     if unknown:
@@ -85,11 +85,11 @@ def split_by_column(raw: DatasetDict, column: str, source: str) -> DatasetDict:
     })
 
 
-def check_columns(dataset: Dataset, columns, source: str, flag: str = "--image_column/--caption_column"):
-    missing = [column for column in columns if column not in dataset.column_names]
+def check_columns(available: list[str], columns, source, flag: str = "--image_column/--caption_column"):
+    missing = [column for column in columns if column not in available]
     if missing:
         raise ValueError(
-            f"{source} has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
+            f"{source} has no column {', '.join(map(repr, missing))}; its columns are {list(available)}. "
             f"Name the right ones with {flag}."
         )
 
@@ -98,7 +98,7 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
     """Rename to image / captions / image_id; a single caption string becomes a one-element list."""
     if caption_column not in dataset.column_names and caption_column == "captions" and "text" in dataset.column_names:
         caption_column = "text"  # imagefolder's usual single-caption column
-    check_columns(dataset, [image_column, caption_column] + ([id_column] if id_column else []), source)
+    check_columns(dataset.column_names, [image_column, caption_column] + ([id_column] if id_column else []), source)
     keep = {image_column: "image", caption_column: "captions"}
     if id_column:
         keep[id_column] = "image_id"
@@ -124,10 +124,7 @@ def read_annotation_file(path: str, image_column: str, caption_column: str, id_c
     rows = list(_read_rows(path))
     if not rows:
         raise ValueError(f"{path} has no rows.")
-    missing = [c for c in [image_column, caption_column] + ([id_column] if id_column else []) if c not in rows[0][1]]
-    if missing:
-        raise ValueError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
-                         f"{list(rows[0][1])}. Name the right ones with --image_column/--caption_column.")
+    check_columns(list(rows[0][1]), [image_column, caption_column] + ([id_column] if id_column else []), path)
     grouped: dict[str, dict] = {}
     for line, row in rows:
         image = resolve_inside(root, row.get(image_column), f"{path}, row {line}")
