@@ -128,8 +128,7 @@ class ClipQwenProcessor(ProcessorMixin):
         pixel_values = None
         if images is not None:
             images = [images] if isinstance(images, Image.Image) or getattr(images, "ndim", 0) == 3 else list(images)
-            images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
-            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            pixel_values = self.preprocess_images(images)
         batch_size = len(images) if images is not None else len(caps if caps is not None else texts or [])
         if batch_size == 0:
             raise ValueError("ClipQwenProcessor needs images, captions or text.")
@@ -158,6 +157,11 @@ class ClipQwenProcessor(ProcessorMixin):
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def preprocess_images(self, images: list) -> torch.Tensor:
+        """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""
+        images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def pad(self, sequences: list[list[int]], label_sequences: list[list[int]] | None = None, left: bool = False):
         """Pad token lists to the longest one (not to a fixed length) with an attention mask; labels get -100."""

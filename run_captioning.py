@@ -14,7 +14,6 @@ processor, predictions, curves and a model card → optionally push it to the Hu
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +168,7 @@ def build_model_and_processor(args: ModelArguments):
                 refuse_pickled_weights(folder)  # local folders; for Hub ids from_pretrained_backbones asks for safetensors
             model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
                 args.vision_model_name_or_path, args.text_model_name_or_path, **settings)
-            image_processor = clip_image_processor().from_pretrained(args.vision_model_name_or_path, cache_dir=args.cache_dir)
+            image_processor = clip_image_processor(args.vision_model_name_or_path, cache_dir=args.cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, cache_dir=args.cache_dir)
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
     except (OSError, ModelLoadError) as error:
@@ -233,7 +232,9 @@ def prepare_data(data_args, model_args, training_args, model, processor):
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if data_args.use_feature_cache and base.config.freeze_vision_model:
-        cache_dir = data_args.feature_cache_dir or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "clipqwen" / "features"
+        from clipqwen.presets import clipqwen_cache_dir
+
+        cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
         base.vision_model.to(training_args.device)
         for split in splits:
             splits[split] = add_vision_features(splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4)

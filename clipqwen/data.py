@@ -269,19 +269,14 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
     device = next(model.vision_model.parameters()).device
 
     @torch.no_grad()
-    def encode(batch):
-        pixel_values = processor.image_processor(batch["image"], return_tensors="pt")["pixel_values"]
-        embeds = model.get_vision_embeds(pixel_values.to(device))
-        return {"vision_embeds": embeds.float().cpu().numpy()}
+    def encode(batch):  # the processor's own image path (RGB conversion, aspect-ratio bound), as in training from pixels
+        images = [load_image(entry, name=entry.get("path") or "image") for entry in batch["image"]]
+        pixel_values = processor.preprocess_images(images)
+        return {"vision_embeds": model.get_vision_embeds(pixel_values.to(device)).float().cpu().numpy()}
 
     with_images = dataset.cast_column("image", datasets.Image(decode=False))
-
-    def decode_and_encode(batch):
-        batch["image"] = [load_image(entry, name=entry.get("path") or "image") for entry in batch["image"]]
-        return encode(batch)
-
     return with_images.map(
-        decode_and_encode, batched=True, batch_size=batch_size, remove_columns=["image"],
+        encode, batched=True, batch_size=batch_size, remove_columns=["image"],
         cache_file_name=str(cache_dir / f"vision-features-{fingerprint}.arrow"), new_fingerprint=fingerprint,
         desc="CLIP features (cached)",
     ).with_format("numpy", columns=["vision_embeds"], output_all_columns=True)

@@ -36,9 +36,16 @@ def tiny_config(**overrides) -> ClipQwenConfig:
     return ClipQwenConfig(vision_config=vision, text_config=text, **overrides)
 
 
+def clipqwen_cache_dir() -> Path:
+    """$HF_HOME/clipqwen, resolved the way huggingface_hub resolves HF_HOME (XDG_CACHE_HOME included)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "clipqwen"
+
+
 def bundled_tokenizer_dir() -> Path:
     """The real Qwen3 tokenizer shipped with the package (gzipped), unpacked once into the HF cache."""
-    cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "clipqwen" / "qwen3-tokenizer"
+    cache = clipqwen_cache_dir() / "qwen3-tokenizer"
     if not (cache / "tokenizer.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         shutil.copy(BUNDLED_TOKENIZER / "tokenizer_config.json", cache / "tokenizer_config.json")
@@ -49,15 +56,17 @@ def bundled_tokenizer_dir() -> Path:
     return cache
 
 
-def clip_image_processor(**kwargs):
-    """CLIP ViT-B/32 preprocessing: shortest edge 224, bicubic, centre crop 224, OpenAI mean/std. The
-    torchvision-free class is used where torchvision is absent, the default one elsewhere."""
+def clip_image_processor(name_or_path: str | None = None, **kwargs):
+    """CLIP ViT-B/32 preprocessing (shortest edge 224, bicubic, centre crop 224, OpenAI mean/std), or the one
+    saved with a CLIP checkpoint. The torchvision-free class is used where torchvision is absent."""
     try:
         import torchvision  # noqa: F401
     except ImportError:
         from transformers import CLIPImageProcessorPil as image_processor_class
     else:
         from transformers import CLIPImageProcessor as image_processor_class
+    if name_or_path is not None:
+        return image_processor_class.from_pretrained(name_or_path, **kwargs)
     return image_processor_class(**kwargs)
 
 

@@ -48,3 +48,19 @@ def test_other_data_gets_other_features(make_model, processor, tmp_path):
     b = add_vision_features(load_embedded_dataset(4, 0, 0, seed=1)["train"], model, processor, tmp_path)
     assert a.cache_files != b.cache_files
     assert not torch.equal(torch.as_tensor(np.stack(a["vision_embeds"])), torch.as_tensor(np.stack(b["vision_embeds"])))
+
+
+def test_cached_features_use_the_processors_image_path(make_model, processor, tmp_path):
+    """An extreme strip goes through the same RGB conversion and aspect-ratio bound as training from pixels."""
+    import datasets
+    from PIL import Image
+
+    strip = Image.fromarray(np.stack([np.linspace(0, 255, 600)[:, None].repeat(12, 1)] * 3 + [np.full((600, 12), 128.0)], -1)
+                            .astype(np.uint8), "RGBA")  # a gradient along the long side, half transparent
+    data = datasets.Dataset.from_dict({"image_id": ["strip"], "image": [strip], "captions": [["a green strip"]]},
+                                      features=datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
+                                                                  "captions": datasets.List(datasets.Value("string"))}))
+    model = make_model()
+    cached = add_vision_features(data, model, processor, tmp_path)
+    expected = model.get_vision_embeds(processor(images=[strip])["pixel_values"])
+    torch.testing.assert_close(torch.as_tensor(np.stack(cached["vision_embeds"])), expected)
