@@ -8,6 +8,10 @@ Where the ideas come from:
 - The course project this replaces: a frozen pooled CLIP-B/32 embedding → `nn.Linear(512, 1024)` → Qwen3.
 """
 
+import logging
+import os
+import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,8 @@ try:
     from .configuration_clipqwen import ClipQwenConfig
 except ImportError:  # the repository root used as a plain module path (tests, scripts)
     from configuration_clipqwen import ClipQwenConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +56,42 @@ class ClipQwenCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+@contextmanager
+def _safetensors_conversion_disabled():
+    previous = os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
+    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
+        else:
+            os.environ["DISABLE_SAFETENSORS_CONVERSION"] = previous
+
+
+def load_backbone_weights(model_class, name_or_path: str, **options):
+    """`model_class.from_pretrained` from safetensors when the checkpoint has them, else from its PyTorch `.bin`
+    through torch's `weights_only` unpickler, which builds only tensors and plain containers and refuses any
+    other pickle before running it. openai/clip-vit-base-patch32 needs the second: its `main` branch holds only
+    `pytorch_model.bin`. transformers' safetensors converter bot (which looks up, or opens, a conversion pull
+    request on the Hub and would load the weights from that pull request) is switched off for both attempts."""
+    with _safetensors_conversion_disabled():
+        try:
+            return model_class.from_pretrained(name_or_path, use_safetensors=True, **options)
+        except OSError as error:
+            if "safetensors" not in str(error):
+                raise
+        logger.warning("%s has no safetensors weights at this revision: loading its .bin with torch's weights_only "
+                       "unpickler (tensors only).", name_or_path)
+        try:
+            return model_class.from_pretrained(name_or_path, use_safetensors=False, weights_only=True, **options)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{name_or_path}: its .bin weights hold objects other than tensors and were refused without running "
+                f"them ({str(error).splitlines()[0]}). Use a checkpoint with safetensors weights."
+            ) from error
 
 
 class ClipQwenAdapter(nn.Module):
@@ -141,16 +183,19 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         vision_model_name_or_path: str = "openai/clip-vit-base-patch32",
         text_model_name_or_path: str = "Qwen/Qwen3-0.6B-Base",
         dtype: torch.dtype | str | None = None,
-        revision: str | None = None,
+        vision_revision: str | None = None,
+        text_revision: str | None = None,
+        cache_dir: str | None = None,
         **config_kwargs,
     ) -> "ClipQwenForConditionalGeneration":
-        """Assemble a ClipQwen model from a CLIP and a Qwen3 checkpoint (Hub ids or local folders); the
-        adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig` fields, for example
-        `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`."""
-        # safetensors only: a backbone repository's pickled .bin is never unpickled
-        options = dict(dtype=dtype, revision=revision, use_safetensors=True)
-        vision = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path, **options)
-        text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **options)
+        """Assemble a ClipQwen model from a CLIP and a Qwen3 checkpoint (Hub ids or local folders, each at its
+        revision); the adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig` fields, for
+        example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
+        `load_backbone_weights` says."""
+        vision = load_backbone_weights(CLIPVisionModelWithProjection, vision_model_name_or_path, dtype=dtype,
+                                       revision=vision_revision, cache_dir=cache_dir)
+        text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, dtype=dtype, revision=text_revision,
+                                     cache_dir=cache_dir)
         if not isinstance(text, Qwen3ForCausalLM):
             raise ValueError(
                 f"{text_model_name_or_path!r} is a {type(text).__name__}; ClipQwen needs a Qwen3 causal LM "

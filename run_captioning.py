@@ -12,6 +12,7 @@ evaluation (ROUGE-L, BLEU-4, CIDEr-D) on validation and test → export a self-c
 processor, predictions, curves and a model card → optionally push it to the Hub.
 """
 
+import dataclasses
 import json
 import logging
 import sys
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
-import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.utils import is_torch_bf16_gpu_available
 
 from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -37,7 +38,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled from the two backbones below."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
     vision_model_name_or_path: str = field(default="openai/clip-vit-base-patch32", metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower and image processor."})
+    vision_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --vision_model_name_or_path."})
     text_model_name_or_path: str = field(default="Qwen/Qwen3-0.6B-Base", metadata={"help": "Qwen3 checkpoint (Hub id or folder) for the decoder and tokenizer."})
+    text_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --text_model_name_or_path."})
     tiny_model: bool = field(default=False, metadata={"help": "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) instead of loading backbones."})
     adapter_type: str = field(default="linear", metadata={"help": f"Adapter: one of {ADAPTER_TYPES} ('linear' is the seed-exact preset)."})
     vision_feature_type: str = field(default="pooled", metadata={"help": f"CLIP features: one of {VISION_FEATURE_TYPES}."})
@@ -62,13 +65,18 @@ class ModelArguments:
             raise ValueError("--lora_r must be >= 0, and LoRA needs --lora_target_modules.")
         if self.lora_r and not self.freeze_language_model:
             raise ValueError("LoRA trains a frozen language model: drop --freeze_language_model False or --lora_r.")
+        if self.lora_r and not self.freeze_vision_model:
+            # peft freezes everything outside LoRA and modules_to_save, and a CLIP in modules_to_save is wrapped twice
+            # (its inner `vision_model` matches too): the vision tower would silently stay frozen.
+            raise ValueError("--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP frozen. "
+                             "Fine-tune CLIP without LoRA, or keep --freeze_vision_model True.")
 
 
 @dataclass
 class DataTrainingArguments:
     dataset_name: str = field(default=FLICKR30K, metadata={"help": "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Data set configuration."})
-    dataset_revision: str | None = field(default="refs/convert/parquet", metadata={"help": "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet."})
+    dataset_revision: str | None = field(default="refs/convert/parquet", metadata={"help": "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref that moves when the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; pass that sha to load exactly the same data."})
     split_column: str | None = field(default="split", metadata={"help": "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."})
     train_file: str | None = field(default=None, metadata={"help": "JSONL or CSV: an image path column (relative to the file) and a caption column."})
     validation_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
@@ -78,7 +86,7 @@ class DataTrainingArguments:
     test_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
     image_column: str = field(default="image", metadata={"help": "Column with the image (or its path in JSONL/CSV)."})
     caption_column: str = field(default="caption", metadata={"help": "Column with a caption or a list of captions."})
-    id_column: str | None = field(default=None, metadata={"help": "Column with an image id used in predictions (default: file name or row number)."})
+    id_column: str | None = field(default=None, metadata={"help": "Column with an image id used in predictions (default: the `filename` column if there is one, as in Flickr30K, else the file name or row number)."})
     caption_mode: Literal["random", "all"] = field(default="random", metadata={"help": "'random': one random caption per image per epoch; 'all': every caption is its own pair."})
     max_caption_length: int = field(default=64, metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
@@ -110,7 +118,6 @@ class CaptioningArguments:
     max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
     prompt: str = field(default="", metadata={"help": "Optional text after the image placeholders, before the caption."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into an output folder that holds a finished run."})
-    hub_revision_note: str = field(default="<commit sha>", metadata={"help": "Revision shown in the model card's usage snippet."})
 
 
 def parse_args(argv=None):
@@ -125,7 +132,18 @@ def parse_args(argv=None):
         if unknown:
             raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see run_captioning.py --help.")
         argv = [item for key, value in values.items() for item in (f"--{key}", _flag_value(value))] + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, caption_args, choose_precision(model_args, training_args)
+
+
+def choose_precision(model_args, training_args: TrainingArguments) -> TrainingArguments:
+    """bf16 on CUDA GPUs that support it, unless --fp16/--bf16/--use_cpu says otherwise. TrainingArguments fixes
+    Accelerate's mixed precision when it is built, so the choice is made by building them again, not by setting
+    `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
+    if (model_args.auto_bf16 and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
+            and is_torch_bf16_gpu_available()):
+        training_args = dataclasses.replace(training_args, bf16=True)
+    return training_args
 
 
 def _flag_value(value) -> str:
@@ -134,15 +152,15 @@ def _flag_value(value) -> str:
 
 # ---- model -----------------------------------------------------------------------------------------------
 def build_model_and_processor(args: ModelArguments):
-    from clipqwen import faults
+    from clipqwen import hub
     from clipqwen.loading import ModelLoadError
 
     settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
                     num_pooled_image_tokens=args.num_pooled_image_tokens, vision_feature_layer=args.vision_feature_layer,
                     freeze_vision_model=args.freeze_vision_model, freeze_language_model=args.freeze_language_model)
     if not args.tiny_model:  # an unreachable Hub fails in a second, not after ~25 s of retries per file
-        faults.go_offline_if_hub_unreachable([args.model_name_or_path] if args.model_name_or_path else
-                                             [args.vision_model_name_or_path, args.text_model_name_or_path])
+        hub.go_offline_if_hub_unreachable([args.model_name_or_path] if args.model_name_or_path else
+                                          [args.vision_model_name_or_path, args.text_model_name_or_path])
     try:
         if args.model_name_or_path:
             # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors only
@@ -162,14 +180,13 @@ def build_model_and_processor(args: ModelArguments):
             from clipqwen.presets import clip_image_processor
             from processing_clipqwen import ClipQwenProcessor
 
-            from clipqwen.loading import refuse_pickled_weights
-
-            for folder in (args.vision_model_name_or_path, args.text_model_name_or_path):
-                refuse_pickled_weights(folder)  # local folders; for Hub ids from_pretrained_backbones asks for safetensors
             model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
-                args.vision_model_name_or_path, args.text_model_name_or_path, **settings)
-            image_processor = clip_image_processor(args.vision_model_name_or_path, cache_dir=args.cache_dir)
-            tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, cache_dir=args.cache_dir)
+                args.vision_model_name_or_path, args.text_model_name_or_path, vision_revision=args.vision_model_revision,
+                text_revision=args.text_model_revision, cache_dir=args.cache_dir, **settings)
+            image_processor = clip_image_processor(args.vision_model_name_or_path, revision=args.vision_model_revision,
+                                                   cache_dir=args.cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, revision=args.text_model_revision,
+                                                      cache_dir=args.cache_dir)
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
     except (OSError, ModelLoadError) as error:
         if isinstance(error, ModelLoadError) and not isinstance(error.__cause__, OSError):
@@ -249,7 +266,7 @@ def write_jsonl(path, rows):
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def export(trainer, model_args, data_args, caption_args, training_args, processor, metrics, generation_kwargs, sample_images):
+def export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images):
     """The folder that is published: complete model, processor, predictions, pictures and model card."""
     from clipqwen.model_card import build_model_card
     from clipqwen.plots import plot_sample_grid, plot_training_curves
@@ -258,8 +275,11 @@ def export(trainer, model_args, data_args, caption_args, training_args, processo
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):  # LoRA
         model.save_pretrained(out / "lora")
+        (out / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
         if model_args.merge_lora:
             model = model.merge_and_unload()
+    # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
+    model.generation_config.update(**generation_kwargs)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     for prefix, split in (("eval", "validation"), ("test", "test")):
@@ -275,35 +295,65 @@ def export(trainer, model_args, data_args, caption_args, training_args, processo
             samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
                                        [row["references"] for _, row in shown], out / "sample_captions.png")
     vision_id, text_id = describe_backbones(model_args, model.config)
-    repo_id = training_args.hub_model_id or out.name
-    hyper = {"learning rate": training_args.learning_rate, "epochs": training_args.num_train_epochs,
-             "batch size per device": training_args.per_device_train_batch_size,
-             "gradient accumulation": training_args.gradient_accumulation_steps, "weight decay": training_args.weight_decay,
-             "warm-up steps": training_args.warmup_steps, "scheduler": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-             "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
-             "caption mode": data_args.caption_mode, "max caption tokens": data_args.max_caption_length,
-             "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}" if model_args.lora_r else "off",
-             "seed": training_args.seed}
+    local_data = any([data_args.train_file, data_args.validation_file, data_args.test_file, data_args.train_dir,
+                      data_args.validation_dir, data_args.test_dir])
     card = build_model_card(
-        repo_id=repo_id, vision_id=vision_id, text_id=text_id, dataset_name=data_args.dataset_name if not data_args.train_file and not data_args.train_dir else "local data",
-        model_config=model.config, metrics=metrics, hyperparameters=hyper, generation_kwargs=generation_kwargs,
-        trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        repo_id=training_args.hub_model_id or out.name, vision_id=vision_id, text_id=text_id,
+        dataset_name="local data" if local_data else data_args.dataset_name,
+        dataset_revision=None if local_data else data_args.dataset_revision,
+        dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
+        hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
+        versions=framework_versions(), trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
-        revision=caption_args.hub_revision_note, has_demo=Path(__file__).with_name("app.py").exists(),
+        has_demo=Path(__file__).with_name("app.py").exists(),
     )
     card.save(out / "README.md")
     return out
 
 
-def push(training_args, folder):
-    from huggingface_hub import create_repo, upload_folder
+def describe_data(data_args) -> str:
+    revision = f" at commit `{data_args.dataset_revision}`" if data_args.dataset_revision else ""
+    splits = (f", splits from its `{data_args.split_column}` column (train / val / test → train / validation / test)"
+              if data_args.split_column else "")
+    return revision + splits
 
-    repo_id = training_args.hub_model_id or Path(folder).name
-    create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
-    info = upload_folder(repo_id=repo_id, folder_path=folder, token=training_args.hub_token,
-                         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.lock"],
-                         commit_message="Upload clipqwen captioner")
-    logger.info("Pushed to %s (commit %s)", repo_id, getattr(info, "oid", "?"))
+
+def describe_training(trainer, model_args, data_args) -> dict:
+    """The hyper-parameters as they ran: real steps and epochs, the precision Accelerate used, the total batch."""
+    args, state = trainer.args, trainer.state
+    warmup = args.warmup_steps
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    optimizer = getattr(args.optim, "value", args.optim)
+    return {
+        "learning rate": args.learning_rate,
+        "optimizer": f"{optimizer} (betas {args.adam_beta1}, {args.adam_beta2}; eps {args.adam_epsilon})",
+        "weight decay": args.weight_decay,
+        "scheduler": scheduler,
+        "warm-up": f"{warmup:.0%} of the steps" if 0 < warmup < 1 else f"{int(warmup)} steps",
+        "optimizer steps": state.global_step,
+        "epochs": round(state.epoch or 0, 2),
+        "batch size per device": args.per_device_train_batch_size,
+        "devices": args.world_size,
+        "gradient accumulation": args.gradient_accumulation_steps,
+        "total batch size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
+        "caption mode": data_args.caption_mode,
+        "max caption tokens": data_args.max_caption_length,
+        "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}" if model_args.lora_r else "off",
+        "seed": args.seed,
+    }
+
+
+def framework_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("clipqwen", "transformers", "torch", "accelerate", "datasets", "peft", "evaluate", "huggingface_hub"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -319,12 +369,10 @@ def main(args=None):
     logger.warning("process rank %s, device %s, n_gpu %s, distributed %s", training_args.process_index,
                    training_args.device, training_args.n_gpu, training_args.parallel_mode.value)
 
-    if model_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not (training_args.fp16 or training_args.bf16):
-        training_args.bf16 = True
     training_args.remove_unused_columns = False  # the collator needs the image / feature columns
     training_args.label_names = ["labels"]
 
-    from clipqwen import faults
+    from clipqwen import faults, hub
 
     last_checkpoint = None
     out = Path(training_args.output_dir)
@@ -346,7 +394,9 @@ def main(args=None):
     model, processor = build_model_and_processor(model_args)
     if not (data_args.dataset_name == "embedded" or data_args.train_file or data_args.validation_file or data_args.test_file
             or data_args.train_dir or data_args.validation_dir or data_args.test_dir):
-        faults.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
+        hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
+        # one version of the data for the whole run (and every rank), recorded in the model card
+        data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
     with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
         splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor)
 
@@ -399,10 +449,16 @@ def main(args=None):
             metrics.update(split_metrics)
 
     if training_args.should_save:
-        folder = export(trainer, model_args, data_args, caption_args, training_args, processor, metrics, generation_kwargs, sample_images)
-        if training_args.push_to_hub:
-            push(training_args, folder)
+        folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images)
         logger.info("Model, processor, metrics, predictions and model card in %s", folder)
+        if training_args.push_to_hub:
+            try:
+                metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id, revision=training_args.hub_revision,
+                                                        token=training_args.hub_token)
+            except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
+                raise SystemExit(f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
+                                 f"{error}). Everything is saved in {folder}; push it again with "
+                                 f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`.") from error
     return metrics
 
 

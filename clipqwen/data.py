@@ -30,6 +30,8 @@ from .images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
+# Karpathy's split of Flickr30K (images per split), as nlphuji/flickr30k's `split` column holds it.
+KARPATHY_FLICKR30K = {"train": 29000, "validation": 1014, "test": 1000}
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation", "test": "test"}
 
 
@@ -53,6 +55,8 @@ def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
     raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir)
     if args.split_column:
         raw = split_by_column(raw, args.split_column, args.dataset_name)
+        if args.dataset_name == "nlphuji/flickr30k":
+            check_split_sizes(raw, KARPATHY_FLICKR30K, f"{args.dataset_name}@{args.dataset_revision}")
     return DatasetDict({split: standardise(ds, args.image_column, args.caption_column, args.id_column, source=args.dataset_name)
                         for split, ds in raw.items()})
 
@@ -85,6 +89,16 @@ def split_by_column(raw: DatasetDict, column: str, source: str) -> DatasetDict:
     })
 
 
+def check_split_sizes(raw: DatasetDict, expected: dict[str, int], source: str) -> None:
+    """Warn when a known data set's splits do not have their published sizes: another revision or a re-conversion
+    changed the data, and scores are then not comparable with published ones."""
+    found = {split: len(dataset) for split, dataset in raw.items()}
+    if found != expected:
+        logger.warning("%s has splits of %s images, not the Karpathy split's %s: the data differ from the published "
+                       "split, so scores are not comparable with published ones. Pin --dataset_revision to a commit whose "
+                       "data you checked.", source, found, expected)
+
+
 def check_columns(available: list[str], columns, source, flag: str = "--image_column/--caption_column"):
     missing = [column for column in columns if column not in available]
     if missing:
@@ -98,6 +112,8 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
     """Rename to image / captions / image_id; a single caption string becomes a one-element list."""
     if caption_column not in dataset.column_names and caption_column == "captions" and "text" in dataset.column_names:
         caption_column = "text"  # imagefolder's usual single-caption column
+    if id_column is None and "filename" in dataset.column_names:
+        id_column = "filename"  # Flickr30K's image names, more useful in predictions than row numbers
     check_columns(dataset.column_names, [image_column, caption_column] + ([id_column] if id_column else []), source)
     keep = {image_column: "image", caption_column: "captions"}
     if id_column:

@@ -1,5 +1,5 @@
-"""What a training run does when something goes wrong: torn checkpoints, a full disk, NaN losses, preemption,
-an unreachable Hub.
+"""What a training run does when something goes wrong: torn checkpoints, a full disk, NaN losses, preemption
+(an unreachable Hub is clipqwen.hub's).
 
 HF Trainer writes a checkpoint file by file straight into `checkpoint-N/`, so a run killed during a save
 leaves a torn folder that `transformers.trainer_utils.get_last_checkpoint` picks up next time. Here a
@@ -293,56 +293,3 @@ class GracefulStopCallback(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
         return control
-
-
-# ---- Hub reachability -----------------------------------------------------------------------------------------
-_HUB_PROBE: dict = {}
-
-
-def is_local(name: str | None) -> bool:
-    return bool(name) and Path(name).expanduser().exists()
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """None if the Hub endpoint answers (any HTTP status), else why not. One probe per process, no retries."""
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    if endpoint not in _HUB_PROBE:
-        import httpx
-
-        try:
-            httpx.head(endpoint, timeout=timeout, follow_redirects=False)
-            _HUB_PROBE[endpoint] = None
-        except (httpx.HTTPError, OSError) as error:
-            _HUB_PROBE[endpoint] = f"{type(error).__name__}: {error}".strip()
-    return _HUB_PROBE[endpoint]
-
-
-def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
-    """If some of `names` (model or data set ids) must come from the Hub, offline mode is not set and the Hub
-    does not answer within `timeout` seconds, switch this process to offline mode (HF_HUB_OFFLINE=1): what is
-    in the local cache still loads, and the rest fails at once with a clear message, instead of
-    huggingface_hub retrying each file for about 25 seconds. Returns whether it switched."""
-    from huggingface_hub import constants
-
-    remote = [name for name in names if name and not is_local(name)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return False
-    reason = hub_unreachable_reason(timeout)
-    if reason is None:
-        return False
-    logger.warning("The Hugging Face Hub (%s) does not answer (%s): working offline, from the local cache only, "
-                   "for %s.", constants.ENDPOINT, reason, ", ".join(remote))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    try:
-        import datasets.config
-
-        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    except ImportError:
-        pass
-    return True
-
-
-# ---- untrusted model folders --------------------------------------------------------------------------------

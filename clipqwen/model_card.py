@@ -2,6 +2,8 @@
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .hub import REVISION_PLACEHOLDER, is_hub_id
+
 TEMPLATE = """---
 {card_data}
 ---
@@ -10,13 +12,15 @@ TEMPLATE = """---
 
 An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter} adapter**
 ({feature_desc}, {num_image_tokens} image token(s)) → **{text}** (Qwen3 decoder, {text_state}).
-Trained with clipqwen's `run_captioning.py` on **{dataset}**.
+Trained with clipqwen's `run_captioning.py` on **{dataset}**{dataset_detail}.
 
 ## Results
 
-Captions generated with {generation} on the {split_desc}, scored against all references. ROUGE-L is
-`rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-4 and CIDEr-D are
-pycocoevalcap's scorers on lower-cased, punctuation-free tokens.
+Captions generated with {generation} (also this repository's `generation_config.json`, so a bare `generate()`
+or the pipeline decodes the same way) on the {split_desc}, scored against all references with clipqwen's
+`evaluate` module `caption_metrics` (`evaluate.load("clipqwen/caption_metrics")` from the clipqwen repository).
+ROUGE-L is `rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-4 and
+CIDEr-D are pycocoevalcap's scorers on lower-cased, punctuation-free tokens.
 
 | split | images | ROUGE-L | BLEU-4 | CIDEr-D | loss |
 |---|---|---|---|---|---|
@@ -50,12 +54,9 @@ print(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:]))
 {hyper_rows}
 
 Trainable parameters: {trainable:,} of {total:,}.
+
+Framework versions: {versions}.
 """
-
-
-def is_hub_id(name: str) -> bool:
-    """'owner/name' that is not a local path: what base_model may list."""
-    return name.count("/") == 1 and " " not in name and not name.startswith((".", "/", "~"))
 
 
 def _fmt(value, digits=4):
@@ -63,9 +64,11 @@ def _fmt(value, digits=4):
 
 
 def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config, metrics: dict, hyperparameters: dict,
-                     generation_kwargs: dict, trainable: int, total: int, curves_png=None, samples_png=None,
-                     revision="<commit sha>", has_demo=False, license="apache-2.0") -> ModelCard:
-    """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images)."""
+                     generation_kwargs: dict, trainable: int, total: int, dataset_revision=None, dataset_detail="",
+                     versions: dict | None = None, curves_png=None, samples_png=None, revision=REVISION_PLACEHOLDER,
+                     has_demo=False, license="apache-2.0") -> ModelCard:
+    """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
+    `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:
@@ -73,9 +76,12 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
                         f"{_fmt(metrics.get(f'{prefix}_bleu4'))} | {_fmt(metrics.get(f'{prefix}_cider'))} | {_fmt(metrics.get(f'{prefix}_loss'))} |")
     model_index_results = [
         {"task": {"type": "image-to-text", "name": "Image captioning"},
-         "dataset": {"name": dataset_name, "type": dataset_name, "split": "test" if prefix == "test" else "validation"},
-         "metrics": [{"type": key, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
-                     for key, label in (("rougeL", "ROUGE-L (rouge_score F)"), ("bleu4", "BLEU-4"), ("cider", "CIDEr-D"))
+         "dataset": {"name": dataset_name, "type": dataset_name, "split": "test" if prefix == "test" else "validation",
+                     **({"revision": dataset_revision} if dataset_revision else {})},
+         # metric types the Hub knows (its metric ids), with the exact variant in the readable name
+         "metrics": [{"type": hub_type, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
+                     for key, hub_type, label in (("rougeL", "rouge", "ROUGE-L (rouge_score F)"), ("bleu4", "bleu", "BLEU-4"),
+                                                  ("cider", "cider", "CIDEr-D"))
                      if f"{prefix}_{key}" in metrics]}
         for prefix in ("eval", "test") if f"{prefix}_rougeL" in metrics
     ]
@@ -105,11 +111,12 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         vision_state="frozen" if model_config.freeze_vision_model else "fine-tuned",
         text_state="frozen" if model_config.freeze_language_model else "fine-tuned",
         adapter=model_config.adapter_type, feature_desc=feature_desc, num_image_tokens=model_config.num_image_tokens,
-        dataset=dataset_name, generation=generation, split_desc="validation and test splits",
+        dataset=dataset_name, dataset_detail=dataset_detail, generation=generation, split_desc="validation and test splits",
         metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |", curves=curves, repo_id=repo_id, revision=revision,
         max_new_tokens=generation_kwargs.get("max_new_tokens", 30), num_beams=generation_kwargs.get("num_beams", 1),
         demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
              f"`python app.py {repo_id}`.\n" if has_demo else "",
         hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()), trainable=trainable, total=total,
+        versions=", ".join(f"{name} {version}" for name, version in (versions or {}).items()) or "not recorded",
     )
     return ModelCard(text)

@@ -5,6 +5,8 @@
 - Small checkpoints: only the trainable weights (adapter, LoRA, unfrozen parts) and the optimizer state;
   the frozen backbones are reloaded from their source on resume. The final `save_model()` still writes a
   complete, self-contained model folder.
+- One push path (clipqwen.hub): Trainer's own pushes (from inside the save, before the checkpoint is complete,
+  with its pickled training arguments) are replaced by a push of each complete checkpoint as --hub_strategy says.
 - Fault handling (clipqwen.faults): a checkpoint is marked complete (a manifest with sizes and SHA-256) only
   after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
   folder and names the intact previous checkpoint; a NaN or infinite loss stops training before its optimizer
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -22,8 +25,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import faults
-from .metrics import compute_caption_metrics
+from . import faults, hub
+from .metrics import load_caption_metric
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class CaptionTrainer(Trainer):
         self.generation_kwargs = generation_kwargs or {}
         self.small_checkpoints = small_checkpoints
         self.predictions = {}  # prefix -> [{"image_id", "caption", "references"}], from the last evaluation
+        self.caption_metric = load_caption_metric() if any(self.generation_datasets.values()) else None
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -54,7 +58,7 @@ class CaptionTrainer(Trainer):
             start = time.perf_counter()
             captions, rows = self.generate_captions(dataset)
             references = [dataset[row]["captions"] for row in rows]
-            scores = compute_caption_metrics(captions, references)
+            scores = self.caption_metric.compute(predictions=captions, references=references)
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
             self.predictions[metric_key_prefix] = [
@@ -123,6 +127,26 @@ class CaptionTrainer(Trainer):
             return self._load_from_checkpoint(best)
         return super()._load_best_model()
 
+    # ---- Hub -------------------------------------------------------------------------------------------------
+    def init_hf_repo(self, token=None, private=None):
+        """The repository, private if asked, and the --hub_revision branch (Trainer's creates no branch)."""
+        if self.is_world_process_zero():
+            self.hub_model_id = hub.prepare_repo(
+                self.args.hub_model_id or Path(self.args.output_dir).absolute().name, revision=self.args.hub_revision,
+                private=private if private is not None else self.args.hub_private_repo,
+                token=token if token is not None else self.args.hub_token)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """Trainer calls this inside the save, before the checkpoint is marked complete: our push comes after."""
+
+    def _push_complete_checkpoint(self, folder):
+        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
+        try:
+            hub.push_checkpoint(folder, self.hub_model_id, strategy, revision=self.args.hub_revision, token=self.args.hub_token)
+        except Exception as error:  # noqa: BLE001 - a failed upload must not stop training; the final push retries
+            logger.warning("Could not push %s to %s (%s: %s); training goes on, the checkpoint is saved locally.",
+                           folder, self.hub_model_id, type(error).__name__, error)
+
     # ---- faults ----------------------------------------------------------------------------------------------
     def _any_process(self, flag: bool) -> bool:
         """True on every process if it is True on any (one tiny all-reduce per step, multi-process only)."""
@@ -181,4 +205,6 @@ class CaptionTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
+            if self.args.push_to_hub:
+                self._push_complete_checkpoint(folder)
             faults.rotate_checkpoints(run_dir, limit, keep=[self.state.best_model_checkpoint])

@@ -14,7 +14,7 @@ import torch
 from conftest import PHOTOS, ROOT
 
 import run_captioning
-from clipqwen import faults
+from clipqwen import hub
 from clipqwen.data import read_annotation_file, remove_empty_captions
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
@@ -108,6 +108,46 @@ def test_run_captioning_never_runs_the_code_or_pickles_shipped_with_a_model(save
     booby_trap_code(saved_model, marker)
     metrics = run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model), tiny=False)
     assert metrics["train_samples"] == 16 and not marker.exists()
+
+
+@pytest.fixture
+def pickled_clip(tmp_path):
+    """A CLIP backbone folder like openai/clip-vit-base-patch32's main branch: weights only as pytorch_model.bin."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from clipqwen.presets import tiny_config
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModelWithProjection(tiny_config().vision_config)
+    clip.save_pretrained(tmp_path / "clip")  # transformers 5 writes safetensors only: make the .bin ourselves
+    torch.save(clip.state_dict(), tmp_path / "clip" / "pytorch_model.bin")
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["config.json", "pytorch_model.bin"]
+    return clip, tmp_path / "clip"
+
+
+def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_unpickler(pickled_clip):
+    from transformers import CLIPVisionModelWithProjection
+
+    from modeling_clipqwen import load_backbone_weights
+
+    clip, folder = pickled_clip
+    loaded = load_backbone_weights(CLIPVisionModelWithProjection, str(folder))
+    for (name, expected), actual in zip(clip.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name
+
+
+def test_a_backbone_bin_holding_code_is_refused_without_running_it(pickled_clip, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from modeling_clipqwen import load_backbone_weights
+
+    _, folder = pickled_clip
+    marker = tmp_path / "pwned"
+    torch.save({"vision_model.post_layernorm.weight": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refused without running them"):
+        load_backbone_weights(CLIPVisionModelWithProjection, str(folder))
+    assert not marker.exists()
 
 
 def test_a_model_folder_of_another_type_is_refused(saved_model, tmp_path):
@@ -321,7 +361,7 @@ def test_an_unreachable_hub_without_offline_mode_fails_fast_too(tmp_path, monkey
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(faults, "_HUB_PROBE", {})
+    monkeypatch.setattr(hub, "_PROBES", {})
     start = time.monotonic()
     with caplog.at_level("WARNING"), pytest.raises(SystemExit, match=OFFLINE_HINT):
         run(tmp_path / "out", "--do_train", "--model_name_or_path", "someone/clipqwen-flickr30k", tiny=False)

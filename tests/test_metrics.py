@@ -90,3 +90,16 @@ def test_length_mismatch_names_both_lengths():
 def test_missing_references_name_the_image(bad_refs):
     with pytest.raises(ValueError, match=r"references\[1\]"):
         compute_caption_metrics(["a cat", "a dog"], [["a cat"], bad_refs])
+
+
+def test_the_evaluate_module_loads_offline_and_gives_the_trainers_scores():
+    """What users load with evaluate.load(<path>) is what the trainer and the model card use."""
+    import evaluate
+
+    from clipqwen.metrics import CAPTION_METRIC_PATH, load_caption_metric
+
+    predictions = ["a dog runs on the grass", "a red car", "two people talk"]
+    references = [["a dog is running on grass", "a brown dog runs"], ["a red car parked"], ["two men talking", "people talk"]]
+    scores = evaluate.load(CAPTION_METRIC_PATH).compute(predictions=predictions, references=references)  # HF_HUB_OFFLINE=1
+    assert scores == compute_caption_metrics(predictions, references)
+    assert load_caption_metric().compute(predictions=predictions, references=references) == scores

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -70,6 +71,53 @@ def test_model_card_holds_the_real_metrics(trained):
     assert f"{metrics['test_rougeL']:.4f}" in card and f"{metrics['eval_cider']:.4f}" in card
     assert "trust_remote_code=True" in card and "revision" in card
     assert "training_curves.png" in card and "base_model:" not in card  # a tiny random model has no base model
+
+
+def test_model_card_tells_how_the_run_really_went(trained):
+    """A --max_steps run: real steps and epochs, the precision Accelerate ran, versions, Hub metric types."""
+    from huggingface_hub import ModelCard
+
+    out, _ = trained
+    card = ModelCard.load(out / "README.md")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert f"| optimizer steps | 4 |" in card.text and f"| epochs | {round(state['epoch'], 2)} |" in card.text
+    assert "| precision | fp32 |" in card.text and "| devices | 1 |" in card.text and "| total batch size | 4 |" in card.text
+    assert "| optimizer | adamw_torch_fused" in card.text and "| warm-up | 0 steps |" in card.text
+    assert f"transformers {transformers.__version__}" in card.text and "caption_metrics" in card.text
+    results = card.data.to_dict()["model-index"][0]["results"]
+    assert {m["type"] for r in results for m in r["metrics"]} == {"rouge", "bleu", "cider"}
+
+
+def test_generation_config_holds_the_decoding_behind_the_scores(tmp_path):
+    out = tmp_path / "beams"
+    run(out, "--do_eval", "--num_beams", "3", "--max_new_tokens", "7")
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["num_beams"] == 3 and saved["max_new_tokens"] == 7
+    assert "num_beams=3" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("cuda_bf16", [True, False])
+def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
+    """No precision flag, as in the README's commands: bf16 on a GPU with bf16 (faked here; Accelerate's bf16
+    autocast runs on the CPU too), fp32 on the CPU. Checked on the Accelerator itself, then in the card."""
+    import transformers.training_args
+
+    from clipqwen.trainer import CaptionTrainer
+
+    monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
+    seen, train = [], CaptionTrainer.train
+    monkeypatch.setattr(CaptionTrainer, "train", lambda self, *a, **k: seen.append(self.accelerator.mixed_precision) or train(self, *a, **k))
+    run(tmp_path / "out", "--do_train", "--max_steps", "1")
+    expected = "bf16" if cuda_bf16 else "fp32"
+    assert seen == ["bf16" if cuda_bf16 else "no"]
+    assert f"| precision | {expected} |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_lora_with_an_unfrozen_vision_tower_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="--lora_r with --freeze_vision_model False is not supported"):
+        run(tmp_path / "out", "--do_train", "--lora_r", "4", "--freeze_vision_model", "False")
 
 
 def test_model_card_lists_both_base_model_ids():
@@ -248,7 +296,7 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
     folder.mkdir(parents=True)
     datasets.Dataset.from_dict(table, features=features).to_parquet(folder / "0000.parquet")
     metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--do_predict", "--max_steps", "1", data=(
-        "--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None", "--id_column", "filename"))
+        "--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None"))  # ids default to `filename`
     assert metrics["train_samples"] == 4 and metrics["eval_num_images"] == 2 and metrics["test_num_images"] == 2
     ids = {json.loads(line)["image_id"] for line in (tmp_path / "out" / "predictions_test.jsonl").read_text().splitlines()}
     assert ids == {rows[6]["file_name"], rows[7]["file_name"]}

@@ -1,0 +1,99 @@
+"""Caption metrics: ROUGE-L, BLEU-4 and CIDEr-D of generated captions against all references of each image.
+
+An `evaluate` metric module, self-contained (regex, rouge-score, pycocoevalcap), so anyone can score captions
+exactly as clipqwen's model cards do:
+
+    import evaluate
+    metric = evaluate.load("path/to/clipqwen/caption_metrics")   # this folder; works offline
+    metric.compute(predictions=["a dog runs"], references=[["a dog is running", "a brown dog runs"]])
+
+Where each number comes from:
+
+- ``rougeL``: ``rouge_score``'s ROUGE-L **F-measure** (beta=1) of each prediction against its *best-matching*
+  reference (``RougeScorer.score_multi``), averaged over images. This is not COCO's ROUGE-L
+  (``pycocoevalcap.rouge``), which uses beta=1.2 and the LCS against all references, so the two differ.
+- ``bleu4``: corpus BLEU-4 from ``pycocoevalcap.bleu.Bleu(4)`` (the COCO caption scorer, "closest" reference length).
+- ``cider``: ``pycocoevalcap.cider.Cider``, i.e. CIDEr-D as the COCO evaluation reports it (clipped, length
+  penalty, x10). Its idf comes from the references of the corpus being scored, so it is only meaningful over
+  many images: a one-image corpus always scores 0.
+- ``gen_len``: mean number of tokens per prediction (tokens as below).
+
+All three scorers see the same tokens from :func:`tokenize_caption`, not pycocoevalcap's PTBTokenizer (it needs
+Java) and not rouge_score's default tokenizer (it drops every non-ASCII character, so a Cyrillic or Chinese
+caption would score 0).
+"""
+
+import unicodedata
+
+import datasets
+import evaluate
+import regex  # a transformers dependency; unlike `re`, it knows Unicode scripts and combining marks
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from rouge_score.rouge_scorer import RougeScorer
+
+# Chinese/Japanese write no spaces between words, so each ideograph or kana is one token (as BERT does).
+_CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]")
+# A word is a run of letters, combining marks (Arabic vowels, Devanagari matras) and digits; each emoji is a
+# token of its own; everything else (punctuation, spaces, other symbols) separates tokens and is dropped.
+_TOKEN = regex.compile(r"[\p{L}\p{M}\p{N}]+|\p{Extended_Pictographic}")
+
+
+def tokenize_caption(text: str) -> list[str]:
+    """Lowercased word tokens of a caption in any script, e.g. "A cat, 在桌子上! 🐱" -> [a, cat, 在, 桌, 子, 上, 🐱]."""
+    # NFKC folds full-width letters and composed/decomposed accents into one spelling before comparing.
+    text = unicodedata.normalize("NFKC", text).lower()
+    return _TOKEN.findall(_CJK.sub(r" \g<0> ", text))
+
+
+class CaptionTokenizer:
+    """The object rouge_score's ``RougeScorer(tokenizer=...)`` expects."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize_caption(text)
+
+
+def compute_caption_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Score one generated caption per image against that image's reference captions (one or more)."""
+    if len(predictions) == 0:
+        raise ValueError("compute_caption_metrics needs at least one prediction, got an empty list")
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
+    for i, refs in enumerate(references):
+        # A list of strings, not a bare string (which would be read as one reference per character).
+        if isinstance(refs, str) or not any(tokenize_caption(r) for r in refs):
+            raise ValueError(f"references[{i}] must be a non-empty list of non-empty captions, got {refs!r}")
+
+    rouge = RougeScorer(["rougeL"], tokenizer=CaptionTokenizer())
+    rouge_l = [rouge.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
+
+    # The COCO scorers split on spaces: hand them our tokens joined by single spaces.
+    res = {i: [" ".join(tokenize_caption(p))] for i, p in enumerate(predictions)}
+    gts = {i: [" ".join(tokenize_caption(r)) for r in refs] for i, refs in enumerate(references)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: the default prints corpus counts
+    cider, _ = Cider().compute_score(gts, res)
+
+    return {
+        "rougeL": float(sum(rouge_l) / len(rouge_l)),
+        "bleu4": float(bleu[3]),
+        "cider": float(cider),
+        "gen_len": sum(len(tokenize_caption(p)) for p in predictions) / len(predictions),
+    }
+
+
+class CaptionMetrics(evaluate.Metric):
+    """`evaluate` wrapper of :func:`compute_caption_metrics`: one prediction and a list of references per image."""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation="Lin 2004 (ROUGE); Papineni et al. 2002 (BLEU); Vedantam et al. 2015 (CIDEr)",
+            inputs_description="predictions: list of str; references: list of lists of str (all references per image)",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Sequence(datasets.Value("string"))}),
+            reference_urls=["https://github.com/google-research/google-research/tree/master/rouge",
+                            "https://github.com/salaniz/pycocoevalcap"],
+        )
+
+    def _compute(self, predictions, references):
+        return compute_caption_metrics(predictions, references)
