@@ -362,8 +362,10 @@ def main(args=None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
+    # Our own progress lines (data revision, cache, pushes) at INFO on the main process unless --log_level says otherwise.
+    own_level = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for library_logger in (logger, logging.getLogger("clipqwen")):
-        library_logger.setLevel(log_level)
+        library_logger.setLevel(own_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning("process rank %s, device %s, n_gpu %s, distributed %s", training_args.process_index,

@@ -1,7 +1,9 @@
 """Shared fixtures. Everything runs offline: the Hub is switched off before transformers is imported, and
 HF_HOME points at a temporary folder so nothing from this machine's cache leaks into a test."""
 
+import hashlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,3 +43,22 @@ def make_model():
 @pytest.fixture(scope="session")
 def photos():
     return [Image.open(path) for path in sorted(PHOTOS.glob("*.jpg"))[:4]]
+
+
+@pytest.fixture(scope="session")
+def runtime_python():
+    """A Python with only what a user's `pip install -e .` installs (no test extras), for the runtime smoke tests:
+    $CLIPQWEN_RUNTIME_PYTHON (.ci/run makes one with the pinned versions and one with the newest allowed), else a
+    venv in build/, made once per setup.cfg + constraints.txt."""
+    if os.environ.get("CLIPQWEN_RUNTIME_PYTHON"):
+        return os.environ["CLIPQWEN_RUNTIME_PYTHON"]
+    stamp = hashlib.sha256((ROOT / "setup.cfg").read_bytes() + (ROOT / "constraints.txt").read_bytes()).hexdigest()
+    venv = ROOT / "build" / "runtime-venv"
+    python = venv / "bin" / "python"
+    if not (venv / "stamp").is_file() or (venv / "stamp").read_text() != stamp:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build on this machine's disk
+        subprocess.run([*pip, "-e", str(ROOT), "-c", str(ROOT / "constraints.txt")], check=True)
+        (venv / "stamp").write_text(stamp)
+    return str(python)

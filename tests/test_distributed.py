@@ -31,3 +31,12 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     assert len(predictions) == 7 and len({p["image_id"] for p in predictions}) == 7
     assert metrics["eval_num_images"] == 7 and "eval_rougeL" in metrics and "train_loss" in metrics
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("name, distributed", [("one_gpu_bf16.yaml", "NO"), ("multi_gpu_bf16.yaml", "MULTI_GPU")])
+def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, distributed):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / name))
+    assert config.mixed_precision == "bf16" and config.distributed_type == distributed and not config.use_cpu
+    assert f"accelerate launch --config_file configs/accelerate/{name}" in (ROOT / "README.md").read_text()
