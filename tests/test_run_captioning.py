@@ -312,3 +312,17 @@ def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     assert sorted(Path(line["file"]).name for line in lines) == sorted(p.name for p in PHOTOS.glob("*.jpg"))
     assert all(isinstance(line["caption"], str) for line in lines)
+
+
+def test_a_failed_final_push_keeps_the_run_and_says_how_to_push_again(tmp_path, monkeypatch):
+    from clipqwen import hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("the Hub went away")
+
+    monkeypatch.setattr(hub, "prepare_repo", lambda repo_id, **kwargs: repo_id)  # the repository exists
+    monkeypatch.setattr(hub, "push_export", unreachable)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"the Hub went away.*Everything is saved in .*python -m clipqwen.hub"):
+        run(out, "--do_train", "--max_steps", "1", "--push_to_hub", "--hub_model_id", "you/clipqwen-test")
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
