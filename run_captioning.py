@@ -15,6 +15,8 @@ processor, predictions, curves and a model card → optionally push it to the Hu
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Literal
 
 import datasets
 import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainerState, TrainingArguments, set_seed
 from transformers.utils import is_torch_bf16_gpu_available
 
 from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
@@ -31,6 +33,7 @@ from modeling_clipqwen import ClipQwenForConditionalGeneration
 logger = logging.getLogger("run_captioning")
 
 FLICKR30K = "nlphuji/flickr30k"
+RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folder holds a finished run
 
 
 @dataclass
@@ -271,44 +274,65 @@ def export(trainer, model_args, data_args, training_args, processor, metrics, ge
     from clipqwen.model_card import build_model_card
     from clipqwen.plots import plot_sample_grid, plot_training_curves
 
-    out = Path(training_args.output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):  # LoRA
-        model.save_pretrained(out / "lora")
-        (out / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
-        if model_args.merge_lora:
-            model = model.merge_and_unload()
-    # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
-    model.generation_config.update(**generation_kwargs)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    for prefix, split in (("eval", "validation"), ("test", "test")):
-        if prefix in trainer.predictions:
-            write_jsonl(out / f"predictions_{split}.jsonl", trainer.predictions[prefix])
-    curves = plot_training_curves(trainer.state.log_history, out / "training_curves.png")
-    samples = None
-    predictions = trainer.predictions.get("test") or trainer.predictions.get("eval")
-    if predictions and sample_images:
-        by_id = {row["image_id"]: row for row in predictions}
-        shown = [(image, by_id[image_id]) for image_id, image in sample_images if image_id in by_id][:8]
-        if shown:
-            samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
-                                       [row["references"] for _, row in shown], out / "sample_captions.png")
-    vision_id, text_id = describe_backbones(model_args, model.config)
-    local_data = any([data_args.train_file, data_args.validation_file, data_args.test_file, data_args.train_dir,
-                      data_args.validation_dir, data_args.test_dir])
-    card = build_model_card(
-        repo_id=training_args.hub_model_id or out.name, vision_id=vision_id, text_id=text_id,
-        dataset_name="local data" if local_data else data_args.dataset_name,
-        dataset_revision=None if local_data else data_args.dataset_revision,
-        dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
-        hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
-        versions=framework_versions(), trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
-        has_demo=Path(__file__).with_name("app.py").exists(),
-    )
-    card.save(out / "README.md")
-    return out
+    final = Path(training_args.output_dir)
+    # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
+    # last checkpoint and no half export, and the same command then resumes and exports again.
+    out = final / f".export-{os.getpid()}.tmp"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):  # LoRA
+            model.save_pretrained(out / "lora")
+            (out / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
+            if model_args.merge_lora:
+                model = model.merge_and_unload()
+        # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
+        model.generation_config.update(**generation_kwargs)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        for prefix, split in (("eval", "validation"), ("test", "test")):
+            if prefix in trainer.predictions:
+                write_jsonl(out / f"predictions_{split}.jsonl", trainer.predictions[prefix])
+        curves = plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+        samples = None
+        predictions = trainer.predictions.get("test") or trainer.predictions.get("eval")
+        if predictions and sample_images:
+            by_id = {row["image_id"]: row for row in predictions}
+            shown = [(image, by_id[image_id]) for image_id, image in sample_images if image_id in by_id][:8]
+            if shown:
+                samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
+                                           [row["references"] for _, row in shown], out / "sample_captions.png")
+        vision_id, text_id = describe_backbones(model_args, model.config)
+        local_data = any([data_args.train_file, data_args.validation_file, data_args.test_file, data_args.train_dir,
+                          data_args.validation_dir, data_args.test_dir])
+        card = build_model_card(
+            repo_id=training_args.hub_model_id or final.name, vision_id=vision_id, text_id=text_id,
+            dataset_name="local data" if local_data else data_args.dataset_name,
+            dataset_revision=None if local_data else data_args.dataset_revision,
+            dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
+            hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
+            versions=framework_versions(), trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
+            has_demo=Path(__file__).with_name("app.py").exists(),
+        )
+        card.save(out / "README.md")
+        publish(out, final, step=trainer.state.global_step)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def publish(staging: Path, final: Path, step: int) -> None:
+    """Move the staged export into the output folder, config.json last (without it the folder is not a model),
+    then mark the run complete."""
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        target = final / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    marker = final / f"{RUN_COMPLETE}.tmp"
+    marker.write_text(json.dumps({"global_step": step}))
+    os.replace(marker, final / RUN_COMPLETE)
 
 
 def describe_data(data_args) -> str:
@@ -374,26 +398,53 @@ def main(args=None):
     training_args.remove_unused_columns = False  # the collator needs the image / feature columns
     training_args.label_names = ["labels"]
 
-    from clipqwen import faults, hub
+    from clipqwen import preflight
 
-    last_checkpoint = None
+    preflight.check_arguments(data_args, caption_args, training_args)
+    out = Path(training_args.output_dir)
+    if not training_args.should_save:  # other ranks: rank 0 checks the folder and holds the lock
+        return run(model_args, data_args, caption_args, training_args)
+    preflight.check_output_dir(out)
+    with preflight.OutputFolderLock(out):
+        return run(model_args, data_args, caption_args, training_args)
+
+
+def run(model_args, data_args, caption_args, training_args):
+    from clipqwen import faults, hub, preflight
+    from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
+    from clipqwen.trainer import CaptionTrainer
+
+    last_checkpoint, finished = None, None
     out = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
         resume = training_args.resume_from_checkpoint = None
     if resume is not None and training_args.do_train:
         faults.check_resume_checkpoint(resume)  # a torn folder is refused, naming what is wrong and what is complete
-    if out.is_dir() and training_args.do_train and resume is None:
-        # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
-        last_checkpoint = faults.last_complete_checkpoint(out)
-        if last_checkpoint is None and (out / "config.json").exists() and not caption_args.overwrite_output_dir:
-            raise ValueError(f"{out} already holds a finished run (config.json, no checkpoint-* to resume). "
-                             "Choose another --output_dir, or pass --overwrite_output_dir to train into it anyway.")
-        if last_checkpoint:
-            logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
+    if out.is_dir() and training_args.do_train and resume is None and not caption_args.overwrite_output_dir:
+        if (out / RUN_COMPLETE).is_file():
+            # The same command again (to add --do_predict, or after a crash past the export): evaluate and export
+            # the finished model instead of training on past --max_steps.
+            finished = json.loads((out / RUN_COMPLETE).read_text())
+            logger.warning("%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
+                           "--overwrite_output_dir to train afresh.", out, finished["global_step"])
+            model_args = dataclasses.replace(model_args, model_name_or_path=str(out), model_revision=None, lora_r=0)
+            training_args.do_train = False
+        else:
+            # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
+            last_checkpoint = faults.last_complete_checkpoint(out)
+            if last_checkpoint is None and (out / "config.json").exists():
+                raise ValueError(f"{out} already holds a model (config.json) from an earlier run, and no checkpoint-* to "
+                                 "resume. Choose another --output_dir, or pass --overwrite_output_dir to train into it anyway.")
+            if last_checkpoint:
+                logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
 
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    preflight.check_against_model(data_args, caption_args, base.config, len(processor.tokenizer(caption_args.prompt).input_ids))
+    if training_args.should_save:
+        preflight.check_output_dir(out, preflight.needed_bytes(model))
     if not (data_args.dataset_name == "embedded" or data_args.train_file or data_args.validation_file or data_args.test_file
             or data_args.train_dir or data_args.validation_dir or data_args.test_dir):
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
@@ -401,9 +452,6 @@ def main(args=None):
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
     with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
         splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor)
-
-    from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
-    from clipqwen.trainer import CaptionTrainer
 
     train_dataset = None
     if training_args.do_train:
@@ -413,7 +461,8 @@ def main(args=None):
         train_dataset = add_caption_lengths(train_dataset, processor.tokenizer) if train_dataset is not None else None
         eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
     collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt, seed=training_args.seed)
-    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "num_beams": caption_args.num_beams}
+    # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
+    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1, "num_beams": caption_args.num_beams}
     trainer = CaptionTrainer(
         model=model,
         args=training_args,
@@ -425,17 +474,19 @@ def main(args=None):
         generation_collator=CaptionCollator(processor, for_generation=True, prompt=caption_args.prompt),
         generation_kwargs=generation_kwargs,
     )
+    if finished:  # the card describes the training that happened, not this evaluation-only rerun
+        trainer.state = TrainerState.load_from_json(str(out / "trainer_state.json"))
 
     metrics = {}
     if training_args.do_train:
         try:
             result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        except (faults.NonFiniteLossError, faults.CheckpointSaveError) as error:
+        except (faults.NonFiniteLossError, faults.CheckpointSaveError, faults.IncompatibleCheckpointError) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
-        if trainer.preempted:  # SIGTERM: the checkpoint is written; leave before the grace period ends
+        if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends
             logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
-                           "SIGTERM", trainer.state.global_step, training_args.output_dir)
+                           trainer.graceful_stop.signal_name, trainer.state.global_step, training_args.output_dir)
             return {"preempted_at_step": trainer.state.global_step}
         train_metrics = dict(result.metrics, train_samples=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
@@ -451,7 +502,14 @@ def main(args=None):
             metrics.update(split_metrics)
 
     if training_args.should_save:
-        folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images)
+        try:
+            folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images)
+        except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
+            checkpoint = faults.last_complete_checkpoint(out, verify_hashes=False, log=False)
+            raise SystemExit(f"error: exporting to {out} failed ({error}). "
+                             + (f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
+                                "same command to export it without training again." if checkpoint else
+                                "No checkpoint was saved (--save_strategy no): free some space and rerun.")) from error
         logger.info("Model, processor, metrics, predictions and model card in %s", folder)
         if training_args.push_to_hub:
             try:

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -43,6 +44,10 @@ class NonFiniteLossError(RuntimeError):
 
 class IncompleteCheckpointError(ValueError):
     """--resume_from_checkpoint names a folder that is not a complete checkpoint."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written for other parameter shapes; the message names the file and the tensor."""
 
 
 # ---- completeness manifest ---------------------------------------------------------------------------------
@@ -164,6 +169,25 @@ def check_resume_checkpoint(folder) -> str:
     return str(folder)
 
 
+def check_optimizer_state(path, params) -> None:
+    """The optimizer state in `path` must match `params` (the optimizer's parameters, in order) in count and shapes,
+    before anything is loaded into the optimizer."""
+    if not os.path.isfile(path):
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        raise IncompatibleCheckpointError(f"{path} holds the optimizer state of {len(ids)} parameter tensors, the model "
+                                          f"trains {len(params)}. Resume with the arguments of that run, or start a new "
+                                          "--output_dir.")
+    for i, param in zip(ids, params):
+        for key, value in saved["state"].get(i, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise IncompatibleCheckpointError(
+                    f"{path}: the optimizer's {key} of parameter {i} has shape {tuple(value.shape)}, the model's "
+                    f"parameter {tuple(param.shape)}. Resume with the arguments of that run, or start a new --output_dir.")
+
+
 def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[str]:
     """Like Trainer's rotation, but counting only complete checkpoints, and run after the new one is marked
     complete (Trainer's runs before, so a kill right then could leave no complete checkpoint). Torn folders
@@ -240,14 +264,15 @@ def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, ou
 
 # ---- preemption ----------------------------------------------------------------------------------------------
 class GracefulStopCallback(TrainerCallback):
-    """On SIGTERM (what Kubernetes, SLURM and spot-instance preemption send before killing), finish the current
-    optimizer step, save a checkpoint and stop; run_captioning.py then exits with status 0 without evaluating or
-    exporting, and rerunning the same command resumes. A second signal kills at once (the default action).
+    """On SIGTERM (what Kubernetes, SLURM and spot-instance preemption send before killing) or Ctrl-C (SIGINT),
+    finish the current optimizer step, save a checkpoint and stop; run_captioning.py then exits with status 0
+    without evaluating or exporting, and rerunning the same command resumes. A second signal kills at once (the
+    default action).
 
     `reduce(flag) -> flag` makes all processes agree (any process signalled → all stop at the same step), which
     a distributed save needs."""
 
-    def __init__(self, signals=(signal.SIGTERM,), reduce=None):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), reduce=None):
         self.signals = tuple(signals)
         self.reduce = reduce
         self.requested = None  # the signal received
@@ -256,10 +281,14 @@ class GracefulStopCallback(TrainerCallback):
 
     def install(self):
         if threading.current_thread() is not threading.main_thread():
-            logger.info("Not in the main thread: SIGTERM will not trigger a checkpoint.")
+            logger.info("Not in the main thread: SIGTERM and Ctrl-C will not trigger a checkpoint.")
             return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.requested).name if self.requested is not None else None
 
     def uninstall(self):
         for sig, previous in self._previous.items():

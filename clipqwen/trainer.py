@@ -118,8 +118,21 @@ class CaptionTrainer(Trainer):
                 f"unexpected {sorted(set(state) - expected)[:5]}). Resume with the same model, adapter, LoRA and "
                 "freezing arguments, or start a new --output_dir."
             )
+        params = dict(model.named_parameters())
+        for name, tensor in state.items():
+            if tensor.shape != params[name].shape:
+                raise faults.IncompatibleCheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} (another "
+                    "adapter, image-token count or model). Resume with the arguments of that run, or start a new --output_dir.")
         model.load_state_dict(state, strict=False)
         logger.info("Loaded %d trainable tensors from %s", len(state), path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # An optimizer state for other shapes makes fused AdamW write past its buffers (SIGSEGV): check first.
+        if checkpoint is not None:
+            faults.check_optimizer_state(os.path.join(checkpoint, "optimizer.pt"),
+                                         [p for group in self.optimizer.param_groups for p in group["params"]])
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
@@ -164,6 +177,11 @@ class CaptionTrainer(Trainer):
         self.graceful_stop.install()
         try:
             result = super().train(*args, **kwargs)
+            if self.graceful_stop.requested is None and self.args.save_strategy != "no":
+                # The last step is checkpointed whatever --save_steps says: an export that fails (a full disk) can
+                # then be redone by rerunning the same command, without training again.
+                if not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER)):
+                    self._save_checkpoint(self.model, trial=None)
             if self.graceful_stop.requested is not None and self.graceful_stop.stopped_at is None:
                 # The signal came after the last step end (final evaluation): still leave a checkpoint.
                 if not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER)):

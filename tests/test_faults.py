@@ -220,14 +220,15 @@ def test_the_message_for_an_infinite_loss(tmp_path):
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------------------------
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(straight, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(sig, straight, tmp_path, monkeypatch):
     out = tmp_path / "preempted"
     training_step = CaptionTrainer.training_step
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(sig)
 
     def preempt(self, *args, **kwargs):
         if self.state.global_step == 4:  # during step 5: mid-epoch 1, not a save step
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return training_step(self, *args, **kwargs)
 
     monkeypatch.setattr(CaptionTrainer, "training_step", preempt)
@@ -235,7 +236,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(st
     assert result == {"preempted_at_step": 5}
     assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-5")
     assert not (out / "config.json").exists() and not (out / "checkpoint-6").exists()  # no export, no more steps
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler only lives while training
+    assert signal.getsignal(sig) is before  # the handler only lives while training
 
     monkeypatch.setattr(CaptionTrainer, "training_step", training_step)
     run(out)  # resumes from checkpoint-5 and finishes
@@ -313,6 +314,51 @@ def test_resume_from_an_explicit_torn_checkpoint_is_refused(tmp_path):
 
 def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
     out = tmp_path / "other"
-    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]"))  # the finished run, checkpoint-8
+    # the run's last checkpoint, as a crash before its export leaves it
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
     with pytest.raises(ValueError, match="trainable weights of another setup"):
         run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")
+
+
+def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straight, tmp_path):
+    """Same names, other shapes: two image tokens from a pooled embedding instead of one."""
+    out = tmp_path / "other-shapes"
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
+    with pytest.raises(SystemExit, match=r"adapter.layers.0.bias has shape \(64,\), the model's has \(128,\)"):
+        run(out, "--vision_feature_type", "pooled", "--num_pooled_image_tokens", "2", "--max_steps", "10")
+
+
+def test_an_optimizer_state_of_other_shapes_is_refused_before_it_reaches_the_optimizer(straight, tmp_path):
+    """A valid manifest around an optimizer.pt of another setup: fused AdamW would write past its buffers."""
+    other = tmp_path / "other"
+    run(other, "--num_pooled_image_tokens", "2", "--max_steps", "2", "--save_steps", "2")
+    out = tmp_path / "mixed"
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
+    shutil.copy(other / "checkpoint-2" / "optimizer.pt", out / "checkpoint-8" / "optimizer.pt")
+    faults.mark_complete(out / "checkpoint-8", step=8)
+    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 0 has shape \(128, 32\), the model's parameter \(64, 32\)"):
+        run(out, "--max_steps", "10")
+
+
+def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports_it(straight, tmp_path, monkeypatch):
+    from processing_clipqwen import ClipQwenProcessor
+
+    out = tmp_path / "export-fails"
+    save_pretrained = ClipQwenProcessor.save_pretrained
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ClipQwenProcessor, "save_pretrained", disk_full)
+    with pytest.raises(SystemExit, match=r"exporting .* failed .*No space left on device.*checkpoint-8.*rerun the same command"):
+        run(out, "--save_steps", "3")  # steps 3 and 6 by --save_steps, 8 because it is the last
+    assert not (out / "config.json").exists() and not list(out.glob(".export-*"))  # nothing half-written stays
+    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-8")
+
+    monkeypatch.setattr(ClipQwenProcessor, "save_pretrained", save_pretrained)
+    metrics = run(out, "--save_steps", "3")  # resumes at the last step: no training, only the export
+    assert (out / "model.safetensors").exists() and (out / "run_complete.json").exists()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+    exported = load_file(out / "model.safetensors")
+    assert torch.equal(exported["adapter.layers.0.weight"], weights(straight / "checkpoint-8")["adapter.layers.0.weight"])
+    assert "train_samples" in metrics

@@ -185,9 +185,13 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path):
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
 
 
-def test_an_output_folder_holding_a_finished_run_is_refused(trained):
-    out, _ = trained
-    with pytest.raises(ValueError, match="already holds a finished run"):
+def test_an_output_folder_holding_a_model_of_unknown_state_is_refused(trained, tmp_path):
+    """A model without run_complete.json (an older clipqwen, or copied in by hand) and no checkpoint: never trained over."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(trained[0], out, ignore=shutil.ignore_patterns("run_complete.json"))
+    with pytest.raises(ValueError, match="already holds a model .* --overwrite_output_dir"):
         run(out, "--do_train", "--max_steps", "1")
 
 

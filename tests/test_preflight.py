@@ -1,0 +1,84 @@
+"""Bad values and busy or full folders fail before the first step, in seconds, naming the flag; a finished run is
+evaluated and exported again, never trained on; one run at a time per output folder."""
+
+import json
+import shutil
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_captioning
+from clipqwen import preflight
+
+TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_new_tokens", "4", "--save_strategy", "no", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
+        "--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "4", "--max_predict_samples", "4"]
+
+
+def run(out, *flags):
+    args = [*TINY, "--output_dir", str(out), "--feature_cache_dir", str(out.parent / "features"), *flags]
+    return run_captioning.main(run_captioning.parse_args(args))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: use 1 to 512"),
+    (["--num_beams", "200000"], "--num_beams 200000: use 1 to 64"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: use a number >= 1"),
+    (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1: use a number >= 1"),
+    (["--max_train_samples", "0"], "--max_train_samples 0: use a number >= 1"),
+    (["--max_caption_length", "600"], "--max_caption_length 600: .* exceeds the decoder's 512 positions; use at most 511"),
+])
+def test_bad_values_fail_before_training_naming_the_flag(flags, message, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(preflight.PreflightError, match=message):
+        run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1", *flags)
+    assert time.monotonic() - start < 30 and not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_an_output_dir_that_is_a_file_or_not_writable_fails_at_once(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(preflight.PreflightError, match="is a file; give a folder"):
+        run(tmp_path / "file", "--do_train", "--max_steps", "1")
+    with pytest.raises(preflight.PreflightError, match="is not writable"):
+        run(tmp_path / "file" / "below", "--do_train", "--max_steps", "1")  # as a read-only mount fails: mkdir refused
+
+
+def test_a_disk_without_room_for_a_checkpoint_and_the_export_fails_before_training(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 9 * 2**20, 2**20))  # 1 MiB free
+    with pytest.raises(preflight.PreflightError, match=r"1 MiB free, the run needs about \d+ MiB"):
+        run(tmp_path / "out", "--do_train", "--max_steps", "1")
+
+
+def test_two_runs_on_one_output_folder_the_second_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with preflight.OutputFolderLock(out):  # a run in progress
+        with pytest.raises(preflight.PreflightError, match=r"is in use by another run \(pid \d+\)"):
+            run(out, "--do_train", "--max_steps", "1")
+    run(out, "--do_train", "--max_steps", "1")  # free again once that run ends
+
+
+def test_rerunning_a_finished_run_evaluates_and_exports_without_training(tmp_path):
+    """The same command again, to add --do_predict: the exported weights stay those of the finished run."""
+    out = tmp_path / "finished"
+    run(out, "--do_train", "--do_eval", "--max_steps", "3", "--freeze_language_model", "False")
+    trained = load_file(out / "model.safetensors")
+    state = json.loads((out / "trainer_state.json").read_text())
+    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3", "--freeze_language_model", "False")
+    assert "train_loss" not in metrics and "test_rougeL" in metrics
+    again = load_file(out / "model.safetensors")
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == state["global_step"] == 3
+    assert "| optimizer steps | 3 |" in (out / "README.md").read_text()
+
+
+def test_no_caption_is_ever_empty_and_the_export_says_so(tmp_path):
+    out = tmp_path / "untrained"  # an untrained model whose first greedy token is often the end of the text
+    run(out, "--do_eval")
+    predictions = [json.loads(line) for line in (out / "predictions_validation.jsonl").read_text().splitlines()]
+    assert all(row["caption"] for row in predictions)
+    assert json.loads((out / "generation_config.json").read_text())["min_new_tokens"] == 1
