@@ -28,6 +28,7 @@ from transformers import HfArgumentParser, TrainerState, TrainingArguments, set_
 from transformers.utils import is_torch_bf16_gpu_available
 
 from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
+from clipqwen.timing import PhaseTimer
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 logger = logging.getLogger("run_captioning")
@@ -223,8 +224,30 @@ def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def prepare_data(data_args, model_args, training_args, model, processor):
-    from clipqwen.data import add_vision_features, drop_unreadable_images, load_caption_data, remove_empty_captions
+def prepare_data(data_args, model_args, training_args, model, processor, timer):
+    """The splits the run needs, cleaned, with CLIP features when the vision tower is frozen; sample images."""
+    from clipqwen.data import add_vision_features
+
+    with timer.phase("data preparation") as phase:
+        splits, samples = load_and_clean(data_args, model_args, training_args)
+        phase["items"] = sum(len(dataset) for dataset in splits.values())
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if data_args.use_feature_cache and base.config.freeze_vision_model:
+        from clipqwen.presets import clipqwen_cache_dir
+
+        cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
+        with timer.phase("feature cache", items=sum(len(dataset) for dataset in splits.values())):
+            base.vision_model.to(training_args.device)
+            for split in splits:
+                splits[split] = add_vision_features(splits[split], base, processor, cache_dir,
+                                                    training_args.per_device_eval_batch_size * 4)
+            base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
+    return splits, samples
+
+
+def load_and_clean(data_args, model_args, training_args):
+    from clipqwen.data import drop_unreadable_images, load_caption_data, remove_empty_captions
 
     raw = load_caption_data(data_args, cache_dir=model_args.cache_dir)
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
@@ -249,16 +272,6 @@ def prepare_data(data_args, model_args, training_args, model, processor):
     # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels.
     shown = splits.get("test") or splits.get("validation")
     samples = [(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))] if shown else []
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if data_args.use_feature_cache and base.config.freeze_vision_model:
-        from clipqwen.presets import clipqwen_cache_dir
-
-        cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
-        base.vision_model.to(training_args.device)
-        for split in splits:
-            splits[split] = add_vision_features(splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4)
-        base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
     return splits, samples
 
 
@@ -269,7 +282,7 @@ def write_jsonl(path, rows):
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images):
+def export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images, timer):
     """The folder that is published: complete model, processor, predictions, pictures and model card."""
     from clipqwen.model_card import build_model_card
     from clipqwen.plots import plot_sample_grid, plot_training_curves
@@ -311,6 +324,7 @@ def export(trainer, model_args, data_args, training_args, processor, metrics, ge
             dataset_revision=None if local_data else data_args.dataset_revision,
             dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
             hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
+            phases=timer.phases,
             versions=framework_versions(), trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
             has_demo=Path(__file__).with_name("app.py").exists(),
@@ -415,6 +429,7 @@ def run(model_args, data_args, caption_args, training_args):
     from clipqwen.trainer import CaptionTrainer
 
     last_checkpoint, finished = None, None
+    timer = PhaseTimer()
     out = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
@@ -440,7 +455,8 @@ def run(model_args, data_args, caption_args, training_args):
                 logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
 
     set_seed(training_args.seed)
-    model, processor = build_model_and_processor(model_args)
+    with timer.phase("model loading"):
+        model, processor = build_model_and_processor(model_args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     preflight.check_against_model(data_args, caption_args, base.config, len(processor.tokenizer(caption_args.prompt).input_ids))
     if training_args.should_save:
@@ -451,7 +467,7 @@ def run(model_args, data_args, caption_args, training_args):
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
     with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
-        splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor)
+        splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor, timer)
 
     train_dataset = None
     if training_args.do_train:
@@ -480,7 +496,8 @@ def run(model_args, data_args, caption_args, training_args):
     metrics = {}
     if training_args.do_train:
         try:
-            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+            with timer.phase("training", items=len(train_dataset), unit="pairs per epoch"):
+                result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
         except (faults.NonFiniteLossError, faults.CheckpointSaveError, faults.IncompatibleCheckpointError) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
@@ -495,7 +512,8 @@ def run(model_args, data_args, caption_args, training_args):
         metrics.update(train_metrics)
     for prefix, split, flag in (("eval", "validation", training_args.do_eval), ("test", "test", training_args.do_predict)):
         if flag:
-            split_metrics = trainer.evaluate(eval_dataset=eval_pairs[split], metric_key_prefix=prefix)
+            with timer.phase(f"evaluation {split}", items=len(splits[split])):
+                split_metrics = trainer.evaluate(eval_dataset=eval_pairs[split], metric_key_prefix=prefix)
             split_metrics[f"{prefix}_num_images"] = len(splits[split])
             trainer.log_metrics(prefix, split_metrics)
             trainer.save_metrics(prefix, split_metrics)
@@ -503,7 +521,10 @@ def run(model_args, data_args, caption_args, training_args):
 
     if training_args.should_save:
         try:
-            folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images)
+            with timer.phase("export"):
+                trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
+                folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs,
+                                sample_images, timer)
         except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
             checkpoint = faults.last_complete_checkpoint(out, verify_hashes=False, log=False)
             raise SystemExit(f"error: exporting to {out} failed ({error}). "
@@ -513,13 +534,15 @@ def run(model_args, data_args, caption_args, training_args):
         logger.info("Model, processor, metrics, predictions and model card in %s", folder)
         if training_args.push_to_hub:
             try:
-                metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id, revision=training_args.hub_revision,
-                                                        token=training_args.hub_token)
+                with timer.phase("push"):
+                    metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id, revision=training_args.hub_revision,
+                                                            token=training_args.hub_token)
             except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
                 raise SystemExit(f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
                                  f"{error}). Everything is saved in {folder}; push it again with "
                                  f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`.") from error
-    return metrics
+        trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
+    return metrics | timer.metrics()
 
 
 if __name__ == "__main__":

@@ -55,8 +55,16 @@ print(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:]))
 
 Trainable parameters: {trainable:,} of {total:,}.
 
+{phases}
+
 Framework versions: {versions}.
 """
+
+
+def phase_table(phases: dict) -> str:
+    rows = "\n".join(f"| {name} | {values['seconds']:.1f} | {values.get('per_second', '–')} |" for name, values in phases.items())
+    return ("Where the time went (wall clock; items are images, or caption pairs per epoch for training; the export "
+            "and the push came after this card was written and are in all_results.json):\n\n| phase | seconds | items/s |\n|---|---|---|\n" + rows)
 
 
 def _fmt(value, digits=4):
@@ -65,7 +73,7 @@ def _fmt(value, digits=4):
 
 def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config, metrics: dict, hyperparameters: dict,
                      generation_kwargs: dict, trainable: int, total: int, dataset_revision=None, dataset_detail="",
-                     versions: dict | None = None, curves_png=None, samples_png=None, revision=REVISION_PLACEHOLDER,
+                     versions: dict | None = None, phases: dict | None = None, curves_png=None, samples_png=None, revision=REVISION_PLACEHOLDER,
                      has_demo=False, license="apache-2.0") -> ModelCard:
     """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
     `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
@@ -118,5 +126,6 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
              f"`python app.py {repo_id}`.\n" if has_demo else "",
         hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()), trainable=trainable, total=total,
         versions=", ".join(f"{name} {version}" for name, version in (versions or {}).items()) or "not recorded",
+        phases=phase_table(phases) if phases else "",
     )
     return ModelCard(text)

@@ -89,6 +89,17 @@ def test_model_card_tells_how_the_run_really_went(trained):
     assert {m["type"] for r in results for m in r["metrics"]} == {"rouge", "bleu", "cider"}
 
 
+def test_phase_timings_are_in_all_results_and_the_card(trained):
+    out, metrics = trained
+    results = json.loads((out / "all_results.json").read_text())
+    for phase in ("model_loading", "data_preparation", "feature_cache", "training", "evaluation_validation",
+                  "evaluation_test", "export"):
+        assert results[f"time_{phase}_seconds"] >= 0 and metrics[f"time_{phase}_seconds"] >= 0, phase
+    assert results["time_feature_cache_per_second"] > 0 and results["time_evaluation_test_per_second"] > 0
+    card = (out / "README.md").read_text()
+    assert "| phase | seconds | items/s |" in card and "| feature cache |" in card and "| training |" in card
+
+
 def test_generation_config_holds_the_decoding_behind_the_scores(tmp_path):
     out = tmp_path / "beams"
     run(out, "--do_eval", "--num_beams", "3", "--max_new_tokens", "7")
