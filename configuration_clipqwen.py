@@ -1,12 +1,15 @@
-"""ClipQwen configuration: a frozen CLIP vision tower, a small trainable adapter and a Qwen3 decoder.
+"""ClipQwen configuration: a frozen CLIP vision tower, a small trainable adapter and a causal-LM decoder
+(Qwen3-0.6B-Base by default).
 
 Shaped like transformers' `LlavaConfig`: one composite config holding complete sub-configs, checked at
-construction so that a wrong value fails at once with the field's name and what is allowed.
+construction so that a wrong value fails at once with the field's name and what is allowed. Like LLaVA's, the
+text sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, resolved through
+`CONFIG_MAPPING`); Qwen3 is the default.
 """
 
 from typing import Literal
 
-from transformers import CLIPVisionConfig, PreTrainedConfig, Qwen3Config
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 # Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
@@ -44,8 +47,10 @@ class ClipQwenConfig(PreTrainedConfig):
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower. A dict is merged over CLIP ViT-B/32's values.
-        text_config (`dict` or `Qwen3Config`, *optional*):
-            The Qwen3 decoder. A dict is merged over Qwen3-0.6B-Base's values.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The decoder: any causal LM's config (`Qwen3Config`, `LlamaConfig`, ...). A dict names its `model_type`
+            (default `"qwen3"`); a Qwen3 dict is merged over Qwen3-0.6B-Base's values, any other takes its own
+            class defaults.
         adapter_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one `nn.Linear`, the seed's) or `"mlp2x_gelu"` (Linear-GELU-Linear, LLaVA-1.5).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
@@ -57,17 +62,20 @@ class ClipQwenConfig(PreTrainedConfig):
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate).
         image_token_id (`int`, *optional*, defaults to 151655):
-            Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`).
+            Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`). For a
+            tokenizer without such a token, `ClipQwenProcessor` adds one and
+            `ClipQwenForConditionalGeneration.match_processor` sets this id from it; `None` until then.
         freeze_vision_model (`bool`, *optional*, defaults to `True`):
             Keep every CLIP parameter at `requires_grad=False`.
         freeze_language_model (`bool`, *optional*, defaults to `True`):
-            Keep every Qwen3 parameter at `requires_grad=False` (LoRA adds its own trainable weights).
+            Keep every decoder parameter at `requires_grad=False` (LoRA adds its own trainable weights).
     """
 
     model_type = "clipqwen"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(CLIPVisionConfig, init_kwargs=CLIP_VIT_B32),
-        "text_config": SubConfigSpec(Qwen3Config, init_kwargs=QWEN3_0_6B_BASE),
+        # AutoConfig + a default model_type, as LLaVA: a dict's own `model_type` picks the class from CONFIG_MAPPING.
+        "text_config": SubConfigSpec(AutoConfig, model_type="qwen3", init_kwargs=QWEN3_0_6B_BASE),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -76,7 +84,7 @@ class ClipQwenConfig(PreTrainedConfig):
     vision_feature_type: Literal["pooled", "patch"] = "pooled"
     num_pooled_image_tokens: int = 1
     vision_feature_layer: int = -2
-    image_token_id: int = 151655
+    image_token_id: int | None = 151655
     freeze_vision_model: bool = True
     freeze_language_model: bool = True
     tie_word_embeddings: bool = True
@@ -85,7 +93,7 @@ class ClipQwenConfig(PreTrainedConfig):
         # Merge partial sub-config dicts over the real checkpoints' values instead of the class defaults.
         if isinstance(self.vision_config, dict):
             self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
-        if isinstance(self.text_config, dict):
+        if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") == "qwen3":
             self.text_config = {**QWEN3_0_6B_BASE, **self.text_config}
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
@@ -104,7 +112,7 @@ class ClipQwenConfig(PreTrainedConfig):
         layers = self.vision_config.num_hidden_layers
         if not -layers - 1 <= self.vision_feature_layer <= layers:
             fail("vision_feature_layer", self.vision_feature_layer, f"CLIP has hidden states -{layers + 1}..{layers}")
-        if not 0 <= self.image_token_id < self.text_config.vocab_size:
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
             fail("image_token_id", self.image_token_id, f"use an id below vocab_size={self.text_config.vocab_size}")
         if self.vision_config.image_size % self.vision_config.patch_size:
             fail("vision_config.image_size", self.vision_config.image_size, "use a multiple of patch_size")
@@ -118,7 +126,7 @@ class ClipQwenConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """How many `<|image_pad|>` placeholders one image takes in the text."""
+        """How many image placeholders one image takes in the text."""
         if self.vision_feature_type == "pooled":
             return self.num_pooled_image_tokens
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2 + 1

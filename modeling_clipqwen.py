@@ -1,4 +1,4 @@
-"""ClipQwen: CLIP image features → trainable adapter → Qwen3 decoder, as one transformers model.
+"""ClipQwen: CLIP image features → trainable adapter → causal-LM decoder (Qwen3 by default), as one transformers model.
 
 Where the ideas come from:
 - LLaVA (Liu et al. 2023) and transformers' `modeling_llava.py`: image features replace placeholder-token
@@ -6,6 +6,9 @@ Where the ideas come from:
   the `mlp2x_gelu` projector is LLaVA-1.5's.
 - ClipCap (Mokady et al. 2021): one pooled CLIP embedding expanded into K prefix tokens.
 - The course project this replaces: a frozen pooled CLIP-B/32 embedding → `nn.Linear(512, 1024)` → Qwen3.
+- The decoder is built from `config.text_config` through `AutoModelForCausalLM` and reached only through its
+  public accessors (`get_decoder()`, `get_input_embeddings()`, `get_output_embeddings()`), as LLaVA builds its
+  language model through the Auto classes: any causal LM of transformers can sit behind the adapter.
 """
 
 import logging
@@ -16,13 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    CLIPVisionModelWithProjection,
-    GenerationMixin,
-    PreTrainedModel,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -76,8 +73,11 @@ def load_backbone_weights(model_class, name_or_path: str, **options):
     through torch's `weights_only` unpickler, which builds only tensors and plain containers and refuses any
     other pickle before running it. openai/clip-vit-base-patch32 needs the second: its `main` branch holds only
     `pytorch_model.bin`. transformers' safetensors converter bot (which looks up, or opens, a conversion pull
-    request on the Hub and would load the weights from that pull request) is switched off for both attempts."""
+    request on the Hub and would load the weights from that pull request) is switched off for both attempts.
+    With `gguf_file=` the weights come from that GGUF file (tensors only, no pickle), dequantized to `dtype`."""
     with _safetensors_conversion_disabled():
+        if options.get("gguf_file"):
+            return model_class.from_pretrained(name_or_path, **options)
         try:
             return model_class.from_pretrained(name_or_path, use_safetensors=True, **options)
         except OSError as error:
@@ -92,6 +92,18 @@ def load_backbone_weights(model_class, name_or_path: str, **options):
                 f"{name_or_path}: its .bin weights hold objects other than tensors and were refused without running "
                 f"them ({str(error).splitlines()[0]}). Use a checkpoint with safetensors weights."
             ) from error
+
+
+def _merge_options(backbone: str, named: dict, extra: dict | None) -> dict:
+    """One backbone's `from_pretrained` options: the named arguments, then its `*_kwargs` dict; a key given both
+    ways with two different values is an error rather than a silent choice."""
+    options = {key: value for key, value in named.items() if value is not None}
+    for key, value in (extra or {}).items():
+        if key in options and options[key] != value:
+            raise ValueError(f"{backbone} backbone option {key!r} is given twice ({options[key]!r} and {value!r} in "
+                             f"{backbone}_kwargs): pass it once.")
+        options[key] = value
+    return options
 
 
 class ClipQwenAdapter(nn.Module):
@@ -124,7 +136,8 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CLIPEncoderLayer", "Qwen3DecoderLayer"]
+    # The decoder's own `_no_split_modules` (Qwen3DecoderLayer, LlamaDecoderLayer, ...) are added by post_init.
+    _no_split_modules = ["CLIPEncoderLayer"]
     _skip_keys_device_placement = "cache"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -134,7 +147,7 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # The sub-models initialise their own modules; only the adapter is ours. Defaults (Kaiming-uniform
-        # for nn.Linear) would give image tokens a norm far above Qwen's word embeddings (std 0.02).
+        # for nn.Linear) would give image tokens a norm far above the decoder's word embeddings (std 0.02).
         if isinstance(module, ClipQwenAdapter):
             std = self.config.text_config.initializer_range
             for layer in module.layers:
@@ -146,13 +159,13 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
 
 
 class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin):
-    """CLIP vision tower + adapter + Qwen3 causal LM. Use `generate()` for captions."""
+    """CLIP vision tower + adapter + causal LM (Qwen3 by default). Use `generate()` for captions."""
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
         self.vision_model = CLIPVisionModelWithProjection._from_config(config.vision_config)
         self.adapter = ClipQwenAdapter(config)
-        self.language_model = Qwen3ForCausalLM._from_config(config.text_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         # register_for_auto_class keeps one Auto class per model; the image-text-to-text entry goes beside it.
         module = type(self).__module__.rsplit(".", 1)[-1]
         config.auto_map = {**(getattr(config, "auto_map", None) or {}),
@@ -160,6 +173,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         self.post_init()
         if self.generation_config.pad_token_id is None:  # Qwen3-Base pads with its EOS, <|endoftext|>
             self.generation_config.pad_token_id = config.text_config.eos_token_id
+        # A generated placeholder would be an image position without an image (and, without a KV cache, a
+        # placeholder-count error on the next step): it is never a caption token.
+        self.generation_config.suppress_tokens = [] if config.image_token_id is None else [config.image_token_id]
         self.apply_freezing()
 
     # ---- freezing -------------------------------------------------------------------------------------
@@ -186,28 +202,76 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         vision_revision: str | None = None,
         text_revision: str | None = None,
         cache_dir: str | None = None,
+        vision_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "ClipQwenForConditionalGeneration":
-        """Assemble a ClipQwen model from a CLIP and a Qwen3 checkpoint (Hub ids or local folders, each at its
-        revision); the adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig` fields, for
-        example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
-        `load_backbone_weights` says."""
-        vision = load_backbone_weights(CLIPVisionModelWithProjection, vision_model_name_or_path, dtype=dtype,
-                                       revision=vision_revision, cache_dir=cache_dir)
-        text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, dtype=dtype, revision=text_revision,
-                                     cache_dir=cache_dir)
-        if not isinstance(text, Qwen3ForCausalLM):
+        """Assemble a ClipQwen model from a CLIP checkpoint and a causal-LM checkpoint (Hub ids or local folders,
+        each at its revision); the adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig`
+        fields, for example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
+        `load_backbone_weights` says.
+
+        `vision_kwargs` / `text_kwargs` are further `from_pretrained` options for one backbone, for example
+        `text_kwargs={"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}` or a per-backbone `dtype`.
+
+        Only a Qwen3 decoder's placeholder id is known here (151655, `<|image_pad|>`). Any other decoder starts
+        with `image_token_id=None` (unless given): build the `ClipQwenProcessor` from its tokenizer (it adds a
+        placeholder token where there is none) and call `model.match_processor(processor)`."""
+        vision_options = _merge_options("vision", {"dtype": dtype, "revision": vision_revision, "cache_dir": cache_dir},
+                                        vision_kwargs)
+        text_options = _merge_options("text", {"dtype": dtype, "revision": text_revision, "cache_dir": cache_dir}, text_kwargs)
+        vision = load_backbone_weights(CLIPVisionModelWithProjection, vision_model_name_or_path, **vision_options)
+        try:
+            text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, **text_options)
+        except ValueError as error:
+            if "Unrecognized configuration class" not in str(error):
+                raise
             raise ValueError(
-                f"{text_model_name_or_path!r} is a {type(text).__name__}; ClipQwen needs a Qwen3 causal LM "
-                "(for example Qwen/Qwen3-0.6B-Base)."
-            )
-        config = ClipQwenConfig(vision_config=vision.config.to_dict(), text_config=text.config.to_dict(), **config_kwargs)
+                f"{text_model_name_or_path!r} is not a causal language model that AutoModelForCausalLM can load; "
+                "ClipQwen needs a decoder-only LM (for example Qwen/Qwen3-0.6B-Base)."
+            ) from error
+        # A GGUF checkpoint is dequantized on load: the model in memory holds plain tensors, and a saved ClipQwen
+        # must not claim a quantization it does not have.
+        if getattr(text.config, "quantization_config", None) and getattr(text, "hf_quantizer", None) is None:
+            del text.config.quantization_config
+        if text.config.model_type != "qwen3":
+            config_kwargs.setdefault("image_token_id", None)
+        # The loaded sub-configs themselves, so that model.config.text_config *is* language_model.config (resizing
+        # the vocabulary, attention implementation) as in a model built from a config.
+        config = ClipQwenConfig(vision_config=vision.config, text_config=text.config, **config_kwargs)
         with torch.device("meta"):
             model = cls(config)
         model.vision_model, model.language_model = vision, text
         model.adapter = ClipQwenAdapter(config).to(dtype=text.dtype)
         model._init_weights(model.adapter)
         return model.apply_freezing()
+
+    def match_processor(self, processor) -> "ClipQwenForConditionalGeneration":
+        """Make the model read and write exactly the processor's tokens:
+
+        - the embedding matrix grows to the tokenizer's length when the processor added an image placeholder
+          token (a decoder such as Llama or SmolLM2 has none). The new row is never trained — the adapter output
+          always replaces it — and it stays frozen with the rest of the decoder;
+        - `config.image_token_id` becomes the processor's placeholder id, and generation suppresses it;
+        - generation ends captions on the processor's caption end token (what the labels supervise; an instruct
+          model's own EOS may differ) and pads with the tokenizer's pad token.
+
+        A no-op for the bundled Qwen3 tokenizer and a Qwen3 decoder. Returns the model."""
+        if processor.num_image_tokens != self.config.num_image_tokens:
+            raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model expects "
+                             f"{self.config.num_image_tokens}; set the processor's num_image_tokens to match.")
+        tokenizer = processor.tokenizer
+        if len(tokenizer) > self.get_input_embeddings().num_embeddings:
+            self.resize_token_embeddings(len(tokenizer))
+        previous = self.config.image_token_id
+        self.config.image_token_id = processor.image_token_id
+        self.config.validate_clipqwen()
+        generation = self.generation_config
+        generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) - {previous} | {processor.image_token_id})
+        generation.eos_token_id = processor.caption_end_token_id
+        pad = tokenizer.pad_token_id
+        generation.pad_token_id = pad if pad is not None else processor.caption_end_token_id
+        return self.apply_freezing()
 
     # ---- embeddings (used by generate, peft and resize_token_embeddings) -------------------------------
     def get_input_embeddings(self):
@@ -274,7 +338,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
     ) -> ClipQwenCausalLMOutput:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-            Token ids with `num_image_tokens` `<|image_pad|>` placeholders per image (see ClipQwenProcessor).
+            Token ids with `num_image_tokens` placeholders (`config.image_token_id`) per image (see ClipQwenProcessor).
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, 224, 224)`, *optional*):
             CLIP-normalised images.
         vision_embeds (`torch.FloatTensor`, *optional*):
@@ -286,6 +350,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if pixel_values is not None and vision_embeds is not None:
             raise ValueError("Pass pixel_values or vision_embeds, not both.")
+        if self.config.image_token_id is None:
+            raise ValueError("config.image_token_id is not set: this decoder's placeholder id comes from its tokenizer. "
+                             "Build a ClipQwenProcessor from that tokenizer and call model.match_processor(processor).")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
 
         image_features = None
@@ -295,7 +362,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
                 image_features = self.get_image_features(pixel_values, vision_embeds)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
 
-        outputs = self.language_model.model(
+        outputs = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -304,11 +371,11 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        lm_head = self.language_model.get_output_embeddings()
+        lm_head = self.get_output_embeddings()
 
         loss = logits = None
         if labels is not None:
-            # The LM head (hidden × 151,936) is a quarter of a token's forward cost: apply it only where a
+            # The LM head (hidden × 151,936 for Qwen3) is a quarter of a token's forward cost: apply it only where a
             # target exists (caption tokens and the closing end-of-text), not at image/prompt/pad positions.
             shift_labels = labels[:, 1:].to(hidden_states.device)
             supervised = shift_labels != -100

@@ -1,26 +1,38 @@
-"""ClipQwenProcessor: CLIP image preprocessing + the Qwen3 tokenizer, laid out the way the model reads them.
+"""ClipQwenProcessor: CLIP image preprocessing + the decoder's tokenizer (Qwen3's by default), laid out the way
+the model reads them.
 
 Sequence layout (one image per sequence):
     training:   <|image_pad|> × N   [prompt]   caption   <|endoftext|>     right-padded
     inference:  <|image_pad|> × N   [prompt]                                left-padded, for generate()
 Labels are built from lengths, never by masking pad ids: in Qwen3-Base pad == EOS == <|endoftext|>, and
 masking every pad id would hide the one EOS the model must learn to stop on (the course project's bug).
+
+A tokenizer without the placeholder token (Llama's, SmolLM2's) gets it added as a special token; the model then
+needs `model.match_processor(processor)` (one more embedding row, the placeholder id, generation settings).
 """
+
+import logging
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AddedToken, BatchFeature, ProcessorMixin
+
+logger = logging.getLogger(__name__)
 
 
 # Chat-style calls (the image-text-to-text pipeline with messages) render to exactly the layout the model is
 # trained on: the image placeholder, then any text. Without it, the tokenizer's Qwen chat template would wrap
 # prompts in <|im_start|> markup the captioner never saw.
-CAPTION_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<|image_pad|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-)
+def caption_chat_template(image_token: str = "<|image_pad|>") -> str:
+    return (
+        "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_token +
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    )
+
+
+CAPTION_CHAT_TEMPLATE = caption_chat_template()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -67,12 +79,14 @@ class ClipQwenProcessor(ProcessorMixin):
     r"""
     Args:
         image_processor (`CLIPImageProcessor`): CLIP preprocessing (224 px, bicubic, OpenAI mean/std).
-        tokenizer (`Qwen2Tokenizer`): the Qwen3 tokenizer.
+        tokenizer: the decoder's tokenizer (the Qwen3 tokenizer by default).
         num_image_tokens (`int`, defaults to 1): placeholders per image; must equal the model config's
             `num_image_tokens` (1 for the pooled preset, 50 for CLIP-B/32 patch tokens).
-        image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder token.
-        caption_end_token (`str`, defaults to `"<|endoftext|>"`): the token that ends every caption — what
-            Qwen3-Base generates as EOS (its tokenizer config says `<|im_end|>`, which the base model never ends on).
+        image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder token. Added to the tokenizer as a
+            special token when it is not one of its tokens (then call `model.match_processor(processor)`).
+        caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): the token that ends every caption —
+            what Qwen3-Base generates as EOS (its tokenizer config says `<|im_end|>`, which the base model never
+            ends on). `None`: the tokenizer's EOS token.
     """
 
     def __init__(
@@ -81,18 +95,35 @@ class ClipQwenProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 1,
         image_token: str = "<|image_pad|>",
-        caption_end_token: str = "<|endoftext|>",
+        caption_end_token: str | None = "<|endoftext|>",
         chat_template: str | None = CAPTION_CHAT_TEMPLATE,
         **kwargs,
     ):
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens!r} is not valid: use an integer >= 1.")
+        if caption_end_token is None and tokenizer is not None:
+            caption_end_token = tokenizer.eos_token
+        if chat_template == CAPTION_CHAT_TEMPLATE:  # the caption layout, written with this processor's placeholder
+            chat_template = caption_chat_template(image_token)
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.caption_end_token = caption_end_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.add_image_token()
         self.image_token_id = self._single_token_id(image_token, "image_token")
         self.caption_end_token_id = self._single_token_id(caption_end_token, "caption_end_token")
+
+    def add_image_token(self) -> bool:
+        """Add the placeholder to a tokenizer that lacks it, as a special token: never split, dropped by
+        `skip_special_tokens` decoding, and only ever written by this processor (text that spells it stays text).
+        Returns whether it was added; the model must then grow its vocabulary (`model.match_processor`)."""
+        if self.image_token in self.tokenizer.get_vocab():
+            return False
+        self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
+        logger.info("Added the image placeholder %r to the tokenizer (id %d); call model.match_processor(processor) "
+                    "so that the model's vocabulary and image_token_id match.", self.image_token,
+                    self.tokenizer.convert_tokens_to_ids(self.image_token))
+        return True
 
     def _single_token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False)

@@ -1,5 +1,5 @@
 import pytest
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, LlamaConfig, Qwen3Config
 
 from configuration_clipqwen import ClipQwenConfig
 
@@ -25,6 +25,24 @@ def test_partial_text_config_is_merged_over_qwen3_0_6b_not_class_defaults():
     assert config.text_config.num_hidden_layers == 2
     assert config.text_config.hidden_size == 1024 and config.text_config.num_key_value_heads == 8
     assert len(config.text_config.layer_types) == 2
+
+
+def test_any_causal_lm_text_config_by_model_type_with_its_own_defaults(tmp_path):
+    config = ClipQwenConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                         "vocab_size": 300, "tie_word_embeddings": False}, image_token_id=None)
+    assert type(config.text_config) is LlamaConfig and config.image_token_id is None
+    assert config.text_config.num_hidden_layers == LlamaConfig().num_hidden_layers  # Llama's defaults, not Qwen3-0.6B's
+    assert not config.tie_word_embeddings  # follows the decoder
+    config.save_pretrained(tmp_path)
+    reloaded = ClipQwenConfig.from_pretrained(tmp_path)
+    assert type(reloaded.text_config) is LlamaConfig and reloaded.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="image_token_id"):
+        ClipQwenConfig(text_config={"model_type": "llama", "vocab_size": 300})  # Qwen3's 151655 is out of range
+
+
+def test_a_qwen3_dict_naming_its_model_type_is_merged_too():
+    config = ClipQwenConfig(text_config={"model_type": "qwen3", "num_hidden_layers": 2})
+    assert type(config.text_config) is Qwen3Config and config.text_config.hidden_size == 1024
 
 
 def test_patch_features_take_cls_plus_patch_grid_tokens():

@@ -31,6 +31,7 @@ def test_vision_part_equals_plain_clip(make_model, processor, photos, feature_ty
 
 def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
     model = make_model()
+    assert type(model.language_model) is Qwen3ForCausalLM  # the default text tower, built through AutoModelForCausalLM
     qwen = Qwen3ForCausalLM(model.config.text_config).eval()
     qwen.load_state_dict(model.language_model.state_dict())
     embeds = torch.randn(2, 7, model.config.text_config.hidden_size) * 0.02
@@ -177,11 +178,39 @@ def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
     assert torch.equal(reloaded.adapter.layers[0].weight, model.adapter.layers[0].weight)
 
 
-def test_from_pretrained_backbones_rejects_a_non_qwen3_text_model(tmp_path):
+def test_from_pretrained_backbones_takes_any_causal_lm(tmp_path, processor, photos):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="needs a Qwen3 causal LM"):
-        ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "gpt2"))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=151936)).save_pretrained(tmp_path / "gpt2")
+    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "gpt2"))
+    assert type(model.language_model) is GPT2LMHeadModel and model.config.image_token_id is None
+    model.match_processor(processor)  # the bundled Qwen3 tokenizer has the placeholder: nothing to grow
+    assert model.config.image_token_id == 151655 and model.get_input_embeddings().weight.shape[0] == 151936
+    with torch.no_grad():
+        out = model.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3)
+    assert out.shape == (1, 4)
+
+
+def test_from_pretrained_backbones_rejects_a_model_that_is_not_a_causal_lm(tmp_path):
+    config = tiny_config()
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="not a causal language model"):
+        ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "clip"))
+
+
+def test_generation_never_writes_the_image_placeholder(make_model, processor, photos):
+    model = make_model()
+    assert model.generation_config.suppress_tokens == [151655]
+    with torch.no_grad():
+        out = model.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3, output_scores=True,
+                             return_dict_in_generate=True)
+    assert all(torch.isinf(scores[:, 151655]).all() for scores in out.scores)
+
+
+def test_match_processor_is_a_no_op_for_qwen3(make_model, processor):
+    model = make_model()
+    before = (model.config.image_token_id, model.get_input_embeddings().weight.shape, model.generation_config.to_dict())
+    model.match_processor(processor)
+    assert (model.config.image_token_id, model.get_input_embeddings().weight.shape, model.generation_config.to_dict()) == before

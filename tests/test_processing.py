@@ -115,3 +115,28 @@ def test_extreme_strips_are_cropped_before_resizing_not_blown_up(processor, size
     pixel_values = processor(images=[strip])["pixel_values"]  # without the crop: 224 × 2,240,000 pixels first
     assert pixel_values.shape == (1, 3, 224, 224)
     torch.testing.assert_close(pixel_values, processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))])["pixel_values"], atol=0.02, rtol=0)
+
+
+def test_a_tokenizer_without_the_placeholder_gets_it_as_a_special_token(tmp_path):
+    from clipqwen.presets import clip_image_processor
+    from tiny_decoders import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    assert "<|image_pad|>" not in tokenizer.get_vocab()
+    processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=2)
+    assert processor.image_token_id == len(tokenizer) - 1 == 300
+    batch = processor(captions=["a dog."])
+    assert batch["input_ids"][0, :2].tolist() == [300, 300] and batch["labels"][0, :2].tolist() == [-100, -100]
+    assert processor.decode(batch["input_ids"][0]) == "a dog."  # placeholders and end token are dropped
+    processor.save_pretrained(tmp_path)
+    reloaded = ClipQwenProcessor.from_pretrained(tmp_path)
+    assert reloaded.image_token_id == 300 and len(reloaded.tokenizer) == 301  # saved with the tokenizer, not added twice
+    rendered = reloaded.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    assert rendered == "<|image_pad|>"
+
+
+def test_the_caption_template_writes_the_processors_own_placeholder(processor):
+    custom = ClipQwenProcessor(processor.image_processor, processor.tokenizer, image_token="<|vision_pad|>")
+    rendered = custom.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A"}]}],
+                                          tokenize=False)
+    assert rendered == "<|vision_pad|>A" and custom.image_token_id == 151654

@@ -31,10 +31,40 @@ CHILD = textwrap.dedent(
     print(json.dumps({
         "module": type(model).__module__, "frozen": not any(p.requires_grad for p in model.vision_model.parameters()),
         "logits": logits[0, -1, :50].tolist(), "ids": ids.tolist(), "pipeline": piped[0]["generated_text"],
-        "decoded": processor.batch_decode(ids)[0],
+        "decoded": processor.batch_decode(ids)[0], "decoder": type(model.language_model).__name__,
+        "image_token_id": model.config.image_token_id, "processor_image_token_id": processor.image_token_id,
     }))
     """
 )
+
+
+def load_in_fresh_process(folder, photo, workdir):
+    """Run CHILD on `folder` in a new Python, from `workdir`, with the project off the path; its JSON report."""
+    workdir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(photo)], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_fresh_process_matches(model, processor, folder, photo, workdir):
+    """The folder, loaded with trust_remote_code in a fresh process, gives this model's logits and captions."""
+    child = load_in_fresh_process(folder, photo, workdir)
+    assert child["module"].startswith("transformers_modules")  # loaded from the folder, not the project
+    assert child["frozen"]
+
+    from PIL import Image
+
+    batch = processor(images=[Image.open(photo)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    assert child["logits"] == logits[0, -1, :50].tolist()
+    assert child["ids"] == ids.tolist()
+    assert child["pipeline"].strip() == child["decoded"] == processor.batch_decode(ids)[0]
+    return child
 
 
 def test_saved_folder_loads_in_a_fresh_process_with_identical_outputs(make_model, processor, tmp_path):
@@ -50,23 +80,5 @@ def test_saved_folder_loads_in_a_fresh_process_with_identical_outputs(make_model
     assert json.loads((folder / "processor_config.json").read_text())["auto_map"]["AutoProcessor"] == "processing_clipqwen.ClipQwenProcessor"
 
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(photo)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    child = json.loads(result.stdout.strip().splitlines()[-1])
-    assert child["module"].startswith("transformers_modules")  # loaded from the folder, not the project
-    assert child["frozen"]
-
-    from PIL import Image
-
-    batch = processor(images=[Image.open(photo)])
-    with torch.no_grad():
-        logits = model(**batch).logits
-        ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
-    assert child["logits"] == logits[0, -1, :50].tolist()
-    assert child["ids"] == ids.tolist()
-    assert child["pipeline"].strip() == child["decoded"] == processor.batch_decode(ids)[0]
+    child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
+    assert child["decoder"] == "Qwen3ForCausalLM" and child["image_token_id"] == child["processor_image_token_id"] == 151655
