@@ -1,16 +1,20 @@
 """ClipQwen captioning demo: drop in photos, read the captions.
 
-    python app.py [MODEL] [--revision REV] [--host 127.0.0.1] [--port 7860]
+    python app.py [MODEL] [--revision REV] [--allowed_models A,B@REV] [--host 127.0.0.1] [--port 7860]
 
 MODEL is a folder written by `save_pretrained` or a Hub id; the default comes from $CLIPQWEN_MODEL (and
 $CLIPQWEN_REVISION). As a Hugging Face Space, push this repository as it is: app.py and requirements.txt
 at the root, beside the three *_clipqwen.py files and the clipqwen/ package they import.
 
-Safety: models open through clipqwen.loading, which refuses anything that is not a clipqwen model and builds
-it from this repository's own classes, never from the .py files shipped beside the weights.
+Safety: visitors pick among the models the operator serves (MODEL and --allowed_models), never a folder or Hub id
+of their own: any other name gets the same answer, whether or not it exists. Models open through clipqwen.loading,
+which refuses anything that is not a clipqwen model and builds it from this repository's own classes, never from
+the .py files shipped beside the weights. A request reads at most --max_images images and --max_request_mb
+megabytes; nothing beyond that is decoded.
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -32,6 +36,10 @@ ATTRIBUTION = (
     "[CC BY-SA 2.0](https://creativecommons.org/licenses/by-sa/2.0/); sources under *Example photo credits*."
 )
 BEAM, SAMPLING = "Beam search", "Sampling"
+# Per request: captioning is ~0.2-1 s per image on a CPU, and each image is decoded in full before that.
+MAX_IMAGES = 16
+MAX_REQUEST_MB = 64
+MAX_PREFIX_CHARS = 200  # a prompt prefix is a few words; a long one only makes every caption slower
 
 
 def photo_credits() -> str:
@@ -44,23 +52,54 @@ def photo_credits() -> str:
     )
 
 
+def served_models(model: str, revision: str | None, allowed: list[str]) -> dict[str, tuple[str, str | None]]:
+    """What the model box offers: label -> (folder or Hub id, revision). MODEL at --revision first, then each
+    --allowed_models entry, where `owner/name@rev` pins a Hub revision."""
+    served = {}
+    if model:
+        served[f"{model}@{revision}" if revision else model] = (model, revision or None)
+    for entry in allowed:
+        name, _, rev = entry.rpartition("@") if "@" in entry and not Path(entry).is_dir() else (entry, "", "")
+        served.setdefault(entry, (name, rev or None))
+    return served
+
+
 _MODELS: dict[tuple[str, str | None], tuple] = {}  # (model, revision) -> (model, processor), the last two loaded
 
 
-def get_model(model: str, revision: str | None):
-    """Load (or reuse) a ClipQwen model and its processor; refuse anything else before any of it is loaded."""
-    model, revision = model.strip(), (revision or "").strip() or None
-    if not model:
-        raise ModelLoadError("Enter a model: a folder saved with `save_pretrained`, or a Hub id like `owner/name`.")
-    if Path(model).expanduser().is_dir():
-        model, revision = str(Path(model).expanduser().resolve()), None  # a folder has no revisions
-    key = (model, revision)
+def get_model(choice: str, served: dict[str, tuple[str, str | None]]):
+    """Load (or reuse) one of the served models and its processor. Anything else is refused before the name is
+    looked at, with one message whatever it names: no answer reveals which folders or repositories exist."""
+    if choice not in served:
+        raise ModelLoadError(f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the "
+                             "model box.")
+    key = served[choice]
     if key not in _MODELS:
-        loaded = load_clipqwen(model, revision, device=DEVICE, dtype=DTYPE)
+        loaded = load_clipqwen(*key, device=DEVICE, dtype=DTYPE)
         while len(_MODELS) >= 2:
             _MODELS.pop(next(iter(_MODELS)))
         _MODELS[key] = loaded
     return _MODELS[key]
+
+
+def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[list[str], str | None]:
+    """The files of a request up to max_images and max_bytes (sizes from the file system, nothing decoded), and
+    a note naming what was left out."""
+    kept, total = [], 0
+    for file in files:
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            size = 0  # load_image says what is wrong with it
+        if len(kept) == max_images or total + size > max_bytes:
+            break
+        kept.append(file)
+        total += size
+    if len(kept) == len(files):
+        return kept, None
+    left_out = ", ".join(Path(file).name for file in files[len(kept):][:3]) + ", ..." * (len(files) - len(kept) > 3)
+    return kept, (f"⚠️ {len(files) - len(kept)} image(s) left out ({left_out}): a request takes at most {max_images} "
+                  f"images and {max_bytes / 2**20:g} MB. Caption them in another request.")
 
 
 def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) -> dict:
@@ -68,14 +107,22 @@ def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) 
         options = {"do_sample": True, "num_beams": 1, "temperature": float(temperature), "top_p": float(top_p)}
     else:
         options = {"do_sample": False, "num_beams": int(num_beams)}
-    return options | {"max_new_tokens": int(max_new_tokens)}
+    # min_new_tokens=1: a model whose first greedy token is end-of-text (seen after adapter-only training) would
+    # otherwise show an empty caption.
+    return options | {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1}
 
 
-def caption(files, model, revision, decoding, num_beams, temperature, top_p, max_new_tokens, prefix):
+def caption(files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix, *, served,
+            max_images=MAX_IMAGES, max_bytes=MAX_REQUEST_MB * 2**20):
     """-> (gallery of (image, caption), captions as text, status in Markdown)."""
+    prefix = prefix or ""
+    if len(prefix) > MAX_PREFIX_CHARS:
+        return [], "", f"⚠️ The prompt prefix has {len(prefix):,} characters; at most {MAX_PREFIX_CHARS} are allowed."
     images, names, problems = [], [], []
-    for file in files or []:
-        name = Path(file).name
+    taken, left_out = within_limits(files or [], max_images, max_bytes)
+    problems += [left_out] if left_out else []
+    for file in taken:
+        name = os.fsencode(Path(file).name).decode("utf-8", "backslashreplace")  # JSON-safe, whatever the bytes
         try:
             images.append(load_image(file, name=name))
             names.append(name)
@@ -85,7 +132,7 @@ def caption(files, model, revision, decoding, num_beams, temperature, top_p, max
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
         started = time.perf_counter()
-        captioner, processor = get_model(model, revision)
+        captioner, processor = get_model(model, served)
         loading = time.perf_counter() - started
     except ModelLoadError as error:
         return [], "", "\n\n".join([f"⚠️ {error}"] + problems)
@@ -116,14 +163,13 @@ def add_example(files, event: gr.SelectData):
     return files if Path(photo).name in {Path(file).name for file in files} else files + [photo]
 
 
-def build_demo(default_model: str = "", default_revision: str = "") -> gr.Blocks:
+def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_IMAGES,
+               max_request_mb: float = MAX_REQUEST_MB) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
         with gr.Row():
             with gr.Column():
-                with gr.Row():
-                    model = gr.Textbox(default_model, label="Model (folder or Hub id)", scale=3, elem_id="model")
-                    revision = gr.Textbox(default_revision, label="Revision", placeholder="main", elem_id="revision")
+                model = gr.Dropdown(list(served), value=next(iter(served)), label="Model", elem_id="model")
                 files = gr.File(
                     label="Images", file_count="multiple", file_types=["image"], height=180, elem_id="images"
                 )
@@ -142,7 +188,8 @@ def build_demo(default_model: str = "", default_revision: str = "") -> gr.Blocks
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", visible=False, elem_id="top-p")
                     max_new_tokens = gr.Slider(1, 64, value=30, step=1, label="Max new tokens",
                                                elem_id="max-new-tokens")
-                    prefix = gr.Textbox(label="Prompt prefix (optional; the caption continues it)", elem_id="prefix")
+                    prefix = gr.Textbox(label="Prompt prefix (optional; the caption continues it)",
+                                        max_length=MAX_PREFIX_CHARS, elem_id="prefix")
                 decoding.change(  # beams for beam search; temperature and top-p for sampling
                     lambda choice: [gr.update(visible=choice == BEAM)] + [gr.update(visible=choice == SAMPLING)] * 2,
                     inputs=decoding, outputs=[num_beams, temperature, top_p],
@@ -157,8 +204,9 @@ def build_demo(default_model: str = "", default_revision: str = "") -> gr.Blocks
         if EXAMPLE_PHOTOS:
             with gr.Accordion("Example photo credits", open=False):
                 gr.Markdown(photo_credits())
-        inputs = [files, model, revision, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
-        button.click(caption, inputs=inputs, outputs=[gallery, text, status])
+        inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
+        limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20))
+        button.click(functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status])
     return demo
 
 
@@ -166,11 +214,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=os.environ.get("CLIPQWEN_MODEL", ""), help="folder or Hub id")
     parser.add_argument("--revision", default=os.environ.get("CLIPQWEN_REVISION", ""), help="Hub branch, tag or commit")
+    parser.add_argument("--allowed_models", default="",
+                        help="more models visitors may pick, comma-separated folders or Hub ids (owner/name@rev pins a "
+                             "revision); default: only MODEL")
+    parser.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images read per request")
+    parser.add_argument("--max_request_mb", type=float, default=MAX_REQUEST_MB, help="megabytes read per request")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
-    demo = build_demo(args.model, args.revision)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(EXAMPLES)])
+    served = served_models(args.model, args.revision, [e.strip() for e in args.allowed_models.split(",") if e.strip()])
+    if not served:
+        parser.error("no model to serve: pass MODEL (or set $CLIPQWEN_MODEL), or --allowed_models")
+    if args.max_images < 1 or args.max_request_mb <= 0:
+        parser.error("--max_images and --max_request_mb must be positive")
+    demo = build_demo(served, args.max_images, args.max_request_mb)
+    # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(EXAMPLES)],
+                max_file_size=int(args.max_request_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
     clipqwen-caption MODEL photos/ "more/*.png" --num_beams 3 --output captions.jsonl
 
 MODEL is a clipqwen folder or Hub id (pinned with --revision). Unreadable files are reported and skipped;
-the others are captioned in batches, with a progress bar.
+the others are captioned in batches, with a progress bar, and each batch is written as soon as it is done.
+Errors are one line on stderr: exit status 2 for a wrong argument or input, 1 when loading or captioning fails.
 """
 
 import argparse
 import glob
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .images import ImageLoadError, load_image
-from .loading import load_clipqwen
+from .loading import ModelLoadError, load_clipqwen, one_line
+from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
+
+
+class InputError(ValueError):
+    """A wrong argument or input: exit status 2, like argparse's own errors."""
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -27,73 +36,160 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif path.is_file():
             paths.append(path)
+        elif path.exists():
+            raise InputError(f"{printable(item)} is not a regular file (a fifo, socket or device?): give image files.")
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
-                raise SystemExit(f"{item}: no such file, folder or matching glob.")
+                raise InputError(f"{printable(item)}: no such file, folder or matching glob.")
             paths += matches
+    if not paths:
+        raise InputError(f"No image files in {', '.join(map(printable, inputs))} (looked for "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))} in folders).")
     return paths
 
 
+def check_output(output: str, paths: list[Path]) -> None:
+    """Refuse an --output that cannot be written, before the model loads. Opening it empties it: if it is one of
+    the photos (by any name, through symlinks or hard links), the photo would be gone before it is read."""
+    if os.path.isdir(output) or not os.path.isdir(os.path.dirname(output) or "."):
+        raise InputError(f"--output {printable(output)}: not a file in an existing folder.")
+    if not os.path.exists(output):
+        return
+    target = os.stat(output)
+    for path in paths:
+        if os.path.samestat(os.stat(path), target):
+            raise InputError(f"--output {printable(output)} is one of the input images ({printable(str(path))}); "
+                             "writing it would erase it. Choose another output file.")
+
+
+def jsonl_line(record: dict) -> str:
+    """One JSON line that is valid UTF-8 whatever the file names. A name that is not UTF-8 on disk (Latin-1, say)
+    holds lone surrogates after os.fsdecode; they are written as \\udcXX escapes, which json.loads + os.fsencode turn
+    back into the exact bytes. Everything else stays readable (no \\u escapes for CJK, accents, emoji)."""
+    line = json.dumps(record, ensure_ascii=False)
+    return re.sub("[\ud800-\udfff]", lambda match: f"\\u{ord(match.group()):04x}", line)
+
+
+def printable(name: str) -> str:
+    """A file name for the terminal: undecodable bytes as \\xNN instead of an encoding error."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def in_range(kind, low, high, allowed: str):
+    """An argparse type that refuses values outside [low, high] at parse time; argparse names the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}: use {allowed}") from None
+        if not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {allowed}")
+        return value
+
+    return parse
+
+
+def device(text: str) -> str:
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda, cuda:1, ...") from None
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line; `--help` prints the usage
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="clipqwen-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="clipqwen-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="clipqwen model folder or Hub id")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--revision", default=None, help="Hub revision (commit sha) to pin")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--batch_size", type=in_range(int, 1, MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"), default=16)
+    parser.add_argument("--num_beams", type=in_range(int, 1, MAX_NUM_BEAMS, f"1 to {MAX_NUM_BEAMS}"), default=1)
+    parser.add_argument("--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"), default=30)
     parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=in_range(float, 1e-3, 100.0, "0.001 to 100"), default=1.0)
+    parser.add_argument("--top_p", type=in_range(float, 1e-3, 1.0, "0.001 to 1"), default=1.0)
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    paths = expand_inputs(args.inputs)
-    if not paths:
-        raise SystemExit("No image files found.")
-    model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device)
-    generation = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
+def generation_options(args) -> dict:
+    # min_new_tokens=1: a model whose first greedy token is end-of-text (seen after adapter-only training) would
+    # otherwise give an empty caption.
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=1, num_beams=args.num_beams,
+                   do_sample=args.do_sample)
     if args.do_sample:
-        generation.update(temperature=args.temperature, top_p=args.top_p)
+        options.update(temperature=args.temperature, top_p=args.top_p)
+    return options
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+
+def caption_files(args) -> int:
+    paths = expand_inputs(args.inputs)
+    if args.output:
+        check_output(args.output, paths)
+    model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device)
+    generation = generation_options(args)
+
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     skipped = 0
     try:
         for start in tqdm(range(0, len(paths), args.batch_size), desc="captioning", unit="batch", file=sys.stderr):
             images, names = [], []
             for path in paths[start : start + args.batch_size]:
                 try:
-                    images.append(load_image(path))
+                    images.append(load_image(path, name=printable(str(path))))
                     names.append(str(path))
                 except ImageLoadError as error:
                     skipped += 1
-                    print(f"skipped: {error}", file=sys.stderr)
+                    tqdm.write(f"skipped: {error}", file=sys.stderr)  # above the progress bar, not inside it
             if not images:
                 continue
             inputs = processor(images=images, text=[args.prompt] * len(images)).to(args.device)
             with torch.no_grad():
                 ids = model.generate(**inputs, **generation)
             for name, caption in zip(names, processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])):
-                if out:
-                    out.write(json.dumps({"file": name, "caption": caption}, ensure_ascii=False) + "\n")
-                    out.flush()  # a crash later keeps every caption written so far
+                if args.output:
+                    out.write(jsonl_line({"file": name, "caption": caption}) + "\n")
                 else:
-                    print(f"{name}\t{caption}")
+                    out.write(f"{printable(name)}\t{caption}\n")
+            out.flush()  # a crash later keeps every batch written so far
     finally:
-        if out:
+        if args.output:
             out.close()
+    if skipped == len(paths):
+        raise InputError(f"none of the {len(paths)} file(s) could be read as an image (see above).")
     if skipped:
         print(f"{skipped} unreadable file(s) skipped.", file=sys.stderr)
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)  # argparse reports its own errors (exit status 2)
+    try:
+        return caption_files(args)
+    except InputError as error:
+        print(f"clipqwen-caption: error: {error}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, OSError, RuntimeError) as error:  # RuntimeError: out of memory, a device problem, ...
+        print(f"clipqwen-caption: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("clipqwen-caption: interrupted" + (f"; {args.output} holds the captions written so far."
+                                                  if args.output else "."), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

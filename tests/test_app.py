@@ -37,6 +37,8 @@ if missing or not CHROMIUM.exists():
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
+expect.set_options(timeout=90_000)  # assertions wait like actions: two shared CPU cores, the first click loads the model
+
 
 def plant_marker(folder: Path, marker: Path):
     """Make every .py file in a model folder leave a marker when executed: the app must run none of them."""
@@ -50,21 +52,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+MISSING_HUB_ID = "nobody-here/clipqwen-missing"
+MAX_IMAGES = 2
+
+
 @pytest.fixture
 def served_app(make_model, processor, tmp_path):
-    """(url, model, marker): the app serving a tiny saved model whose bundled code must never run."""
+    """(url, model, folder, other, marker): the app serving a tiny saved model whose bundled code must never run,
+    plus (allowed by the operator) a folder of another model type and a Hub id that cannot be reached."""
     model = make_model()
     folder = tmp_path / "clipqwen-tiny"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     marker = tmp_path / "code-ran"
     plant_marker(folder, marker)
+    other = tmp_path / "not-clipqwen"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoConfig": "evil.Config"}}))
+    (other / "evil.py").write_text("")
+    plant_marker(other, marker)
 
     port, log = free_port(), tmp_path / "app.log"
     env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     with open(log, "w") as output:
         server = subprocess.Popen(
-            [sys.executable, "app.py", str(folder), "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "app.py", str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}",
+             "--max_images", str(MAX_IMAGES), "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
@@ -78,7 +91,7 @@ def served_app(make_model, processor, tmp_path):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"app.py did not start serving {url}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield url, model, marker
+        yield url, model, folder, other, marker
     finally:
         server.terminate()
         try:
@@ -101,8 +114,14 @@ def page(tmp_path):
         browser.close()
 
 
+def pick_model(page, label: str):
+    page.locator("#model input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+    expect(page.locator("#model input")).to_have_value(label)
+
+
 def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, processor, tmp_path):
-    url, model, marker = served_app
+    url, model, folder, other, marker = served_app
     with torch.no_grad():
         ids = model.generate(**processor(images=[Image.open(PHOTO)]), max_new_tokens=8, num_beams=1, do_sample=False)
     expected = processor.batch_decode(ids)[0]
@@ -110,6 +129,11 @@ def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, pro
 
     page.goto(url)
     expect(page.get_by_text("CC BY-SA 2.0").first).to_be_visible()  # the example photos' attribution
+    expect(page.locator("#model input")).to_have_value(str(folder))
+    page.locator("#model input").click()  # the model box offers exactly the operator's models
+    options = [text.removeprefix("✓").strip() for text in page.get_by_role("option").all_inner_texts()]
+    assert options == [str(folder), str(other), MISSING_HUB_ID]
+    page.keyboard.press("Escape")
     page.locator("#images input[type=file]").set_input_files(PHOTO)
     page.locator(f'#images td.filename[aria-label="{PHOTO.name}"]').wait_for()  # uploaded
     for slider, value in (("#num-beams", "1"), ("#max-new-tokens", "8")):  # greedy, 8 tokens
@@ -135,16 +159,20 @@ def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, pro
     assert page.locator("#captions textarea").input_value() == ""
     assert "Traceback" not in page.content()
 
-    # A model folder of another type is refused before anything in it is loaded; so is an unreachable Hub id.
-    other = tmp_path / "not-clipqwen"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoConfig": "evil.Config"}}))
-    (other / "evil.py").write_text("")
-    plant_marker(other, marker)
-    page.locator("#model textarea").fill(str(other))
+    # More images than --max_images: the first ones are captioned, the rest named and left undecoded.
+    photos = sorted(PHOTOS.glob("*.jpg"))[: MAX_IMAGES + 1]
+    page.locator("#images button[aria-label=Clear]").click()
+    page.locator("#images input[type=file]").set_input_files(photos)
+    page.locator(f'#images td.filename[aria-label="{photos[-1].name}"]').wait_for()
+    page.locator("#caption-button").click()
+    expect(page.locator("#status")).to_contain_text(f"Captioned {MAX_IMAGES} images in")
+    expect(page.locator("#status")).to_contain_text(f"1 image(s) left out ({photos[-1].name})")
+
+    # An allowed model folder of another type is refused before anything in it is loaded; so is an unreachable Hub id.
+    pick_model(page, str(other))
     page.locator("#caption-button").click()
     expect(page.locator("#status")).to_contain_text('model_type "bert", not "clipqwen"')
-    page.locator("#model textarea").fill("nobody-here/clipqwen-missing")
+    pick_model(page, MISSING_HUB_ID)
     page.locator("#caption-button").click()
-    expect(page.locator("#status")).to_contain_text("Could not fetch config.json of nobody-here/clipqwen-missing")
+    expect(page.locator("#status")).to_contain_text(f"Could not fetch config.json of {MISSING_HUB_ID}")
     assert not marker.exists()

@@ -1,0 +1,327 @@
+"""The caption CLI, the demo's request handler and model folders get the same guards as training: bad flags and
+inputs are refused up front in one line, model folders with missing weights are refused, uploads are capped, the
+demo serves only the operator's models (with no hint of which other folders exist), and no caption is empty."""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+import torch
+from conftest import PHOTOS
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clipqwen import caption_cli
+from clipqwen.loading import ModelLoadError, load_clipqwen
+from clipqwen.presets import bundled_processor, tiny_config
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+PHOTO = PHOTOS / "000000159269.jpg"
+QUICK = ["--max_new_tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    torch.manual_seed(0)
+    ClipQwenForConditionalGeneration(tiny_config()).save_pretrained(folder)
+    bundled_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eos_first_model(tmp_path_factory):
+    """A model whose first greedy token is end-of-text, as after some adapter-only trainings: the adapter outputs
+    zeros, and the end token's output row points along the decoder's last hidden state for that input."""
+    torch.manual_seed(0)
+    model, processor = ClipQwenForConditionalGeneration(tiny_config()).eval(), bundled_processor()
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad():
+        for layer in model.adapter.layers:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        last = []
+        hook = model.language_model.lm_head.register_forward_hook(lambda m, args, out: last.append(args[0][0, -1]))
+        inputs = processor(images=[Image.open(PHOTO)])
+        model(**inputs)
+        hook.remove()
+        model.language_model.lm_head.weight[eos] = last[0] * (50 / last[0].dot(last[0]))
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert ids[0, inputs["input_ids"].shape[1]:].tolist() == [eos]  # the control: without the fix, an empty caption
+    folder = tmp_path_factory.mktemp("model") / "eos-first"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def copy_model(folder, tmp_path, name="copy"):
+    return shutil.copytree(folder, tmp_path / name)
+
+
+def cli(capsys, *args):
+    """(exit status, stdout, stderr without the progress bar and the weight-loading bar) of clipqwen-caption."""
+    status = caption_cli.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    err = [line for line in err.splitlines() if line.strip() and not re.search(r"\d+/\d+ \[", line)]  # tqdm's bars
+    return status, out, err
+
+
+# ---- the caption CLI -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [
+    ("--batch_size", "0"), ("--num_beams", "0"), ("--num_beams", "65"), ("--max_new_tokens", "0"),
+    ("--max_new_tokens", "513"), ("--max_new_tokens", "1e9"), ("--top_p", "0"), ("--temperature", "0"),
+    ("--temperature", "nan"),
+])
+def test_cli_refuses_out_of_range_flags_at_parse_time_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        caption_cli.parse_args(["some/model", str(PHOTO), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and flag in err[0], err
+
+
+@pytest.mark.parametrize("damage", ["no tensors", "random bytes"])
+def test_cli_reports_a_broken_model_folder_in_one_line_with_exit_status_1(damage, saved_model, tmp_path, capsys):
+    folder = copy_model(saved_model, tmp_path)
+    if damage == "no tensors":
+        save_file({}, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    status, out, err = cli(capsys, folder, PHOTO, *QUICK)
+    assert status == 1 and out == "" and len(err) == 1, err
+    assert err[0].startswith("clipqwen-caption: error: ") and str(folder) in err[0]
+
+
+@pytest.mark.parametrize("alias", ["same path", "symlink", "hard link"])
+def test_cli_refuses_an_output_that_is_one_of_its_input_images(alias, saved_model, tmp_path, capsys):
+    photo = tmp_path / "photos" / "photo.jpg"
+    photo.parent.mkdir()
+    shutil.copy(PHOTO, photo)
+    output = tmp_path / "captions.jsonl"
+    if alias == "same path":
+        output = photo
+    elif alias == "symlink":
+        output.symlink_to(photo)
+    else:
+        os.link(photo, output)
+    status, out, err = cli(capsys, saved_model, photo.parent, "--output", output, *QUICK)
+    assert status == 2 and len(err) == 1 and "is one of the input images" in err[0], err
+    assert photo.read_bytes() == PHOTO.read_bytes()  # untouched
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a fifo", "is not a regular file"),
+    ("an empty folder", "No image files in"),
+    ("a folder as --output", "not a file in an existing folder"),
+    ("--output in a missing folder", "not a file in an existing folder"),
+    ("no readable image", "none of the 1 file(s) could be read as an image"),
+    ("a model that is a file", "is a file, not a model folder"),
+])
+def test_cli_refuses_odd_inputs_in_one_line(case, message, saved_model, tmp_path, capsys):
+    """Each one used to end in a traceback, a misleading message, or exit status 0 with nothing captioned."""
+    model, inputs, flags = saved_model, [PHOTO], []
+    if case == "a fifo":
+        os.mkfifo(tmp_path / "photo.jpg")
+        inputs = [tmp_path / "photo.jpg"]
+    elif case == "an empty folder":
+        inputs = [tmp_path]
+    elif case == "a folder as --output":
+        flags = ["--output", tmp_path]
+    elif case == "--output in a missing folder":
+        flags = ["--output", tmp_path / "missing" / "captions.jsonl"]
+    elif case == "no readable image":
+        (tmp_path / "notes.jpg").write_text("not a photo")
+        inputs = [tmp_path / "notes.jpg"]
+    else:
+        model = PHOTO
+    status, out, err = cli(capsys, model, *inputs, *flags, *QUICK)
+    assert status in (1, 2) and out == "" and message in err[-1] and err[-1].startswith("clipqwen-caption: error:"), err
+    assert status == (1 if case == "a model that is a file" else 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_refuses_a_cuda_device_on_a_machine_without_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        caption_cli.parse_args(["some/model", str(PHOTO), "--device", "cuda"])
+    assert exit_info.value.code == 2 and "argument --device: cuda: this machine has 0 CUDA" in capsys.readouterr().err
+
+
+def test_cli_writes_any_file_name_as_valid_utf8(saved_model, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [b"caf\xe9 latin-1.jpg", "写真 café.jpg".encode(), b"plain.jpg"]  # the first is not UTF-8
+    for name in names:
+        shutil.copy(PHOTO, os.path.join(os.fsencode(folder), name))
+    output = tmp_path / "captions.jsonl"
+    status, _, err = cli(capsys, saved_model, folder, "--output", output, *QUICK)
+    assert status == 0, err
+    rows = [json.loads(line) for line in output.read_bytes().decode("utf-8").splitlines()]  # strict UTF-8
+    assert sorted(os.path.basename(os.fsencode(row["file"])) for row in rows) == sorted(names)  # exact bytes back
+    assert any("写真 café.jpg" in line for line in output.read_text(encoding="utf-8").splitlines())  # not \u-escaped
+    assert all(row["caption"] for row in rows)
+
+    # Printed instead (pytest's captured stdout is strict UTF-8, like a terminal's): the odd byte shows as \xe9.
+    status, out, err = cli(capsys, saved_model, folder, *QUICK)
+    assert status == 0, err
+    assert "caf\\xe9 latin-1.jpg\t" in out and "写真 café.jpg\t" in out and len(out.splitlines()) == 3
+
+
+def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_path, capsys, monkeypatch):
+    model, processor = load_clipqwen(str(saved_model))
+    generate, calls = model.generate, []
+
+    def failing_second_batch(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nsecond line")
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", failing_second_batch)
+    monkeypatch.setattr(caption_cli, "load_clipqwen", lambda *args, **kwargs: (model, processor))
+    output = tmp_path / "captions.jsonl"
+    status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
+    assert status == 1 and err == ["clipqwen-caption: error: CUDA out of memory. Tried to allocate 20.00 GiB second line"]
+    assert len(output.read_text().splitlines()) == 2  # the first batch
+
+
+def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, monkeypatch, caplog):
+    """No HF_HUB_OFFLINE and no Hub (a closed port): the probe run_captioning uses, not ~30 s of retries."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from clipqwen import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "_PROBES", {})
+    start = time.monotonic()
+    status, out, err = cli(capsys, "someone/clipqwen-flickr30k", PHOTO, *QUICK)
+    assert time.monotonic() - start < 10
+    assert status == 1 and len(err) == 1 and err[0].startswith(
+        "clipqwen-caption: error: Could not fetch config.json of `someone/clipqwen-flickr30k`"), err
+    assert "does not answer" in caplog.text and "working offline" in caplog.text
+
+
+def test_cli_never_writes_an_empty_caption(eos_first_model, tmp_path, capsys):
+    status, out, err = cli(capsys, eos_first_model, PHOTO, *QUICK)
+    assert status == 0, err
+    name, caption = out.rstrip("\n").split("\t")
+    assert caption.strip(), out
+
+
+# ---- model folders -------------------------------------------------------------------------------------------------
+def drop_adapter(state):
+    return {key: value for key, value in state.items() if not key.startswith("adapter.")}
+
+
+def reshape_adapter(state):
+    return state | {"adapter.layers.0.weight": torch.zeros(3, 3)}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
+    (lambda state: {}, r"missing 66 of the 66 tensors it needs"),
+    (drop_adapter, r"missing 2 of the 66 tensors it needs \(adapter.layers.0.weight, adapter.layers.0.bias\)"),
+    (reshape_adapter, r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)"),
+], ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"])
+def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):
+    folder = copy_model(saved_model, tmp_path)
+    weights = folder / "model.safetensors"
+    if damage is None:
+        weights.unlink()
+    else:
+        save_file(damage(load_file(weights)), weights, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=message):
+        load_clipqwen(str(folder))
+
+
+def test_a_weights_index_naming_files_outside_the_folder_is_refused(saved_model, tmp_path):
+    folder = copy_model(saved_model, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    save_file(state, tmp_path / "elsewhere.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {key: "../elsewhere.safetensors" for key in state}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"names files outside the model folder \(../elsewhere.safetensors\)"):
+        load_clipqwen(str(folder))
+
+
+def test_a_tied_output_layer_may_be_absent_from_the_file(saved_model):
+    from safetensors import safe_open
+
+    with safe_open(saved_model / "model.safetensors", framework="pt") as weights:
+        assert "language_model.lm_head.weight" not in weights.keys()  # saved once, as the input embeddings
+    model, _ = load_clipqwen(str(saved_model))
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+
+
+# ---- the demo's request handler ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app():
+    pytest.importorskip("gradio")
+    import app  # the repository root is on sys.path (conftest)
+
+    return app
+
+
+def run_app(app, files, choice, served, **limits):
+    """caption() as the Caption button calls it: greedy, 3 new tokens, no prefix."""
+    return app.caption(files, choice, app.BEAM, 1, 0.7, 0.9, 3, "", served=served, **limits)
+
+
+def test_app_serves_only_its_models_and_answers_alike_for_existing_and_missing_ones(app, saved_model, tmp_path):
+    served = app.served_models(str(saved_model), "", [])
+    other = copy_model(saved_model, tmp_path, "another-clipqwen")  # a real model, not served
+    not_clipqwen = tmp_path / "bert"
+    not_clipqwen.mkdir()
+    (not_clipqwen / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    answers = {name: run_app(app, [str(PHOTO)], name, served)[1:] for name in (
+        str(other), str(not_clipqwen), str(tmp_path / "missing"), str(tmp_path), "/etc/passwd", "someone/clipqwen",
+        "someone/clipqwen@main", "", "../" + saved_model.name)}
+    assert len(set(answers.values())) == 1, answers
+    text, status = answers[str(other)]
+    assert text == "" and status.startswith("⚠️ This demo serves only") and str(saved_model) in status
+
+    gallery, text, status = run_app(app, [str(PHOTO)], str(saved_model), served)
+    assert status.startswith("Captioned 1 image") and text.startswith(f"{PHOTO.name}: ")
+
+
+def test_app_served_models_pin_revisions(app, saved_model):
+    served = app.served_models("you/clipqwen", "abc123", [str(saved_model), "you/other@v2", "you/third"])
+    assert served == {"you/clipqwen@abc123": ("you/clipqwen", "abc123"), str(saved_model): (str(saved_model), None),
+                      "you/other@v2": ("you/other", "v2"), "you/third": ("you/third", None)}
+
+
+def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model, tmp_path, monkeypatch):
+    photos = sorted(str(path) for path in PHOTOS.glob("*.jpg"))
+    decoded = []
+    monkeypatch.setattr(app, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB"))
+    served = app.served_models(str(saved_model), "", [])
+
+    _, text, status = run_app(app, photos, str(saved_model), served, max_images=3)
+    assert len(decoded) == 3 and len(text.splitlines()) == 3
+    assert f"{len(photos) - 3} image(s) left out" in status and "at most 3 images" in status
+
+    decoded.clear()
+    budget = sum(os.path.getsize(path) for path in photos[:2]) + 1  # two photos fit, the third does not
+    _, text, status = run_app(app, photos, str(saved_model), served, max_bytes=budget)
+    assert len(decoded) == 2 and f"{len(photos) - 2} image(s) left out" in status
+
+
+def test_app_refuses_a_prompt_prefix_over_its_cap(app, saved_model):
+    served = app.served_models(str(saved_model), "", [])
+    long = "a photo of " * 1000
+    gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, long, served=served)
+    assert gallery == [] and status == (f"⚠️ The prompt prefix has {len(long):,} characters; "
+                                        f"at most {app.MAX_PREFIX_CHARS} are allowed.")
+
+
+def test_app_never_shows_an_empty_caption(app, eos_first_model):
+    served = app.served_models(str(eos_first_model), "", [])
+    gallery, text, status = run_app(app, [str(PHOTO)], str(eos_first_model), served)
+    assert status.startswith("Captioned") and gallery[0][1].strip(), (text, status)
