@@ -43,6 +43,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise InputError(f"{printable(item)} is not a regular file (a fifo, socket or device?): give image files.")
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if "**" in item:  # "**" follows symlinked folders: a link to a parent would list each photo ~40 times
+                shortest = {}
+                for match in sorted(matches, key=lambda match: len(match.parts)):
+                    shortest.setdefault(os.path.realpath(match), match)
+                matches = sorted(shortest.values())
             if not matches:
                 raise InputError(f"{printable(item)}: no such file, folder or matching glob.")
             paths += matches
@@ -75,8 +80,10 @@ def jsonl_line(record: dict) -> str:
 
 
 def printable(name: str) -> str:
-    """A file name for the terminal: undecodable bytes as \\xNN instead of an encoding error."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    """A file name for the terminal and the tab-separated output: undecodable bytes as \\xNN instead of an encoding
+    error, and control characters (a newline or a tab in a name) escaped so that each caption stays on one line."""
+    name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], name)
 
 
 def in_range(kind, low, high, allowed: str):
@@ -186,9 +193,8 @@ def main(argv=None):
     except (ModelLoadError, OSError, RuntimeError) as error:  # RuntimeError: out of memory, a device problem, ...
         print(f"clipqwen-caption: error: {one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("clipqwen-caption: interrupted" + (f"; {args.output} holds the captions written so far."
-                                                  if args.output else "."), file=sys.stderr)
+    except KeyboardInterrupt:  # every finished batch is already written
+        print("clipqwen-caption: interrupted.", file=sys.stderr)
         return 130
 
 

@@ -169,6 +169,18 @@ def test_cli_writes_any_file_name_as_valid_utf8(saved_model, tmp_path, capsys):
     assert "caf\\xe9 latin-1.jpg\t" in out and "写真 café.jpg\t" in out and len(out.splitlines()) == 3
 
 
+def test_cli_prints_a_name_holding_a_newline_or_a_tab_on_one_line(saved_model, tmp_path, capsys):
+    shutil.copy(PHOTO, tmp_path / "two\nlines\tand a tab.jpg")
+    status, out, err = cli(capsys, saved_model, tmp_path, *QUICK)
+    assert status == 0 and len(out.splitlines()) == 1 and out.startswith(f"{tmp_path}/two\\nlines\\tand a tab.jpg\t")
+
+
+def test_cli_a_recursive_glob_through_a_symlink_loop_lists_each_photo_once(tmp_path):
+    shutil.copy(PHOTO, tmp_path / "photo.jpg")
+    (tmp_path / "up").symlink_to(".")  # "**" follows it until the path is too long for the system (~40 levels)
+    assert caption_cli.expand_inputs([f"{tmp_path}/**/*.jpg"]) == [tmp_path / "photo.jpg"]
+
+
 def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_path, capsys, monkeypatch):
     model, processor = load_clipqwen(str(saved_model))
     generate, calls = model.generate, []
