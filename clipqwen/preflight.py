@@ -3,7 +3,6 @@ of after hours of training: argument ranges (static, then against the model's co
 that is writable and has room for a checkpoint and the export, and one run at a time per output folder."""
 
 import errno
-import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -80,6 +79,8 @@ class OutputFolderLock:
         self.file = None
 
     def __enter__(self):
+        import fcntl  # POSIX only: imported here so that the bounds above serve the caption CLI everywhere
+
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,5 +99,4 @@ class OutputFolderLock:
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        self.file.close()  # closing the file releases the lock
