@@ -10,13 +10,20 @@ Sources:
 - JSONL or CSV annotation files with an image-path column (paths relative to the file, kept inside it);
   rows with one caption each are grouped per image;
 - imagefolder directories with a `metadata.jsonl` (`file_name` + captions).
+
+Whatever the source, the same guards apply (DESIGN.md, "Guards"): every image reference goes through one resolver
+(`resolve_inside`: inside the source's root, symlinks resolved), captions must be strings (`caption_list`), a split
+left without images is an error (`require_images`), and images are decoded only by `clipqwen.images.load_image`
+(`with_checked_images`), also when the collator reads them during training.
 """
 
 import csv
+import glob
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -24,6 +31,7 @@ import datasets
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from PIL import Image as PILImage
 from transformers import TrainerCallback
 
 from .images import ImageLoadError, load_image
@@ -37,28 +45,66 @@ SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "
 
 # ---- loading ------------------------------------------------------------------------------------------
 def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
-    """Load the data named by `DataTrainingArguments` and return it in the common layout."""
+    """Load the data named by `DataTrainingArguments` and return it in the common layout, each split through the
+    same guards: image references checked against the source's root, captions checked to be strings, images
+    decoded through `load_image`."""
+    loaded = {}  # split -> (dataset, source named in messages, root its image paths must stay inside, or None)
+    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    dirs = {"train": args.train_dir, "validation": args.validation_dir, "test": args.test_dir}
     if args.dataset_name == "embedded":
         from .embedded import load_embedded_dataset
 
-        return load_embedded_dataset()
-    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
-    dirs = {"train": args.train_dir, "validation": args.validation_dir, "test": args.test_dir}
-    if any(files.values()):
-        return DatasetDict({split: read_annotation_file(path, args.image_column, args.caption_column, args.id_column)
-                            for split, path in files.items() if path})
-    if any(dirs.values()):
-        raw = {split: datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir)
-               for split, path in dirs.items() if path}
-        return DatasetDict({split: standardise(ds, args.image_column, args.caption_column, args.id_column, source=dirs[split])
-                            for split, ds in raw.items()})
-    raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir)
-    if args.split_column:
-        raw = split_by_column(raw, args.split_column, args.dataset_name)
-        if args.dataset_name == "nlphuji/flickr30k":
-            check_split_sizes(raw, KARPATHY_FLICKR30K, f"{args.dataset_name}@{args.dataset_revision}")
-    return DatasetDict({split: standardise(ds, args.image_column, args.caption_column, args.id_column, source=args.dataset_name)
-                        for split, ds in raw.items()})
+        loaded = {split: (dataset, "embedded", None) for split, dataset in load_embedded_dataset().items()}
+    elif any(files.values()):
+        loaded = {split: (read_annotation_file(path, args.image_column, args.caption_column, args.id_column), path,
+                          Path(path).parent) for split, path in files.items() if path}
+    elif any(dirs.values()):
+        loaded = {split: (standardise(load_image_folder(path, args.caption_column, cache_dir), args.image_column,
+                                      args.caption_column, args.id_column, source=path, split=split), path, Path(path))
+                  for split, path in dirs.items() if path}
+    else:
+        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir)
+        if args.split_column:
+            raw = split_by_column(raw, args.split_column, args.dataset_name)
+            if args.dataset_name == "nlphuji/flickr30k":
+                check_split_sizes(raw, KARPATHY_FLICKR30K, f"{args.dataset_name}@{args.dataset_revision}")
+        root = dataset_root(args.dataset_name)
+        loaded = {split: (standardise(ds, args.image_column, args.caption_column, args.id_column,
+                                      source=args.dataset_name, split=split), args.dataset_name, root)
+                  for split, ds in raw.items()}
+    return DatasetDict({split: with_checked_images(check_image_references(dataset, root, source, split))
+                        for split, (dataset, source, root) in loaded.items()})
+
+
+def dataset_root(name: str) -> Path:
+    """Where the files of a data set given by `--dataset_name` live: the folder itself for a local one; for a Hub
+    one, its repository's folder in the huggingface_hub cache, where `load_dataset` downloads every file it ships
+    (imagefolder-style repositories give rows that are paths into it)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="dataset")
+
+
+def load_image_folder(folder: str, caption_column: str, cache_dir: str | None = None) -> Dataset:
+    """Every image of `folder` (described by its metadata.jsonl) as one split, whatever the files are called.
+    `load_dataset("imagefolder", data_dir=folder)` infers splits from file names: `validation_00001.png` makes a
+    validation split (and no train split), and a folder mixing `test_*.jpg` with other names is cut in two. Listing
+    the files as `data_files` of one split leaves the split to the flag that named the folder."""
+    check_metadata_captions(Path(folder), caption_column)
+    files = {"train": glob.escape(str(folder)) + "/**"}  # glob.escape: a folder named like a pattern ("[1]") is a name
+    return datasets.load_dataset("imagefolder", data_files=files, split="train", cache_dir=cache_dir)
+
+
+def check_metadata_captions(folder: Path, caption_column: str) -> None:
+    """The captions of an imagefolder's metadata.jsonl files, checked row by row before datasets reads them (its
+    JSON reader would make dicts into structs and fail on mixed types with an Arrow error naming no file)."""
+    for path in sorted(folder.rglob("metadata.jsonl")):
+        for line, row in _read_rows(path):
+            key = caption_column if caption_column in row or caption_column != "captions" else "text"  # as standardise
+            caption_list(row.get(key), f"{path}, row {line}")
 
 
 def load_hub_dataset(name, config_name, revision, cache_dir):
@@ -108,8 +154,10 @@ def check_columns(available: list[str], columns, source, flag: str = "--image_co
         )
 
 
-def standardise(dataset: Dataset, image_column: str, caption_column: str, id_column: str | None, source: str) -> Dataset:
-    """Rename to image / captions / image_id; a single caption string becomes a one-element list."""
+def standardise(dataset: Dataset, image_column: str, caption_column: str, id_column: str | None, source: str,
+                split: str = "train") -> Dataset:
+    """Rename to image / captions / image_id; a single caption string becomes a one-element list. Captions that are
+    not strings are refused, naming the row."""
     if caption_column not in dataset.column_names and caption_column == "captions" and "text" in dataset.column_names:
         caption_column = "text"  # imagefolder's usual single-caption column
     if id_column is None and "filename" in dataset.column_names:
@@ -119,22 +167,51 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
     if id_column:
         keep[id_column] = "image_id"
     dataset = dataset.select_columns(list(keep)).rename_columns({k: v for k, v in keep.items() if k != v})
+    for row, value in enumerate(dataset["captions"]):
+        caption_list(value, f"{source}, {split} split, row {row}")
     if "image_id" not in dataset.column_names:
         dataset = dataset.add_column("image_id", [f"{i:06d}" for i in range(len(dataset))])
     if dataset.features["image_id"].dtype != "string":
         dataset = dataset.cast_column("image_id", datasets.Value("string"))
 
     if isinstance(dataset.features["captions"], datasets.Value):  # one caption per image: make it a list
-        dataset = dataset.map(lambda caption: {"captions": [caption]}, input_columns="captions", desc="captions as lists",
+        dataset = dataset.map(lambda caption: {"captions": [] if caption is None else [caption]}, input_columns="captions",
+                              desc="captions as lists",
                               features=datasets.Features({**dataset.features, "captions": datasets.List(datasets.Value("string"))}))
     if not isinstance(dataset.features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image())
     return dataset
 
 
+def caption_list(value, where: str) -> list[str]:
+    """A row's captions as a list of strings. A string or a list of strings is what captions are; a missing value
+    (null) is no caption, dropped later like a blank one. Anything else is refused, naming the row: a dict would
+    train on its keys, a list of lists on Python reprs, and a null inside a list means a broken export."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: the captions are {_kind(value)}; give a string or a list of strings.")
+    for index, caption in enumerate(value):
+        if not isinstance(caption, str):
+            raise ValueError(f"{where}: caption {index} is {_kind(caption)}; give a string or a list of strings.")
+    return value
+
+
+def _kind(value) -> str:
+    """What a JSON value is, for messages: "a dict ({'en': 'a dog'})"."""
+    if value is None:
+        return "None"
+    kind = {bool: "a bool", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a dict"}
+    shown = repr(value)
+    return f"{kind.get(type(value), type(value).__name__)} ({shown if len(shown) <= 60 else shown[:57] + '...'})"
+
+
 def read_annotation_file(path: str, image_column: str, caption_column: str, id_column: str | None) -> Dataset:
     """JSONL or CSV rows → one row per image with all its captions. Image paths are relative to the file's
-    folder and must stay inside it (no absolute paths, `..` or symlinks out)."""
+    folder and must stay inside it (`resolve_inside`: `..`, absolute paths or symlinks leading out are refused);
+    rows must be JSON objects and captions strings (`caption_list`), or the error names the row."""
     path = Path(path)
     root = path.parent.resolve()
     rows = list(_read_rows(path))
@@ -144,11 +221,10 @@ def read_annotation_file(path: str, image_column: str, caption_column: str, id_c
     grouped: dict[str, dict] = {}
     for line, row in rows:
         image = resolve_inside(root, row.get(image_column), f"{path}, row {line}")
-        captions = row.get(caption_column)
-        captions = [captions] if isinstance(captions, str) else list(captions or [])
+        captions = caption_list(row.get(caption_column), f"{path}, row {line}")
         entry = grouped.setdefault(image, {"image_id": str(row[id_column]) if id_column else Path(image).name,
                                            "image": image, "captions": []})
-        entry["captions"].extend(str(c) for c in captions)
+        entry["captions"].extend(captions)
     features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
                                   "captions": datasets.List(datasets.Value("string"))})
     return Dataset.from_list(list(grouped.values()), features=features)
@@ -166,33 +242,134 @@ def _read_rows(path: Path):
         for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
             yield number, row
         return
+    one_per_line = "annotation files hold one JSON object per line (JSONL)"
     for number, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            yield number, json.loads(raw.decode("utf-8"))
+            row = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as error:
             raise ValueError(f"{path}, row {number}: not valid UTF-8 ({error.reason}). Re-save the file as UTF-8.") from None
         except json.JSONDecodeError as error:
+            if raw.strip().startswith(b"["):  # a pretty-printed JSON array: its first line is "["
+                raise ValueError(f"{path}, row {number}: the file is a JSON array, not JSONL; {one_per_line}.") from None
             raise ValueError(f"{path}, row {number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict):
+            kind = "a JSON array" if isinstance(row, list) else _kind(row).split(" (")[0]
+            raise ValueError(f"{path}, row {number}: {kind}, not an object; {one_per_line}.")
+        yield number, row
 
 
 def resolve_inside(root: Path, value, where: str) -> str:
-    """An annotation's image path, resolved against `root` and refused if it points outside it."""
-    if not isinstance(value, str) or not value.strip():
+    """The one resolver for image references (annotation files, imagefolder rows, parquet and Hub rows): `value`,
+    relative to `root` or absolute, with symlinks resolved, refused unless the file it names lies inside `root`
+    (itself resolved). URLs are refused: datasets would fetch them when the row is decoded."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{where}: the image path is empty.")
-    if Path(value).is_absolute():
-        raise ValueError(f"{where}: absolute image path {value!r} refused; give paths relative to the annotation file.")
-    resolved = (root / value).resolve()  # follows symlinks, so a link pointing out is caught too
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the image path is {_kind(value)}, not a string.")
+    if "://" in value:
+        raise ValueError(f"{where}: image path {value!r} is a URL; refused, only files inside {root} are read.")
+    resolved = (root / value).resolve()  # an absolute value replaces root; symlinks followed, so a link out is caught
     if not resolved.is_relative_to(root):
         raise ValueError(f"{where}: image path {value!r} leads outside {root}; refused.")
     return str(resolved)
 
 
+def check_image_references(dataset: Dataset, root: Path | None, source: str, split: str) -> Dataset:
+    """Every row's image through `resolve_inside`. An entry with bytes is the data set's own content and passes as
+    is (its path is only a name, never read). An entry with only a path must lie inside `root`: the annotation
+    file's or imagefolder's folder, a local data set's folder, a Hub data set's downloaded files; with no root
+    (the embedded data set) it is refused. Refusal raises before training, naming source, split, row and path.
+    Paths are rewritten to the resolved file, so what is read later is what was checked."""
+    root = root.resolve() if root is not None else None
+    repointed = {}
+    for row, (data, path) in enumerate(_image_entries(dataset)):
+        if data is not None or path is None:
+            continue
+        where = f"{source}, {split} split, row {row}"
+        if root is None:
+            raise ValueError(f"{where}: image {path!r} is a path, not bytes; {source} has no folder to read it from. Refused.")
+        resolved = resolve_inside(root, path, where)
+        if resolved != path:
+            repointed[row] = resolved
+    if not repointed:
+        return dataset
+
+    def repoint(entry, row):
+        return {"image": {"bytes": entry["bytes"], "path": repointed.get(row, entry["path"])}}
+
+    plain = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
+    return (plain.map(repoint, input_columns="image", with_indices=True, desc=f"resolving {split} image paths")
+            .cast_column("image", datasets.Image()))
+
+
+def _image_entries(dataset: Dataset):
+    """(bytes as a zero-copy buffer or None, path or None) for each row's image, in the dataset's order, read from
+    the Arrow table: nothing is decoded or copied, so this is cheap even for Flickr30K's 4 GB of JPEGs."""
+    column = dataset.data.column("image")  # struct<bytes: binary, path: string>, datasets' Image() storage
+    starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    rows = range(len(column)) if dataset._indices is None else dataset._indices.column(0).to_pylist()
+    for row in rows:  # `_indices`: what select/filter/shuffle left, in their order
+        chunk = int(np.searchsorted(starts, row, side="right")) - 1
+        entry = column.chunks[chunk][row - starts[chunk]]
+        if not entry.is_valid:
+            yield None, None
+            continue
+        data, path = entry["bytes"], entry["path"]
+        yield (data.as_buffer() if data.is_valid else None), (path.as_py() if path.is_valid else None)
+
+
+# ---- reading images ------------------------------------------------------------------------------------------
+_READ_AGAIN = ("Without the feature cache, images are read again whenever a batch needs them; restore the file and "
+               "rerun the same command to resume from the last checkpoint, or take the image out of the data.")
+
+
+def open_image(entry):
+    """A dataset image entry (bytes/path dict, path or PIL image) as an RGB image, through `load_image`. Used when a
+    row is read during training, after the up-front check: a file deleted or replaced since fails here, naming it."""
+    if isinstance(entry, PILImage.Image):
+        return entry
+    try:
+        return load_image(entry, name=entry.get("path") if isinstance(entry, dict) else None)
+    except ImageLoadError as error:
+        raise ImageLoadError(error.name, error.reason, _READ_AGAIN) from error
+
+
+def _decode_images(batch: dict) -> dict:
+    batch["image"] = [None if entry is None else open_image(entry) for entry in batch["image"]]
+    return batch
+
+
+def with_checked_images(dataset: Dataset) -> Dataset:
+    """The dataset with its images decoded by `load_image` whenever rows are read (the collator, the sample grid,
+    anything), instead of by datasets' plain `PIL.Image.open`: the same checks as the up-front pass (format
+    allow-list, pixel and decode budgets), and a clear error for a file that changed or disappeared since.
+    Reading other columns (`dataset["captions"]`) does not touch the images."""
+    plain = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
+    return plain.with_transform(_decode_images, columns=["image"], output_all_columns=True)
+
+
+def _checked_like(result: Dataset, source: Dataset) -> Dataset:
+    """`result` (a map of `source` over its stored values) with `source`'s image decoding put back. Maps run on
+    `source.with_format(None)`: through the transform they would decode every image for nothing."""
+    checked = source.format["format_kwargs"].get("transform") is _decode_images
+    return with_checked_images(result) if checked and "image" in result.column_names else result
+
+
 # ---- cleaning ------------------------------------------------------------------------------------------
+def require_images(dataset: Dataset, split: str, why: str) -> Dataset:
+    """A split that cleaning left empty stops the run here, before training, not after it in an evaluation."""
+    if len(dataset) == 0:
+        raise ValueError(f"The {split} split has no image left: {why}. Fix its data (the log above names what was "
+                         "dropped), or leave out the --do_* flag that needs it.")
+    return dataset
+
+
 def drop_unreadable_images(dataset: Dataset, split: str, num_proc: int | None = None) -> Dataset:
     """Decode every image once before training; drop and log the ones that fail, so that a corrupt file is
-    a line in the log instead of a crash mid-epoch. The result is cached by datasets like any map."""
+    a line in the log instead of a crash mid-epoch. The result is cached by datasets like any map. A split with
+    no readable image left is an error (`require_images`)."""
 
     def reasons(batch):
         found = []
@@ -204,29 +381,31 @@ def drop_unreadable_images(dataset: Dataset, split: str, num_proc: int | None = 
                 found.append(str(error))
         return {"unreadable": found}
 
-    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    raw = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     checked = raw.map(reasons, batched=True, batch_size=64, num_proc=num_proc, desc=f"checking {split} images")
     bad = [(i, reason) for i, reason in enumerate(checked["unreadable"]) if reason]
     if bad:
         logger.warning("%s: skipping %d unreadable image(s) of %d:\n%s", split, len(bad), len(dataset),
                        "\n".join(f"  {reason}" for _, reason in bad))
         keep = sorted(set(range(len(dataset))) - {i for i, _ in bad})
-        dataset = dataset.select(keep)
-    return dataset
+        dataset = dataset.select(keep)  # select keeps the format, so `with_checked_images` stays
+    return require_images(dataset, split, f"all {len(bad)} are unreadable" if bad else "it is empty")
 
 
 def remove_empty_captions(dataset: Dataset, split: str) -> Dataset:
-    """Blank captions teach nothing (and would be an EOS-only target); images left with none are dropped."""
+    """Blank captions teach nothing (and would be an EOS-only target); images left with none are dropped. A split
+    with no captioned image left is an error (`require_images`)."""
     def clean(batch):  # NUL bytes and surrounding whitespace are never part of a caption
-        return {"captions": [[c.replace("\x00", "").strip() for c in caps if c and c.replace("\x00", "").strip()]
+        return {"captions": [[c.replace("\x00", "").strip() for c in caps or [] if c and c.replace("\x00", "").strip()]
                              for caps in batch["captions"]]}
 
-    cleaned = dataset.map(clean, batched=True, desc=f"cleaning {split} captions")
+    cleaned = dataset.with_format(None).map(clean, batched=True, desc=f"cleaning {split} captions")
     empty = sum(1 for caps in cleaned["captions"] if not caps)
     if empty:
         logger.warning("%s: dropping %d image(s) without a non-empty caption.", split, empty)
         cleaned = cleaned.filter(lambda caps: len(caps) > 0, input_columns="captions")
-    return cleaned
+    require_images(cleaned, split, f"all {empty} had only empty captions" if empty else "it is empty")
+    return _checked_like(cleaned, dataset)
 
 
 def expand_captions(dataset: Dataset) -> Dataset:
@@ -241,7 +420,7 @@ def expand_captions(dataset: Dataset) -> Dataset:
                 out["caption"].append(caption)
         return out
 
-    return dataset.map(expand, batched=True, desc="one row per caption")
+    return _checked_like(dataset.with_format(None).map(expand, batched=True, desc="one row per caption"), dataset)
 
 
 def add_caption_lengths(dataset: Dataset, tokenizer) -> Dataset:
@@ -258,7 +437,7 @@ def add_caption_lengths(dataset: Dataset, tokenizer) -> Dataset:
             start += len(row)
         return {"length": out}
 
-    return dataset.map(lengths, batched=True, desc="caption lengths")
+    return _checked_like(dataset.with_format(None).map(lengths, batched=True, desc="caption lengths"), dataset)
 
 
 # ---- CLIP feature cache --------------------------------------------------------------------------------
@@ -275,13 +454,40 @@ def vision_cache_key(model, processor) -> str:
     return digest.hexdigest()[:16]
 
 
+def image_content_key(dataset: Dataset) -> str:
+    """A digest of the images themselves, row by row, so that a photo replaced under the same name gets new
+    features: the SHA-256 of the bytes where a row carries them (parquet, Hub, embedded data); for a row that holds
+    only a path (annotation files, imagefolders), the resolved file's path, size, modification time and inode change
+    time, not its content, which would cost a read of every file. A replacement changes at least the change time,
+    which, unlike the modification time, no copy tool (`cp -p`, `rsync -t`) can set back."""
+    digest = hashlib.sha256()
+    for data, path in _image_entries(dataset):
+        if data is not None:
+            digest.update(hashlib.sha256(data).digest())
+        elif path is not None:
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode())
+            except OSError:  # missing now: encoding will say so, naming the file
+                digest.update(f"{path}:missing".encode())
+        else:
+            digest.update(b"none")
+    return digest.hexdigest()
+
+
 def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Path, batch_size: int = 64) -> Dataset:
     """Replace the `image` column by the frozen CLIP output (`vision_embeds`), computed once per image and
-    stored in an Arrow file keyed by the vision weights, the preprocessing and the data. Training from it never
-    decodes an image again, and each image is encoded once however many captions or epochs it has."""
-    fingerprint = hashlib.sha256(f"{vision_cache_key(model, processor)}:{dataset._fingerprint}".encode()).hexdigest()[:16]
+    stored in an Arrow file keyed by the vision weights, the preprocessing, the rows (datasets' fingerprint: ids,
+    captions, paths) and the images' content (`image_content_key`). Training from it never decodes an image again,
+    and each image is encoded once however many captions or epochs it has. A cache file is used only if it matches
+    the manifest written beside it (size and SHA-256, so a truncated or damaged file is caught and rebuilt; checking
+    reads the file once, about a second per GB)."""
+    key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"vision-features-{fingerprint}.arrow"
+    discard_damaged_cache(cache_file)
     device = next(model.vision_model.parameters()).device
 
     @torch.no_grad()
@@ -290,12 +496,57 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
         pixel_values = processor.preprocess_images(images)
         return {"vision_embeds": model.get_vision_embeds(pixel_values.to(device)).float().cpu().numpy()}
 
-    with_images = dataset.cast_column("image", datasets.Image(decode=False))
-    return with_images.map(
-        encode, batched=True, batch_size=batch_size, remove_columns=["image"],
-        cache_file_name=str(cache_dir / f"vision-features-{fingerprint}.arrow"), new_fingerprint=fingerprint,
-        desc="CLIP features (cached)",
-    ).with_format("numpy", columns=["vision_embeds"], output_all_columns=True)
+    with_images = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
+    features = with_images.map(
+        encode, batched=True, batch_size=batch_size, remove_columns=["image"], cache_file_name=str(cache_file),
+        load_from_cache_file=True, new_fingerprint=fingerprint, desc="CLIP features (cached)",
+    )
+    if not _manifest(cache_file).exists():  # just built (datasets writes the file whole, by a rename)
+        _write_manifest(cache_file)
+    return features.with_format("numpy", columns=["vision_embeds"], output_all_columns=True)
+
+
+def _manifest(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + ".manifest.json")
+
+
+def _write_manifest(cache_file: Path) -> None:
+    manifest = {"size": cache_file.stat().st_size, "sha256": _sha256_of(cache_file)}
+    temporary = _manifest(cache_file).with_suffix(".tmp")
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, _manifest(cache_file))
+
+
+def discard_damaged_cache(cache_file: Path) -> None:
+    """Remove a cache file that is not exactly what was written (no manifest, another size, another SHA-256), with
+    a log line naming it, so that it is built again. datasets would otherwise memory-map a truncated file and fail
+    mid-run, or read a damaged one without noticing."""
+    if not cache_file.exists():
+        _manifest(cache_file).unlink(missing_ok=True)
+        return
+    try:
+        expected = json.loads(_manifest(cache_file).read_text())
+    except (OSError, ValueError):
+        problem = "it has no readable manifest, so its content cannot be checked"
+    else:
+        size = cache_file.stat().st_size
+        if size != expected.get("size"):
+            problem = f"{size:,} bytes instead of {expected.get('size'):,}"
+        elif _sha256_of(cache_file) != expected.get("sha256"):
+            problem = "its SHA-256 differs from the one recorded when it was written"
+        else:
+            return
+    logger.warning("Feature cache %s is damaged (%s); rebuilding it.", cache_file, problem)
+    cache_file.unlink()
+    _manifest(cache_file).unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---- batching --------------------------------------------------------------------------------------------
@@ -304,7 +555,10 @@ class CaptionCollator:
     drawn at random each time the row is seen: a fresh caption per image per epoch. The draw depends only on
     (seed, epoch, image id) — not on a global RNG, which data-loader prefetching advances ahead of the step a
     checkpoint records — so a resumed run draws exactly what an uninterrupted one would. `CaptionEpochCallback`
-    keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`."""
+    keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`.
+    Images come through `load_image` (`open_image`): one deleted or replaced after the up-front check stops the run
+    with an `ImageLoadError` naming it and saying how to resume, rather than being skipped, which would change the
+    batches that an exact resume relies on."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False, prompt: str = "",
                  seed: int = 0):
@@ -328,8 +582,8 @@ class CaptionCollator:
         if "vision_embeds" in rows[0]:
             batch = self.processor(text=prompts, captions=captions, max_caption_length=self.max_caption_length)
             batch["vision_embeds"] = torch.as_tensor(np.stack([row["vision_embeds"] for row in rows]))
-        else:
-            batch = self.processor(images=[row["image"] for row in rows], text=prompts, captions=captions,
+        else:  # decoded by `with_checked_images` already, or an undecoded entry: both through `load_image`
+            batch = self.processor(images=[open_image(row["image"]) for row in rows], text=prompts, captions=captions,
                                    max_caption_length=self.max_caption_length)
         if self.for_generation:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows])

@@ -20,11 +20,27 @@ from processing_clipqwen import to_rgb
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 # Images over this many pixels are rejected, not downscaled (only JPEG could be downscaled while decoding).
-# 64 MP = 8000×8000: above every common camera (61 MP full frame, 50 MP phone modes); one decoded image costs
-# at most ~256 MB (RGBA) per dataloader worker, and the model sees 224×224 anyway. It is kept below Pillow's
+# 64 MP = 8000×8000: above every common camera (61 MP full frame, 50 MP phone modes), and the model sees 224×224
+# anyway; MAX_DECODE_BYTES below bounds the memory a decode takes. It is kept below Pillow's
 # decompression-bomb warning (PIL.Image.MAX_IMAGE_PIXELS, 89,478,485) so this check is the one that applies.
 # Read at call time: set `clipqwen.images.MAX_PIXELS = ...` to raise it.
 MAX_PIXELS = 64_000_000
+
+# Memory one image may take while `load_image` decodes it and converts it to 8-bit RGB, checked from the header
+# before decoding: pixels × LOAD_BYTES_PER_PIXEL[mode]. The pixel count alone misses what the mode costs: a 121 kB
+# 16-bit PNG of 8000×7999 pixels is under MAX_PIXELS and takes 1.8 GB. 768 MB is what the largest photo
+# MAX_PIXELS admits (64 MP of 8-bit RGB) takes, so no ordinary photo is refused; modes that cost more per pixel get
+# fewer pixels. Read at call time, like MAX_PIXELS.
+MAX_DECODE_BYTES = 768_000_000
+
+# Peak bytes per pixel through Pillow's decoder and `processing_clipqwen.to_rgb`, measured (ru_maxrss, 4000×4000
+# images, Pillow 12.3) and rounded up: Pillow keeps 3- and 4-band pixels in 4 bytes; to_rgb copies the image
+# (exif_transpose, convert), composites transparent ones on white through RGBA, and turns 16-bit and float pixels
+# into float64 arrays. Images with a transparent colour key ("transparency") go through RGBA; unknown modes count
+# as the worst.
+LOAD_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 9, "RGB": 12, "RGBX": 12, "CMYK": 12, "YCbCr": 12, "LAB": 12, "HSV": 12,
+                        "RGBA": 32, "RGBa": 32, "LA": 32, "La": 32, "PA": 32,
+                        "I;16": 28, "I;16B": 28, "I;16L": 28, "I;16N": 28, "I": 32, "F": 32}
 
 _REDO = "Re-download or re-export it, or leave it out of the data."
 
@@ -40,8 +56,9 @@ class ImageLoadError(ValueError):
 def load_image(source, name: str | None = None) -> Image.Image:
     """Open, check and fully decode one image; return it as 8-bit RGB (see `processing_clipqwen.to_rgb`).
 
-    `source` is a path, the file's bytes, or a `datasets` `Image(decode=False)` entry ({"path", "bytes"}).
-    `name` is what error messages call it (default: the path). Raises `ImageLoadError`.
+    `source` is a path, the file's bytes, a binary file object (read whole), or a `datasets` `Image(decode=False)`
+    entry ({"path", "bytes"}). `name` is what error messages call it (default: the path, or the file object's name).
+    Raises `ImageLoadError`.
     """
     return _load(source, name, decode=True)
 
@@ -66,12 +83,16 @@ def find_unreadable_images(entries, full_decode: bool = True) -> list[tuple[str,
 def _path_of(source):
     if isinstance(source, dict):
         return source.get("path")
-    return None if isinstance(source, (bytes, bytearray, memoryview)) else source
+    return None if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read") else source
 
 
 def _load(source, name, decode):
     path = _path_of(source)
-    if isinstance(source, dict):
+    if hasattr(source, "read"):  # an open file (an upload, a stream): its bytes, named after it if it has a name
+        file_name = getattr(source, "name", None)
+        name = name or (os.fspath(file_name) if isinstance(file_name, (str, os.PathLike)) else "<image file>")
+        data = source.read()
+    elif isinstance(source, dict):
         data = source.get("bytes")  # datasets keeps "path" as well; when "bytes" is set, it is the content
     else:
         data = None if path is not None else source
@@ -117,12 +138,20 @@ def _check_header(image, name):
     if width * height > MAX_PIXELS:
         reason = f"it is {width}×{height} = {width * height:,} pixels, over the cap of {MAX_PIXELS:,}"
         raise ImageLoadError(name, reason, _too_large_advice())
+    per_pixel = LOAD_BYTES_PER_PIXEL.get(image.mode, max(LOAD_BYTES_PER_PIXEL.values()))
+    if "transparency" in image.info:
+        per_pixel = max(per_pixel, LOAD_BYTES_PER_PIXEL["RGBA"])
+    if width * height * per_pixel > MAX_DECODE_BYTES:
+        reason = (f"decoding it takes about {width * height * per_pixel / 1e6:,.0f} MB ({width}×{height} pixels × "
+                  f"{per_pixel} bytes for mode {image.mode}), over the budget of {MAX_DECODE_BYTES / 1e6:,.0f} MB")
+        raise ImageLoadError(name, reason, _too_large_advice())
 
 
 def _too_large_advice():
     return (
         f"Downscale it, or if you trust the file raise clipqwen.images.MAX_PIXELS (now {MAX_PIXELS:,}; above "
-        f"{Image.MAX_IMAGE_PIXELS:,} also raise PIL.Image.MAX_IMAGE_PIXELS)."
+        f"{Image.MAX_IMAGE_PIXELS:,} also raise PIL.Image.MAX_IMAGE_PIXELS) or clipqwen.images.MAX_DECODE_BYTES "
+        f"(now {MAX_DECODE_BYTES:,})."
     )
 
 
