@@ -57,12 +57,13 @@ class CaptionTrainer(Trainer):
         if dataset is not None:
             start = time.perf_counter()
             captions, rows = self.generate_captions(dataset)
-            references = [dataset[row]["captions"] for row in rows]
+            all_references, image_ids = dataset["captions"], dataset["image_id"]  # columns: no image is decoded
+            references = [all_references[row] for row in rows]
             scores = self.caption_metric.compute(predictions=captions, references=references)
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
             self.predictions[metric_key_prefix] = [
-                {"image_id": dataset[row]["image_id"], "caption": caption, "references": refs}
+                {"image_id": image_ids[row], "caption": caption, "references": refs}
                 for row, caption, refs in zip(rows, captions, references)
             ]
         return output
