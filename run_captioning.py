@@ -99,7 +99,7 @@ class DataTrainingArguments:
     use_feature_cache: bool = field(default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."})
     check_images: bool = field(default=True, metadata={"help": "Decode every image before training and skip unreadable ones (logged with names)."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for image checking."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and encode; the vision tower runs in the main process on their batches) or, without it, for the unreadable-image check. Default: none, the main process does it."})
 
     def __post_init__(self):
         files = [self.train_file, self.validation_file, self.test_file]
@@ -225,28 +225,57 @@ def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
 
 # ---- data ------------------------------------------------------------------------------------------------
 def prepare_data(data_args, model_args, training_args, model, processor, timer):
-    """The splits the run needs, cleaned, with CLIP features when the vision tower is frozen; sample images."""
+    """The splits the run needs, cleaned, with CLIP features when the vision tower is frozen; sample images.
+
+    With the feature cache, each image is decoded once: the feature pass is also the unreadable-image check
+    (`add_vision_features`), by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard
+    of the rows and all ranks read the merged cache. This runs inside `main()`'s `main_process_first`, which holds
+    the other ranks at a barrier until the main one leaves it, and the main one at a barrier on leaving; so that all
+    ranks encode at once, the main rank releases the others before encoding (its barrier pairs with their waiting
+    one) and each other rank passes one barrier after encoding (pairing with the main one's on leaving): every rank
+    passes the same number of barriers, in the same order."""
     from clipqwen.data import add_vision_features
 
-    with timer.phase("data preparation") as phase:
-        splits, samples = load_and_clean(data_args, model_args, training_args)
-        phase["items"] = sum(len(dataset) for dataset in splits.values())
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if data_args.use_feature_cache and base.config.freeze_vision_model:
-        from clipqwen.presets import clipqwen_cache_dir
+    cached = data_args.use_feature_cache and base.config.freeze_vision_model
+    with timer.phase("data preparation") as phase:
+        splits, samples = load_and_clean(data_args, model_args, training_args, check_images=not cached)
+        phase["items"] = sum(len(dataset) for dataset in splits.values())
+    if not cached:
+        return splits, samples
+    shown = splits.get("test") or splits.get("validation")  # with its images, before features replace them
 
-        cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
-        with timer.phase("feature cache", items=sum(len(dataset) for dataset in splits.values())):
-            base.vision_model.to(training_args.device)
-            for split in splits:
-                splits[split] = add_vision_features(splits[split], base, processor, cache_dir,
-                                                    training_args.per_device_eval_batch_size * 4)
-            base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
+    from clipqwen.presets import clipqwen_cache_dir
+
+    cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
+    world_size = training_args.world_size
+    barrier = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+        if training_args.local_process_index == 0:
+            barrier()  # releases the ranks waiting in main_process_first: they load the data (from the caches) now
+    with timer.phase("feature cache", items=sum(len(dataset) for dataset in splits.values())):
+        base.vision_model.to(training_args.device)
+        for split in splits:
+            splits[split] = add_vision_features(
+                splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
+                num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
+                rank=training_args.process_index, world_size=world_size, barrier=barrier)
+        base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
+    if world_size > 1 and training_args.local_process_index != 0:
+        barrier()  # pairs with the main rank's barrier on leaving main_process_first
+    if shown is not None:  # the picture's images: the first readable ones (decoded again: at most 8 images)
+        kept = set(splits["test" if "test" in splits else "validation"]["image_id"])
+        indices = [i for i, image_id in enumerate(shown["image_id"]) if image_id in kept][:8]
+        samples = [(row["image_id"], row["image"]) for row in shown.select(indices)]
     return splits, samples
 
 
-def load_and_clean(data_args, model_args, training_args):
+def load_and_clean(data_args, model_args, training_args, check_images: bool = True):
+    """The wanted splits, limited and cleaned, and a few sample images. `check_images=False` leaves the
+    unreadable-image check to the feature pass (one decode per image); `--check_images False` turns it off."""
     from clipqwen.data import drop_unreadable_images, load_caption_data, remove_empty_captions
 
     raw = load_caption_data(data_args, cache_dir=model_args.cache_dir)
@@ -261,7 +290,7 @@ def load_and_clean(data_args, model_args, training_args):
         if limits[split] is not None:
             dataset = dataset.select(range(min(limits[split], len(dataset))))
         dataset = remove_empty_captions(dataset, split)
-        if data_args.check_images:
+        if data_args.check_images and check_images:
             dataset = drop_unreadable_images(dataset, split, data_args.preprocessing_num_workers)
         splits[split] = dataset
     missing = [split for split, needed in wanted.items() if needed and split not in splits]
@@ -269,9 +298,11 @@ def load_and_clean(data_args, model_args, training_args):
         raise ValueError(f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
                          "directories, or drop the corresponding --do_* flag.")
 
-    # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels.
+    # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels;
+    # with the check left to the feature pass, `prepare_data` takes them after it, from the readable ones.
     shown = splits.get("test") or splits.get("validation")
-    samples = [(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))] if shown else []
+    samples = ([(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))]
+               if shown and check_images else [])
     return splits, samples
 
 

@@ -475,35 +475,200 @@ def image_content_key(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Path, batch_size: int = 64) -> Dataset:
+# Bumped when the cache file's layout changes, so that a file of the old layout is never read as the new one.
+_CACHE_LAYOUT = "features+unreadable/1"
+
+
+def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Path, batch_size: int = 64, *,
+                        split: str = "train", num_workers: int | None = None, drop_unreadable: bool = True,
+                        rank: int = 0, world_size: int = 1, barrier=None) -> Dataset:
     """Replace the `image` column by the frozen CLIP output (`vision_embeds`), computed once per image and
     stored in an Arrow file keyed by the vision weights, the preprocessing, the rows (datasets' fingerprint: ids,
     captions, paths) and the images' content (`image_content_key`). Training from it never decodes an image again,
     and each image is encoded once however many captions or epochs it has. A cache file is used only if it matches
     the manifest written beside it (size and SHA-256, so a truncated or damaged file is caught and rebuilt; checking
-    reads the file once, about a second per GB)."""
-    key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}"
+    reads the file once, about a second per GB).
+
+    Decode once: each image is decoded exactly once, by `load_image`, in the same pass that encodes it, which is
+    also the unreadable-image check: an image `load_image` refuses is dropped and logged by name, as
+    `drop_unreadable_images` does (`drop_unreadable=False`: the first one stops the run instead), and a split left
+    empty is an error (`require_images`). The reasons are stored in the cache, so a rerun logs the same lines
+    without decoding anything.
+
+    Parallel: `num_workers` processes (a torch DataLoader) decode and preprocess batches of `batch_size` images
+    with the processor's own `preprocess_images`, while the main process runs the vision tower on them, batch by
+    batch in row order. The batches are the same whatever the number of workers, so the features are bit-identical,
+    and the cache key does not depend on it.
+
+    Distributed (`world_size` > 1, `barrier` a callable that waits for every rank): rank r encodes its contiguous
+    shard of the rows (whole batches, `_shard_bounds`) into its own file (`...-shard-r-of-n.arrow`, with its
+    manifest), all ranks wait, then every rank reads all shard files in order: the full cache. Any complete set of
+    valid files for the key (one file, or all shards of an earlier run with another number of processes) is reused
+    as it is."""
+    key = (f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:"
+           f"{_CACHE_LAYOUT}")
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"vision-features-{fingerprint}.arrow"
-    discard_damaged_cache(cache_file)
+    whole = cache_dir / f"vision-features-{fingerprint}.arrow"
+    files = _complete_cache(cache_dir, fingerprint)
+    if files is None:  # build this process's part (all rows in one process)
+        if world_size > 1:
+            target = cache_dir / f"vision-features-{fingerprint}-shard-{rank}-of-{world_size}.arrow"
+            start, stop = _shard_bounds(len(dataset), rank, world_size, batch_size)
+        else:
+            target, start, stop = whole, 0, len(dataset)
+        discard_damaged_cache(target)
+        if not target.exists():
+            if world_size > 1:
+                logger.info("%s: rank %d of %d encodes rows %d to %d (%d images) into %s", split, rank, world_size,
+                            start, stop - 1, stop - start, target.name)
+            _encode_to_file(dataset, range(start, stop), model, processor, target, batch_size, num_workers, split)
+            if world_size == 1:
+                files = [target]  # just written and recorded in its manifest: no need to read it again
+    if world_size > 1 and barrier is not None:
+        barrier()  # every rank, whether it built or reused: the number of barriers never depends on the files
+    if files is None:
+        files = _complete_cache(cache_dir, fingerprint, world_size)
+        if files is None:
+            raise RuntimeError(f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
+                               f"process wrote its part (key {fingerprint}). Is {cache_dir} shared by all processes?")
+    parts = [Dataset.from_file(str(file)) for file in files]
+    features = datasets.concatenate_datasets([part for part in parts if len(part)] or parts[:1])  # a shard may be empty
+    if len(features) != len(dataset):
+        raise RuntimeError(f"The feature cache {files[0]} has {len(features)} rows for {len(dataset)} images.")
+    if world_size > 1:
+        logger.info("%s: rank %d of %d reads the feature cache: %d images from %d file(s)", split, rank, world_size,
+                    len(features), len(files))
+
+    rest = dataset.with_format(None).remove_columns("image")
+    if rest._indices is not None:
+        rest = rest.flatten_indices(keep_in_memory=True)  # a small table (ids, captions); axis=1 needs no mapping
+    merged = datasets.concatenate_datasets([features, rest], axis=1)
+    reasons = features["unreadable"]
+    bad = [(i, reason) for i, reason in enumerate(reasons) if reason]
+    if bad:
+        if not drop_unreadable:
+            raise ValueError(f"{split}: {bad[0][1]} (With the image check off, an unreadable image stops the run.)")
+        logger.warning("%s: skipping %d unreadable image(s) of %d:\n%s", split, len(bad), len(dataset),
+                       "\n".join(f"  {reason}" for _, reason in bad))
+        merged = merged.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
+    require_images(merged, split, f"all {len(bad)} are unreadable" if bad else "it is empty")
+    merged = merged.remove_columns("unreadable")
+    return merged.with_format("numpy", columns=["vision_embeds"], output_all_columns=True)
+
+
+def _shard_bounds(rows: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of `rank`'s contiguous shard: the batches of `batch_size` rows shared out as
+    `Dataset.shard(world_size, rank, contiguous=True)` shares rows. Whole batches, so that every image is encoded
+    in the same batch whatever the number of processes: the vision tower's output can differ in the last bits with
+    the batch it is computed in, and the merged cache is then bit-identical to a one-process one."""
+    batches = -(-rows // batch_size)
+    size, extra = divmod(batches, world_size)
+    start = rank * size + min(rank, extra)
+    return min(start * batch_size, rows), min((start + size + (rank < extra)) * batch_size, rows)
+
+
+def _complete_cache(cache_dir: Path, fingerprint: str, prefer: int | None = None) -> list[Path] | None:
+    """The files holding the features for `fingerprint`, in row order, if a complete set of them is valid (manifest
+    matches): the single file, or all n shards of some n (`prefer` tried first). Nothing is deleted here: other
+    processes may be writing their shards."""
+    whole = cache_dir / f"vision-features-{fingerprint}.arrow"
+    if _is_valid(whole):
+        return [whole]
+    counts = {int(path.name.rsplit("-of-", 1)[1].split(".")[0])
+              for path in cache_dir.glob(f"vision-features-{fingerprint}-shard-*-of-*.arrow")}
+    for count in sorted(counts, key=lambda n: n != prefer):
+        shards = [cache_dir / f"vision-features-{fingerprint}-shard-{i}-of-{count}.arrow" for i in range(count)]
+        if all(_is_valid(shard) for shard in shards):
+            return shards
+    return None
+
+
+def _is_valid(cache_file: Path) -> bool:
+    try:
+        expected = json.loads(_manifest(cache_file).read_text())
+        return cache_file.stat().st_size == expected.get("size") and _sha256_of(cache_file) == expected.get("sha256")
+    except (OSError, ValueError):
+        return False
+
+
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Batch i of the rows: (first row, pixel values of its readable images or None, reasons per row, "" if
+    readable). Each image is decoded once, by `load_image`, and preprocessed by the processor's own
+    `preprocess_images`: the same code whether it runs here or in a DataLoader worker."""
+
+    def __init__(self, raw: Dataset, processor, rows: range, batch_size: int):
+        self.raw, self.processor = raw, processor
+        self.batches = [range(start, min(start + batch_size, rows.stop)) for start in range(rows.start, rows.stop, batch_size)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        rows = self.batches[index]
+        block = self.raw[rows.start:rows.stop]
+        images, reasons = [], []
+        for entry, image_id in zip(block["image"], block["image_id"]):
+            try:
+                images.append(load_image(entry, name=(entry or {}).get("path") or image_id))
+                reasons.append("")
+            except ImageLoadError as error:
+                reasons.append(str(error))
+        pixel_values = self.processor.preprocess_images(images) if images else None
+        return rows.start, pixel_values, reasons
+
+
+def _as_is(item):
+    return item
+
+
+def _one_thread(_worker):
+    torch.set_num_threads(1)  # each worker is one core's worth of decoding; the vision tower has the main process
+
+
+@torch.no_grad()
+def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file: Path, batch_size: int,
+                    num_workers: int | None, split: str = "train") -> None:
+    """Encode `rows` of `dataset` into `cache_file` (columns `vision_embeds`, zeros for an unreadable image, and
+    `unreadable`, its reason or ""), written under a temporary name and renamed, then its manifest."""
+    from datasets.arrow_writer import ArrowWriter
+
+    raw = dataset.with_format(None).select_columns(["image", "image_id"]).cast_column("image", datasets.Image(decode=False))
+    batches = _DecodedBatches(raw, processor, rows, batch_size)
+    workers = max(0, num_workers or 0)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+                                         collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
     device = next(model.vision_model.parameters()).device
-
-    @torch.no_grad()
-    def encode(batch):  # the processor's own image path (RGB conversion, aspect-ratio bound), as in training from pixels
-        images = [load_image(entry, name=entry.get("path") or "image") for entry in batch["image"]]
-        pixel_values = processor.preprocess_images(images)
-        return {"vision_embeds": model.get_vision_embeds(pixel_values.to(device)).float().cpu().numpy()}
-
-    with_images = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
-    features = with_images.map(
-        encode, batched=True, batch_size=batch_size, remove_columns=["image"], cache_file_name=str(cache_file),
-        load_from_cache_file=True, new_fingerprint=fingerprint, desc="CLIP features (cached)",
-    )
-    if not _manifest(cache_file).exists():  # just built (datasets writes the file whole, by a rename)
-        _write_manifest(cache_file)
-    return features.with_format("numpy", columns=["vision_embeds"], output_all_columns=True)
+    temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+    shape = None
+    try:
+        empty = datasets.Features({"vision_embeds": datasets.List(datasets.Value("float32")), "unreadable": datasets.Value("string")})
+        with ArrowWriter(path=str(temporary), features=None if len(rows) else empty) as writer:
+            # a bar updated by hand: tqdm wrapped around a DataLoader with workers starts it twice (every image decoded
+            # twice, torch 2.13 / tqdm 4)
+            progress = datasets.utils.tqdm(total=len(batches), unit="batch",
+                                           desc=f"CLIP features, {split} ({workers or 'no'} decoding worker(s))")
+            for _, pixel_values, reasons in loader:  # in batch order whatever the number of workers
+                progress.update(1)
+                embeds = None
+                if pixel_values is not None:
+                    embeds = model.get_vision_embeds(pixel_values.to(device)).float().cpu().numpy()
+                    shape = embeds.shape[1:]
+                if shape is None:  # no readable image yet: the shape of one, from a blank input
+                    crop = processor.preprocess_images([PILImage.new("RGB", (8, 8))])
+                    shape = model.get_vision_embeds(crop.to(device)).shape[1:]
+                out = np.zeros((len(reasons), *shape), dtype=np.float32)
+                if embeds is not None:
+                    out[[i for i, reason in enumerate(reasons) if not reason]] = embeds
+                writer.write_batch({"vision_embeds": out, "unreadable": reasons})
+            progress.close()
+            writer.finalize()
+        os.replace(temporary, cache_file)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _write_manifest(cache_file)
 
 
 def _manifest(cache_file: Path) -> Path:

@@ -40,3 +40,40 @@ def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, dis
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / name))
     assert config.mixed_precision == "bf16" and config.distributed_type == distributed and not config.use_cpu
     assert f"accelerate launch --config_file configs/accelerate/{name}" in (ROOT / "README.md").read_text()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_all_of_it(tmp_path):
+    """Issue 11: no rank waits while another builds the whole cache; the merged cache is the full split."""
+    out = tmp_path / "ddp"
+    command = [
+        # torchrun: two real processes on the CPU (gloo); `accelerate launch --cpu` starts one process, whatever
+        # --num_processes says, unless it is given an MPI host file
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--report_to", "none",
+        "--save_strategy", "no", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"),
+        "--dataloader_pin_memory", "False", "--log_level", "info", "--log_level_replica", "info",
+        "--preprocessing_num_workers", "1",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    # batches of 8 (eval batch 2 × 4): rank 0 encodes rows 0-7, rank 1 rows 8-15, each into its own file
+    assert "train: rank 0 of 2 encodes rows 0 to 7 (8 images)" in log, log[-6000:]
+    assert "train: rank 1 of 2 encodes rows 8 to 15 (8 images)" in log, log[-6000:]
+    for rank in (0, 1):
+        assert f"train: rank {rank} of 2 reads the feature cache: 16 images from 2 file(s)" in log, log[-6000:]
+    shards = sorted(path.name for path in (tmp_path / "features").glob("*.arrow"))
+    assert len(shards) == 2 and shards[0].endswith("-shard-0-of-2.arrow") and shards[1].endswith("-shard-1-of-2.arrow")
+    assert "process rank 1" in log and log.count("reads the feature cache") == 2  # two processes, both with all rows
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] is not None
