@@ -72,11 +72,14 @@ def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, mon
     assert "train: skipping 1 unreadable image(s) of 17" in caplog.text and str(broken) in caplog.text
 
 
-def test_features_with_two_workers_equal_features_with_one(make_model, processor, tmp_path):
+@pytest.mark.parametrize("batch_size, chunk", [(5, 16), (12, 5)])  # (12, 5): batches of 12 and 4, cut in 5 5 2 | 4
+def test_features_with_two_workers_equal_features_with_one(make_model, processor, tmp_path, monkeypatch, batch_size,
+                                                           chunk):
+    monkeypatch.setattr(data, "DECODE_CHUNK", chunk)  # images a worker decodes at a time
     annotations, names = photo_set(tmp_path / "data", broken=())
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()
-    runs = {workers: add_vision_features(dataset, model, processor, tmp_path / f"cache-{workers}", batch_size=5,
+    runs = {workers: add_vision_features(dataset, model, processor, tmp_path / f"cache-{workers}", batch_size=batch_size,
                                          num_workers=workers) for workers in (0, 1, 2)}
     stacked = {workers: torch.as_tensor(np.stack(run["vision_embeds"])) for workers, run in runs.items()}
     assert torch.equal(stacked[1], stacked[2]) and torch.equal(stacked[0], stacked[2])
@@ -85,7 +88,8 @@ def test_features_with_two_workers_equal_features_with_one(make_model, processor
     # the same as the single-process path of before: load_image, preprocess_images, the vision tower, batch by batch
     with torch.no_grad():
         expected = torch.cat([model.get_vision_embeds(processor.preprocess_images(
-            [load_image(str(tmp_path / "data" / name)) for name in names[start:start + 5]])) for start in range(0, 16, 5)])
+            [load_image(str(tmp_path / "data" / name)) for name in names[start:start + batch_size]]))
+            for start in range(0, 16, batch_size)])
     assert torch.equal(stacked[2], expected)
     assert list(runs[2]["image_id"]) == names and "image" not in runs[2].column_names
 
