@@ -224,48 +224,28 @@ def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def prepare_data(data_args, model_args, training_args, model, processor, timer):
-    """The splits the run needs, cleaned, with CLIP features when the vision tower is frozen; sample images.
-
-    With the feature cache, each image is decoded once: the feature pass is also the unreadable-image check
-    (`add_vision_features`), by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard
-    of the rows and all ranks read the merged cache. This runs inside `main()`'s `main_process_first`, which holds
-    the other ranks at a barrier until the main one leaves it, and the main one at a barrier on leaving; so that all
-    ranks encode at once, the main rank releases the others before encoding (its barrier pairs with their waiting
-    one) and each other rank passes one barrier after encoding (pairing with the main one's on leaving): every rank
-    passes the same number of barriers, in the same order."""
+def add_features(splits, samples, data_args, training_args, base, processor, timer):
+    """CLIP features for every split, each image decoded once (the feature pass is also the unreadable-image check),
+    by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard of the rows, and
+    `add_vision_features` waits for all of them before every rank reads the merged cache."""
     from clipqwen.data import add_vision_features
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cached = data_args.use_feature_cache and base.config.freeze_vision_model
-    with timer.phase("data preparation") as phase:
-        splits, samples = load_and_clean(data_args, model_args, training_args, check_images=not cached)
-        phase["items"] = sum(len(dataset) for dataset in splits.values())
-    if not cached:
-        return splits, samples
-    shown = splits.get("test") or splits.get("validation")  # with its images, before features replace them
-
     from clipqwen.presets import clipqwen_cache_dir
 
+    shown = splits.get("test") or splits.get("validation")  # with its images, before features replace them
     cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
-    world_size = training_args.world_size
     barrier = None
-    if world_size > 1:
+    if training_args.world_size > 1:
         import torch.distributed as dist
 
         barrier = dist.barrier
-        if training_args.local_process_index == 0:
-            barrier()  # releases the ranks waiting in main_process_first: they load the data (from the caches) now
     with timer.phase("feature cache", items=sum(len(dataset) for dataset in splits.values())):
         base.vision_model.to(training_args.device)
         for split in splits:
             splits[split] = add_vision_features(
                 splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
                 num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
-                rank=training_args.process_index, world_size=world_size, barrier=barrier)
+                rank=training_args.process_index, world_size=training_args.world_size, barrier=barrier)
         base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
-    if world_size > 1 and training_args.local_process_index != 0:
-        barrier()  # pairs with the main rank's barrier on leaving main_process_first
     if shown is not None:  # the picture's images: the first readable ones (decoded again: at most 8 images)
         kept = set(splits["test" if "test" in splits else "validation"]["image_id"])
         indices = [i for i, image_id in enumerate(shown["image_id"]) if image_id in kept][:8]
@@ -299,7 +279,7 @@ def load_and_clean(data_args, model_args, training_args, check_images: bool = Tr
                          "directories, or drop the corresponding --do_* flag.")
 
     # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels;
-    # with the check left to the feature pass, `prepare_data` takes them after it, from the readable ones.
+    # with the check left to the feature pass, `add_features` takes them after it, from the readable ones.
     shown = splits.get("test") or splits.get("validation")
     samples = ([(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))]
                if shown and check_images else [])
@@ -497,8 +477,13 @@ def run(model_args, data_args, caption_args, training_args):
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
-    with training_args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others read them
-        splits, sample_images = prepare_data(data_args, model_args, training_args, model, processor, timer)
+    cached = data_args.use_feature_cache and base.config.freeze_vision_model
+    with timer.phase("data preparation") as phase, training_args.main_process_first(desc="data preparation"):
+        # rank 0 fills datasets' caches, the others read them
+        splits, sample_images = load_and_clean(data_args, model_args, training_args, check_images=not cached)
+        phase["items"] = sum(len(dataset) for dataset in splits.values())
+    if cached:  # all ranks at once, each its own shard
+        splits, sample_images = add_features(splits, sample_images, data_args, training_args, base, processor, timer)
 
     train_dataset = None
     if training_args.do_train:

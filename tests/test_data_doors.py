@@ -358,14 +358,14 @@ def test_load_image_reads_file_objects(tmp_path):
 def test_an_image_deleted_during_training_stops_with_a_message_naming_it(tmp_path, monkeypatch):
     rows = image_folder(tmp_path / "photos")
     gone = tmp_path / "photos" / rows[5]["file_name"]
-    prepare = run_captioning.prepare_data
+    prepare = run_captioning.load_and_clean
 
-    def prepare_then_delete(*args):
-        prepared = prepare(*args)
+    def prepare_then_delete(*args, **kwargs):
+        prepared = prepare(*args, **kwargs)
         gone.unlink()  # after the up-front check, before the first batch that needs it
         return prepared
 
-    monkeypatch.setattr(run_captioning, "prepare_data", prepare_then_delete)
+    monkeypatch.setattr(run_captioning, "load_and_clean", prepare_then_delete)
     with pytest.raises(ImageLoadError, match=rf"Cannot load image {gone}: the file cannot be read .*rerun the same command"):
         run(tmp_path / "out", "--do_train", "--max_steps", "2", "--train_dir", str(tmp_path / "photos"),
             "--caption_column", "captions", "--use_feature_cache", "False")
