@@ -25,7 +25,7 @@ def llama(request):
 
 
 def test_the_text_tower_is_a_llama_built_from_text_config(llama):
-    model, processor = llama
+    model, _ = llama
     assert type(model.language_model) is LlamaForCausalLM
     assert model.language_model.config is model.config.text_config  # one config: resizing updates what is saved
     assert "LlamaDecoderLayer" in model._no_split_modules and "CLIPEncoderLayer" in model._no_split_modules
