@@ -200,9 +200,9 @@ def build_model_and_processor(args: ModelArguments):
             "(--model_name_or_path, or --vision_model_name_or_path and --text_model_name_or_path), set "
             "HF_HUB_OFFLINE=1 to use the local cache, or use --tiny_model for the offline demo."
         ) from error
-    if processor.num_image_tokens != model.config.num_image_tokens:
-        raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model expects "
-                         f"{model.config.num_image_tokens}; save them together or set the processor's num_image_tokens.")
+    # placeholder count and id, end and pad tokens as the processor writes them (a no-op for Qwen3; another decoder's
+    # tokenizer gets its placeholder token added by the processor, and the model one frozen embedding row)
+    model.match_processor(processor)
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
 

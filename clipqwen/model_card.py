@@ -11,7 +11,7 @@ TEMPLATE = """---
 # {title}
 
 An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter} adapter**
-({feature_desc}, {num_image_tokens} image token(s)) → **{text}** (Qwen3 decoder, {text_state}).
+({feature_desc}, {num_image_tokens} image token(s)) → **{text}** ({decoder} decoder, {text_state}).
 Trained with clipqwen's `run_captioning.py` on **{dataset}**{dataset_detail}.
 
 ## Results
@@ -119,7 +119,8 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         vision_state="frozen" if model_config.freeze_vision_model else "fine-tuned",
         text_state="frozen" if model_config.freeze_language_model else "fine-tuned",
         adapter=model_config.adapter_type, feature_desc=feature_desc, num_image_tokens=model_config.num_image_tokens,
-        dataset=dataset_name, dataset_detail=dataset_detail, generation=generation, split_desc="validation and test splits",
+        decoder=model_config.text_config.model_type, dataset=dataset_name, dataset_detail=dataset_detail,
+        generation=generation, split_desc="validation and test splits",
         metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |", curves=curves, repo_id=repo_id, revision=revision,
         max_new_tokens=generation_kwargs.get("max_new_tokens", 30), num_beams=generation_kwargs.get("num_beams", 1),
         demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
