@@ -62,3 +62,19 @@ def runtime_python():
         subprocess.run([*pip, "-e", str(ROOT), "-c", str(ROOT / "constraints.txt")], check=True)
         (venv / "stamp").write_text(stamp)
     return str(python)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Online mode with no Hub: its endpoint a closed port (connection refused at once; a network that drops
+    packets silently costs the probe's 3 s timeout)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from clipqwen import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "_PROBES", {})

@@ -199,18 +199,8 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
     assert len(output.read_text().splitlines()) == 2  # the first batch
 
 
-def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, monkeypatch, caplog):
+def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, unreachable_hub, caplog):
     """No HF_HUB_OFFLINE and no Hub (a closed port): the probe run_captioning uses, not ~30 s of retries."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    from clipqwen import hub
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(hub, "_PROBES", {})
     start = time.monotonic()
     status, out, err = cli(capsys, "someone/clipqwen-flickr30k", PHOTO, *QUICK)
     assert time.monotonic() - start < 10
