@@ -115,6 +115,12 @@ class DataTrainingArguments:
         if self.dataset_name == "embedded" and self.image_column == "image" and self.caption_column == "caption":
             self.caption_column = "captions"
 
+    @property
+    def local_files(self) -> bool:
+        """Annotation files or image folders were given: they replace --dataset_name."""
+        return any([self.train_file, self.validation_file, self.test_file, self.train_dir, self.validation_dir,
+                    self.test_dir])
+
 
 @dataclass
 class CaptioningArguments:
@@ -327,8 +333,7 @@ def export(trainer, model_args, data_args, training_args, processor, metrics, ge
                 samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
                                            [row["references"] for _, row in shown], out / "sample_captions.png")
         vision_id, text_id = describe_backbones(model_args, model.config)
-        local_data = any([data_args.train_file, data_args.validation_file, data_args.test_file, data_args.train_dir,
-                          data_args.validation_dir, data_args.test_dir])
+        local_data = data_args.local_files
         card = build_model_card(
             repo_id=training_args.hub_model_id or final.name, vision_id=vision_id, text_id=text_id,
             dataset_name="local data" if local_data else data_args.dataset_name,
@@ -472,8 +477,7 @@ def run(model_args, data_args, caption_args, training_args):
     preflight.check_against_model(data_args, caption_args, base.config, len(processor.tokenizer(caption_args.prompt).input_ids))
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))
-    if not (data_args.dataset_name == "embedded" or data_args.train_file or data_args.validation_file or data_args.test_file
-            or data_args.train_dir or data_args.validation_dir or data_args.test_dir):
+    if not (data_args.dataset_name == "embedded" or data_args.local_files):
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)

@@ -178,15 +178,14 @@ class CaptionTrainer(Trainer):
         self.graceful_stop.install()
         try:
             result = super().train(*args, **kwargs)
-            if self.graceful_stop.requested is None and self.args.save_strategy != "no":
-                # The last step is checkpointed whatever --save_steps says: an export that fails (a full disk) can
-                # then be redone by rerunning the same command, without training again.
-                if not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER)):
-                    self._save_checkpoint(self.model, trial=None)
-            if self.graceful_stop.requested is not None and self.graceful_stop.stopped_at is None:
-                # The signal came after the last step end (final evaluation): still leave a checkpoint.
-                if not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER)):
-                    self._save_checkpoint(self.model, trial=None)
+            signalled = self.graceful_stop.requested is not None
+            # The last step is always checkpointed: after a signal that came past the last step end (final
+            # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
+            # redone by rerunning the same command, without training again.
+            if ((signalled or self.args.save_strategy != "no")
+                    and not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER))):
+                self._save_checkpoint(self.model, trial=None)
+            if signalled and self.graceful_stop.stopped_at is None:
                 self.graceful_stop.stopped_at = self.state.global_step
             return result
         finally:

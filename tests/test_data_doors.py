@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import PHOTOS
 from PIL import Image
+from test_feature_cache import counting
 
 import run_captioning
 from clipqwen import data, images
@@ -250,13 +251,6 @@ def test_drop_unreadable_images_refuses_to_return_an_empty_split(tmp_path):
 
 
 # ---- the feature cache is keyed by content --------------------------------------------------------------------------
-def counting(model):
-    calls = []
-    original = model.get_vision_embeds
-    model.get_vision_embeds = lambda pixel_values: calls.append(len(pixel_values)) or original(pixel_values)
-    return calls
-
-
 def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, processor, tmp_path):
     folder = tmp_path / "photos"
     image_folder(folder)
@@ -339,7 +333,7 @@ def test_the_decode_budget_counts_the_bytes_per_pixel_of_each_mode(tmp_path, mon
         if fits:
             assert load_image(path).size == (10, 10)
         else:
-            with pytest.raises(ImageLoadError, match=f"over the budget of 0 MB"):
+            with pytest.raises(ImageLoadError, match="over the budget of 0 MB"):
                 load_image(path)
     found = images.find_unreadable_images([tmp_path / "RGB.png", tmp_path / "RGBA.png"], full_decode=False)
     assert [name for name, _ in found] == [str(tmp_path / "RGBA.png")]  # the header-only check applies it too
