@@ -440,7 +440,9 @@ def main(argv=None):
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise SystemExit("transformers reads GGUF files with the `gguf` package: pip install gguf") from None
+        raise SystemExit(
+            'transformers reads GGUF files with the `gguf` package: pip install -e ".[evidence]" (or pip install gguf)'
+        ) from None
     import torch
     import transformers
 
