@@ -34,7 +34,8 @@ from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 from transformers import TrainerCallback
 
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, load_image, pixel_values
+
 
 logger = logging.getLogger(__name__)
 
@@ -327,9 +328,9 @@ _READ_AGAIN = ("Without the feature cache, images are read again whenever a batc
 
 def open_image(entry):
     """A dataset image entry (bytes/path dict, path or PIL image) as an RGB image, through `load_image`. Used when a
-    row is read during training, after the up-front check: a file deleted or replaced since fails here, naming it."""
-    if isinstance(entry, PILImage.Image):
-        return entry
+    row is read during training, after the up-front check: a file deleted or replaced since fails here, naming it.
+    An image `load_image` has already returned passes through unchanged (it is RGB: nothing to convert again); one
+    decoded by `datasets` itself gets the same checks and conversion as a file."""
     try:
         return load_image(entry, name=entry.get("path") if isinstance(entry, dict) else None)
     except ImageLoadError as error:
@@ -602,8 +603,8 @@ class _DecodedBatches(torch.utils.data.Dataset):
     """Chunk i of the rows: (batch it belongs to, last chunk of it?, pixel values of its readable images or None,
     reasons per row, "" if readable). The rows are cut into batches of `batch_size` for the vision tower, each
     batch into chunks of at most `DECODE_CHUNK` for the workers. Each image is decoded once, by `load_image`, and
-    preprocessed by the processor's own `preprocess_images` (which treats every image on its own): the same code
-    whether it runs here or in a DataLoader worker."""
+    preprocessed by `images.pixel_values` (the processor's CLIP recipe, each image on its own): the same code
+    whether it runs here or in a DataLoader worker, and the same as training without the cache."""
 
     def __init__(self, raw: Dataset, processor, rows: range, batch_size: int, chunk: int | None = None):
         self.raw, self.processor = raw, processor
@@ -628,8 +629,7 @@ class _DecodedBatches(torch.utils.data.Dataset):
                 reasons.append("")
             except ImageLoadError as error:
                 reasons.append(str(error))
-        pixel_values = self.processor.preprocess_images(images) if images else None
-        return batch, last, pixel_values, reasons
+        return batch, last, pixel_values(images, self.processor) if images else None, reasons
 
 
 def _as_is(item):
@@ -664,8 +664,8 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
             progress = datasets.utils.tqdm(total=batches.batches, unit="batch",
                                            desc=f"CLIP features, {split} ({workers or 'no'} decoding worker(s))")
             pixels, reasons = [], []
-            for _, last, pixel_values, chunk_reasons in loader:  # in row order whatever the number of workers
-                pixels += [pixel_values] if pixel_values is not None else []
+            for _, last, chunk_pixels, chunk_reasons in loader:  # in row order whatever the number of workers
+                pixels += [chunk_pixels] if chunk_pixels is not None else []
                 reasons += chunk_reasons
                 if not last:
                     continue
@@ -674,7 +674,7 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
                     embeds = model.get_vision_embeds(torch.cat(pixels).to(device)).float().cpu().numpy()
                     shape = embeds.shape[1:]
                 if shape is None:  # no readable image yet: the shape of one, from a blank input
-                    crop = processor.preprocess_images([PILImage.new("RGB", (8, 8))])
+                    crop = pixel_values([PILImage.new("RGB", (8, 8))], processor)
                     shape = model.get_vision_embeds(crop.to(device)).shape[1:]
                 out = np.zeros((len(reasons), *shape), dtype=np.float32)
                 if embeds is not None:
@@ -742,7 +742,8 @@ class CaptionCollator:
     keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`.
     Images come through `load_image` (`open_image`): one deleted or replaced after the up-front check stops the run
     with an `ImageLoadError` naming it and saying how to resume, rather than being skipped, which would change the
-    batches that an exact resume relies on."""
+    batches that an exact resume relies on. Their pixel values come from `images.pixel_values`, as the feature
+    cache's do: one image path whether training reads features or pixels."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False, prompt: str = "",
                  seed: int = 0):
@@ -764,11 +765,11 @@ class CaptionCollator:
             captions = [self.pick_caption(row) for row in rows]
         prompts = [self.prompt] * len(rows)
         if "vision_embeds" in rows[0]:
-            batch = self.processor(text=prompts, captions=captions, max_caption_length=self.max_caption_length)
+            batch = self.processor(text=prompts, suffix=captions, max_caption_length=self.max_caption_length)
             batch["vision_embeds"] = torch.as_tensor(np.stack([row["vision_embeds"] for row in rows]))
         else:  # decoded by `with_checked_images` already, or an undecoded entry: both through `load_image`
-            batch = self.processor(images=[open_image(row["image"]) for row in rows], text=prompts, captions=captions,
-                                   max_caption_length=self.max_caption_length)
+            batch = self.processor(text=prompts, suffix=captions, max_caption_length=self.max_caption_length)
+            batch["pixel_values"] = pixel_values([open_image(row["image"]) for row in rows], self.processor)
         if self.for_generation:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
         return batch

@@ -19,10 +19,17 @@ from test_feature_cache import counting
 
 import run_captioning
 from clipqwen import data, images
-from clipqwen.data import (CaptionCollator, add_vision_features, drop_unreadable_images, load_caption_data,
-                           read_annotation_file, remove_empty_captions)
+from clipqwen.data import (
+    CaptionCollator,
+    add_vision_features,
+    drop_unreadable_images,
+    load_caption_data,
+    read_annotation_file,
+    remove_empty_captions,
+)
 from clipqwen.embedded import load_embedded_dataset
-from clipqwen.images import ImageLoadError, load_image
+from clipqwen.images import ImageLoadError, load_image, pixel_values
+
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
         "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
@@ -270,7 +277,7 @@ def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, proce
     again = add_vision_features(read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", None), model,
                                 processor, tmp_path / "cache")
     assert sum(calls) == 8 and again.cache_files != first.cache_files
-    expected = model.get_vision_embeds(processor(images=[load_image(target)])["pixel_values"])
+    expected = model.get_vision_embeds(pixel_values([load_image(target)], processor))  # the cache's image path
     torch.testing.assert_close(torch.as_tensor(again[0]["vision_embeds"])[None], expected)
 
 
@@ -352,14 +359,14 @@ def test_load_image_reads_file_objects(tmp_path):
 def test_an_image_deleted_during_training_stops_with_a_message_naming_it(tmp_path, monkeypatch):
     rows = image_folder(tmp_path / "photos")
     gone = tmp_path / "photos" / rows[5]["file_name"]
-    prepare = run_captioning.load_and_clean
+    prepare = run_captioning.prepare_data
 
     def prepare_then_delete(*args, **kwargs):
         prepared = prepare(*args, **kwargs)
         gone.unlink()  # after the up-front check, before the first batch that needs it
         return prepared
 
-    monkeypatch.setattr(run_captioning, "load_and_clean", prepare_then_delete)
+    monkeypatch.setattr(run_captioning, "prepare_data", prepare_then_delete)
     with pytest.raises(ImageLoadError, match=rf"Cannot load image {gone}: the file cannot be read .*rerun the same command"):
         run(tmp_path / "out", "--do_train", "--max_steps", "2", "--train_dir", str(tmp_path / "photos"),
             "--caption_column", "captions", "--use_feature_cache", "False")

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import PHOTOS
+from PIL import ImageFile
 
 import run_captioning
 from clipqwen import data
 from clipqwen.data import add_vision_features, read_annotation_file
-from clipqwen.images import load_image
+from clipqwen.images import load_image, pixel_values
+
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
         "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
@@ -49,26 +51,60 @@ def count_decodes(monkeypatch, log):
     return lambda: Counter(log.read_text().splitlines()) if log.exists() else Counter()
 
 
+def count_pixel_decodes(monkeypatch, log):
+    """Every time Pillow really decodes a file's pixels (`ImageFile.load` with data left to read), by file name,
+    appended to a file (worker processes count too): whoever decodes, load_image, datasets' own decoder, a sample
+    picture, a conversion that reloads."""
+    original = ImageFile.ImageFile.load
+
+    def counted(self):
+        if self.tile:  # pixels not read yet: this call decodes them
+            with open(log, "a") as file:
+                file.write(f"{self.filename or '<bytes>'}\n")
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    return lambda: Counter(log.read_text().splitlines()) if log.exists() else Counter()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_feature_pass_decodes_each_readable_image_exactly_once(make_model, processor, tmp_path, monkeypatch,
+                                                                    workers):
+    annotations, names = photo_set(tmp_path / "data")
+    dataset = read_annotation_file(str(annotations), "image", "caption", None)
+    calls = count_decodes(monkeypatch, tmp_path / "calls.txt")
+    decodes = count_pixel_decodes(monkeypatch, tmp_path / "decodes.txt")
+    features = add_vision_features(dataset, make_model(), processor, tmp_path / "cache", batch_size=4,
+                                   num_workers=workers)
+    readable = [name for name in names if name != "broken-0.jpg"]
+    assert decodes() == Counter({str(tmp_path / "data" / name): 1 for name in readable})
+    assert calls() == Counter({str(tmp_path / "data" / name): 1 for name in names})  # the check is the same pass
+    assert list(features["image_id"]) == readable
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, monkeypatch, caplog, workers):
     annotations, names = photo_set(tmp_path / "data")
     decodes = count_decodes(monkeypatch, tmp_path / "decodes.txt")
+    pixel_decodes = count_pixel_decodes(monkeypatch, tmp_path / "pixel-decodes.txt")
     flags = [*TINY, "--do_train", "--max_steps", "1", "--train_file", str(annotations), "--preprocessing_num_workers",
              workers, "--feature_cache_dir", str(tmp_path / "features")]
     with caplog.at_level(logging.WARNING):
         run_captioning.main(run_captioning.parse_args([*flags, "--output_dir", str(tmp_path / "first")]))
     counts = decodes()
     assert counts == Counter({str(tmp_path / "data" / name): 1 for name in names})  # 17 images, one decode each
+    assert pixel_decodes() == Counter({str(tmp_path / "data" / name): 1 for name in names if name != "broken-0.jpg"})
     broken = tmp_path / "data" / "broken-0.jpg"
     assert f"train: skipping 1 unreadable image(s) of 17:\n  Cannot load image {broken}: it is HTML/XML text" in caplog.text
     metrics = json.loads((tmp_path / "first" / "all_results.json").read_text())
     assert metrics.get("train_loss") is not None
 
     (tmp_path / "decodes.txt").unlink()
+    (tmp_path / "pixel-decodes.txt").unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run_captioning.main(run_captioning.parse_args([*flags, "--output_dir", str(tmp_path / "again")]))
-    assert decodes() == Counter()  # read back from the cache, the unreadable one still named
+    assert decodes() == Counter() and pixel_decodes() == Counter()  # read back, the unreadable one still named
     assert "train: skipping 1 unreadable image(s) of 17" in caplog.text and str(broken) in caplog.text
 
 
@@ -85,10 +121,11 @@ def test_features_with_two_workers_equal_features_with_one(make_model, processor
     assert torch.equal(stacked[1], stacked[2]) and torch.equal(stacked[0], stacked[2])
     names_of = {workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files] for workers, run in runs.items()}
     assert names_of[0] == names_of[1] == names_of[2]  # the key does not depend on the number of workers
-    # the same as the single-process path of before: load_image, preprocess_images, the vision tower, batch by batch
+    # the same as one process doing it by hand: load_image, pixel_values, the vision tower, batch by batch (how far
+    # pixel_values may differ from processor.preprocess_images: tests/test_images.py)
     with torch.no_grad():
-        expected = torch.cat([model.get_vision_embeds(processor.preprocess_images(
-            [load_image(str(tmp_path / "data" / name)) for name in names[start:start + batch_size]]))
+        expected = torch.cat([model.get_vision_embeds(pixel_values(
+            [load_image(str(tmp_path / "data" / name)) for name in names[start:start + batch_size]], processor))
             for start in range(0, 16, batch_size)])
     assert torch.equal(stacked[2], expected)
     assert list(runs[2]["image_id"]) == names and "image" not in runs[2].column_names
