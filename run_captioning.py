@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train, evaluate and publish a ClipQwen image captioner with HF Trainer.
 
-    accelerate launch run_captioning.py --output_dir out --do_train --do_eval --do_predict   # Flickr30K, real backbones
-    python run_captioning.py configs/embedded-tiny.json                                      # offline demo, a few CPU minutes
+    accelerate launch run_captioning.py --output_dir out --do_train --do_eval --do_predict  # Flickr30K, real backbones
+    python run_captioning.py configs/embedded-tiny.json                         # offline demo, a few CPU minutes
 
 Arguments come as flags or as one JSON file (HfArgumentParser), in the shape of transformers'
 examples/pytorch/*/run_*.py. What happens, in order: build or load the model and processor → load the data
@@ -19,17 +19,30 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
 import datasets
 import transformers
-from transformers import HfArgumentParser, TrainerState, TrainingArguments, set_seed
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 from transformers.utils import is_torch_bf16_gpu_available
 
-from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
+from clipqwen import checkpoints, hub, preflight
+from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
+from clipqwen.freezing import freeze_backbones
+from clipqwen.loading import ModelLoadError, load_clipqwen
+from clipqwen.model_card import build_model_card
+from clipqwen.plots import plot_sample_grid, plot_training_curves
+from clipqwen.prepare import CaptionData, prepare_data
+from clipqwen.presets import bundled_processor, clip_image_processor, tiny_config
 from clipqwen.timing import PhaseTimer
+from clipqwen.trainer import CaptionTrainer, NonFiniteLossError
+from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+from processing_clipqwen import ClipQwenProcessor
+
 
 logger = logging.getLogger("run_captioning")
 
@@ -39,25 +52,78 @@ RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folde
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled from the two backbones below."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": (
+            "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled from the "
+            "two backbones below."
+        )},
+    )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
-    vision_model_name_or_path: str = field(default="openai/clip-vit-base-patch32", metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower and image processor."})
-    vision_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --vision_model_name_or_path."})
-    text_model_name_or_path: str = field(default="Qwen/Qwen3-0.6B-Base", metadata={"help": "Qwen3 checkpoint (Hub id or folder) for the decoder and tokenizer."})
-    text_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --text_model_name_or_path."})
-    tiny_model: bool = field(default=False, metadata={"help": "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) instead of loading backbones."})
-    adapter_type: str = field(default="linear", metadata={"help": f"Adapter: one of {ADAPTER_TYPES} ('linear' is the seed-exact preset)."})
-    vision_feature_type: str = field(default="pooled", metadata={"help": f"CLIP features: one of {VISION_FEATURE_TYPES}."})
-    num_pooled_image_tokens: int = field(default=1, metadata={"help": "Image tokens made from the pooled embedding (ClipCap-style K)."})
-    vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP hidden-state index for --vision_feature_type patch."})
+    vision_model_name_or_path: str = field(
+        default="openai/clip-vit-base-patch32",
+        metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower and image processor."},
+    )
+    vision_model_revision: str = field(
+        default="main",
+        metadata={"help": "Branch, tag or commit of --vision_model_name_or_path."},
+    )
+    text_model_name_or_path: str = field(
+        default="Qwen/Qwen3-0.6B-Base",
+        metadata={"help": "Qwen3 checkpoint (Hub id or folder) for the decoder and tokenizer."},
+    )
+    text_model_revision: str = field(
+        default="main",
+        metadata={"help": "Branch, tag or commit of --text_model_name_or_path."},
+    )
+    tiny_model: bool = field(
+        default=False,
+        metadata={"help": (
+            "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) instead "
+            "of loading backbones."
+        )},
+    )
+    adapter_type: str = field(
+        default="linear",
+        metadata={"help": f"Adapter: one of {ADAPTER_TYPES} ('linear' is the seed-exact preset)."},
+    )
+    vision_feature_type: str = field(
+        default="pooled",
+        metadata={"help": f"CLIP features: one of {VISION_FEATURE_TYPES}."},
+    )
+    num_pooled_image_tokens: int = field(
+        default=1,
+        metadata={"help": "Image tokens made from the pooled embedding (ClipCap-style K)."},
+    )
+    vision_feature_layer: int = field(
+        default=-2,
+        metadata={"help": "CLIP hidden-state index for --vision_feature_type patch."},
+    )
     freeze_vision_model: bool = field(default=True, metadata={"help": "Keep CLIP frozen (enables the feature cache)."})
-    freeze_language_model: bool = field(default=True, metadata={"help": "Keep Qwen3 frozen (LoRA still trains its own weights)."})
+    freeze_language_model: bool = field(
+        default=True,
+        metadata={"help": "Keep Qwen3 frozen (LoRA still trains its own weights)."},
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model; 0 turns LoRA off."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "Comma-separated Qwen3 module names that get LoRA (language model only, never CLIP)."})
-    merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in <output_dir>/lora."})
-    auto_bf16: bool = field(default=True, metadata={"help": "On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj",
+        metadata={"help": "Comma-separated Qwen3 module names that get LoRA (language model only, never CLIP)."},
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={"help": (
+            "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in "
+            "<output_dir>/lora."
+        )},
+    )
+    auto_bf16: bool = field(
+        default=True,
+        metadata={"help": (
+            "On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given."
+        )},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
 
     def __post_init__(self):
@@ -72,34 +138,85 @@ class ModelArguments:
         if self.lora_r and not self.freeze_vision_model:
             # peft freezes everything outside LoRA and modules_to_save, and a CLIP in modules_to_save is wrapped twice
             # (its inner `vision_model` matches too): the vision tower would silently stay frozen.
-            raise ValueError("--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP frozen. "
-                             "Fine-tune CLIP without LoRA, or keep --freeze_vision_model True.")
+            raise ValueError("--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP "
+                             "frozen. Fine-tune CLIP without LoRA, or keep --freeze_vision_model True.")
 
 
 @dataclass
 class DataTrainingArguments:
-    dataset_name: str = field(default=FLICKR30K, metadata={"help": "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."})
+    dataset_name: str = field(
+        default=FLICKR30K,
+        metadata={"help": (
+            "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."
+        )},
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Data set configuration."})
-    dataset_revision: str | None = field(default="refs/convert/parquet", metadata={"help": "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref that moves when the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; pass that sha to load exactly the same data."})
-    split_column: str | None = field(default="split", metadata={"help": "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."})
-    train_file: str | None = field(default=None, metadata={"help": "JSONL or CSV: an image path column (relative to the file) and a caption column."})
+    dataset_revision: str | None = field(
+        default="refs/convert/parquet",
+        metadata={"help": (
+            "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref that moves when "
+            "the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; "
+            "pass that sha to load exactly the same data."
+        )},
+    )
+    split_column: str | None = field(
+        default="split",
+        metadata={"help": (
+            "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."
+        )},
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "JSONL or CSV: an image path column (relative to the file) and a caption column."},
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
     test_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
-    train_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl (file_name + captions)."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "imagefolder with metadata.jsonl (file_name + captions)."},
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
     test_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
     image_column: str = field(default="image", metadata={"help": "Column with the image (or its path in JSONL/CSV)."})
     caption_column: str = field(default="caption", metadata={"help": "Column with a caption or a list of captions."})
-    id_column: str | None = field(default=None, metadata={"help": "Column with an image id used in predictions (default: the `filename` column if there is one, as in Flickr30K, else the file name or row number)."})
-    caption_mode: Literal["random", "all"] = field(default="random", metadata={"help": "'random': one random caption per image per epoch; 'all': every caption is its own pair."})
-    max_caption_length: int = field(default=64, metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."})
+    id_column: str | None = field(
+        default=None,
+        metadata={"help": (
+            "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
+            "Flickr30K, else the file name or row number)."
+        )},
+    )
+    caption_mode: Literal["random", "all"] = field(
+        default="random",
+        metadata={"help": "'random': one random caption per image per epoch; 'all': every caption is its own pair."},
+    )
+    max_caption_length: int = field(
+        default=64,
+        metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
-    use_feature_cache: bool = field(default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."})
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."})
-    check_images: bool = field(default=True, metadata={"help": "Decode every image before training and skip unreadable ones (logged with names)."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and encode; the vision tower runs in the main process on their batches) or, without it, for the unreadable-image check. Default: none, the main process does it."})
+    use_feature_cache: bool = field(
+        default=True,
+        metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."},
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."},
+    )
+    check_images: bool = field(
+        default=True,
+        metadata={"help": "Decode every image before training and skip unreadable ones (logged with names)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": (
+            "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and encode; "
+            "the vision tower runs in the main process on their batches) or, without it, for the unreadable-image "
+            "check. Default: none, the main process does it."
+        )},
+    )
 
     def __post_init__(self):
         files = [self.train_file, self.validation_file, self.test_file]
@@ -126,8 +243,14 @@ class DataTrainingArguments:
 class CaptioningArguments:
     num_beams: int = field(default=1, metadata={"help": "Beams for evaluation and prediction captions."})
     max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
-    prompt: str = field(default="", metadata={"help": "Optional text after the image placeholders, before the caption."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into an output folder that holds a finished run."})
+    prompt: str = field(
+        default="",
+        metadata={"help": "Optional text after the image placeholders, before the caption."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into an output folder that holds a finished run."},
+    )
 
 
 def parse_args(argv=None):
@@ -136,63 +259,59 @@ def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CaptioningArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".json"):
+        # The file's values (JSON-typed, as parse_json_file reads them) become the defaults; the flags after it win.
         values = json.loads(Path(argv[0]).read_text())
-        known = {f.name for dataclass_type in parser.dataclass_types for f in dataclass_type.__dataclass_fields__.values()}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)})
         if unknown:
             raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see run_captioning.py --help.")
-        argv = [item for key, value in values.items() for item in (f"--{key}", _flag_value(value))] + argv[1:]
+        parser.set_defaults(**values)
+        argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
 
 
 def choose_precision(model_args, training_args: TrainingArguments) -> TrainingArguments:
-    """bf16 on CUDA GPUs that support it, unless --fp16/--bf16/--use_cpu says otherwise. TrainingArguments fixes
-    Accelerate's mixed precision when it is built, so the choice is made by building them again, not by setting
-    `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
-    if (model_args.auto_bf16 and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
-            and is_torch_bf16_gpu_available()):
-        training_args = dataclasses.replace(training_args, bf16=True)
+    """bf16 on CUDA GPUs that support it and, for a run on the CPU, on CPUs that compute bf16 natively (avx512_bf16,
+    AMX; clipqwen.precision), unless --fp16/--bf16/--auto_bf16 False says otherwise; fp32 elsewhere, since a CPU
+    without them emulates bf16 at no gain. On the embedded task bf16 scored like fp32 (docs/benchmarks.md).
+    TrainingArguments fixes Accelerate's mixed precision when it is built, so the choice is made by building them
+    again, not by setting `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
+    import torch
+
+    from clipqwen.precision import cpu_has_native_bf16
+
+    if not model_args.auto_bf16 or training_args.fp16 or training_args.bf16:
+        return training_args
+    if not training_args.use_cpu and is_torch_bf16_gpu_available():
+        return dataclasses.replace(training_args, bf16=True)
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    if on_cpu and cpu_has_native_bf16():  # Trainer accepts bf16 on the CPU only with use_cpu
+        return dataclasses.replace(training_args, bf16=True, use_cpu=True)
     return training_args
-
-
-def _flag_value(value) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 # ---- model -----------------------------------------------------------------------------------------------
 def build_model_and_processor(args: ModelArguments):
-    from clipqwen import hub
-    from clipqwen.loading import ModelLoadError
-
     settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
-                    num_pooled_image_tokens=args.num_pooled_image_tokens, vision_feature_layer=args.vision_feature_layer,
-                    freeze_vision_model=args.freeze_vision_model, freeze_language_model=args.freeze_language_model)
+                    num_pooled_image_tokens=args.num_pooled_image_tokens,
+                    vision_feature_layer=args.vision_feature_layer)
     if not args.tiny_model:  # an unreachable Hub fails in a second, not after ~25 s of retries per file
         hub.go_offline_if_hub_unreachable([args.model_name_or_path] if args.model_name_or_path else
                                           [args.vision_model_name_or_path, args.text_model_name_or_path])
     try:
         if args.model_name_or_path:
-            # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors only
-            from clipqwen.loading import load_clipqwen
-
+            # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors
+            # only
             model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir)
-            model.config.freeze_vision_model, model.config.freeze_language_model = args.freeze_vision_model, args.freeze_language_model
-            model.apply_freezing().train()
+            model.train()
         elif args.tiny_model:
-            from clipqwen.presets import bundled_processor, tiny_config
-
             model = ClipQwenForConditionalGeneration(tiny_config(**settings))
             processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
         else:
-            from transformers import AutoTokenizer
-
-            from clipqwen.presets import clip_image_processor
-            from processing_clipqwen import ClipQwenProcessor
-
             model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
-                args.vision_model_name_or_path, args.text_model_name_or_path, vision_revision=args.vision_model_revision,
-                text_revision=args.text_model_revision, cache_dir=args.cache_dir, **settings)
+                args.vision_model_name_or_path, args.text_model_name_or_path,
+                vision_revision=args.vision_model_revision, text_revision=args.text_model_revision,
+                cache_dir=args.cache_dir, **settings)
             image_processor = clip_image_processor(args.vision_model_name_or_path, revision=args.vision_model_revision,
                                                    cache_dir=args.cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, revision=args.text_model_revision,
@@ -209,9 +328,8 @@ def build_model_and_processor(args: ModelArguments):
     # placeholder count and id, end and pad tokens as the processor writes them (a no-op for Qwen3; another decoder's
     # tokenizer gets its placeholder token added by the processor, and the model one frozen embedding row)
     model.match_processor(processor)
+    freeze_backbones(model, vision=args.freeze_vision_model, language=args.freeze_language_model)
     if args.lora_r:
-        from peft import LoraConfig, get_peft_model
-
         targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           # a regex, so that CLIP's q_proj/v_proj are never wrapped
@@ -229,127 +347,83 @@ def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
             getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path)
 
 
-# ---- data ------------------------------------------------------------------------------------------------
-def add_features(splits, samples, data_args, training_args, base, processor, timer):
-    """CLIP features for every split, each image decoded once (the feature pass is also the unreadable-image check),
-    by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard of the rows, and
-    `add_vision_features` waits for all of them before every rank reads the merged cache."""
-    from clipqwen.data import add_vision_features
-    from clipqwen.presets import clipqwen_cache_dir
-
-    shown = splits.get("test") or splits.get("validation")  # with its images, before features replace them
-    cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
-    barrier = None
-    if training_args.world_size > 1:
-        import torch.distributed as dist
-
-        barrier = dist.barrier
-    with timer.phase("feature cache", items=sum(len(dataset) for dataset in splits.values())):
-        base.vision_model.to(training_args.device)
-        for split in splits:
-            splits[split] = add_vision_features(
-                splits[split], base, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
-                num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
-                rank=training_args.process_index, world_size=training_args.world_size, barrier=barrier)
-        base.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps devices consistent
-    if shown is not None:  # the picture's images: the first readable ones (decoded again: at most 8 images)
-        kept = set(splits["test" if "test" in splits else "validation"]["image_id"])
-        indices = [i for i, image_id in enumerate(shown["image_id"]) if image_id in kept][:8]
-        samples = [(row["image_id"], row["image"]) for row in shown.select(indices)]
-    return splits, samples
+# ---- export ----------------------------------------------------------------------------------------------
+def export(trainer, processor, data: CaptionData, predictions: dict[str, list[dict]], metrics: dict,
+           generation_kwargs: dict, timer: PhaseTimer, model_args, data_args, training_args) -> Path:
+    """The folder that is published: complete model, processor, predictions, figures and model card."""
+    final = Path(training_args.output_dir)
+    # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
+    # last checkpoint and no half export, and the same command then resumes and exports again.
+    staging = final / f".export-{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = save_model(trainer, processor, staging, model_args.merge_lora, generation_kwargs)
+        for split, rows in predictions.items():
+            write_jsonl(staging / f"predictions_{split}.jsonl", rows)
+        curves = plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
+        samples = plot_samples(data, predictions, staging / "sample_captions.png")
+        card = model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer,
+                          curves_png=curves and curves.name, samples_png=samples and samples.name)
+        card.save(staging / "README.md")
+        publish(staging, final, step=trainer.state.global_step)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
-def load_and_clean(data_args, model_args, training_args, check_images: bool = True):
-    """The wanted splits, limited and cleaned, and a few sample images. `check_images=False` leaves the
-    unreadable-image check to the feature pass (one decode per image); `--check_images False` turns it off."""
-    from clipqwen.data import drop_unreadable_images, load_caption_data, remove_empty_captions
-
-    raw = load_caption_data(data_args, cache_dir=model_args.cache_dir)
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
-    evaluates_during_training = training_args.do_train and training_args.eval_strategy != "no"
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval or evaluates_during_training,
-              "test": training_args.do_predict}
-    splits = {}
-    for split, dataset in raw.items():
-        if not wanted.get(split):
-            continue
-        if limits[split] is not None:
-            dataset = dataset.select(range(min(limits[split], len(dataset))))
-        dataset = remove_empty_captions(dataset, split)
-        if data_args.check_images and check_images:
-            dataset = drop_unreadable_images(dataset, split, data_args.preprocessing_num_workers)
-        splits[split] = dataset
-    missing = [split for split, needed in wanted.items() if needed and split not in splits]
-    if missing:
-        raise ValueError(f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
-                         "directories, or drop the corresponding --do_* flag.")
-
-    # A few decoded test (or validation) images for the sample-caption picture, taken before features replace pixels;
-    # with the check left to the feature pass, `add_features` takes them after it, from the readable ones.
-    shown = splits.get("test") or splits.get("validation")
-    samples = ([(row["image_id"], row["image"]) for row in shown.select(range(min(8, len(shown))))]
-               if shown and check_images else [])
-    return splits, samples
+def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
+    """The complete model (LoRA merged into it unless --merge_lora False; the LoRA adapter alone in lora/) and the
+    processor. Returns the model as saved."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # LoRA
+        model.save_pretrained(folder / "lora")
+        (folder / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
+        if merge_lora:
+            model = model.merge_and_unload()
+    # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
+    model.generation_config.update(**generation_kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
 
 
-# ---- outputs ---------------------------------------------------------------------------------------------
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as file:
         for row in rows:
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs, sample_images, timer):
-    """The folder that is published: complete model, processor, predictions, pictures and model card."""
-    from clipqwen.model_card import build_model_card
-    from clipqwen.plots import plot_sample_grid, plot_training_curves
+def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, count: int = 8) -> Path | None:
+    """The first `count` predicted images of the test split (else validation) with their caption and references.
+    Only these images are decoded (a second time with the feature cache); unreadable ones were never predicted."""
+    split = "test" if predictions.get("test") else "validation"
+    if not predictions.get(split) or split not in data.with_images:
+        return None
+    by_id = {row["image_id"]: row for row in predictions[split]}
+    dataset = data.with_images[split]
+    indices = [i for i, image_id in enumerate(dataset["image_id"]) if image_id in by_id][:count]
+    if not indices:
+        return None
+    shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices)]
+    return plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
+                            [row["references"] for _, row in shown], path)
 
-    final = Path(training_args.output_dir)
-    # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
-    # last checkpoint and no half export, and the same command then resumes and exports again.
-    out = final / f".export-{os.getpid()}.tmp"
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):  # LoRA
-            model.save_pretrained(out / "lora")
-            (out / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
-            if model_args.merge_lora:
-                model = model.merge_and_unload()
-        # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
-        model.generation_config.update(**generation_kwargs)
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        for prefix, split in (("eval", "validation"), ("test", "test")):
-            if prefix in trainer.predictions:
-                write_jsonl(out / f"predictions_{split}.jsonl", trainer.predictions[prefix])
-        curves = plot_training_curves(trainer.state.log_history, out / "training_curves.png")
-        samples = None
-        predictions = trainer.predictions.get("test") or trainer.predictions.get("eval")
-        if predictions and sample_images:
-            by_id = {row["image_id"]: row for row in predictions}
-            shown = [(image, by_id[image_id]) for image_id, image in sample_images if image_id in by_id][:8]
-            if shown:
-                samples = plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
-                                           [row["references"] for _, row in shown], out / "sample_captions.png")
-        vision_id, text_id = describe_backbones(model_args, model.config)
-        local_data = data_args.local_files
-        card = build_model_card(
-            repo_id=training_args.hub_model_id or final.name, vision_id=vision_id, text_id=text_id,
-            dataset_name="local data" if local_data else data_args.dataset_name,
-            dataset_revision=None if local_data else data_args.dataset_revision,
-            dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
-            hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
-            phases=timer.phases,
-            versions=framework_versions(), trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            total=sum(p.numel() for p in model.parameters()), curves_png=curves and curves.name, samples_png=samples and samples.name,
-            has_demo=Path(__file__).with_name("app.py").exists(),
-        )
-        card.save(out / "README.md")
-        publish(out, final, step=trainer.state.global_step)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    return final
+
+def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
+    """The model card, from the run's real values."""
+    vision_id, text_id = describe_backbones(model_args, model.config)
+    local_data = data_args.local_files
+    return build_model_card(
+        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name, vision_id=vision_id,
+        text_id=text_id, dataset_name="local data" if local_data else data_args.dataset_name,
+        dataset_revision=None if local_data else data_args.dataset_revision,
+        dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
+        hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
+        phases=timer.phases, versions=framework_versions(),
+        trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        total=sum(p.numel() for p in model.parameters()), has_demo=Path(__file__).with_name("app.py").exists(),
+        vision_frozen=model_args.freeze_vision_model, language_frozen=model_args.freeze_language_model, **figures,
+    )
 
 
 def publish(staging: Path, final: Path, step: int) -> None:
@@ -393,14 +467,13 @@ def describe_training(trainer, model_args, data_args) -> dict:
         "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
         "caption mode": data_args.caption_mode,
         "max caption tokens": data_args.max_caption_length,
-        "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}" if model_args.lora_r else "off",
+        "LoRA": (f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}"
+                 if model_args.lora_r else "off"),
         "seed": args.seed,
     }
 
 
 def framework_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for name in ("clipqwen", "transformers", "torch", "accelerate", "datasets", "peft", "evaluate", "huggingface_hub"):
         try:
@@ -412,11 +485,29 @@ def framework_versions() -> dict:
 
 # ---- main ------------------------------------------------------------------------------------------------
 def main(args=None):
+    # 1. Arguments: flags, or one JSON file followed by flags that override it
     model_args, data_args, caption_args, training_args = args if args is not None else parse_args()
+    training_args.remove_unused_columns = False  # the collator needs the image / feature columns
+    training_args.label_names = ["labels"]
+
+    # 2. Logging
+    setup_logging(training_args)
+
+    # Bad values fail now, naming the flag, not after hours of training; one run at a time per output folder.
+    preflight.check_arguments(data_args, caption_args, training_args)
+    if not training_args.should_save:  # other ranks: rank 0 checks the folder and holds the lock
+        return run(model_args, data_args, caption_args, training_args)
+    preflight.check_output_dir(Path(training_args.output_dir))
+    with preflight.OutputFolderLock(training_args.output_dir):
+        return run(model_args, data_args, caption_args, training_args)
+
+
+def setup_logging(training_args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
-    # Our own progress lines (data revision, cache, pushes) at INFO on the main process unless --log_level says otherwise.
+    # Our own progress lines (data revision, cache, pushes) at INFO on the main process unless --log_level says
+    # otherwise.
     own_level = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for library_logger in (logger, logging.getLogger("clipqwen")):
         library_logger.setLevel(own_level)
@@ -425,80 +516,51 @@ def main(args=None):
     logger.warning("process rank %s, device %s, n_gpu %s, distributed %s", training_args.process_index,
                    training_args.device, training_args.n_gpu, training_args.parallel_mode.value)
 
-    training_args.remove_unused_columns = False  # the collator needs the image / feature columns
-    training_args.label_names = ["labels"]
 
-    from clipqwen import preflight
-
-    preflight.check_arguments(data_args, caption_args, training_args)
-    out = Path(training_args.output_dir)
-    if not training_args.should_save:  # other ranks: rank 0 checks the folder and holds the lock
-        return run(model_args, data_args, caption_args, training_args)
-    preflight.check_output_dir(out)
-    with preflight.OutputFolderLock(out):
-        return run(model_args, data_args, caption_args, training_args)
-
-
-def run(model_args, data_args, caption_args, training_args):
-    from clipqwen import faults, hub, preflight
-    from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
-    from clipqwen.trainer import CaptionTrainer
-
-    last_checkpoint, finished = None, None
+def run(model_args, data_args, caption_args, training_args) -> dict:
+    """Steps 3 to 9, with the output folder held by `main`. Returns the metrics (train_*, eval_*, test_*, time_*)."""
     timer = PhaseTimer()
     out = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
-        resume = training_args.resume_from_checkpoint = None
-    if resume is not None and training_args.do_train:
-        faults.check_resume_checkpoint(resume)  # a torn folder is refused, naming what is wrong and what is complete
-    if out.is_dir() and training_args.do_train and resume is None and not caption_args.overwrite_output_dir:
-        if (out / RUN_COMPLETE).is_file():
-            # The same command again (to add --do_predict, or after a crash past the export): evaluate and export
-            # the finished model instead of training on past --max_steps.
-            finished = json.loads((out / RUN_COMPLETE).read_text())
-            logger.warning("%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
-                           "--overwrite_output_dir to train afresh.", out, finished["global_step"])
-            model_args = dataclasses.replace(model_args, model_name_or_path=str(out), model_revision=None, lora_r=0)
-            training_args.do_train = False
-        else:
-            # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
-            last_checkpoint = faults.last_complete_checkpoint(out)
-            if last_checkpoint is None and (out / "config.json").exists():
-                raise ValueError(f"{out} already holds a model (config.json) from an earlier run, and no checkpoint-* to "
-                                 "resume. Choose another --output_dir, or pass --overwrite_output_dir to train into it anyway.")
-            if last_checkpoint:
-                logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
 
+    # 3. The checkpoint to resume from, or a finished run to evaluate and export again
+    last_checkpoint, finished = detect_last_checkpoint(out, caption_args, training_args)
+    if finished:  # the same command again (to add --do_predict, or after a crash past the export): no training
+        model_args = dataclasses.replace(model_args, model_name_or_path=str(out), model_revision=None, lora_r=0)
+        training_args.do_train = False
     set_seed(training_args.seed)
+
+    # 4. Model and processor
     with timer.phase("model loading"):
         model, processor = build_model_and_processor(model_args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    preflight.check_against_model(data_args, caption_args, base.config, len(processor.tokenizer(caption_args.prompt).input_ids))
+    prompt_tokens = len(processor.tokenizer(caption_args.prompt).input_ids)
+    preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))
+
+    # 5. Data: one layout (image_id, image, captions), cleaned; CLIP features cached when CLIP is frozen
     if not (data_args.dataset_name == "embedded" or data_args.local_files):
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
-    cached = data_args.use_feature_cache and base.config.freeze_vision_model
-    with timer.phase("data preparation") as phase, training_args.main_process_first(desc="data preparation"):
-        # rank 0 fills datasets' caches, the others read them
-        splits, sample_images = load_and_clean(data_args, model_args, training_args, check_images=not cached)
-        phase["items"] = sum(len(dataset) for dataset in splits.values())
-    if cached:  # all ranks at once, each its own shard
-        splits, sample_images = add_features(splits, sample_images, data_args, training_args, base, processor, timer)
-
+    data = prepare_data(data_args, training_args, base, processor, timer, cache_dir=model_args.cache_dir,
+                        vision_features=data_args.use_feature_cache and model_args.freeze_vision_model)
     train_dataset = None
     if training_args.do_train:
-        train_dataset = expand_captions(splits["train"]) if data_args.caption_mode == "all" else splits["train"]
-    eval_pairs = {split: expand_captions(splits[split]) for split in ("validation", "test") if split in splits}
+        train = data.splits["train"]
+        train_dataset = expand_captions(train) if data_args.caption_mode == "all" else train
+    eval_pairs = {split: expand_captions(data.splits[split]) for split in ("validation", "test")
+                  if split in data.splits}
     if training_args.train_sampling_strategy == "group_by_length":  # Trainer groups evaluation batches too
         train_dataset = add_caption_lengths(train_dataset, processor.tokenizer) if train_dataset is not None else None
         eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
-    collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt, seed=training_args.seed)
+
+    # 6. Trainer
+    collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt,
+                               seed=training_args.seed)
     # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
-    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1, "num_beams": caption_args.num_beams}
+    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1,
+                         "num_beams": caption_args.num_beams}
     trainer = CaptionTrainer(
         model=model,
         args=training_args,
@@ -506,63 +568,100 @@ def run(model_args, data_args, caption_args, training_args):
         eval_dataset=eval_pairs.get("validation"),
         data_collator=collator,
         callbacks=[CaptionEpochCallback(collator)],
-        generation_datasets={"eval": splits.get("validation"), "test": splits.get("test")},
+        generation_datasets={"eval": data.splits.get("validation"), "test": data.splits.get("test")},
         generation_collator=CaptionCollator(processor, for_generation=True, prompt=caption_args.prompt),
         generation_kwargs=generation_kwargs,
     )
     if finished:  # the card describes the training that happened, not this evaluation-only rerun
         trainer.state = TrainerState.load_from_json(str(out / "trainer_state.json"))
 
+    # 7. Training
     metrics = {}
     if training_args.do_train:
         try:
             with timer.phase("training", items=len(train_dataset), unit="pairs per epoch"):
-                result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        except (faults.NonFiniteLossError, faults.CheckpointSaveError, faults.IncompatibleCheckpointError) as error:
+                result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        except (NonFiniteLossError, checkpoints.CheckpointSaveError, checkpoints.IncompatibleCheckpointError) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
         if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends
-            logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
-                           trainer.graceful_stop.signal_name, trainer.state.global_step, training_args.output_dir)
+            logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to "
+                           "resume.", trainer.graceful_stop.signal_name, trainer.state.global_step, out)
             return {"preempted_at_step": trainer.state.global_step}
         train_metrics = dict(result.metrics, train_samples=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
-    for prefix, split, flag in (("eval", "validation", training_args.do_eval), ("test", "test", training_args.do_predict)):
+
+    # 8. Evaluation: validation loss, then generated captions scored against all references
+    predictions = {}  # split -> one row per image: image_id, caption, references
+    for prefix, split, flag in (("eval", "validation", training_args.do_eval),
+                                ("test", "test", training_args.do_predict)):
         if flag:
-            with timer.phase(f"evaluation {split}", items=len(splits[split])):
-                split_metrics = trainer.evaluate(eval_dataset=eval_pairs[split], metric_key_prefix=prefix)
-            split_metrics[f"{prefix}_num_images"] = len(splits[split])
+            with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
+                output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
+                trainer.log(output.metrics)  # as evaluate() does: into the log history (curves) and the loggers
+            split_metrics = dict(output.metrics, **{f"{prefix}_num_images": len(data.splits[split])})
             trainer.log_metrics(prefix, split_metrics)
             trainer.save_metrics(prefix, split_metrics)
             metrics.update(split_metrics)
+            predictions[split] = output.predictions
 
-    if training_args.should_save:
+    # 9. Export (rank 0), then push
+    if not training_args.should_save:
+        return metrics | timer.metrics()
+    try:
+        with timer.phase("export"):
+            trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
+            folder = export(trainer, processor, data, predictions, metrics, generation_kwargs, timer, model_args,
+                            data_args, training_args)
+    except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
+        checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
+        raise SystemExit(f"error: exporting to {out} failed ({error}). "
+                         + (f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
+                            "same command to export it without training again." if checkpoint else
+                            "No checkpoint was saved (--save_strategy no): free some space and rerun.")) from error
+    logger.info("Model, processor, metrics, predictions and model card in %s", folder)
+    if training_args.push_to_hub:
         try:
-            with timer.phase("export"):
-                trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
-                folder = export(trainer, model_args, data_args, training_args, processor, metrics, generation_kwargs,
-                                sample_images, timer)
-        except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
-            checkpoint = faults.last_complete_checkpoint(out, verify_hashes=False, log=False)
-            raise SystemExit(f"error: exporting to {out} failed ({error}). "
-                             + (f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
-                                "same command to export it without training again." if checkpoint else
-                                "No checkpoint was saved (--save_strategy no): free some space and rerun.")) from error
-        logger.info("Model, processor, metrics, predictions and model card in %s", folder)
-        if training_args.push_to_hub:
-            try:
-                with timer.phase("push"):
-                    metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id, revision=training_args.hub_revision,
-                                                            token=training_args.hub_token)
-            except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
-                raise SystemExit(f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
-                                 f"{error}). Everything is saved in {folder}; push it again with "
-                                 f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`.") from error
-        trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
+            with timer.phase("push"):
+                metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id,
+                                                        revision=training_args.hub_revision,
+                                                        token=training_args.hub_token)
+        except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
+            raise SystemExit(f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
+                             f"{error}). Everything is saved in {folder}; push it again with "
+                             f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`.") from error
+    trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
     return metrics | timer.metrics()
+
+
+def detect_last_checkpoint(out: Path, caption_args, training_args) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from or None, the finished run's run_complete.json or None)."""
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
+        resume = training_args.resume_from_checkpoint = None
+    if resume is not None:
+        if training_args.do_train:  # a torn folder is refused, naming what is wrong and what is complete
+            checkpoints.check_resume_checkpoint(resume)
+        return resume, None
+    if not (out.is_dir() and training_args.do_train and not caption_args.overwrite_output_dir):
+        return None, None
+    if (out / RUN_COMPLETE).is_file():
+        finished = json.loads((out / RUN_COMPLETE).read_text())
+        logger.warning("%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
+                       "--overwrite_output_dir to train afresh.", out, finished["global_step"])
+        return None, finished
+    # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
+    last_checkpoint = checkpoints.last_complete_checkpoint(out)
+    if last_checkpoint is None and (out / "config.json").exists():
+        raise ValueError(f"{out} already holds a model (config.json) from an earlier run, and no checkpoint-* to "
+                         "resume. Choose another --output_dir, or pass --overwrite_output_dir to train into it "
+                         "anyway.")
+    if last_checkpoint:
+        logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
+    return last_checkpoint, None
 
 
 if __name__ == "__main__":

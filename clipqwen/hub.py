@@ -2,21 +2,24 @@
 
 One push path for the whole run (run_captioning.py turns Trainer's own pushes off):
 - `prepare_repo` creates the repository (private if asked) and the `--hub_revision` branch if it is missing;
-- `push_checkpoint` uploads a checkpoint only after it is marked complete (clipqwen.faults), as `--hub_strategy`
-  says: `every_save` / `checkpoint` → `last-checkpoint/`, `all_checkpoints` → `checkpoint-N/`, `end` → nothing;
+- `push_checkpoint` uploads a checkpoint only after it is marked complete (clipqwen.checkpoints), as
+  `--hub_strategy` says: `every_save` / `checkpoint` → `last-checkpoint/`, `all_checkpoints` → `checkpoint-N/`,
+  `end` → nothing;
 - `push_export` uploads the exported model folder, then pins the commit it made in the model card's usage
   snippet with a second commit (a card cannot name the commit that contains it).
 No pickle is ever uploaded (`*.bin`, `*.pt`, optimizer and RNG states): checkpoints pushed to the Hub carry the
 trainable weights and the trainer state; exact resumption uses the local checkpoint.
 """
 
+import argparse
 import logging
 import os
 import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
-from huggingface_hub.utils import get_session
+from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
+
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +34,17 @@ def is_local(name: str | None) -> bool:
     return bool(name) and Path(name).expanduser().exists()
 
 
-def is_hub_id(name: str) -> bool:
-    """'owner/name' that is not a local path: what a model card's base_model may list."""
-    return name.count("/") == 1 and " " not in name and not name.startswith((".", "/", "~")) and not is_local(name)
+def is_hub_id(name: str | None) -> bool:
+    """`owner/name` as the Hub spells repository ids (huggingface_hub's own check), and not a local path: what a
+    model card may list and what is worth asking the Hub for. Anything else (`./model`, `/data/x`, `a/b/c`,
+    `tiny random CLIP`, a bare legacy name like `gpt2`, which the Hub redirects to `owner/name`) is not."""
+    if not name or "/" not in name or is_local(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 # ---- reachability -------------------------------------------------------------------------------------------
@@ -68,7 +79,7 @@ def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
                    "for %s.", constants.ENDPOINT, reason, ", ".join(remote))
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
-    import datasets.config
+    import datasets.config  # here: the caption CLI and the app import this module and never load a data set (1 s)
 
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     return True
@@ -103,8 +114,8 @@ def push_checkpoint(folder, repo_id: str, strategy: str, *, revision=None, token
     folder = Path(folder)
     path_in_repo = folder.name if strategy == "all_checkpoints" else "last-checkpoint"
     commit = HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo, revision=revision, ignore_patterns=NEVER_UPLOADED,
-        commit_message=f"Training in progress, {folder.name}")
+        repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo, revision=revision,
+        ignore_patterns=NEVER_UPLOADED, commit_message=f"Training in progress, {folder.name}")
     logger.info("Pushed %s to %s/%s (commit %s)", folder.name, repo_id, path_in_repo, commit.oid)
     return commit.oid
 
@@ -115,7 +126,8 @@ def push_export(folder, repo_id: str, *, revision=None, token=None) -> str:
     commit: the weights and code at the pinned commit are the ones described)."""
     folder = Path(folder)
     api = HfApi(token=token)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message="Upload clipqwen captioner",
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                               commit_message="Upload clipqwen captioner",
                                ignore_patterns=[*NEVER_UPLOADED, "checkpoint-*", "checkpoint-*/**"])
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8")
@@ -130,8 +142,6 @@ def push_export(folder, repo_id: str, *, revision=None, token=None) -> str:
 
 def main(argv=None):
     """`python -m clipqwen.hub FOLDER REPO_ID`: push an exported run again (after a failed push, say)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("folder", help="the exported model folder (run_captioning.py's --output_dir)")
     parser.add_argument("repo_id")

@@ -1,8 +1,10 @@
 """The model card (README.md of the exported folder), written from the run's real values, never by hand."""
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .hub import REVISION_PLACEHOLDER, is_hub_id
+
 
 TEMPLATE = """---
 {card_data}
@@ -62,9 +64,11 @@ Framework versions: {versions}.
 
 
 def phase_table(phases: dict) -> str:
-    rows = "\n".join(f"| {name} | {values['seconds']:.1f} | {values.get('per_second', '–')} |" for name, values in phases.items())
+    rows = "\n".join(f"| {name} | {values['seconds']:.1f} | {values.get('per_second', '–')} |"
+                     for name, values in phases.items())
     return ("Where the time went (wall clock; items are images, or caption pairs per epoch for training; the export "
-            "and the push came after this card was written and are in all_results.json):\n\n| phase | seconds | items/s |\n|---|---|---|\n" + rows)
+            "and the push came after this card was written and are in all_results.json):\n\n"
+            "| phase | seconds | items/s |\n|---|---|---|\n" + rows)
 
 
 def _fmt(value, digits=4):
@@ -73,23 +77,24 @@ def _fmt(value, digits=4):
 
 def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config, metrics: dict, hyperparameters: dict,
                      generation_kwargs: dict, trainable: int, total: int, dataset_revision=None, dataset_detail="",
-                     versions: dict | None = None, phases: dict | None = None, curves_png=None, samples_png=None, revision=REVISION_PLACEHOLDER,
-                     has_demo=False, license="apache-2.0") -> ModelCard:
+                     versions: dict | None = None, phases: dict | None = None, curves_png=None, samples_png=None,
+                     revision=REVISION_PLACEHOLDER,
+                     has_demo=False, license="apache-2.0", vision_frozen=True, language_frozen=True) -> ModelCard:
     """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
     `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:
-            rows.append(f"| {name} | {_fmt(metrics.get(f'{prefix}_num_images'))} | {_fmt(metrics.get(f'{prefix}_rougeL'))} | "
-                        f"{_fmt(metrics.get(f'{prefix}_bleu4'))} | {_fmt(metrics.get(f'{prefix}_cider'))} | {_fmt(metrics.get(f'{prefix}_loss'))} |")
+            values = [metrics.get(f"{prefix}_{key}") for key in ("num_images", "rougeL", "bleu4", "cider", "loss")]
+            rows.append(f"| {name} | " + " | ".join(_fmt(value) for value in values) + " |")
     model_index_results = [
         {"task": {"type": "image-to-text", "name": "Image captioning"},
          "dataset": {"name": dataset_name, "type": dataset_name, "split": "test" if prefix == "test" else "validation",
                      **({"revision": dataset_revision} if dataset_revision else {})},
          # metric types the Hub knows (its metric ids), with the exact variant in the readable name
          "metrics": [{"type": hub_type, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
-                     for key, hub_type, label in (("rougeL", "rouge", "ROUGE-L (rouge_score F)"), ("bleu4", "bleu", "BLEU-4"),
-                                                  ("cider", "cider", "CIDEr-D"))
+                     for key, hub_type, label in (("rougeL", "rouge", "ROUGE-L (rouge_score F)"),
+                                                  ("bleu4", "bleu", "BLEU-4"), ("cider", "cider", "CIDEr-D"))
                      if f"{prefix}_{key}" in metrics]}
         for prefix in ("eval", "test") if f"{prefix}_rougeL" in metrics
     ]
@@ -99,7 +104,7 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         license=license,
         # Hub ids only: a tiny randomly initialised test model has no base model to link to.
         base_model=[model_id for model_id in (vision_id, text_id) if is_hub_id(model_id)] or None,
-        datasets=[dataset_name] if "/" in dataset_name else None,
+        datasets=[dataset_name] if is_hub_id(dataset_name) else None,
         tags=["image-captioning", "clip", "qwen3", "clipqwen", "custom_code"],
         metrics=["rouge", "bleu", "cider"],
         model_name=repo_id,
@@ -107,17 +112,17 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
     )
     card_data_yaml = card_data.to_yaml()
     if model_index_results:
-        import yaml
-
-        card_data_yaml += "\n" + yaml.safe_dump({"model-index": [{"name": repo_id, "results": model_index_results}]}, sort_keys=False).strip()
-    curves = "\n\n".join(f"![{alt}]({png})" for alt, png in (("Loss and metric curves", curves_png), ("Sample captions", samples_png)) if png)
+        model_index = {"model-index": [{"name": repo_id, "results": model_index_results}]}
+        card_data_yaml += "\n" + yaml.safe_dump(model_index, sort_keys=False).strip()
+    figures = (("Loss and metric curves", curves_png), ("Sample captions", samples_png))
+    curves = "\n\n".join(f"![{alt}]({png})" for alt, png in figures if png)
     feature_desc = ("pooled, projected CLIP embedding" if model_config.vision_feature_type == "pooled"
                     else f"CLIP patch tokens of layer {model_config.vision_feature_layer}")
     generation = ", ".join(f"{k}={v}" for k, v in generation_kwargs.items()) or "greedy decoding"
     text = TEMPLATE.format(
         card_data=card_data_yaml, title=repo_id.split("/")[-1], vision=vision_id, text=text_id,
-        vision_state="frozen" if model_config.freeze_vision_model else "fine-tuned",
-        text_state="frozen" if model_config.freeze_language_model else "fine-tuned",
+        vision_state="frozen" if vision_frozen else "fine-tuned",
+        text_state="frozen" if language_frozen else "fine-tuned",
         adapter=model_config.adapter_type, feature_desc=feature_desc, num_image_tokens=model_config.num_image_tokens,
         decoder=model_config.text_config.model_type, dataset=dataset_name, dataset_detail=dataset_detail,
         generation=generation, split_desc="validation and test splits",

@@ -14,6 +14,7 @@ from PIL import Image
 
 from processing_clipqwen import to_rgb
 
+
 METRICS = {"eval_rougeL": "ROUGE-L", "eval_bleu4": "BLEU-4", "eval_cider": "CIDEr"}
 
 

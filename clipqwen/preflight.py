@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+
 # Generous for a 0.6B captioner; beyond them a typo (200,000 beams tried to allocate 112 GiB) is likelier than intent.
 MAX_NUM_BEAMS = 64
 MAX_NEW_TOKENS = 512
@@ -37,10 +38,12 @@ def check_against_model(data_args, caption_args, config, prompt_tokens: int) -> 
     """Image placeholders + prompt + the longest caption (training) or generation must fit the decoder's context."""
     context = config.text_config.max_position_embeddings
     fixed = config.num_image_tokens + prompt_tokens
-    for flag, length in (("--max_caption_length", data_args.max_caption_length), ("--max_new_tokens", caption_args.max_new_tokens)):
+    for flag, length in (("--max_caption_length", data_args.max_caption_length),
+                         ("--max_new_tokens", caption_args.max_new_tokens)):
         if fixed + length > context:
-            raise PreflightError(f"{flag} {length}: with {config.num_image_tokens} image token(s) and a {prompt_tokens}-token "
-                                 f"prompt it exceeds the decoder's {context} positions; use at most {context - fixed}.")
+            raise PreflightError(f"{flag} {length}: with {config.num_image_tokens} image token(s) and a "
+                                 f"{prompt_tokens}-token prompt it exceeds the decoder's {context} positions; use at "
+                                 f"most {context - fixed}.")
 
 
 def needed_bytes(model) -> int:
@@ -90,8 +93,8 @@ class OutputFolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise PreflightError(f"--output_dir {self.path.parent} is in use by another run ({holder}). Wait for it, or "
-                                 "choose another --output_dir.") from None
+            raise PreflightError(f"--output_dir {self.path.parent} is in use by another run ({holder}). Wait for it, "
+                                 "or choose another --output_dir.") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")

@@ -5,6 +5,7 @@ import logging
 import time
 from contextlib import contextmanager
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -1,19 +1,22 @@
 """CaptionTrainer: HF Trainer plus what captioning needs and the base class lacks.
 
 - Generation-based evaluation: after the usual validation loss, captions are generated for every image of
-  the split (sharded over processes, gathered once) and scored against all references.
+  the split (sharded over processes, gathered once) and scored against all references; `predict()` returns
+  them, one row per image (`image_id`, `caption`, `references`), as its `predictions`.
 - Small checkpoints: only the trainable weights (adapter, LoRA, unfrozen parts) and the optimizer state;
   the frozen backbones are reloaded from their source on resume. The final `save_model()` still writes a
   complete, self-contained model folder.
 - One push path (clipqwen.hub): Trainer's own pushes (from inside the save, before the checkpoint is complete,
   with its pickled training arguments) are replaced by a push of each complete checkpoint as --hub_strategy says.
-- Fault handling (clipqwen.faults): a checkpoint is marked complete (a manifest with sizes and SHA-256) only
-  after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
+- Fault handling: a checkpoint is marked complete (clipqwen.checkpoints: a manifest with sizes and SHA-256)
+  only after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
   folder and names the intact previous checkpoint; a NaN or infinite loss stops training before its optimizer
-  step; SIGTERM saves a checkpoint at the next step end and stops (`preempted`).
+  step (`NonFiniteLossError`); SIGTERM or Ctrl-C saves a checkpoint at the next step end and stops
+  (clipqwen.signals, `preempted`).
 """
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,33 +28,46 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import faults, hub
+from . import checkpoints, hub
 from .metrics import load_caption_metric
+from .signals import GracefulStopCallback
+
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the last complete checkpoint."""
+
+
+def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, output_dir) -> str:
+    kind = "NaN" if math.isnan(loss_value) else "infinite"
+    last = checkpoints.last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
+    return (f"The training loss is {kind} at step {step}" + (f" (epoch {epoch:.2f})" if epoch else "")
+            + ": training stopped before the optimizer step, so no weights were updated with it and no checkpoint "
+            "was written after it. "
+            + (f"The last complete checkpoint is {last}; rerunning the same command resumes from it. " if last else
+               "No checkpoint was saved before it. ")
+            + "Common causes: a learning rate too high (--learning_rate), no gradient clipping (--max_grad_norm), "
+              "fp16 overflow (try --bf16 or fp32), or bad data in that step's batch.")
+
+
 class CaptionTrainer(Trainer):
-    def __init__(self, *args, generation_datasets=None, generation_collator=None, generation_kwargs=None,
-                 small_checkpoints: bool = True, stop_on_nonfinite_loss: bool = True, handle_sigterm: bool = True, **kwargs):
+    def __init__(self, *args, generation_datasets=None, generation_collator=None, generation_kwargs=None, **kwargs):
         """generation_datasets: {metric prefix ("eval", "test"): one row per image with `captions`}."""
         super().__init__(*args, **kwargs)
-        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
-        self.graceful_stop = None
-        if handle_sigterm:
-            self.graceful_stop = faults.GracefulStopCallback(reduce=self._any_process if self.args.world_size > 1 else None)
-            self.add_callback(self.graceful_stop)
+        self.graceful_stop = GracefulStopCallback(reduce=self._any_process if self.args.world_size > 1 else None)
+        self.add_callback(self.graceful_stop)
         self.generation_datasets = generation_datasets or {}
         self.generation_collator = generation_collator
         self.generation_kwargs = generation_kwargs or {}
-        self.small_checkpoints = small_checkpoints
-        self.predictions = {}  # prefix -> [{"image_id", "caption", "references"}], from the last evaluation
         self.caption_metric = load_caption_metric() if any(self.generation_datasets.values()) else None
 
     # ---- evaluation ----------------------------------------------------------------------------------
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         dataset = self.generation_datasets.get(metric_key_prefix)
         if dataset is not None:
@@ -62,18 +78,19 @@ class CaptionTrainer(Trainer):
             scores = self.caption_metric.compute(predictions=captions, references=references)
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
-            self.predictions[metric_key_prefix] = [
+            # In the slot Trainer keeps for predictions (empty here: no logits are gathered), so predict() returns them
+            output = output._replace(predictions=[
                 {"image_id": image_ids[row], "caption": caption, "references": refs}
                 for row, caption, refs in zip(rows, captions, references)
-            ]
+            ])
         return output
 
     @torch.no_grad()
     def generate_captions(self, dataset) -> tuple[list[str], list[int]]:
         """Captions for every row of `dataset`, in gathered order, and the row each one belongs to."""
         dataset = dataset.add_column("row_index", list(range(len(dataset))))
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.generation_collator,
-                            num_workers=self.args.dataloader_num_workers)
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
+                            collate_fn=self.generation_collator, num_workers=self.args.dataloader_num_workers)
         loader = self.accelerator.prepare(loader)  # each process takes its shard
         model = self.accelerator.unwrap_model(self.model)  # DDP has no generate(); the wrapped module does
         was_training = model.training
@@ -96,8 +113,9 @@ class CaptionTrainer(Trainer):
 
     # ---- small checkpoints -----------------------------------------------------------------------------
     def save_model(self, output_dir=None, _internal_call=False):
-        is_checkpoint = _internal_call and output_dir and os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR)
-        if not (is_checkpoint and self.small_checkpoints):
+        is_checkpoint = (_internal_call and output_dir
+                         and os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR))
+        if not is_checkpoint:
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
@@ -122,16 +140,17 @@ class CaptionTrainer(Trainer):
         params = dict(model.named_parameters())
         for name, tensor in state.items():
             if tensor.shape != params[name].shape:
-                raise faults.IncompatibleCheckpointError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} (another "
-                    "adapter, image-token count or model). Resume with the arguments of that run, or start a new --output_dir.")
+                raise checkpoints.IncompatibleCheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} "
+                    "(another adapter, image-token count or model). Resume with the arguments of that run, or start a "
+                    "new --output_dir.")
         model.load_state_dict(state, strict=False)
         logger.info("Loaded %d trainable tensors from %s", len(state), path)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # An optimizer state for other shapes makes fused AdamW write past its buffers (SIGSEGV): check first.
         if checkpoint is not None:
-            faults.check_optimizer_state(os.path.join(checkpoint, "optimizer.pt"),
+            checkpoints.check_optimizer_state(os.path.join(checkpoint, "optimizer.pt"),
                                          [p for group in self.optimizer.param_groups for p in group["params"]])
         return super()._load_optimizer_and_scheduler(checkpoint)
 
@@ -156,7 +175,8 @@ class CaptionTrainer(Trainer):
     def _push_complete_checkpoint(self, folder):
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
         try:
-            hub.push_checkpoint(folder, self.hub_model_id, strategy, revision=self.args.hub_revision, token=self.args.hub_token)
+            hub.push_checkpoint(folder, self.hub_model_id, strategy, revision=self.args.hub_revision,
+                                token=self.args.hub_token)
         except Exception as error:  # noqa: BLE001 - a failed upload must not stop training; the final push retries
             logger.warning("Could not push %s to %s (%s: %s); training goes on, the checkpoint is saved locally.",
                            folder, self.hub_model_id, type(error).__name__, error)
@@ -170,11 +190,9 @@ class CaptionTrainer(Trainer):
     @property
     def preempted(self) -> bool:
         """Training stopped early on SIGTERM, after saving a checkpoint."""
-        return self.graceful_stop is not None and self.graceful_stop.stopped_at is not None
+        return self.graceful_stop.stopped_at is not None
 
     def train(self, *args, **kwargs):
-        if self.graceful_stop is None:
-            return super().train(*args, **kwargs)
         self.graceful_stop.install()
         try:
             result = super().train(*args, **kwargs)
@@ -183,7 +201,7 @@ class CaptionTrainer(Trainer):
             # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
             # redone by rerunning the same command, without training again.
             if ((signalled or self.args.save_strategy != "no")
-                    and not os.path.isfile(os.path.join(self._checkpoint_folder(), faults.MARKER))):
+                    and not os.path.isfile(os.path.join(self._checkpoint_folder(), checkpoints.MARKER))):
                 self._save_checkpoint(self.model, trial=None)
             if signalled and self.graceful_stop.stopped_at is None:
                 self.graceful_stop.stopped_at = self.state.global_step
@@ -193,9 +211,9 @@ class CaptionTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.stop_on_nonfinite_loss and not torch.isfinite(loss).all():
+        if not torch.isfinite(loss).all():
             step = self.state.global_step + 1  # the optimizer step this batch belongs to, counted from 1
-            raise faults.NonFiniteLossError(faults.nonfinite_loss_message(
+            raise NonFiniteLossError(nonfinite_loss_message(
                 float(loss.detach().float().sum()), step, self.state.epoch, self._get_output_dir(trial=None)))
         return loss
 
@@ -207,7 +225,7 @@ class CaptionTrainer(Trainer):
         checkpoints are rotated out only after that."""
         run_dir, folder = self._get_output_dir(trial=trial), self._checkpoint_folder(trial)
         if self.args.should_save:
-            faults.clear_for_save(folder)
+            checkpoints.clear_for_save(folder)
         self.accelerator.wait_for_everyone()  # nobody writes into the folder while it is being cleared
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # Trainer would rotate before the new checkpoint is complete
@@ -215,14 +233,14 @@ class CaptionTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every process's files (RNG states) are written
             if self.args.should_save:
-                faults.mark_complete(folder, step=self.state.global_step)
+                checkpoints.mark_complete(folder, step=self.state.global_step)
         except Exception as error:  # noqa: BLE001 - any failure leaves a partial folder: remove it, say what is intact
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)
-            raise faults.CheckpointSaveError(faults.describe_save_failure(folder, run_dir, error)) from error
+            raise checkpoints.CheckpointSaveError(checkpoints.describe_save_failure(folder, run_dir, error)) from error
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
             if self.args.push_to_hub:
                 self._push_complete_checkpoint(folder)
-            faults.rotate_checkpoints(run_dir, limit, keep=[self.state.best_model_checkpoint])
+            checkpoints.rotate_checkpoints(run_dir, limit, keep=[self.state.best_model_checkpoint])

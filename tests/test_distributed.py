@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -16,10 +15,12 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     out = tmp_path / "ddp"
     command = [  # torchrun: `accelerate launch --cpu --num_processes 2` starts one process (see below)
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--freeze_language_model", "False", "--dataset_name", "embedded", "--max_train_samples", "16",
+        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--freeze_language_model", "False",
+        "--dataset_name", "embedded", "--max_train_samples", "16",
         "--max_eval_samples", "7", "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "2", "--max_new_tokens", "4", "--report_to", "none", "--save_strategy", "no",
-        "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"), "--dataloader_pin_memory", "False",
+        "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"),
+        "--dataloader_pin_memory", "False",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -58,7 +59,8 @@ def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_al
         # torchrun: two real processes on the CPU (gloo); `accelerate launch --cpu` starts one process, whatever
         # --num_processes says, unless it is given an MPI host file
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train", "--max_steps", "2",
+        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--dataset_name", "embedded",
+        "--max_train_samples", "16", "--do_train", "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--report_to", "none",
         "--save_strategy", "no", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"),
         "--dataloader_pin_memory", "False", "--log_level", "info", "--log_level_replica", "info",

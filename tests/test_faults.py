@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
-from clipqwen import faults
-from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer
+from clipqwen import checkpoints
+from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
+
 
 MAX_STEPS = 8
 FLAGS = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1",
@@ -76,7 +77,8 @@ CHILD = textwrap.dedent("""
 
 def start_child(out: Path, **env) -> subprocess.Popen:
     with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-c", CHILD, *args_for(out)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-c", CHILD, *args_for(out)], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
                                 env={**os.environ, **{key: str(value) for key, value in env.items()}})
 
 
@@ -106,10 +108,11 @@ def killed_runs(tmp_path_factory):
     "torn" SIGKILLs itself halfway through writing checkpoint-6."""
     base = tmp_path_factory.mktemp("killed")
     mid, torn = base / "mid-epoch", base / "torn"
-    children = {"mid-epoch": (mid, start_child(mid, SLOW_STEP=0.3)), "torn": (torn, start_child(torn, KILL_IN_SAVE_AT=6))}
+    children = {"mid-epoch": (mid, start_child(mid, SLOW_STEP=0.3)),
+                "torn": (torn, start_child(torn, KILL_IN_SAVE_AT=6))}
 
     def kill_mid_epoch():
-        marker, child = mid / "checkpoint-6" / faults.MARKER, children["mid-epoch"][1]
+        marker, child = mid / "checkpoint-6" / checkpoints.MARKER, children["mid-epoch"][1]
         deadline = time.monotonic() + 300
         while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -142,7 +145,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_and_weights(killed_
     out, child, killer = killed_runs["mid-epoch"]
     assert child.wait(timeout=300) == -signal.SIGKILL, child_log(out)[-3000:]
     killer.join()
-    resumed_from = faults.last_complete_checkpoint(out)
+    resumed_from = checkpoints.last_complete_checkpoint(out)
     step = int(resumed_from.rsplit("-", 1)[1])  # step 7 was running when the kill came
     assert step == 6, resumed_from  # epoch 1.5: the resumed run starts mid-epoch, in epoch 1
     assert not (out / "config.json").exists()  # the killed run never finished
@@ -155,15 +158,15 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_torn_folder_that_is_skipped(ki
     out, child, _ = killed_runs["torn"]
     assert child.wait(timeout=300) == -signal.SIGKILL, child_log(out)[-3000:]
     torn = out / "checkpoint-6"
-    assert (torn / TRAINABLE_WEIGHTS).exists() and not (torn / faults.MARKER).exists()
+    assert (torn / TRAINABLE_WEIGHTS).exists() and not (torn / checkpoints.MARKER).exists()
     assert get_last_checkpoint(out) == str(torn)  # what Trainer alone would resume from, and crash on
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-4")
 
     with caplog.at_level("WARNING"):
         run(out)
     assert f"Skipping {torn}" in caplog.text and "save did not finish" in caplog.text
     assert_matches_straight(out, straight)
-    assert faults.checkpoint_problem(torn) is None  # saved again, completely, on the way
+    assert checkpoints.checkpoint_problem(torn) is None  # saved again, completely, on the way
 
 
 # ---- disk full -------------------------------------------------------------------------------------------------
@@ -184,14 +187,14 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(strai
     assert "checkpoint-6 failed because the disk is full" in message and "No space left on device" in message
     assert f"{out / 'checkpoint-4'}, is intact" in message and "rerun the same command" in message
     assert not (out / "checkpoint-6").exists()  # the partial folder is removed, freeing what it took
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-4")  # manifest and SHA-256 check out
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-4")  # manifest and SHA-256 check out
     assert_same_weights(weights(out / "checkpoint-4"), weights(straight / "checkpoint-4"))
 
 
 def test_a_disk_full_error_from_torch_writer_is_recognised(tmp_path):
     error = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
                          "file write failed")
-    message = faults.describe_save_failure(tmp_path / "checkpoint-8", tmp_path, error)
+    message = checkpoints.describe_save_failure(tmp_path / "checkpoint-8", tmp_path, error)
     assert "because the disk is full" in message and "No complete checkpoint was saved before it" in message
 
 
@@ -209,17 +212,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoints
         run(out, "--save_total_limit", "2")
     message = str(error.value)
     assert "loss is NaN at step 7" in message and f"last complete checkpoint is {out / 'checkpoint-6'}" in message
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-6")
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-6")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # rotated, limit 2
     assert_same_weights(weights(out / "checkpoint-6"), weights(straight / "checkpoint-6"))
 
 
 def test_the_message_for_an_infinite_loss(tmp_path):
-    message = faults.nonfinite_loss_message(float("inf"), 3, 0.5, tmp_path)
+    message = nonfinite_loss_message(float("inf"), 3, 0.5, tmp_path)
     assert "loss is infinite at step 3" in message and "No checkpoint was saved before it" in message
 
 
-# ---- SIGTERM ---------------------------------------------------------------------------------------------------------
+# ---- SIGTERM -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(sig, straight, tmp_path, monkeypatch):
     out = tmp_path / "preempted"
@@ -234,7 +237,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes_exactly(si
     monkeypatch.setattr(CaptionTrainer, "training_step", preempt)
     result = run(out)  # returns normally: `python run_captioning.py` exits with status 0
     assert result == {"preempted_at_step": 5}
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-5")
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-5")
     assert not (out / "config.json").exists() and not (out / "checkpoint-6").exists()  # no export, no more steps
     assert signal.getsignal(sig) is before  # the handler only lives while training
 
@@ -255,7 +258,8 @@ def test_sigterm_after_the_last_step_still_leaves_a_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(CaptionTrainer, "_finalize_training", signalled)
     assert run(out, "--save_strategy", "no", "--max_steps", "2") == {"preempted_at_step": 2}
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-2") and not (out / "config.json").exists()
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert not (out / "config.json").exists()
 
 
 # ---- checkpoint bookkeeping (no training) -------------------------------------------------------------------------
@@ -266,7 +270,7 @@ def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
     (checkpoint / "optimizer.pt").write_bytes(os.urandom(128))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if complete:
-        faults.mark_complete(checkpoint, step)
+        checkpoints.mark_complete(checkpoint, step)
     return checkpoint
 
 
@@ -280,12 +284,13 @@ def test_truncated_corrupted_or_unmarked_checkpoints_are_skipped(tmp_path):
     data[0] ^= 0xFF
     (corrupted / TRAINABLE_WEIGHTS).write_bytes(bytes(data))
     unmarked = fake_checkpoint(tmp_path, 8, complete=False)
-    assert "optimizer.pt has 10 bytes" in faults.checkpoint_problem(truncated)
-    assert "SHA-256" in faults.checkpoint_problem(corrupted)
-    assert "save did not finish" in faults.checkpoint_problem(unmarked)
-    assert faults.last_complete_checkpoint(tmp_path) == str(good)
-    with pytest.raises(faults.IncompleteCheckpointError, match=rf"not a complete checkpoint.*newest complete one is {good}"):
-        faults.check_resume_checkpoint(unmarked)
+    assert "optimizer.pt has 10 bytes" in checkpoints.checkpoint_problem(truncated)
+    assert "SHA-256" in checkpoints.checkpoint_problem(corrupted)
+    assert "save did not finish" in checkpoints.checkpoint_problem(unmarked)
+    assert checkpoints.last_complete_checkpoint(tmp_path) == str(good)
+    with pytest.raises(checkpoints.IncompleteCheckpointError,
+                       match=rf"not a complete checkpoint.*newest complete one is {good}"):
+        checkpoints.check_resume_checkpoint(unmarked)
 
 
 def test_checkpoints_from_before_the_marker_still_resume(tmp_path):
@@ -293,7 +298,7 @@ def test_checkpoints_from_before_the_marker_still_resume(tmp_path):
     old = fake_checkpoint(tmp_path, 2, complete=False)
     torn = fake_checkpoint(tmp_path, 4, complete=False)
     (torn / "trainer_state.json").unlink()
-    assert faults.last_complete_checkpoint(tmp_path) == str(old)
+    assert checkpoints.last_complete_checkpoint(tmp_path) == str(old)
 
 
 def test_rotation_counts_only_complete_checkpoints_and_runs_after_the_marker(tmp_path):
@@ -301,21 +306,24 @@ def test_rotation_counts_only_complete_checkpoints_and_runs_after_the_marker(tmp
         fake_checkpoint(tmp_path, step)
     fake_checkpoint(tmp_path, 5, complete=False)  # torn by an earlier crash
     fake_checkpoint(tmp_path, 8, complete=False)  # being written
-    faults.rotate_checkpoints(tmp_path, 2, keep=[tmp_path / "checkpoint-2"])  # 2 is the best model
+    checkpoints.rotate_checkpoints(tmp_path, 2, keep=[tmp_path / "checkpoint-2"])  # 2 is the best model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
 
 
 def test_resume_from_an_explicit_torn_checkpoint_is_refused(tmp_path):
     fake_checkpoint(tmp_path / "out", 2)
     torn = fake_checkpoint(tmp_path / "out", 4, complete=False)
-    with pytest.raises(faults.IncompleteCheckpointError, match="checkpoint-4: not a complete checkpoint"):
+    with pytest.raises(checkpoints.IncompleteCheckpointError, match="checkpoint-4: not a complete checkpoint"):
         run(tmp_path / "out", "--resume_from_checkpoint", str(torn))
+
+
+# the straight run's last checkpoint alone, as a crash before its export leaves it
+LAST_CHECKPOINT_ONLY = shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json")
 
 
 def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
     out = tmp_path / "other"
-    # the run's last checkpoint, as a crash before its export leaves it
-    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
+    shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
     with pytest.raises(ValueError, match="trainable weights of another setup"):
         run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")
 
@@ -323,7 +331,7 @@ def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tm
 def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straight, tmp_path):
     """Same names, other shapes: two image tokens from a pooled embedding instead of one."""
     out = tmp_path / "other-shapes"
-    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
+    shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
     with pytest.raises(SystemExit, match=r"adapter.layers.0.bias has shape \(64,\), the model's has \(128,\)"):
         run(out, "--vision_feature_type", "pooled", "--num_pooled_image_tokens", "2", "--max_steps", "10")
 
@@ -333,10 +341,11 @@ def test_an_optimizer_state_of_other_shapes_is_refused_before_it_reaches_the_opt
     other = tmp_path / "other"
     run(other, "--num_pooled_image_tokens", "2", "--max_steps", "2", "--save_steps", "2")
     out = tmp_path / "mixed"
-    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.json", "config.json"))
+    shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
     shutil.copy(other / "checkpoint-2" / "optimizer.pt", out / "checkpoint-8" / "optimizer.pt")
-    faults.mark_complete(out / "checkpoint-8", step=8)
-    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 0 has shape \(128, 32\), the model's parameter \(64, 32\)"):
+    checkpoints.mark_complete(out / "checkpoint-8", step=8)
+    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 0 has shape \(128, 32\), "
+                                         r"the model's parameter \(64, 32\)"):
         run(out, "--max_steps", "10")
 
 
@@ -350,15 +359,17 @@ def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ClipQwenProcessor, "save_pretrained", disk_full)
-    with pytest.raises(SystemExit, match=r"exporting .* failed .*No space left on device.*checkpoint-8.*rerun the same command"):
+    with pytest.raises(SystemExit,
+                       match=r"exporting .* failed .*No space left on device.*checkpoint-8.*rerun the same command"):
         run(out, "--save_steps", "3")  # steps 3 and 6 by --save_steps, 8 because it is the last
     assert not (out / "config.json").exists() and not list(out.glob(".export-*"))  # nothing half-written stays
-    assert faults.last_complete_checkpoint(out) == str(out / "checkpoint-8")
+    assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-8")
 
     monkeypatch.setattr(ClipQwenProcessor, "save_pretrained", save_pretrained)
     metrics = run(out, "--save_steps", "3")  # resumes at the last step: no training, only the export
     assert (out / "model.safetensors").exists() and (out / "run_complete.json").exists()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     exported = load_file(out / "model.safetensors")
-    assert torch.equal(exported["adapter.layers.0.weight"], weights(straight / "checkpoint-8")["adapter.layers.0.weight"])
+    assert torch.equal(exported["adapter.layers.0.weight"],
+                       weights(straight / "checkpoint-8")["adapter.layers.0.weight"])
     assert "train_samples" in metrics

@@ -13,9 +13,12 @@ from safetensors.torch import load_file
 import run_captioning
 from clipqwen import preflight
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+
+TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
+        "8",
         "--max_new_tokens", "4", "--save_strategy", "no", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
-        "--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "4", "--max_predict_samples", "4"]
+        "--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "4",
+        "--max_predict_samples", "4"]
 
 
 def run(out, *flags):
@@ -29,7 +32,8 @@ def run(out, *flags):
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: use a number >= 1"),
     (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1: use a number >= 1"),
     (["--max_train_samples", "0"], "--max_train_samples 0: use a number >= 1"),
-    (["--max_caption_length", "600"], "--max_caption_length 600: .* exceeds the decoder's 512 positions; use at most 511"),
+    (["--max_caption_length", "600"],
+     "--max_caption_length 600: .* exceeds the decoder's 512 positions; use at most 511"),
 ])
 def test_bad_values_fail_before_training_naming_the_flag(flags, message, tmp_path):
     start = time.monotonic()
@@ -68,7 +72,8 @@ def test_rerunning_a_finished_run_evaluates_and_exports_without_training(tmp_pat
     run(out, "--do_train", "--do_eval", "--max_steps", "3", "--freeze_language_model", "False")
     trained = load_file(out / "model.safetensors")
     state = json.loads((out / "trainer_state.json").read_text())
-    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3", "--freeze_language_model", "False")
+    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
+                  "--freeze_language_model", "False")
     assert "train_loss" not in metrics and "test_rougeL" in metrics
     again = load_file(out / "model.safetensors")
     assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)

@@ -10,20 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import PHOTOS, ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
 import run_captioning
-from conftest import PHOTOS, ROOT
 from clipqwen.trainer import TRAINABLE_WEIGHTS
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-        "--max_new_tokens", "6", "--logging_steps", "1", "--save_strategy", "no", "--dataloader_pin_memory", "False"]
+
+TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
+        "8", "--max_new_tokens", "6", "--logging_steps", "1", "--save_strategy", "no", "--dataloader_pin_memory",
+        "False"]
 
 
 def run(output_dir, *flags, data=("--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "8",
                                   "--max_predict_samples", "8")):
-    args = [*TINY, *data, "--output_dir", str(output_dir), "--feature_cache_dir", str(Path(output_dir).parent / "features"), *flags]
+    features = Path(output_dir).parent / "features"
+    args = [*TINY, *data, "--output_dir", str(output_dir), "--feature_cache_dir", str(features), *flags]
     return run_captioning.main(run_captioning.parse_args(args))
 
 
@@ -53,16 +56,11 @@ def test_export_is_a_complete_model_folder_with_predictions_and_card(trained):
 
 def test_the_folder_that_would_be_uploaded_loads_in_a_fresh_process(trained, tmp_path):
     """What --push_to_hub uploads is the exported folder: it must load with trust_remote_code from elsewhere."""
-    from test_remote_code import CHILD
+    from test_remote_code import load_in_fresh_process
 
     out, _ = trained
-    photo = sorted(PHOTOS.glob("*.jpg"))[0]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", CHILD, str(out), str(photo)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    child = json.loads(result.stdout.strip().splitlines()[-1])
-    assert child["module"].startswith("transformers_modules") and child["frozen"]
+    child = load_in_fresh_process(out, sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "elsewhere")
+    assert child["module"].startswith("transformers_modules")  # the folder's own code, not the project's
 
 
 def test_model_card_holds_the_real_metrics(trained):
@@ -81,8 +79,9 @@ def test_model_card_tells_how_the_run_really_went(trained):
     card = ModelCard.load(out / "README.md")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    assert f"| optimizer steps | 4 |" in card.text and f"| epochs | {round(state['epoch'], 2)} |" in card.text
-    assert "| precision | fp32 |" in card.text and "| devices | 1 |" in card.text and "| total batch size | 4 |" in card.text
+    assert "| optimizer steps | 4 |" in card.text and f"| epochs | {round(state['epoch'], 2)} |" in card.text
+    assert "| precision | fp32 |" in card.text and "| devices | 1 |" in card.text
+    assert "| total batch size | 4 |" in card.text
     assert "| optimizer | adamw_torch_fused" in card.text and "| warm-up | 0 steps |" in card.text
     assert f"transformers {transformers.__version__}" in card.text and "caption_metrics" in card.text
     results = card.data.to_dict()["model-index"][0]["results"]
@@ -119,7 +118,8 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     seen, train = [], CaptionTrainer.train
-    monkeypatch.setattr(CaptionTrainer, "train", lambda self, *a, **k: seen.append(self.accelerator.mixed_precision) or train(self, *a, **k))
+    monkeypatch.setattr(CaptionTrainer, "train",
+                        lambda self, *a, **k: seen.append(self.accelerator.mixed_precision) or train(self, *a, **k))
     run(tmp_path / "out", "--do_train", "--max_steps", "1")
     expected = "bf16" if cuda_bf16 else "fp32"
     assert seen == ["bf16" if cuda_bf16 else "no"]
@@ -139,7 +139,8 @@ def test_model_card_lists_both_base_model_ids():
 
     card = build_model_card(
         repo_id="you/clipqwen-flickr30k", vision_id="openai/clip-vit-base-patch32", text_id="Qwen/Qwen3-0.6B-Base",
-        dataset_name="nlphuji/flickr30k", model_config=tiny_config(), metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
+        dataset_name="nlphuji/flickr30k", model_config=tiny_config(),
+        metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
         hyperparameters={"learning rate": 1e-3}, generation_kwargs={"num_beams": 3}, trainable=1, total=2)
     reloaded = ModelCard(str(card))
     assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]
@@ -161,14 +162,16 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     out = tmp_path / "out"
     args = [a for a in TINY if a != "--tiny_model"]
     metrics = run_captioning.main(run_captioning.parse_args([
-        *args, "--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path", str(tmp_path / "qwen"),
+        *args, "--vision_model_name_or_path", str(tmp_path / "clip"),
+        "--text_model_name_or_path", str(tmp_path / "qwen"),
         "--dataset_name", "embedded", "--max_train_samples", "8", "--max_eval_samples", "4", "--do_train", "--do_eval",
         "--max_steps", "1", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features")]))
     assert "eval_rougeL" in metrics
     from modeling_clipqwen import ClipQwenForConditionalGeneration
 
     exported = ClipQwenForConditionalGeneration.from_pretrained(out)
-    assert torch.equal(exported.language_model.model.layers[0].mlp.up_proj.weight, qwen.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(exported.language_model.model.layers[0].mlp.up_proj.weight,
+                       qwen.model.layers[0].mlp.up_proj.weight)
     card = (out / "README.md").read_text()
     assert str(tmp_path / "clip") in card and str(tmp_path / "qwen") in card
 
@@ -197,7 +200,8 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path):
 
 
 def test_an_output_folder_holding_a_model_of_unknown_state_is_refused(trained, tmp_path):
-    """A model without run_complete.json (an older clipqwen, or copied in by hand) and no checkpoint: never trained over."""
+    """A model without run_complete.json (an older clipqwen, or copied in by hand) and no checkpoint: never trained
+    over."""
     import shutil
 
     out = tmp_path / "old"
@@ -254,8 +258,10 @@ def test_jsonl_and_csv_with_custom_column_names(tmp_path):
         "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "val.csv"),
         "--image_column", "picture", "--caption_column", "descriptions"))
     assert metrics["eval_num_images"] == 3 and metrics["train_samples"] == len(rows)
-    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions_validation.jsonl").read_text().splitlines()]
-    assert sorted(p["references"] for p in predictions) == sorted(row["captions"] for row in rows[:3])  # CSV rows grouped
+    lines = (tmp_path / "out" / "predictions_validation.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    # CSV rows grouped
+    assert sorted(p["references"] for p in predictions) == sorted(row["captions"] for row in rows[:3])
 
 
 def test_imagefolder_with_custom_caption_column(tmp_path):
@@ -273,7 +279,8 @@ def test_imagefolder_with_custom_caption_column(tmp_path):
 def test_a_missing_column_is_a_clear_error(tmp_path):
     write_jsonl_and_csv(tmp_path)
     with pytest.raises(ValueError, match=r"no column 'caption'.*--image_column/--caption_column"):
-        run(tmp_path / "out", "--do_train", "--max_steps", "1", data=("--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture"))
+        run(tmp_path / "out", "--do_train", "--max_steps", "1",
+            data=("--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture"))
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path, caplog):
@@ -283,7 +290,8 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path, c
     (tmp_path / "photos" / rows[2]["file_name"]).write_bytes(truncated[: len(truncated) // 3])
     with caplog.at_level("WARNING"):
         metrics = run(tmp_path / "out", "--do_train", "--max_steps", "2", data=(
-            "--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture", "--caption_column", "descriptions"))
+            "--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture",
+            "--caption_column", "descriptions"))
     assert metrics["train_samples"] == len(rows) - 2
     log = caplog.text
     assert "skipping 2 unreadable image(s) of 8" in log
@@ -305,7 +313,8 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
         "filename": [r["file_name"] for r in rows],
     }
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
-                                  "sentids": datasets.List(datasets.Value("string")), "split": datasets.Value("string"),
+                                  "sentids": datasets.List(datasets.Value("string")),
+                                  "split": datasets.Value("string"),
                                   "img_id": datasets.Value("string"), "filename": datasets.Value("string")})
     folder = tmp_path / "flickr30k" / "TEST"
     folder.mkdir(parents=True)
@@ -313,14 +322,16 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
     metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--do_predict", "--max_steps", "1", data=(
         "--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None"))  # ids default to `filename`
     assert metrics["train_samples"] == 4 and metrics["eval_num_images"] == 2 and metrics["test_num_images"] == 2
-    ids = {json.loads(line)["image_id"] for line in (tmp_path / "out" / "predictions_test.jsonl").read_text().splitlines()}
+    lines = (tmp_path / "out" / "predictions_test.jsonl").read_text().splitlines()
+    ids = {json.loads(line)["image_id"] for line in lines}
     assert ids == {rows[6]["file_name"], rows[7]["file_name"]}
 
 
 def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
     out, _ = trained
     result = subprocess.run(
-        [sys.executable, "-m", "clipqwen.caption_cli", str(out), str(PHOTOS), "--num_beams", "2", "--max_new_tokens", "5",
+        [sys.executable, "-m", "clipqwen.caption_cli", str(out), str(PHOTOS), "--num_beams", "2",
+         "--max_new_tokens", "5",
          "--output", str(tmp_path / "captions.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""What a training run does when something goes wrong: torn checkpoints, a full disk, NaN losses, preemption
-(an unreachable Hub is clipqwen.hub's).
+"""Checkpoints that survive a crash: a completeness manifest, resuming from the newest complete checkpoint,
+rotation after the manifest, and the messages for a failed save and a checkpoint of another setup.
 
 HF Trainer writes a checkpoint file by file straight into `checkpoint-N/`, so a run killed during a save
 leaves a torn folder that `transformers.trainer_utils.get_last_checkpoint` picks up next time. Here a
@@ -13,18 +13,15 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +33,6 @@ LOW_SPACE_BYTES = 64 * 1024 * 1024  # below this, a failed write is reported as 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the message names it and the previous complete one."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the last complete checkpoint."""
 
 
 class IncompleteCheckpointError(ValueError):
@@ -177,15 +170,16 @@ def check_optimizer_state(path, params) -> None:
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     ids = [i for group in saved["param_groups"] for i in group["params"]]
     if len(ids) != len(params):
-        raise IncompatibleCheckpointError(f"{path} holds the optimizer state of {len(ids)} parameter tensors, the model "
-                                          f"trains {len(params)}. Resume with the arguments of that run, or start a new "
-                                          "--output_dir.")
+        raise IncompatibleCheckpointError(
+            f"{path} holds the optimizer state of {len(ids)} parameter tensors, the model trains {len(params)}. "
+            "Resume with the arguments of that run, or start a new --output_dir.")
     for i, param in zip(ids, params):
         for key, value in saved["state"].get(i, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                 raise IncompatibleCheckpointError(
                     f"{path}: the optimizer's {key} of parameter {i} has shape {tuple(value.shape)}, the model's "
-                    f"parameter {tuple(param.shape)}. Resume with the arguments of that run, or start a new --output_dir.")
+                    f"parameter {tuple(param.shape)}. Resume with the arguments of that run, or start a new "
+                    "--output_dir.")
 
 
 def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[str]:
@@ -247,78 +241,3 @@ def describe_save_failure(folder, output_dir, error: BaseException) -> str:
     message += ("free some space (or lower --save_total_limit, or use another --output_dir), then rerun the same "
                 "command" + (" to resume from it." if previous else "."))
     return message
-
-
-# ---- non-finite loss -----------------------------------------------------------------------------------------
-def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, output_dir) -> str:
-    kind = "NaN" if math.isnan(loss_value) else "infinite"
-    last = last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
-    return (f"The training loss is {kind} at step {step}" + (f" (epoch {epoch:.2f})" if epoch else "")
-            + ": training stopped before the optimizer step, so no weights were updated with it and no checkpoint "
-            "was written after it. "
-            + (f"The last complete checkpoint is {last}; rerunning the same command resumes from it. " if last else
-               "No checkpoint was saved before it. ")
-            + "Common causes: a learning rate too high (--learning_rate), no gradient clipping (--max_grad_norm), "
-              "fp16 overflow (try --bf16 or fp32), or bad data in that step's batch.")
-
-
-# ---- preemption ----------------------------------------------------------------------------------------------
-class GracefulStopCallback(TrainerCallback):
-    """On SIGTERM (what Kubernetes, SLURM and spot-instance preemption send before killing) or Ctrl-C (SIGINT),
-    finish the current optimizer step, save a checkpoint and stop; run_captioning.py then exits with status 0
-    without evaluating or exporting, and rerunning the same command resumes. A second signal kills at once (the
-    default action).
-
-    `reduce(flag) -> flag` makes all processes agree (any process signalled → all stop at the same step), which
-    a distributed save needs."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), reduce=None):
-        self.signals = tuple(signals)
-        self.reduce = reduce
-        self.requested = None  # the signal received
-        self.stopped_at = None  # the global step a checkpoint was saved at because of it
-        self._previous = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            logger.info("Not in the main thread: SIGTERM and Ctrl-C will not trigger a checkpoint.")
-            return
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def signal_name(self) -> str | None:
-        return signal.Signals(self.requested).name if self.requested is not None else None
-
-    def uninstall(self):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:  # a second signal: stop waiting
-            self.uninstall()
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.requested = signum
-        logger.warning("Received %s: saving a checkpoint after the current step, then stopping.",
-                       signal.Signals(signum).name)
-
-    def stop_now(self) -> bool:
-        flag = self.requested is not None
-        return bool(self.reduce(flag)) if self.reduce is not None else flag
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_now():
-            control.should_save = True
-            control.should_training_stop = True
-            control.should_evaluate = False  # the grace period is short: save first
-            self.stopped_at = state.global_step
-        return control
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.stopped_at is not None:  # the loop was left after the save: no epoch-end evaluation or second save
-            control.should_save = False
-            control.should_evaluate = False
-        return control

@@ -1,0 +1,85 @@
+"""Data preparation for run_captioning.py: the splits the run needs, limited and cleaned, and, with a frozen vision
+tower, its features computed once per image. clipqwen.data does each step; this module decides which steps a run
+takes, in which order, on which device, and under which process coordination (DDP).
+
+    data = prepare_data(data_args, training_args, model, processor, timer, vision_features=True)
+    data.splits["train"]       # what Trainer reads: CLIP features (`vision_embeds`) with the cache, else images
+    data.with_images["test"]   # the same rows with their images, never decoded here (for the sample-caption figure)
+"""
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from datasets import Dataset
+
+from .data import add_vision_features, drop_unreadable_images, load_caption_data, remove_empty_captions
+from .presets import clipqwen_cache_dir
+from .timing import PhaseTimer
+
+
+@dataclass
+class CaptionData:
+    """The prepared splits ("train", "validation", "test"; only those the run needs), one row per image."""
+
+    splits: dict[str, Dataset]
+    with_images: dict[str, Dataset]
+
+
+def prepare_data(data_args, training_args, model, processor, timer: PhaseTimer, *, vision_features: bool,
+                 cache_dir: str | None = None) -> CaptionData:
+    """Load, limit and clean the splits that `training_args` asks for; with `vision_features` (a frozen CLIP and
+    --use_feature_cache), replace their images by cached CLIP features. `model` is the unwrapped ClipQwen model
+    (not a peft wrapper); `cache_dir` is where datasets and models are downloaded."""
+    with timer.phase("data preparation") as phase, training_args.main_process_first(desc="data preparation"):
+        # rank 0 fills datasets' caches, the others read them
+        splits = load_and_clean(data_args, training_args, cache_dir, check_images=not vision_features)
+        phase["items"] = sum(len(dataset) for dataset in splits.values())
+    with_images = dict(splits)
+    if vision_features:  # all ranks at once, each its own shard
+        with timer.phase("feature cache", items=phase["items"]):
+            splits = add_features(splits, data_args, training_args, model, processor)
+    return CaptionData(splits=splits, with_images=with_images)
+
+
+def load_and_clean(data_args, training_args, cache_dir: str | None = None, check_images: bool = True):
+    """The wanted splits, limited and cleaned. `check_images=False` leaves the unreadable-image check to the feature
+    pass (one decode per image); `--check_images False` turns it off."""
+    raw = load_caption_data(data_args, cache_dir=cache_dir)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+              "test": data_args.max_predict_samples}
+    evaluates_during_training = training_args.do_train and training_args.eval_strategy != "no"
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval or evaluates_during_training,
+              "test": training_args.do_predict}
+    splits = {}
+    for split, dataset in raw.items():
+        if not wanted.get(split):
+            continue
+        if limits[split] is not None:
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        dataset = remove_empty_captions(dataset, split)
+        if data_args.check_images and check_images:
+            dataset = drop_unreadable_images(dataset, split, data_args.preprocessing_num_workers)
+        splits[split] = dataset
+    missing = [split for split, needed in wanted.items() if needed and split not in splits]
+    if missing:
+        raise ValueError(f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
+                         "directories, or drop the corresponding --do_* flag.")
+    return splits
+
+
+def add_features(splits, data_args, training_args, model, processor):
+    """CLIP features for every split, each image decoded once (the feature pass is also the unreadable-image check),
+    by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard of the rows, and
+    `add_vision_features` waits for all of them before every rank reads the merged cache."""
+    cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
+    barrier = dist.barrier if training_args.world_size > 1 else None
+    model.vision_model.to(training_args.device)
+    try:
+        return {split: add_vision_features(
+            dataset, model, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
+            num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
+            rank=training_args.process_index, world_size=training_args.world_size, barrier=barrier)
+            for split, dataset in splits.items()}
+    finally:
+        model.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps its devices consistent
+
