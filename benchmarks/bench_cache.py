@@ -1,20 +1,32 @@
-"""The feature cache's decode + preprocess stage: images/s with 1 and 2 worker processes against the path it
-replaces (a decode for the unreadable-image check, then a decode again + preprocessing for the features, one
-process), on generated JPEGs of Flickr30K's sizes and quality. The vision tower is left out: it runs in the main
-process on the workers' batches, on the GPU in a real run, and is the same in both paths.
+"""The feature cache's data path (decode + preprocess) and the whole cache build, against the path it replaces, on
+generated JPEGs of Flickr30K's sizes and quality; and the parity of the new preprocessing with the old.
 
-    python benchmarks/bench_cache.py [--images 300] [--rounds 3] [--output benchmarks/cache_results.json]
+    python benchmarks/bench_cache.py [--images 400] [--rounds 5] [--output benchmarks/cache_results.json]
 
-Rounds alternate the paths (old, 1 worker, 2 workers, then the other way round) and the median of each is
-reported, since other jobs share this machine; images per CPU-second (this process and its workers) are
-reported as well, which the load of other jobs changes much less than the wall clock. Decodes per image are counted on every path (a shared file, so
-that worker processes count too). Also reported: where one image's time goes (PIL decode, `load_image`'s checks
-and RGB conversion, `preprocess_images`), single-threaded.
+Paths timed (images/s, medians of alternating rounds: old, new 1 worker, new 2 workers, then the other way round):
+- data path alone, the vision tower left out (it runs on the workers' batches in the main process, on the GPU in a
+  real run, and is the same in both paths):
+  old = what a first run did before: `drop_unreadable_images` (a decode of every image), then a second decode and
+  `processor.preprocess_images`, one process; new = `_DecodedBatches` through a DataLoader with 1 or 2 worker
+  processes, exactly as `add_vision_features` builds it (one decode, `images.pixel_values`);
+- end to end with the tiny CLIP of the tests: old = the check, then decode + `preprocess_images` + vision tower
+  batch by batch; new = `add_vision_features` into a fresh cache folder (Arrow file, manifest and all).
+
+Other jobs share this machine, so the wall clock alone cannot say whether 2 workers scale: the same rounds time a
+CPU-bound control (the same fixed work in 1 and then 2 processes) whose ratio is what this machine gave two
+processes at that moment (`machine_scaling_ceiling`), and CPU-seconds per image (main process and workers), which
+the load changes much less. Decodes per image are counted where Pillow really decodes (`ImageFile.load` with pixels
+left to read), through a file, so that worker processes count too.
+
+Parity: pixel values and features (the tiny CLIP, and a full-size random CLIP ViT-B/32: no weights can be
+downloaded here) of `pixel_values` against `processor.preprocess_images`, on the real CC-BY photos of
+examples/coco-cc-by and ../shared/data/coco-cc-by and on the generated images.
 """
 
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -25,6 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,176 +47,314 @@ sys.path.insert(0, str(ROOT))
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFile  # noqa: E402
 
 from clipqwen import data  # noqa: E402
-from clipqwen.presets import bundled_processor  # noqa: E402
+from clipqwen.images import load_image, pixel_values  # noqa: E402
+from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
+from processing_clipqwen import to_rgb  # noqa: E402
+
 
 # Flickr30K's most common sizes (the long side is 500 px); quality as its JPEGs (about 90).
 SIZES = [(500, 375), (500, 333), (375, 500), (333, 500), (500, 281), (500, 400), (500, 334), (400, 500)]
+PHOTO_FOLDERS = [ROOT / "examples" / "coco-cc-by", ROOT.parent / "shared" / "data" / "coco-cc-by"]
+OLD = "old (check decode + decode + convert + preprocess, 1 process)"
+NEW = {1: "new, 1 worker", 2: "new, 2 workers"}
+IN_PROCESS = "new, in the main process (no worker)"
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
+def make_images(folder: Path, count: int, seed: int = 0, sizes=SIZES, quality: int = 90) -> list[str]:
     """Photo-like JPEGs: smooth random colour fields (upscaled noise) with fine grain, so that they compress like
     photos (~60-120 kB at quality 90), not like flat colour or white noise."""
     rng = np.random.default_rng(seed)
     names = []
     for i in range(count):
-        width, height = SIZES[i % len(SIZES)]
+        width, height = sizes[i % len(sizes)]
         coarse = Image.fromarray(rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8))
         smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
         grain = rng.normal(0, 12, (height, width, 3))
         pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
         name = f"img{i:05d}.jpg"
-        Image.fromarray(pixels).save(folder / name, quality=90)
+        Image.fromarray(pixels).save(folder / name, quality=quality)
         names.append(name)
     return names
 
 
 def annotation_dataset(folder: Path, names: list[str]) -> datasets.Dataset:
-    (folder / "train.jsonl").write_text("".join(json.dumps({"image": name, "caption": "a photo"}) + "\n" for name in names))
+    lines = "".join(json.dumps({"image": name, "caption": "a photo"}) + "\n" for name in names)
+    (folder / "train.jsonl").write_text(lines)
     return data.read_annotation_file(str(folder / "train.jsonl"), "image", "caption", None)
 
 
 class DecodeCounter:
-    """`clipqwen.data.load_image` counted per image name, through a file: worker processes (forked) count too."""
+    """Pillow's real decodes (`ImageFile.load` with pixels left to read) per file, through a file: worker processes
+    (forked) count too."""
 
     def __init__(self, path: Path):
-        self.path, self.original = path, data.load_image
+        self.path, self.original = path, ImageFile.ImageFile.load
 
     def __enter__(self):
         self.path.write_text("")
         original, path = self.original, self.path
 
-        def counted(entry, name=None):
-            with open(path, "a") as file:
-                file.write(f"{name}\n")
-            return original(entry, name=name)
+        def counted(image):
+            if image.tile:
+                with open(path, "a") as file:
+                    file.write(f"{image.filename or '<bytes>'}\n")
+            return original(image)
 
-        data.load_image = counted
+        ImageFile.ImageFile.load = counted
         return self
 
     def __exit__(self, *exc):
-        data.load_image = self.original
+        ImageFile.ImageFile.load = self.original
 
     def per_image(self) -> dict:
         counts = Counter(self.path.read_text().splitlines())
-        spread = Counter(counts.values())
-        return {"decodes_per_image": dict(sorted(spread.items())), "images": len(counts)}
+        return {"decodes_per_image": {str(k): v for k, v in sorted(Counter(counts.values()).items())},
+                "images": len(counts)}
 
 
-def old_path(dataset, processor, batch_size):
+def old_data_path(dataset, processor, batch_size, model=None):
     """What a first run did before: `drop_unreadable_images` (a decode of every image), then the feature map's
-    decode + `preprocess_images`, batch by batch, in one process (the vision tower left out)."""
+    decode + `preprocess_images` (which converts to RGB again), batch by batch, in one process; with `model`, its
+    vision tower on each batch too. The second decode converts as `load_image` used to (`to_rgb`: two copies even
+    of an RGB image); the check runs today's `load_image`, which no longer copies RGB images: if anything, this
+    makes the old path a little faster than it was."""
     checked = data.drop_unreadable_images(dataset, "bench")
     raw = checked.with_format(None).cast_column("image", datasets.Image(decode=False))
     for start in range(0, len(raw), batch_size):
         batch = raw[start:start + batch_size]
-        images = [data.load_image(entry, name=entry.get("path") or "image") for entry in batch["image"]]
-        processor.preprocess_images(images)
+        images = [to_rgb(load_image(entry, name=entry.get("path") or "image")) for entry in batch["image"]]
+        pixels = processor.preprocess_images(images)
+        if model is not None:
+            with torch.no_grad():
+                model.get_vision_embeds(pixels)
 
 
-def new_path(dataset, processor, batch_size, workers):
+def new_data_path(dataset, processor, batch_size, workers):
     """The decode-once pass of `add_vision_features`: `_DecodedBatches` through a DataLoader with `workers`
-    processes, exactly as `_encode_to_file` builds it (chunks of `DECODE_CHUNK` images; the vision tower left out)."""
-    raw = dataset.with_format(None).select_columns(["image", "image_id"]).cast_column("image", datasets.Image(decode=False))
+    processes, as `_encode_to_file` builds it (the vision tower left out)."""
+    raw = dataset.with_format(None).select_columns(["image", "image_id"])
+    raw = raw.cast_column("image", datasets.Image(decode=False))
     batches = data._DecodedBatches(raw, processor, range(len(raw)), batch_size)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=data._as_is,
                                          worker_init_fn=data._one_thread if workers else None,
                                          prefetch_factor=4 if workers else None)
-    rows = 0
-    for _, _, pixel_values, reasons in loader:
-        rows += len(reasons)
+    rows = sum(len(reasons) for _, _, _, reasons in loader)
     assert rows == len(raw)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished children (the DataLoader workers, joined when the
-    loader is exhausted)."""
+def new_end_to_end(dataset, processor, batch_size, workers, model, cache_dir):
+    data.add_vision_features(dataset, model, processor, cache_dir, batch_size, num_workers=workers)
+
+
+def _busy(work: int) -> None:
+    value = 0
+    for i in range(work):
+        value += i * i % 7
+
+
+def control(processes: int, work: int) -> float:
+    """Units of fixed CPU work per second done by `processes` processes at once (each does `work` units)."""
+    context = multiprocessing.get_context("fork")
+    start = time.perf_counter()
+    jobs = [context.Process(target=_busy, args=(work,)) for _ in range(processes)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    return processes / (time.perf_counter() - start)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished children: the DataLoader workers, joined when the loader is exhausted)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def breakdown(folder: Path, names: list[str], processor, count: int = 100) -> dict:
-    """Milliseconds per image of each step, one thread, over `count` images (each step timed on its own)."""
+    """CPU milliseconds per image of each step (this process's CPU time, so other jobs' load changes it little),
+    one thread, over `count` images, each step timed on its own."""
+    from clipqwen.images import ClipPixels
+
     paths = [folder / name for name in names[:count]]
+    fast = ClipPixels.for_processor(processor)
     timings = {}
-    start = time.perf_counter()
-    for path in paths:
-        with Image.open(path) as image:
-            image.load()
-    timings["pil_decode_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
-    start = time.perf_counter()
-    loaded = [data.load_image(str(path)) for path in paths]
-    timings["load_image_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
-    start = time.perf_counter()
-    for i in range(0, len(loaded), 64):
-        processor.preprocess_images(loaded[i:i + 64])
-    timings["preprocess_images_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
+
+    def timed(key, step):
+        start = time.process_time()
+        result = step()
+        timings[key] = (time.process_time() - start) / len(paths) * 1e3
+        return result
+
+    def decode_all():
+        for path in paths:
+            with Image.open(path) as image:
+                image.load()
+
+    timed("pil_decode_ms", decode_all)
+    loaded = timed("load_image_ms", lambda: [load_image(str(path)) for path in paths])
+    timed("old_preprocess_images_ms", lambda: [processor.preprocess_images(loaded[i:i + 64])
+                                               for i in range(0, len(loaded), 64)])
+    crops = timed("new_crop_ms", lambda: [fast.crop(image) for image in loaded])
+    stacked = torch.from_numpy(np.stack(crops))
+    timed("new_normalise_ms", lambda: [fast.normalise(stacked[i:i + 64]) for i in range(0, len(stacked), 64)])
     return {key: round(value, 2) for key, value in timings.items()}
+
+
+def differences(new: torch.Tensor, old: torch.Tensor) -> dict:
+    delta = (new - old).abs()
+    flat_new, flat_old = new.flatten(1), old.flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(flat_new, flat_old, dim=1)
+    return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean()),
+            "max_abs_over_mean_abs_value": float(delta.max() / old.abs().mean()),
+            "fraction_differing": float((delta > 0).float().mean()), "min_cosine": float(cosine.min())}
+
+
+@torch.no_grad()
+def parity(processor, generated: list[Path]) -> dict:
+    """`pixel_values` (the cache's and the no-cache collator's path) against `processor.preprocess_images` (the
+    path before; what the CLI and the pipeline still call): pixel values and features."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    photos = sorted({path.name: path for folder in PHOTO_FOLDERS for path in folder.glob("*.jpg")}.values())
+    result = {}
+    torch.manual_seed(0)
+    tiny = ClipQwenForConditionalGeneration(tiny_config()).eval()
+    torch.manual_seed(0)
+    full = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval()  # CLIP ViT-B/32's shape, random weights
+    for label, paths in (("real_photos", photos), ("generated_flickr_sized", generated)):
+        images = [load_image(path) for path in paths]
+        new, old = pixel_values(images, processor), processor.preprocess_images(images)
+        entry = {"images": len(images), "pixel_values": differences(new, old),
+                 "tiny_clip_features": differences(tiny.get_vision_embeds(new), tiny.get_vision_embeds(old))}
+        full_new, full_old = (full(pixel_values=p, output_hidden_states=True) for p in (new, old))
+        entry["clip_b32_random_pooled_projected"] = differences(full_new.image_embeds, full_old.image_embeds)
+        entry["clip_b32_random_penultimate_patches"] = differences(full_new.hidden_states[-2],
+                                                                   full_old.hidden_states[-2])
+        result[label] = entry
+    return result
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        info["cpu"] = fields.get("model name", info["cpu"])
+        flags = set(fields.get("flags", "").split())
+        info["flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"})
+    except OSError:
+        pass
+    return info
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "cache_results.json"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the main process as one core's worth: the workers have the other
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     processor = bundled_processor()
+    info = machine()
 
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         folder = Path(tmp)
         names = make_images(folder, args.images)
         sizes = [os.path.getsize(folder / name) for name in names]
         dataset = annotation_dataset(folder, names)
+        torch.manual_seed(0)
+        model = ClipQwenForConditionalGeneration(tiny_config()).eval()
+        work = 2_000_000
+        caches = iter(range(10**6))
         paths = {
-            "old (check decode + decode + preprocess, 1 process)": lambda: old_path(dataset, processor, args.batch_size),
-            "new, 1 worker": lambda: new_path(dataset, processor, args.batch_size, 1),
-            "new, 2 workers": lambda: new_path(dataset, processor, args.batch_size, 2),
+            "data": {OLD: lambda: old_data_path(dataset, processor, args.batch_size),
+                     IN_PROCESS: lambda: new_data_path(dataset, processor, args.batch_size, 0),
+                     **{NEW[w]: (lambda w=w: new_data_path(dataset, processor, args.batch_size, w)) for w in NEW}},
+            "end_to_end_tiny_clip": {
+                OLD: lambda: old_data_path(dataset, processor, args.batch_size, model),
+                **{NEW[w]: (lambda w=w: new_end_to_end(dataset, processor, args.batch_size, w, model,
+                                                       folder / f"cache-{next(caches)}")) for w in NEW}},
         }
-        rates = {name: [] for name in paths}
-        per_cpu = {name: [] for name in paths}  # load-independent: images per second of CPU (main + workers)
-        decodes = {}
+        rates = {kind: {name: [] for name in group} for kind, group in paths.items()}
+        cpu_main = {kind: {name: [] for name in group} for kind, group in paths.items()}
+        cpu_workers = {kind: {name: [] for name in group} for kind, group in paths.items()}
+        ceiling = {1: [], 2: []}
+        loads, decodes = [], {}
         for round_ in range(args.rounds):
-            order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
-            for name in order:
-                with DecodeCounter(folder / "decodes.txt") as counter:
-                    cpu_before = cpu_seconds()
-                    start = time.perf_counter()
-                    paths[name]()
-                    elapsed = time.perf_counter() - start
-                    cpu = cpu_seconds() - cpu_before
-                rates[name].append(len(names) / elapsed)
-                per_cpu[name].append(len(names) / cpu)
-                decodes[name] = counter.per_image()
-                print(f"round {round_ + 1}: {name}: {rates[name][-1]:.1f} images/s, {per_cpu[name][-1]:.1f} images "
-                      f"per CPU-second", flush=True)
+            for kind, group in paths.items():
+                order = list(group) if round_ % 2 == 0 else list(reversed(group))
+                for name in order:
+                    with DecodeCounter(folder / "decodes.txt") as counter:
+                        (main_before, workers_before), start = cpu_seconds(), time.perf_counter()
+                        group[name]()
+                        elapsed = time.perf_counter() - start
+                        main_after, workers_after = cpu_seconds()
+                    rates[kind][name].append(len(names) / elapsed)
+                    cpu_main[kind][name].append((main_after - main_before) / len(names) * 1e3)
+                    cpu_workers[kind][name].append((workers_after - workers_before) / len(names) * 1e3)
+                    if kind == "data":
+                        decodes[name] = counter.per_image()
+                    print(f"round {round_ + 1}, {kind}: {name}: {rates[kind][name][-1]:.1f} images/s "
+                          f"(CPU ms/image: main {cpu_main[kind][name][-1]:.2f}, workers "
+                          f"{cpu_workers[kind][name][-1]:.2f})", flush=True)
+            for processes in ((1, 2) if round_ % 2 == 0 else (2, 1)):
+                ceiling[processes].append(control(processes, work))
+            loads.append(os.getloadavg()[0])
+            print(f"round {round_ + 1}: control {ceiling[2][-1] / ceiling[1][-1]:.2f}x with 2 processes, "
+                  f"load {loads[-1]:.2f}", flush=True)
         steps = breakdown(folder, names, processor)
+        matched = parity(processor, [folder / name for name in names[:64]])
 
-    median = {name: statistics.median(values) for name, values in rates.items()}
-    cpu_median = {name: statistics.median(values) for name, values in per_cpu.items()}
-    old, one, two = (median[name] for name in paths)
+    def medians(table):
+        return {kind: {name: round(statistics.median(values), 2) for name, values in group.items()}
+                for kind, group in table.items()}
+
+    median = medians(rates)
+    data_rates = median["data"]
+    old, one, two = data_rates[OLD], data_rates[NEW[1]], data_rates[NEW[2]]
+    e2e = median["end_to_end_tiny_clip"]
+    ceiling_ratio = statistics.median(ceiling[2]) / statistics.median(ceiling[1])
+    cpu_total = {name: round(statistics.median([m + w for m, w in zip(cpu_main["data"][name],
+                                                                         cpu_workers["data"][name])]), 2)
+                 for name in data_rates}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_average": os.getloadavg()},
+        "machine": {**info, "load_average_per_round": [round(x, 2) for x in loads],
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "images": len(names), "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1e3, 1), "rounds": args.rounds,
-        "images_per_s_median": {name: round(value, 1) for name, value in median.items()},
-        "images_per_s_all_rounds": {name: [round(v, 1) for v in values] for name, values in rates.items()},
-        "images_per_cpu_second_median": {name: round(value, 1) for name, value in cpu_median.items()},
+        "batch_size": args.batch_size,
+        "images_per_s_median": median,
+        "images_per_s_all_rounds": {kind: {name: [round(v, 1) for v in values] for name, values in group.items()}
+                                    for kind, group in rates.items()},
+        "cpu_ms_per_image_median": {"main": medians(cpu_main), "workers": medians(cpu_workers),
+                                    "data_path_total": cpu_total},
+        # the keys benchmarks/results.json takes over: data path alone, vision tower left out
         "cache_worker_scaling": round(two / one, 2),
-        "new_1_worker_vs_old": round(one / old, 2),
-        "new_per_core_vs_old_per_core": {"1 worker": round(one / old, 2), "2 workers": round(two / 2 / old, 2)},
-        "new_per_cpu_second_vs_old": {name: round(value / list(cpu_median.values())[0], 2)
-                                      for name, value in list(cpu_median.items())[1:]},
+        "cache_new_vs_old_per_core": round(one / old, 2),
+        "cache_new_2_workers_vs_old_per_core": round(two / 2 / old, 2),
+        "cache_new_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[NEW[1]], 2),
+        "cache_new_in_process_vs_old": round(data_rates[IN_PROCESS] / old, 2),
+        "cache_new_in_process_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[IN_PROCESS], 2),
+        "machine_scaling_ceiling": round(ceiling_ratio, 2),
+        "machine_scaling_ceiling_all_rounds": [round(b / a, 2) for a, b in zip(ceiling[1], ceiling[2])],
+        "cache_worker_scaling_of_ceiling": round(two / one / ceiling_ratio, 2),
+        "end_to_end_tiny_clip": {"cache_worker_scaling": round(e2e[NEW[2]] / e2e[NEW[1]], 2),
+                                 "new_1_worker_vs_old": round(e2e[NEW[1]] / e2e[OLD], 2)},
         "decodes": decodes,
-        "single_thread_ms_per_image": steps,
+        "single_thread_cpu_ms_per_image": steps,
+        "parity_new_vs_old_preprocessing": matched,
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({key: value for key, value in result.items() if "all_rounds" not in key}, indent=2))
 
 
 if __name__ == "__main__":

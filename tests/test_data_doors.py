@@ -64,7 +64,8 @@ def write_parquet(folder: Path, columns: dict, features=FEATURES, split="train")
     """A local parquet data set, its image entries written as they are."""
     folder.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_dict(columns, features=features)
-    dataset.to_parquet(folder / f"{split}.parquet", batch_size=100)  # a batch size: no size estimate, which reads paths
+    # a batch size: no size estimate, which reads paths
+    dataset.to_parquet(folder / f"{split}.parquet", batch_size=100)
     return folder
 
 
@@ -80,11 +81,13 @@ def load_parquet_folder(folder):
 def test_a_parquet_row_with_only_a_path_outside_its_folder_is_refused_before_training(tmp_path):
     secret = tmp_path / "elsewhere.png"
     Image.new("RGB", (8, 8), "red").save(secret)
-    folder = write_parquet(tmp_path / "parquet", {"image": [{"bytes": photo_bytes(i), "path": f"{i}.jpg"} for i in range(3)],
+    folder = write_parquet(tmp_path / "parquet",
+                           {"image": [{"bytes": photo_bytes(i), "path": f"{i}.jpg"} for i in range(3)],
                                                   "caption": [["a photo"]] * 3})
     write_parquet(folder, {"image": [{"bytes": photo_bytes(3), "path": "3.jpg"}, {"bytes": None, "path": str(secret)}],
                            "caption": [["a photo"]] * 2}, split="test")  # would be trained on and drawn in the grid
-    with pytest.raises(ValueError, match=rf"{folder}, test split, row 1: image path '{secret}' leads outside {folder}"):
+    refused = rf"{folder}, test split, row 1: image path '{secret}' leads outside {folder}"
+    with pytest.raises(ValueError, match=refused):
         run(tmp_path / "out", "--do_train", "--do_predict", "--max_steps", "1", "--dataset_name", str(folder),
             "--dataset_revision", "None", "--split_column", "", "--caption_column", "caption")
     assert not (tmp_path / "out" / "sample_captions.png").exists()
@@ -245,8 +248,8 @@ def test_a_split_left_without_readable_images_stops_the_run_before_training(tmp_
             (folder / "broken" / f"{i}.jpg").write_text("<html>404 Not Found</html>")
             file.write(json.dumps({"image": f"broken/{i}.jpg", "caption": "a photo"}) + "\n")
     with pytest.raises(ValueError, match=r"The validation split has no image left: all 3 are unreadable"):
-        run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1", "--train_file", str(folder / "train.jsonl"),
-            "--validation_file", str(folder / "validation.jsonl"))
+        run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1",
+            "--train_file", str(folder / "train.jsonl"), "--validation_file", str(folder / "validation.jsonl"))
     assert not (tmp_path / "out" / "train_results.json").exists()
 
 
@@ -261,7 +264,8 @@ def test_drop_unreadable_images_refuses_to_return_an_empty_split(tmp_path):
 def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, processor, tmp_path):
     folder = tmp_path / "photos"
     image_folder(folder)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"photos/{row['file_name']}", "caption": "x"}) + "\n"
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"photos/{row['file_name']}", "caption": "x"})
+                                                  + "\n"
                                                   for row in photo_rows()))
     model = make_model()
     calls = counting(model)
@@ -285,7 +289,8 @@ def test_images_given_as_bytes_are_keyed_by_their_bytes(make_model, processor, t
     a, b = load_embedded_dataset(4, 0, 0, seed=0)["train"], load_embedded_dataset(4, 0, 0, seed=1)["train"]
     b._fingerprint = a._fingerprint  # as when a file keeps its name (and so its fingerprint) but not its content
     model = make_model()
-    assert add_vision_features(a, model, processor, tmp_path).cache_files != add_vision_features(b, model, processor, tmp_path).cache_files
+    files_a = add_vision_features(a, model, processor, tmp_path).cache_files
+    assert files_a != add_vision_features(b, model, processor, tmp_path).cache_files
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
@@ -367,7 +372,8 @@ def test_an_image_deleted_during_training_stops_with_a_message_naming_it(tmp_pat
         return prepared
 
     monkeypatch.setattr(run_captioning, "prepare_data", prepare_then_delete)
-    with pytest.raises(ImageLoadError, match=rf"Cannot load image {gone}: the file cannot be read .*rerun the same command"):
+    gone_message = rf"Cannot load image {gone}: the file cannot be read .*rerun the same command"
+    with pytest.raises(ImageLoadError, match=gone_message):
         run(tmp_path / "out", "--do_train", "--max_steps", "2", "--train_dir", str(tmp_path / "photos"),
             "--caption_column", "captions", "--use_feature_cache", "False")
 

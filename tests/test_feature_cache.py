@@ -47,7 +47,8 @@ def test_other_data_gets_other_features(make_model, processor, tmp_path):
     a = add_vision_features(load_embedded_dataset(4, 0, 0, seed=0)["train"], model, processor, tmp_path)
     b = add_vision_features(load_embedded_dataset(4, 0, 0, seed=1)["train"], model, processor, tmp_path)
     assert a.cache_files != b.cache_files
-    assert not torch.equal(torch.as_tensor(np.stack(a["vision_embeds"])), torch.as_tensor(np.stack(b["vision_embeds"])))
+    features_a, features_b = (torch.as_tensor(np.stack(d["vision_embeds"])) for d in (a, b))
+    assert not torch.equal(features_a, features_b)
 
 
 def test_cached_features_use_the_processors_image_path(make_model, processor, tmp_path):
@@ -55,11 +56,13 @@ def test_cached_features_use_the_processors_image_path(make_model, processor, tm
     import datasets
     from PIL import Image
 
-    strip = Image.fromarray(np.stack([np.linspace(0, 255, 600)[:, None].repeat(12, 1)] * 3 + [np.full((600, 12), 128.0)], -1)
-                            .astype(np.uint8), "RGBA")  # a gradient along the long side, half transparent
+    gradient = np.linspace(0, 255, 600)[:, None].repeat(12, 1)  # along the long side
+    strip = Image.fromarray(np.stack([gradient] * 3 + [np.full((600, 12), 128.0)], -1).astype(np.uint8),
+                            "RGBA")  # half transparent
+    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
+                                  "captions": datasets.List(datasets.Value("string"))})
     data = datasets.Dataset.from_dict({"image_id": ["strip"], "image": [strip], "captions": [["a green strip"]]},
-                                      features=datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                                                  "captions": datasets.List(datasets.Value("string"))}))
+                                      features=features)
     model = make_model()
     cached = add_vision_features(data, model, processor, tmp_path)
     expected = model.get_vision_embeds(processor(images=[strip])["pixel_values"])

@@ -95,7 +95,8 @@ def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, mon
     assert counts == Counter({str(tmp_path / "data" / name): 1 for name in names})  # 17 images, one decode each
     assert pixel_decodes() == Counter({str(tmp_path / "data" / name): 1 for name in names if name != "broken-0.jpg"})
     broken = tmp_path / "data" / "broken-0.jpg"
-    assert f"train: skipping 1 unreadable image(s) of 17:\n  Cannot load image {broken}: it is HTML/XML text" in caplog.text
+    skipped = f"train: skipping 1 unreadable image(s) of 17:\n  Cannot load image {broken}: it is HTML/XML text"
+    assert skipped in caplog.text
     metrics = json.loads((tmp_path / "first" / "all_results.json").read_text())
     assert metrics.get("train_loss") is not None
 
@@ -115,11 +116,12 @@ def test_features_with_two_workers_equal_features_with_one(make_model, processor
     annotations, names = photo_set(tmp_path / "data", broken=())
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()
-    runs = {workers: add_vision_features(dataset, model, processor, tmp_path / f"cache-{workers}", batch_size=batch_size,
-                                         num_workers=workers) for workers in (0, 1, 2)}
+    runs = {workers: add_vision_features(dataset, model, processor, tmp_path / f"cache-{workers}",
+                                         batch_size=batch_size, num_workers=workers) for workers in (0, 1, 2)}
     stacked = {workers: torch.as_tensor(np.stack(run["vision_embeds"])) for workers, run in runs.items()}
     assert torch.equal(stacked[1], stacked[2]) and torch.equal(stacked[0], stacked[2])
-    names_of = {workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files] for workers, run in runs.items()}
+    names_of = {workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files]
+                for workers, run in runs.items()}
     assert names_of[0] == names_of[1] == names_of[2]  # the key does not depend on the number of workers
     # the same as one process doing it by hand: load_image, pixel_values, the vision tower, batch by batch (how far
     # pixel_values may differ from processor.preprocess_images: tests/test_images.py)
@@ -131,7 +133,8 @@ def test_features_with_two_workers_equal_features_with_one(make_model, processor
     assert list(runs[2]["image_id"]) == names and "image" not in runs[2].column_names
 
 
-def test_unreadable_images_are_dropped_and_named_and_an_empty_split_is_an_error(make_model, processor, tmp_path, caplog):
+def test_unreadable_images_are_dropped_and_named_and_an_empty_split_is_an_error(make_model, processor, tmp_path,
+                                                                                 caplog):
     annotations, names = photo_set(tmp_path / "data", broken=("broken-0.jpg", "empty.jpg"))
     (tmp_path / "data" / "empty.jpg").write_bytes(b"")
     dataset = read_annotation_file(str(annotations), "image", "caption", None)

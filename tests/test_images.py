@@ -302,7 +302,10 @@ def test_pixel_values_normalise_exactly_as_the_processor_does(processor):
     fast = ClipPixels.for_processor(processor)
     levels = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(16, 16, 3)  # every 8-bit value in every channel
     expected = processor.image_processor(levels, do_resize=False, do_center_crop=False, return_tensors="pt")
-    assert torch.equal(fast.normalise(torch.from_numpy(levels)[None]), expected["pixel_values"])
+    crops = torch.from_numpy(levels).permute(2, 0, 1)[None].contiguous()
+    assert torch.equal(fast.normalise(crops), expected["pixel_values"])
+    if torch.cuda.is_available():  # where the feature cache normalises when the vision tower is on a GPU
+        assert torch.equal(fast.normalise(crops.cuda()).cpu(), expected["pixel_values"])
 
 
 def test_pixel_values_use_the_processor_itself_for_other_recipes(processor):
