@@ -1,6 +1,7 @@
 """ClipQwen captioning demo: drop in photos, read the captions.
 
-    python app.py [MODEL] [--revision REV] [--allowed_models A,B@REV] [--host 127.0.0.1] [--port 7860]
+    python app.py [MODEL] [--revision REV] [--allowed_models A,B@REV] [--precision auto|fp32|bf16|int8]
+                  [--host 127.0.0.1] [--port 7860]
 
 MODEL is a folder written by `save_pretrained` or a Hub id; the default comes from $CLIPQWEN_MODEL (and
 $CLIPQWEN_REVISION). As a Hugging Face Space, push this repository as it is: app.py and requirements.txt
@@ -25,9 +26,10 @@ import torch
 
 from clipqwen.images import ImageLoadError, load_image
 from clipqwen.loading import ModelLoadError, load_clipqwen
+from clipqwen.precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "coco-cc-by"
 EXAMPLE_PHOTOS = sorted(str(path) for path in EXAMPLES.glob("*.jpg"))
 ATTRIBUTION = (
@@ -44,7 +46,8 @@ MAX_PREFIX_CHARS = 200  # a prompt prefix is a few words; a long one only makes 
 
 def photo_credits() -> str:
     """Per-photo licence and source, from the examples' metadata.jsonl (see that folder's README.md)."""
-    rows = [json.loads(line) for line in (EXAMPLES / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    lines = (EXAMPLES / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line]
     table = "\n".join(f"| {row['file_name']} | {row['license']} | <{row['flickr_url']}> |" for row in rows)
     return (
         "Photos from the MS-COCO 2017 train/val sets whose Flickr licence allows redistribution with attribution; "
@@ -64,18 +67,19 @@ def served_models(model: str, revision: str | None, allowed: list[str]) -> dict[
     return served
 
 
-_MODELS: dict[tuple[str, str | None], tuple] = {}  # (model, revision) -> (model, processor), the last two loaded
+_MODELS: dict[tuple, tuple] = {}  # (model, revision, precision) -> (model, processor), the last two loaded
 
 
-def get_model(choice: str, served: dict[str, tuple[str, str | None]]):
-    """Load (or reuse) one of the served models and its processor. Anything else is refused before the name is
-    looked at, with one message whatever it names: no answer reveals which folders or repositories exist."""
+def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto"):
+    """Load (or reuse) one of the served models and its processor, in `precision` (clipqwen.precision: auto is
+    bf16 on GPUs and on CPUs with native bf16). Anything else is refused before the name is looked at, with one
+    message whatever it names: no answer reveals which folders or repositories exist."""
     if choice not in served:
         raise ModelLoadError(f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the "
                              "model box.")
-    key = served[choice]
+    key = (*served[choice], resolve_precision(precision, DEVICE))
     if key not in _MODELS:
-        loaded = load_clipqwen(*key, device=DEVICE, dtype=DTYPE)
+        loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
         while len(_MODELS) >= 2:
             _MODELS.pop(next(iter(_MODELS)))
         _MODELS[key] = loaded
@@ -113,7 +117,7 @@ def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) 
 
 
 def caption(files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix, *, served,
-            max_images=MAX_IMAGES, max_bytes=MAX_REQUEST_MB * 2**20):
+            max_images=MAX_IMAGES, max_bytes=MAX_REQUEST_MB * 2**20, precision="auto"):
     """-> (gallery of (image, caption), captions as text, status in Markdown)."""
     prefix = prefix or ""
     if len(prefix) > MAX_PREFIX_CHARS:
@@ -132,9 +136,9 @@ def caption(files, model, decoding, num_beams, temperature, top_p, max_new_token
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
         started = time.perf_counter()
-        captioner, processor = get_model(model, served)
+        captioner, processor = get_model(model, served, precision)
         loading = time.perf_counter() - started
-    except ModelLoadError as error:
+    except (ModelLoadError, PrecisionError) as error:
         return [], "", "\n\n".join([f"⚠️ {error}"] + problems)
     if not images:
         return [], "", "\n\n".join(problems)
@@ -150,7 +154,8 @@ def caption(files, model, decoding, num_beams, temperature, top_p, max_new_token
     captions = processor.batch_decode(ids)
     seconds = time.perf_counter() - started
 
-    status = f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE}"
+    status = (f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE} "
+              f"({resolve_precision(precision, DEVICE)})")
     status += f" ({seconds / len(images):.2f} s per image)" if len(images) > 1 else ""
     status += f"; loading the model took {loading:.1f} s." if loading > 0.5 else "."
     text = "\n".join(f"{name}: {text}" for name, text in zip(names, captions))
@@ -164,7 +169,7 @@ def add_example(files, event: gr.SelectData):
 
 
 def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_IMAGES,
-               max_request_mb: float = MAX_REQUEST_MB) -> gr.Blocks:
+               max_request_mb: float = MAX_REQUEST_MB, precision: str = "auto") -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
         with gr.Row():
@@ -205,7 +210,7 @@ def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_
             with gr.Accordion("Example photo credits", open=False):
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
-        limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20))
+        limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
         button.click(functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status])
     return demo
 
@@ -213,12 +218,18 @@ def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=os.environ.get("CLIPQWEN_MODEL", ""), help="folder or Hub id")
-    parser.add_argument("--revision", default=os.environ.get("CLIPQWEN_REVISION", ""), help="Hub branch, tag or commit")
+    parser.add_argument("--revision", default=os.environ.get("CLIPQWEN_REVISION", ""),
+                        help="Hub branch, tag or commit")
     parser.add_argument("--allowed_models", default="",
-                        help="more models visitors may pick, comma-separated folders or Hub ids (owner/name@rev pins a "
-                             "revision); default: only MODEL")
+                        help="more models visitors may pick, comma-separated folders or Hub ids (owner/name@rev "
+                             "pins a revision); default: only MODEL")
     parser.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images read per request")
     parser.add_argument("--max_request_mb", type=float, default=MAX_REQUEST_MB, help="megabytes read per request")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS),
+                        default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
+                        help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
+                             "`quantize` extra); auto (default, or $CLIPQWEN_PRECISION): bf16 on GPUs and on CPUs "
+                             "with native bf16, fp32 elsewhere")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
@@ -227,7 +238,11 @@ def main(argv=None):
         parser.error("no model to serve: pass MODEL (or set $CLIPQWEN_MODEL), or --allowed_models")
     if args.max_images < 1 or args.max_request_mb <= 0:
         parser.error("--max_images and --max_request_mb must be positive")
-    demo = build_demo(served, args.max_images, args.max_request_mb)
+    try:  # a missing library is said now, not at the first visitor's click
+        check_precision_available(resolve_precision(args.precision, DEVICE))
+    except PrecisionError as error:
+        parser.error(str(error))
+    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(EXAMPLES)],
                 max_file_size=int(args.max_request_mb * 2**20))

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from .images import ImageLoadError, load_image
 from .loading import ModelLoadError, load_clipqwen, one_line
+from .precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
 from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
@@ -117,19 +119,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(prog="clipqwen-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="clipqwen-caption", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="clipqwen model folder or Hub id")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--revision", default=None, help="Hub revision (commit sha) to pin")
     parser.add_argument("--batch_size", type=in_range(int, 1, MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"), default=16)
     parser.add_argument("--num_beams", type=in_range(int, 1, MAX_NUM_BEAMS, f"1 to {MAX_NUM_BEAMS}"), default=1)
-    parser.add_argument("--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"), default=30)
+    parser.add_argument("--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"),
+                        default=30)
     parser.add_argument("--do_sample", action="store_true")
     parser.add_argument("--temperature", type=in_range(float, 1e-3, 100.0, "0.001 to 100"), default=1.0)
     parser.add_argument("--top_p", type=in_range(float, 1e-3, 1.0, "0.001 to 1"), default=1.0)
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="weights: fp32, bf16, or int8 weight-only decoder (needs the `quantize` extra); "
+                             "auto: bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere")
     return parser.parse_args(argv)
 
 
@@ -147,7 +154,9 @@ def caption_files(args) -> int:
     paths = expand_inputs(args.inputs)
     if args.output:
         check_output(args.output, paths)
-    model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device)
+    precision = resolve_precision(args.precision, args.device)
+    check_precision_available(precision)  # a missing library is said before the model loads
+    model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device, precision=precision)
     generation = generation_options(args)
 
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -187,7 +196,7 @@ def main(argv=None):
     args = parse_args(argv)  # argparse reports its own errors (exit status 2)
     try:
         return caption_files(args)
-    except InputError as error:
+    except (InputError, PrecisionError) as error:
         print(f"clipqwen-caption: error: {error}", file=sys.stderr)
         return 2
     except (ModelLoadError, OSError, RuntimeError) as error:  # RuntimeError: out of memory, a device problem, ...

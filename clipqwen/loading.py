@@ -16,9 +16,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.utils.hub import cached_file, get_checkpoint_shard_files
 
 from clipqwen import hub
+from clipqwen.precision import apply_precision, check_precision_available, weights_dtype
 from configuration_clipqwen import ClipQwenConfig
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
+
 
 AutoConfig.register("clipqwen", ClipQwenConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ClipQwenConfig, ClipQwenForConditionalGeneration, exist_ok=True)
@@ -52,7 +54,8 @@ def refuse_pickled_weights(folder) -> None:
 def read_model_type(model: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
     """model_type from the config.json of a local folder or a Hub repository, read as plain JSON."""
     if not model.strip():
-        raise ModelLoadError("No model given: pass a folder saved with `save_pretrained` or a Hub id like `owner/name`.")
+        raise ModelLoadError("No model given: pass a folder saved with `save_pretrained` or a Hub id like "
+                             "`owner/name`.")
     path = Path(model).expanduser()
     if path.is_dir():
         config_file = path / "config.json"
@@ -60,7 +63,7 @@ def read_model_type(model: str, revision: str | None = None, cache_dir: str | No
             raise ModelLoadError(f"The folder `{model}` has no config.json: it is not a saved model.")
     elif path.exists():
         raise ModelLoadError(f"`{model}` is a file, not a model folder.")
-    elif model.startswith(("/", ".", "~")) or model.count("/") > 1:
+    elif not hub.is_hub_id(model):
         raise ModelLoadError(f"`{model}` is not a model folder (no such directory) nor a Hub id like `owner/name`.")
     else:
         try:
@@ -141,8 +144,13 @@ def one_line(error: BaseException) -> str:
 
 
 def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                  cache_dir: str | None = None):
-    """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise."""
+                  cache_dir: str | None = None, precision: str | None = None):
+    """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise.
+    `precision` (fp32, bf16, int8: clipqwen.precision) sets the weights' dtype and replaces `dtype`; int8 without
+    its library raises PrecisionError before anything is read."""
+    if precision is not None:
+        check_precision_available(precision)
+        dtype = weights_dtype(precision)
     hub.go_offline_if_hub_unreachable([model])  # a Hub out of reach fails at once, not after ~30 s of retries
     model_type = read_model_type(model, revision, cache_dir)
     if model_type != "clipqwen":
@@ -153,10 +161,15 @@ def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", 
     try:
         check_weights(model, revision, cache_dir)
         # The installed classes themselves, so the auto_map that points at the folder's .py files is never consulted.
-        captioner = ClipQwenForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True, **options)
+        captioner = ClipQwenForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True,
+                                                                     **options)
         processor = ClipQwenProcessor.from_pretrained(model, **options)
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - a config the classes reject, a broken tokenizer, ...
-        raise ModelLoadError(f"`{model}` is a ClipQwen config but the model did not load: {one_line(error)}") from error
-    return captioner.to(device).eval(), processor
+        raise ModelLoadError(f"`{model}` is a ClipQwen config but the model did not load: "
+                             f"{one_line(error)}") from error
+    captioner = captioner.to(device).eval()
+    if precision is not None:
+        apply_precision(captioner, precision)
+    return captioner, processor

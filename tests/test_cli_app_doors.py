@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from clipqwen import caption_cli
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+
 
 PHOTO = PHOTOS / "000000159269.jpg"
 QUICK = ["--max_new_tokens", "3"]
@@ -138,7 +140,8 @@ def test_cli_refuses_odd_inputs_in_one_line(case, message, saved_model, tmp_path
     else:
         model = PHOTO
     status, out, err = cli(capsys, model, *inputs, *flags, *QUICK)
-    assert status in (1, 2) and out == "" and message in err[-1] and err[-1].startswith("clipqwen-caption: error:"), err
+    assert status in (1, 2) and out == "" and message in err[-1], err
+    assert err[-1].startswith("clipqwen-caption: error:"), err
     assert status == (1 if case == "a model that is a file" else 2)
 
 
@@ -195,7 +198,8 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
     monkeypatch.setattr(caption_cli, "load_clipqwen", lambda *args, **kwargs: (model, processor))
     output = tmp_path / "captions.jsonl"
     status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
-    assert status == 1 and err == ["clipqwen-caption: error: CUDA out of memory. Tried to allocate 20.00 GiB second line"]
+    assert status == 1
+    assert err == ["clipqwen-caption: error: CUDA out of memory. Tried to allocate 20.00 GiB second line"]
     assert len(output.read_text().splitlines()) == 2  # the first batch
 
 
@@ -327,3 +331,53 @@ def test_app_never_shows_an_empty_caption(app, eos_first_model):
     served = app.served_models(str(eos_first_model), "", [])
     gallery, text, status = run_app(app, [str(PHOTO)], str(eos_first_model), served)
     assert status.startswith("Captioned") and gallery[0][1].strip(), (text, status)
+
+
+# ---- precision: fp32, bf16, int8 weight-only (clipqwen.precision) ------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_cli_captions_in_each_precision(precision, saved_model, capsys):
+    if precision == "int8":
+        pytest.importorskip("optimum.quanto")
+    second = sorted(PHOTOS.glob("*.jpg"))[1]
+    status, out, err = cli(capsys, saved_model, PHOTO, second, "--precision", precision, *QUICK)
+    lines = out.splitlines()
+    assert status == 0 and not err and [line.split("\t")[0] for line in lines] == [str(PHOTO), str(second)]
+    assert all(line.split("\t")[1].strip() for line in lines), lines
+
+
+def test_cli_refuses_an_unknown_precision_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        caption_cli.parse_args(["model", str(PHOTO), "--precision", "int4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--precision: invalid choice: 'int4'" in err and "'fp32', 'bf16', 'int8'" in err
+
+
+def test_cli_int8_without_its_library_names_the_extra_before_loading(saved_model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # what a missing package looks like to import
+    monkeypatch.setattr(caption_cli, "load_clipqwen", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    status, out, err = cli(capsys, saved_model, PHOTO, "--precision", "int8", *QUICK)
+    assert status == 2 and out == "" and len(err) == 1
+    assert err[0].startswith("clipqwen-caption: error: --precision int8 needs the optimum-quanto library")
+    assert 'pip install "clipqwen[quantize]"' in err[0]
+
+
+def test_app_captions_in_the_operators_precision(app, saved_model):
+    served = app.served_models(str(saved_model), "", [])
+    gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, "", served=served,
+                                        precision="bf16")
+    assert status.startswith("Captioned 1 image") and "(bf16)" in status and gallery[0][1].strip()
+    model, _ = app.get_model(str(saved_model), served, "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("precision, message", [
+    ("int4", "argument --precision: invalid choice: 'int4'"),
+    ("int8", 'needs the optimum-quanto library, which is not installed: pip install "clipqwen[quantize]"'),
+])
+def test_app_refuses_a_precision_it_cannot_run_at_startup(precision, message, app, saved_model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)
+    monkeypatch.setattr(app, "build_demo", lambda *args, **kwargs: pytest.fail("the demo was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        app.main([str(saved_model), "--precision", precision])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""Numeric precision: which one a machine runs by default, and fp32 / bf16 / int8 weight-only for inference.
+
+bf16 halves the bytes every weight costs, which is what bounds decoding at batch 1 (each new token reads every
+weight once). Whether it is also *faster* depends on the chip: CUDA GPUs and CPUs with native bf16 instructions
+(x86 `avx512_bf16` or AMX, Arm's `bf16`) compute it natively; other CPUs emulate it by converting to fp32, which
+is no faster than fp32 and rounds like bf16. So the default is bf16 only where the hardware has it.
+
+int8 weight-only stores the decoder's linear layers as int8 with one scale per output row and multiplies them with
+bf16 activations (optimum-quanto, which uses torch's `_weight_int8pack_mm` kernel on CPU). torchao 0.18's
+`Int8WeightOnlyConfig` also installs with torch 2.13 CPU, but on CPU it converts the whole int8 weight to the
+activations' dtype on every call, which was slower than fp32 here; quanto's kernel reads the int8 bytes directly.
+"""
+
+import importlib
+from pathlib import Path
+
+import torch
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
+QUANTIZE_INSTALL = 'pip install "clipqwen[quantize]"  (or: pip install optimum-quanto)'
+# Flags in /proc/cpuinfo that mean bf16 arithmetic in hardware: AVX-512 BF16 and AMX on x86, BF16 on Arm.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+class PrecisionError(ValueError):
+    """A precision that cannot run here; the message says what to install or choose instead."""
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty where there is no
+    /proc/cpuinfo. torch offers no public test for native bf16: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
+    is also true on AVX-512 CPUs that only emulate bf16, and `torch.backends.cpu.get_cpu_capability()` says
+    "AVX512" for both kinds."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # the first core's line; every core has the same
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True when the CPU computes bf16 in hardware (avx512_bf16, amx_bf16 or Arm's bf16 flag)."""
+    return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def default_precision(device: str | torch.device = "cpu", flags: frozenset[str] | None = None) -> str:
+    """bf16 on CUDA GPUs that support it and on CPUs with native bf16, fp32 elsewhere. On the embedded task bf16
+    training and captioning scored like fp32 (docs/benchmarks.md, "bf16 against fp32")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16(flags) else "fp32"
+    return "fp32"
+
+
+def resolve_precision(precision: str | None, device: str | torch.device = "cpu") -> str:
+    """`auto`/None → default_precision(device); anything else must be one of PRECISIONS."""
+    if precision in (None, "", "auto"):
+        return default_precision(device)
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"Unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype the model is loaded in: int8 quantizes a bf16 model (its activations stay bf16)."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def require_quantization_library():
+    """optimum.quanto, or a PrecisionError that names the extra to install."""
+    try:
+        quanto = importlib.import_module("optimum.quanto")
+    except ImportError as error:
+        raise PrecisionError(f"--precision int8 needs the optimum-quanto library, which is not installed: "
+                             f"{QUANTIZE_INSTALL}. Or use --precision bf16 or fp32.") from error
+    return quanto
+
+
+def check_precision_available(precision: str) -> None:
+    """Fail before a model loads when the precision needs a library that is missing."""
+    if precision == "int8":
+        require_quantization_library()
+
+
+def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Cast the model to fp32 or bf16, or (int8) cast it to bf16 and store the decoder's linear layers (the LM
+    head included) as int8 weights with per-row scales. CLIP and the adapter stay bf16: they run once per image,
+    while the decoder's weights are read again for every new token. For inference only (weights are frozen)."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
+    quanto = require_quantization_library() if precision == "int8" else None  # before any cast: fail fast
+    model.to(weights_dtype(precision))
+    if quanto is not None:
+        quanto.quantize(model.language_model, weights=quanto.qint8)
+        quanto.freeze(model.language_model)  # int8 tensors replace the bf16 ones now, not lazily at first call
+    return model

@@ -1,0 +1,151 @@
+"""The default precision follows the hardware (bf16 only where it is native), the inference precisions really change
+the weights, and a missing quantization library is said in one sentence naming what to install."""
+
+import sys
+import types
+
+import pytest
+import torch
+from conftest import PHOTOS
+from PIL import Image
+from transformers import TrainingArguments
+
+from clipqwen import precision
+from clipqwen.precision import (
+    PrecisionError,
+    apply_precision,
+    cpu_flags,
+    cpu_has_native_bf16,
+    default_precision,
+    resolve_precision,
+)
+from clipqwen.presets import bundled_processor, tiny_config
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+
+# Abridged /proc/cpuinfo of the machines these tests stand for.
+XEON_AMX = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512bw amx_bf16 amx_tile\n"
+EPYC_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+XEON_NO_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni avx512vl\n"  # emulates bf16
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    (XEON_AMX, True), (EPYC_AVX512_BF16, True), (ARM_BF16, True), (XEON_NO_BF16, False), (ARM_OLD, False), ("", False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    flags = cpu_flags(path)
+    assert cpu_has_native_bf16(flags) is native
+    assert default_precision("cpu", flags) == ("bf16" if native else "fp32")
+
+
+def test_no_cpuinfo_means_no_flags_and_fp32(tmp_path):
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert default_precision("cpu", frozenset()) == "fp32"
+
+
+def test_resolve_precision_names_the_choices_for_a_bad_value():
+    assert resolve_precision("bf16") == "bf16" and resolve_precision("int8", "cpu") == "int8"
+    assert resolve_precision("auto", "cpu") == default_precision("cpu")
+    with pytest.raises(PrecisionError, match="Unknown precision 'int4': use auto, fp32, bf16, int8"):
+        resolve_precision("int4")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = ClipQwenForConditionalGeneration(tiny_config()).eval()
+    processor = bundled_processor()
+    return model, processor, processor(images=[Image.open(PHOTOS / "000000159269.jpg")])
+
+
+def fresh_copy(model):
+    copy = ClipQwenForConditionalGeneration(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_apply_precision_casts_every_weight(name, dtype, tiny):
+    model, _, inputs = tiny
+    cast = apply_precision(fresh_copy(model).to(torch.bfloat16 if name == "fp32" else torch.float32), name)
+    assert {p.dtype for p in cast.parameters()} == {dtype}
+    ids = cast.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_int8_stores_the_decoder_linears_as_int8_and_still_captions(tiny):
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import QLinear
+
+    model, _, inputs = tiny
+    quantized = apply_precision(fresh_copy(model), "int8")
+    decoder_linears = [m for m in quantized.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert decoder_linears and all(isinstance(m, QLinear) for m in decoder_linears)  # the LM head included
+    assert all(m.weight._data.dtype == torch.int8 for m in decoder_linears)
+    assert not any(isinstance(m, QLinear) for m in quantized.vision_model.modules())  # CLIP runs once per image
+    assert quantized.vision_model.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = model(**inputs).logits[0, -1]
+        logits = quantized(**inputs).logits[0, -1].float()
+    # per-row int8 weights round each weight by at most half a step: the logits move little, not arbitrarily
+    assert torch.corrcoef(torch.stack([reference, logits]))[0, 1] > 0.9
+    ids = quantized.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_int8_without_its_library_names_the_extra_before_touching_the_model(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # what a missing package looks like to import
+    model, _, _ = tiny
+    copy = fresh_copy(model)
+    with pytest.raises(PrecisionError, match=r'needs the optimum-quanto library.*pip install "clipqwen\[quantize\]"'):
+        apply_precision(copy, "int8")
+    assert {p.dtype for p in copy.parameters()} == {torch.float32}  # refused before any cast
+
+
+# ---- run_captioning.choose_precision -------------------------------------------------------------------------------
+@pytest.fixture
+def choose(monkeypatch, tmp_path):
+    """choose_precision on a machine without CUDA whose CPU has (or lacks) native bf16, as the flags say."""
+    run_captioning = pytest.importorskip("run_captioning")
+    monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: False)
+
+    def choose(native: bool, auto_bf16: bool = True, **flags):
+        monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **flags)
+        return run_captioning.choose_precision(types.SimpleNamespace(auto_bf16=auto_bf16), args)
+
+    return choose
+
+
+def test_choose_precision_uses_bf16_on_a_cpu_with_native_bf16_only(choose):
+    native = choose(native=True)
+    assert native.bf16 and native.use_cpu  # Trainer takes bf16 on a CPU only with use_cpu
+    emulated = choose(native=False)
+    assert not emulated.bf16
+
+
+@pytest.mark.parametrize("flags", [dict(auto_bf16=False), dict(use_cpu=True, bf16=False, auto_bf16=False)])
+def test_choose_precision_leaves_fp32_when_told(choose, flags):
+    assert not choose(native=True, **flags).bf16
+
+
+def test_a_run_on_a_cpu_with_native_bf16_trains_in_bf16(choose, monkeypatch, tmp_path):
+    """End to end, with no precision flag: Accelerate itself runs bf16, and the card says so."""
+    import run_captioning
+    from clipqwen.trainer import CaptionTrainer
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    seen, train = [], CaptionTrainer.train
+    monkeypatch.setattr(CaptionTrainer, "train",
+                        lambda self, *a, **k: seen.append(self.accelerator.mixed_precision) or train(self, *a, **k))
+    out = tmp_path / "out"
+    run_captioning.main(run_captioning.parse_args([
+        "--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--dataset_name", "embedded",
+        "--max_train_samples", "8", "--save_strategy", "no", "--dataloader_pin_memory", "False", "--do_train",
+        "--max_steps", "1", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features")]))
+    assert seen == ["bf16"]
+    assert "| precision | bf16 |" in (out / "README.md").read_text()
