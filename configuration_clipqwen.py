@@ -1,16 +1,25 @@
 """ClipQwen configuration: a frozen CLIP vision tower, a small trainable adapter and a causal-LM decoder
 (Qwen3-0.6B-Base by default).
 
-Shaped like transformers' `LlavaConfig`: one composite config holding complete sub-configs, checked at
-construction so that a wrong value fails at once with the field's name and what is allowed. Like LLaVA's, the
-text sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, resolved through
-`CONFIG_MAPPING`); Qwen3 is the default.
+Shaped like transformers' `LlavaConfig`: one `@strict` composite config holding complete sub-configs. Every field
+is checked in one place, `@strict`: its type annotation (a wrong type fails naming the field), a range validator
+where a field has one, and the `validate_*` methods for what depends on the sub-configs. Like LLaVA's, the text
+sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, resolved through
+`CONFIG_MAPPING`); Qwen3 is the default. Training choices (which towers are frozen) are not part of the config:
+they belong to the training script (see `clipqwen/freezing.py`).
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging
+from transformers.utils.type_validators import interval
+
+
+logger = logging.get_logger(__name__)
 
 # Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
 # partial `text_config` dict is not merged with defaults by transformers, so we keep the full set here.
@@ -34,10 +43,15 @@ QWEN3_0_6B_BASE = dict(
 # CLIP ViT-B/32 (openai/clip-vit-base-patch32) is exactly `CLIPVisionConfig()`: 768 wide, 12 layers, patch 32.
 CLIP_VIT_B32 = dict(projection_dim=512)
 
-ADAPTER_TYPES = ("linear", "mlp2x_gelu")
-VISION_FEATURE_TYPES = ("pooled", "patch")
+AdapterType = Literal["linear", "mlp2x_gelu"]
+VisionFeatureType = Literal["pooled", "patch"]
+ADAPTER_TYPES = get_args(AdapterType)
+VISION_FEATURE_TYPES = get_args(VisionFeatureType)
+# Training flags that configs written before they moved to the training script still carry.
+_TRAINING_FLAGS = ("freeze_vision_model", "freeze_language_model")
 
 
+@strict
 class ClipQwenConfig(PreTrainedConfig):
     r"""
     Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the seed-exact captioner:
@@ -58,17 +72,15 @@ class ClipQwenConfig(PreTrainedConfig):
             `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: the hidden states of every position
             (CLS + patches) of CLIP layer `vision_feature_layer`, one token each (LLaVA).
         num_pooled_image_tokens (`int`, *optional*, defaults to 1):
-            Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
+            Image tokens made from the pooled embedding (>= 1). Only used with `vision_feature_type="pooled"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate).
         image_token_id (`int`, *optional*, defaults to 151655):
             Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`). For a
             tokenizer without such a token, `ClipQwenProcessor` adds one and
             `ClipQwenForConditionalGeneration.match_processor` sets this id from it; `None` until then.
-        freeze_vision_model (`bool`, *optional*, defaults to `True`):
-            Keep every CLIP parameter at `requires_grad=False`.
-        freeze_language_model (`bool`, *optional*, defaults to `True`):
-            Keep every decoder parameter at `requires_grad=False` (LoRA adds its own trainable weights).
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Follows `text_config.tie_word_embeddings` (the decoder decides).
     """
 
     model_type = "clipqwen"
@@ -80,16 +92,20 @@ class ClipQwenConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    adapter_type: Literal["linear", "mlp2x_gelu"] = "linear"
-    vision_feature_type: Literal["pooled", "patch"] = "pooled"
-    num_pooled_image_tokens: int = 1
+    adapter_type: AdapterType = "linear"
+    vision_feature_type: VisionFeatureType = "pooled"
+    num_pooled_image_tokens: int = interval(min=1)(default=1)
     vision_feature_layer: int = -2
     image_token_id: int | None = 151655
-    freeze_vision_model: bool = True
-    freeze_language_model: bool = True
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if ignored := [flag for flag in _TRAINING_FLAGS if kwargs.pop(flag, None) is not None]:
+            logger.warning(f"ClipQwenConfig ignores {', '.join(ignored)} (written by an older version): freezing is "
+                           "chosen when training (clipqwen.freezing.freeze_backbones), not stored in the config.")
+        if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") not in CONFIG_MAPPING:
+            raise ValueError(f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
+                             "does not know: use a causal LM's model_type (for example 'qwen3' or 'llama').")
         # Merge partial sub-config dicts over the real checkpoints' values instead of the class defaults.
         if isinstance(self.vision_config, dict):
             self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
@@ -97,25 +113,35 @@ class ClipQwenConfig(PreTrainedConfig):
             self.text_config = {**QWEN3_0_6B_BASE, **self.text_config}
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
-        self.validate_clipqwen()
 
-    def validate_clipqwen(self):
-        def fail(field, value, allowed):
-            raise ValueError(f"ClipQwenConfig.{field}={value!r} is not valid: {allowed}.")
-
-        if self.adapter_type not in ADAPTER_TYPES:
-            fail("adapter_type", self.adapter_type, f"use one of {ADAPTER_TYPES}")
-        if self.vision_feature_type not in VISION_FEATURE_TYPES:
-            fail("vision_feature_type", self.vision_feature_type, f"use one of {VISION_FEATURE_TYPES}")
-        if not isinstance(self.num_pooled_image_tokens, int) or self.num_pooled_image_tokens < 1:
-            fail("num_pooled_image_tokens", self.num_pooled_image_tokens, "use an integer >= 1")
+    # `@strict` class validators (run after __init__ and by `validate()` / `save_pretrained`): the checks that
+    # need the sub-configs. Each message names the field and what is allowed.
+    def validate_vision_feature_layer(self):
         layers = self.vision_config.num_hidden_layers
         if not -layers - 1 <= self.vision_feature_layer <= layers:
-            fail("vision_feature_layer", self.vision_feature_layer, f"CLIP has hidden states -{layers + 1}..{layers}")
-        if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
-            fail("image_token_id", self.image_token_id, f"use an id below vocab_size={self.text_config.vocab_size}")
+            raise ValueError(f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
+                             f"states -{layers + 1}..{layers}.")
+
+    def validate_image_token_id(self):
+        vocab_size = self.text_config.vocab_size
+        if self.image_token_id is not None and not 0 <= self.image_token_id < vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} is out of range: use an id below the decoder's "
+                             f"vocab_size={vocab_size} (or None until model.match_processor sets it).")
+
+    def validate_vision_config(self):
         if self.vision_config.image_size % self.vision_config.patch_size:
-            fail("vision_config.image_size", self.vision_config.image_size, "use a multiple of patch_size")
+            raise ValueError(f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
+                             f"vision_config.patch_size={self.vision_config.patch_size}.")
+
+    def to_dict(self):
+        output = super().to_dict()
+        # `register_for_auto_class` records one Auto class per model class (AutoModel, see modeling_clipqwen.py); the
+        # image-text-to-text entry (pipelines, AutoModelForImageTextToText) names the same class and is derived
+        # here, where config.json is written, instead of being stored by the model.
+        auto_map = output.get("auto_map") or {}
+        if "AutoModel" in auto_map:
+            output["auto_map"] = {**auto_map, "AutoModelForImageTextToText": auto_map["AutoModel"]}
+        return output
 
     @property
     def vision_feature_size(self) -> int:

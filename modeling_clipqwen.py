@@ -20,8 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 
 try:
@@ -33,26 +36,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipQwenCausalLMOutput(ModelOutput):
+class ClipQwenCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
+    transformers' multimodal causal-LM output, with two differences that are this model's extensions:
+
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
         Cross-entropy over the supervised tokens (caption + one end-of-text), summed and divided by their
         count (or by `num_items_in_batch`, which Trainer passes so that gradient accumulation is exact).
     logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
-        Next-token scores. Not computed when `labels` is given (the loss needs them only at supervised
-        positions, computed internally); otherwise for the last `logits_to_keep` positions (0 = all).
-    cache (`Cache`, *optional*):
-        The decoder's key/value cache, for `generate()`.
-    image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
-        The adapter output placed at the image placeholders.
+        Next-token scores. `None` when `labels` is given: the loss applies the LM head only at the supervised
+        positions; otherwise for the last `logits_to_keep` positions (0 = all).
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The CLIP tower's outputs, with the adapter output as `pooler_output` (see `get_image_features`).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """The adapter output placed at the image placeholders: (batch_size, num_image_tokens, hidden_size)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @contextmanager
@@ -133,7 +134,10 @@ class ClipQwenAdapter(nn.Module):
 class ClipQwenPreTrainedModel(PreTrainedModel):
     config_class = ClipQwenConfig
     config: ClipQwenConfig
-    base_model_prefix = ""
+    # LLaVA's name for its base model. ClipQwen keeps its three parts (vision_model, adapter, language_model) on the
+    # head class itself — the key layout of every saved checkpoint — so there is no separate base model to strip
+    # or prepend when loading, and `base_model` is the model.
+    base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # The decoder's own `_no_split_modules` (Qwen3DecoderLayer, LlamaDecoderLayer, ...) are added by post_init.
@@ -144,54 +148,29 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
-
-    def _init_weights(self, module):
-        # The sub-models initialise their own modules; only the adapter is ours. Defaults (Kaiming-uniform
-        # for nn.Linear) would give image tokens a norm far above the decoder's word embeddings (std 0.02).
-        if isinstance(module, ClipQwenAdapter):
-            std = self.config.text_config.initializer_range
-            for layer in module.layers:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=std)
-                    nn.init.zeros_(layer.bias)
-        else:
-            super()._init_weights(module)
+    # The sub-models initialise their own modules; the adapter's nn.Linear layers get the base `_init_weights`:
+    # normal(std=text_config.initializer_range), zero bias — image tokens start at the norm of the decoder's word
+    # embeddings, where PyTorch's Kaiming-uniform default would put them far above it.
 
 
 class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin):
-    """CLIP vision tower + adapter + causal LM (Qwen3 by default). Use `generate()` for captions."""
+    """CLIP vision tower + adapter + causal LM (Qwen3 by default). Use `generate()` for captions.
+
+    Two extensions to LLaVA's interface: `vision_embeds` (precomputed CLIP features from `get_vision_embeds`, e.g.
+    a feature cache) may replace `pixel_values`, and with `labels` the LM head runs only at supervised positions
+    (the loss is returned, the logits are not)."""
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
         self.vision_model = CLIPVisionModelWithProjection._from_config(config.vision_config)
         self.adapter = ClipQwenAdapter(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        # register_for_auto_class keeps one Auto class per model; the image-text-to-text entry goes beside it.
-        module = type(self).__module__.rsplit(".", 1)[-1]
-        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
-                           "AutoModelForImageTextToText": f"{module}.{type(self).__name__}"}
         self.post_init()
         if self.generation_config.pad_token_id is None:  # Qwen3-Base pads with its EOS, <|endoftext|>
             self.generation_config.pad_token_id = config.text_config.eos_token_id
         # A generated placeholder would be an image position without an image (and, without a KV cache, a
         # placeholder-count error on the next step): it is never a caption token.
         self.generation_config.suppress_tokens = [] if config.image_token_id is None else [config.image_token_id]
-        self.apply_freezing()
-
-    # ---- freezing -------------------------------------------------------------------------------------
-    def apply_freezing(self):
-        """Set `requires_grad=False` on the frozen backbones. Frozen weights that still require grad would
-        double the backward cost, so this runs after `__init__` and again after `from_pretrained`."""
-        self.vision_model.requires_grad_(not self.config.freeze_vision_model)
-        self.language_model.requires_grad_(not self.config.freeze_language_model)
-        self.adapter.requires_grad_(True)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # Loading re-creates parameters with requires_grad=True, undoing the freezing done in __init__.
-        model = super().from_pretrained(*args, **kwargs)
-        return model.apply_freezing()
 
     @classmethod
     def from_pretrained_backbones(
@@ -211,15 +190,17 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         fields, for example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
         `load_backbone_weights` says.
 
+        Nothing is frozen here: a training script chooses that (`clipqwen.freezing.freeze_backbones`).
+
         `vision_kwargs` / `text_kwargs` are further `from_pretrained` options for one backbone, for example
         `text_kwargs={"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}` or a per-backbone `dtype`.
 
         Only a Qwen3 decoder's placeholder id is known here (151655, `<|image_pad|>`). Any other decoder starts
         with `image_token_id=None` (unless given): build the `ClipQwenProcessor` from its tokenizer (it adds a
         placeholder token where there is none) and call `model.match_processor(processor)`."""
-        vision_options = _merge_options("vision", {"dtype": dtype, "revision": vision_revision, "cache_dir": cache_dir},
-                                        vision_kwargs)
-        text_options = _merge_options("text", {"dtype": dtype, "revision": text_revision, "cache_dir": cache_dir}, text_kwargs)
+        shared = {"dtype": dtype, "cache_dir": cache_dir}
+        vision_options = _merge_options("vision", {**shared, "revision": vision_revision}, vision_kwargs)
+        text_options = _merge_options("text", {**shared, "revision": text_revision}, text_kwargs)
         vision = load_backbone_weights(CLIPVisionModelWithProjection, vision_model_name_or_path, **vision_options)
         try:
             text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, **text_options)
@@ -243,35 +224,36 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             model = cls(config)
         model.vision_model, model.language_model = vision, text
         model.adapter = ClipQwenAdapter(config).to(dtype=text.dtype)
-        model._init_weights(model.adapter)
-        return model.apply_freezing()
+        model.adapter.apply(model._init_weights)
+        return model
 
     def match_processor(self, processor) -> "ClipQwenForConditionalGeneration":
         """Make the model read and write exactly the processor's tokens:
 
         - the embedding matrix grows to the tokenizer's length when the processor added an image placeholder
           token (a decoder such as Llama or SmolLM2 has none). The new row is never trained — the adapter output
-          always replaces it — and it stays frozen with the rest of the decoder;
+          always replaces it — and `freeze_backbones` freezes it with the rest of the decoder;
         - `config.image_token_id` becomes the processor's placeholder id, and generation suppresses it;
         - generation ends captions on the processor's caption end token (what the labels supervise; an instruct
           model's own EOS may differ) and pads with the tokenizer's pad token.
 
         A no-op for the bundled Qwen3 tokenizer and a Qwen3 decoder. Returns the model."""
         if processor.num_image_tokens != self.config.num_image_tokens:
-            raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model expects "
-                             f"{self.config.num_image_tokens}; set the processor's num_image_tokens to match.")
+            raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model "
+                             f"expects {self.config.num_image_tokens}; set the processor's num_image_tokens to match.")
         tokenizer = processor.tokenizer
         if len(tokenizer) > self.get_input_embeddings().num_embeddings:
             self.resize_token_embeddings(len(tokenizer))
         previous = self.config.image_token_id
         self.config.image_token_id = processor.image_token_id
-        self.config.validate_clipqwen()
+        self.config.validate()
         generation = self.generation_config
-        generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) - {previous} | {processor.image_token_id})
+        suppressed = set(generation.suppress_tokens or []) - {previous} | {processor.image_token_id}
+        generation.suppress_tokens = sorted(suppressed)
         generation.eos_token_id = processor.caption_end_token_id
         pad = tokenizer.pad_token_id
         generation.pad_token_id = pad if pad is not None else processor.caption_end_token_id
-        return self.apply_freezing()
+        return self
 
     # ---- embeddings (used by generate, peft and resize_token_embeddings) -------------------------------
     def get_input_embeddings(self):
@@ -287,40 +269,62 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         self.language_model.set_output_embeddings(new_embeddings)
 
     # ---- image features ------------------------------------------------------------------------------
+    def _vision_tower(self, pixel_values: torch.FloatTensor, **kwargs):
+        """CLIP's outputs and the features the adapter reads: (batch, 1, projection_dim) pooled embeddings or
+        (batch, 50, hidden) hidden states of `vision_feature_layer`."""
+        tower = self.get_encoder(modality="image")
+        pixel_values = pixel_values.to(tower.dtype)
+        if self.config.vision_feature_type == "pooled":
+            outputs = tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+            return outputs, outputs.image_embeds
+        requested = kwargs.pop("output_hidden_states", None)
+        if requested is None:
+            requested = tower.config.output_hidden_states
+        outputs = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+        embeds = outputs.hidden_states[self.config.vision_feature_layer]
+        if not requested:  # read for the features, not asked for by the caller
+            outputs.hidden_states = None
+        return outputs, embeds
+
     def get_vision_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
         """The frozen CLIP part alone: (batch, projection_dim) pooled embeddings, or (batch, 50, hidden)
-        hidden states of `vision_feature_layer`. This is what a feature cache stores."""
-        pixel_values = pixel_values.to(self.vision_model.dtype)
-        if self.config.vision_feature_type == "pooled":
-            return self.vision_model(pixel_values=pixel_values).image_embeds
-        hidden_states = self.vision_model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-        return hidden_states[self.config.vision_feature_layer]
+        hidden states of `vision_feature_layer`. This is what a feature cache stores (this model's extension)."""
+        return self._vision_tower(pixel_values)[1]
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.FloatTensor | None = None, vision_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Adapter output for a batch of images: (batch, num_image_tokens, text hidden size)."""
+        self, pixel_values: torch.FloatTensor | None = None, vision_embeds: torch.Tensor | None = None, **kwargs
+    ) -> tuple | BaseModelOutputWithPooling:
+        """CLIP's outputs (`last_hidden_state`, `hidden_states`, `attentions` as requested) with the adapter output
+        as `pooler_output`: (batch, num_image_tokens, text hidden size), one 2-D entry per image. From
+        `vision_embeds` (precomputed `get_vision_embeds`) only `pooler_output` is set."""
         if vision_embeds is None:
-            vision_embeds = self.get_vision_embeds(pixel_values)
-        return self.adapter(vision_embeds.to(self.adapter.layers[0].weight.dtype))
+            outputs, vision_embeds = self._vision_tower(pixel_values, **kwargs)
+        else:
+            outputs = BaseModelOutputWithPooling()
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.adapter(vision_embeds.to(self.adapter.layers[0].weight.dtype)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features):
         """Write the image features into the placeholder positions of `inputs_embeds`."""
         placeholder_mask = input_ids == self.config.image_token_id
-        # The Python-side count check would break the compiled graph; generate() builds well-formed inputs.
-        if not torch.compiler.is_compiling():
-            found, expected = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
-            if found != expected:
-                raise ValueError(
-                    f"The text has {found} image placeholder tokens (id {self.config.image_token_id}) but the "
-                    f"images give {expected} feature vectors ({image_features.shape[0]} images × "
-                    f"{image_features.shape[1]} tokens). Build inputs with ClipQwenProcessor, whose "
-                    "num_image_tokens must equal the model config's num_image_tokens."
-                )
+        found, expected = placeholder_mask.sum(), image_features.shape[0] * image_features.shape[1]
+        torch_compilable_check(
+            found == expected,
+            lambda: f"The text has {int(found)} image placeholder tokens (id {self.config.image_token_id}) but the "
+            f"images give {expected} feature vectors ({image_features.shape[0]} images × {image_features.shape[1]} "
+            "tokens). Build inputs with ClipQwenProcessor, whose num_image_tokens must equal the model config's "
+            "num_image_tokens.",
+        )
         mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
     # ---- forward -------------------------------------------------------------------------------------
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -335,7 +339,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> ClipQwenCausalLMOutput:
+    ) -> tuple | ClipQwenCausalLMOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
             Token ids with `num_image_tokens` placeholders (`config.image_token_id`) per image (see ClipQwenProcessor).
@@ -351,16 +355,17 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         if pixel_values is not None and vision_embeds is not None:
             raise ValueError("Pass pixel_values or vision_embeds, not both.")
         if self.config.image_token_id is None:
-            raise ValueError("config.image_token_id is not set: this decoder's placeholder id comes from its tokenizer. "
-                             "Build a ClipQwenProcessor from that tokenizer and call model.match_processor(processor).")
+            raise ValueError("config.image_token_id is not set: this decoder's placeholder id comes from its "
+                             "tokenizer. Build a ClipQwenProcessor from that tokenizer and call "
+                             "model.match_processor(processor).")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
 
-        image_features = None
+        image_outputs = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None or vision_embeds is not None:
-                image_features = self.get_image_features(pixel_values, vision_embeds)
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+                image_outputs = self.get_image_features(pixel_values, vision_embeds, return_dict=True, **kwargs)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_outputs.pooler_output)
 
         outputs = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds,
@@ -368,6 +373,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -384,20 +390,21 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
             loss = loss / torch.as_tensor(denominator, device=loss.device).clamp(min=1)
         else:
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = lm_head(hidden_states[:, keep])
+            logits = lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        return ClipQwenCausalLMOutput(
+        return ClipQwenCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_outputs=image_outputs,
         )
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
         # Image features enter once, at prefill; later steps read them from the KV cache. (generate already
         # drops pixel_values after prefill; vision_embeds is ours, so we drop it here.)
         if not is_first_iteration and kwargs.get("use_cache", True):
@@ -405,8 +412,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         return model_inputs
 
 
-# Registered at import time so that every save_pretrained — Trainer checkpoints included — writes the .py
-# files and the auto_map that `trust_remote_code=True` loading needs.
+# Registered at import time so that every save_pretrained — Trainer checkpoints included — writes the .py files
+# and the auto_map that `trust_remote_code=True` loading needs. `register_for_auto_class` records one Auto class
+# per model; the image-text-to-text entry goes beside it in the config's auto_map, which `save_pretrained` writes.
 ClipQwenConfig.register_for_auto_class()
 ClipQwenForConditionalGeneration.register_for_auto_class("AutoModel")
 

@@ -4,8 +4,9 @@ the model reads them.
 Sequence layout (one image per sequence):
     training:   <|image_pad|> × N   [prompt]   caption   <|endoftext|>     right-padded
     inference:  <|image_pad|> × N   [prompt]                                left-padded, for generate()
-Labels are built from lengths, never by masking pad ids: in Qwen3-Base pad == EOS == <|endoftext|>, and
-masking every pad id would hide the one EOS the model must learn to stop on (the course project's bug).
+The caption is the `suffix` (PaliGemma's name). Labels mark the suffix tokens, never pad ids: in Qwen3-Base
+pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the model must learn to stop on
+(the course project's bug).
 
 A tokenizer without the placeholder token (Llama's, SmolLM2's) gets it added as a special token; the model then
 needs `model.match_processor(processor)` (one more embedding row, the placeholder id, generation settings).
@@ -16,7 +17,8 @@ import logging
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from transformers import AddedToken, BatchFeature, ProcessorMixin
+from transformers import AddedToken, BatchFeature, PreTrainedConfig, ProcessorMixin
+
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,23 @@ class ClipQwenProcessor(ProcessorMixin):
         self.add_image_token()
         self.image_token_id = self._single_token_id(image_token, "image_token")
         self.caption_end_token_id = self._single_token_id(caption_end_token, "caption_end_token")
+        if self.tokenizer.pad_token is None:
+            # A tokenizer without a pad token (Llama's, SmolLM2's) pads with the caption end token, as Qwen3-Base pads
+            # with its EOS. Labels are built from the suffix mask, never from pad ids, so the supervised end token
+            # is never mistaken for padding.
+            self.tokenizer.pad_token = caption_end_token
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="",
+                                        **kwargs):
+        # AutoTokenizer reads the folder's config.json first, to fall back on the model type. A saved ClipQwen
+        # folder's config.json is this model's (auto_map: remote code), so loading it would ask whether to run the
+        # folder's code and then warn about a model of type ``. The tokenizer needs none of it:
+        # tokenizer_config.json names its class.
+        kwargs.setdefault("config", PreTrainedConfig())
+        return super()._load_tokenizer_from_pretrained(
+            sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
 
     def add_image_token(self) -> bool:
         """Add the placeholder to a tokenizer that lacks it, as a special token: never split, dropped by
@@ -140,7 +159,7 @@ class ClipQwenProcessor(ProcessorMixin):
         self,
         images=None,
         text: str | list[str] | None = None,
-        captions: str | list[str] | None = None,
+        suffix: str | list[str] | None = None,
         max_caption_length: int | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
@@ -149,67 +168,59 @@ class ClipQwenProcessor(ProcessorMixin):
 
         - `images` only (optionally `text`, a prompt per image): inference inputs for `generate()`,
           left-padded, no end token.
-        - `images` + `captions`: training inputs with `labels` (caption tokens and one closing end token
-          supervised; placeholders, prompt and padding -100), right-padded. Captions longer than
-          `max_caption_length` tokens are truncated before the end token, which stays supervised.
-        - `captions` without `images`: the same text inputs, for training from cached image features.
+        - `images` + `suffix` (the captions, as PaliGemma's processor takes its targets): training inputs with
+          `labels` (suffix tokens and one closing end token supervised; placeholders, prompt and padding -100),
+          right-padded. Captions longer than `max_caption_length` tokens are truncated before the end token,
+          which stays supervised.
+        - `suffix` without `images`: the same text inputs, for training from cached image features.
         """
         texts = [text] if isinstance(text, str) else text
-        caps = [captions] if isinstance(captions, str) else captions
+        suffixes = [suffix] if isinstance(suffix, str) else suffix
         pixel_values = None
         if images is not None:
             images = [images] if isinstance(images, Image.Image) or getattr(images, "ndim", 0) == 3 else list(images)
             pixel_values = self.preprocess_images(images)
-        batch_size = len(images) if images is not None else len(caps if caps is not None else texts or [])
+        batch_size = len(images) if images is not None else len(suffixes if suffixes is not None else texts or [])
         if batch_size == 0:
-            raise ValueError("ClipQwenProcessor needs images, captions or text.")
-        for name, values in (("text", texts), ("captions", caps)):
+            raise ValueError("ClipQwenProcessor needs images, suffix (captions) or text.")
+        for name, values in (("prompts (text)", texts), ("captions (suffix)", suffixes)):
             if values is not None and len(values) != batch_size:
                 raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size}: pass one per image.")
 
-        sequences, label_sequences = [], []
+        features = []
         for i in range(batch_size):
             prompt = texts[i] if texts is not None else ""
             # A prompt may already hold the placeholder (chat templates write one): it marks where the image
             # goes; otherwise the image comes first.
             before, _, after = prompt.partition(self.image_token) if self.image_token in prompt else ("", "", prompt)
             ids = self._encode_text(before) + [self.image_token_id] * self.num_image_tokens + self._encode_text(after)
-            labels = [-100] * len(ids)
-            if caps is not None:
-                caption_ids = self._encode_text(caps[i])
+            # token_type_ids marks the supervised part (1), as PaliGemma's processor does
+            token_type_ids = [0] * len(ids)
+            if suffixes is not None:
+                caption_ids = self._encode_text(suffixes[i])
                 if max_caption_length is not None:
                     caption_ids = caption_ids[: max(max_caption_length - 1, 0)]
                 caption_ids = caption_ids + [self.caption_end_token_id]
-                ids, labels = ids + caption_ids, labels + caption_ids
-            sequences.append(ids)
-            label_sequences.append(labels)
+                ids, token_type_ids = ids + caption_ids, token_type_ids + [1] * len(caption_ids)
+            features.append({"input_ids": ids, "token_type_ids": token_type_ids})
 
-        data = self.pad(sequences, label_sequences if caps is not None else None, left=caps is None)
+        # Pad to the longest sequence: on the right for training, on the left for generate().
+        data = self.tokenizer.pad(features, padding_side="left" if suffixes is None else "right",
+                                  return_attention_mask=True)
+        token_type_ids = data.pop("token_type_ids")
+        if suffixes is not None:
+            data["labels"] = [
+                [token if supervised else -100 for token, supervised in zip(ids, types)]
+                for ids, types in zip(data["input_ids"], token_type_ids)
+            ]
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
-        return BatchFeature(data, tensor_type=return_tensors)
+        return BatchFeature(dict(data), tensor_type=return_tensors)
 
     def preprocess_images(self, images: list) -> torch.Tensor:
         """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""
         images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
-
-    def pad(self, sequences: list[list[int]], label_sequences: list[list[int]] | None = None, left: bool = False):
-        """Pad token lists to the longest one (not to a fixed length) with an attention mask; labels get -100."""
-        longest = max(len(ids) for ids in sequences)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.caption_end_token_id
-
-        def padded(values, fill):
-            padding = [fill] * (longest - len(values))
-            return padding + values if left else values + padding
-
-        data = {
-            "input_ids": [padded(ids, pad_id) for ids in sequences],
-            "attention_mask": [padded([1] * len(ids), 0) for ids in sequences],
-        }
-        if label_sequences is not None:
-            data["labels"] = [padded(labels, -100) for labels in label_sequences]
-        return data
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated ids to captions (placeholders and the end token are special and dropped)."""
@@ -223,10 +234,6 @@ class ClipQwenProcessor(ProcessorMixin):
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    @property
-    def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values"]
 
 
 ClipQwenProcessor.register_for_auto_class("AutoProcessor")

@@ -6,7 +6,7 @@ course (baseline), per step, batch 4: open the JPEGs → CLIP image processor �
     prefix → Qwen3 forward/backward over the captions padded to 128 tokens with logits (151,936-way) at every
     position and cross-entropy over them → AdamW on the adapter.
 ours: CLIP features computed once per image (a feature cache; its one-off cost is reported per image), then
-    steps from `vision_embeds` with per-batch padding (ClipQwenProcessor(captions=...)), logits only at the
+    steps from `vision_embeds` with per-batch padding (ClipQwenProcessor(suffix=...)), logits only at the
     supervised positions (model.forward with labels), batch 32, bf16 on CUDA.
 Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
 (photo, human caption) pairs and start from the same weights.
@@ -190,7 +190,7 @@ def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_i
 
 
 def ours_step(model, processor, cache, pairs, optimizer, device, dtype):
-    inputs = processor(captions=[caption for _, _, caption in pairs]).to(device)  # per-batch padding, labels
+    inputs = processor(suffix=[caption for _, _, caption in pairs]).to(device)  # per-batch padding, labels
     vision_embeds = cache[torch.tensor([index for index, _, _ in pairs], device=device)]
     with autocast(device, dtype):
         loss = model(**inputs, vision_embeds=vision_embeds).loss  # logits only where labels != -100

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from clipqwen.freezing import freeze_backbones  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
@@ -117,7 +118,7 @@ def build_model(device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: b
     start = time.perf_counter()
     config = tiny_config(**config_kwargs) if tiny else ClipQwenConfig(**config_kwargs)
     with torch.device(device):
-        model = ClipQwenForConditionalGeneration(config)
+        model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the adapter alone trains
     model.to(dtype)
     if dtype != torch.float32:
         model.adapter.float()  # the trainable part keeps fp32 master weights for AdamW

@@ -145,6 +145,7 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
     import torch
     from transformers import AutoTokenizer
 
+    from clipqwen.freezing import freeze_backbones
     from clipqwen.presets import bundled_processor, clip_image_processor
     from modeling_clipqwen import ClipQwenForConditionalGeneration
     from processing_clipqwen import ClipQwenProcessor
@@ -161,9 +162,9 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
         # own EOS, <|im_end|>, closes chat turns.
         processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=model.config.num_image_tokens,
                                       caption_end_token="<|endoftext|>")
-    model.match_processor(processor)
+    freeze_backbones(model.match_processor(processor))  # the adapter alone trains
     torch.manual_seed(seed)  # the same adapter initialisation for the three twins of a preset
-    model._init_weights(model.adapter)
+    model.adapter.apply(model._init_weights)
     return model, processor
 
 

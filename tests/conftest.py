@@ -78,3 +78,80 @@ def unreachable_hub(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub, "_PROBES", {})
+
+
+def transformers_common_tests():
+    """transformers' own common test modules — `test_modeling_common` and `test_configuration_common` — from the
+    sdist of the installed transformers version, for tests/test_transformers_common.py. The sdist is fetched once with
+    `pip download --no-binary` into build/transformers-sdist (ignored by git, never copied into the repository) and
+    its tests/ folder is imported as the package `transformers_sdist_tests`. Raises, naming what to do, when the sdist
+    cannot be had: a silent skip would hide that the common tests did not run.
+
+    The sdist ships tests/*.py but not their subpackages; three imports of test_modeling_common /
+    test_configuration_common are then given stand-ins (only where the file is absent):
+    `generation.test_utils.GenerationTesterMixin` (an empty class: the generate tests themselves cannot run),
+    `exporters.test_export.ExportTesterMixin` (an empty mixin: no export tests), and
+    `utils.test_configuration_utils.config_common_kwargs` (`{}`: read only by `check_config_arguments_init`, which
+    returns before reading it for a composite config such as ClipQwen's)."""
+    import importlib
+    import shutil
+    import tarfile
+    import types
+
+    import transformers
+
+    version = transformers.__version__
+    cache = ROOT / "build" / "transformers-sdist"
+    tests = cache / f"transformers-{version}" / "tests"
+    if not (tests / "test_modeling_common.py").is_file():
+        archive = cache / f"transformers-{version}.tar.gz"
+        if not archive.is_file():
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                       f"transformers=={version}", "--dest", str(cache)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0 or not archive.is_file():
+                raise RuntimeError(
+                    f"transformers' common tests come from the transformers {version} sdist, which could not be "
+                    f"downloaded ({' '.join(command)}: {result.stderr.strip()[-500:]}). Run it with access to PyPI, "
+                    f"or put transformers-{version}.tar.gz in {cache}."
+                )
+        partial = Path(tempfile.mkdtemp(dir=cache))
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(f"transformers-{version}/tests/")]
+            tar.extractall(partial, members=members, filter="data")
+        if not tests.is_dir():
+            tests.parent.mkdir(exist_ok=True)
+            os.replace(partial / f"transformers-{version}" / "tests", tests)  # atomic: never half a folder
+        shutil.rmtree(partial, ignore_errors=True)
+    # test_configuration_common executes tests/__init__.py (empty in transformers' repository, absent from the sdist)
+    (tests / "__init__.py").touch()
+
+    package = "transformers_sdist_tests"
+    if package not in sys.modules:
+        root = types.ModuleType(package)
+        root.__path__ = [str(tests)]
+        sys.modules[package] = root
+        stand_ins = {
+            "generation.test_utils": {"GenerationTesterMixin": type("GenerationTesterMixin", (), {})},
+            "exporters.test_export": {"ExportTesterMixin": type("ExportTesterMixin", (), {})},
+            "utils.test_configuration_utils": {"config_common_kwargs": {}},
+        }
+        for name, attributes in stand_ins.items():
+            folder, module = name.split(".")
+            if (tests / folder / f"{module}.py").is_file():
+                continue
+            parent = sys.modules.setdefault(f"{package}.{folder}", types.ModuleType(f"{package}.{folder}"))
+            parent.__path__ = []
+            stand_in = types.ModuleType(f"{package}.{name}")
+            stand_in.__dict__.update(attributes, STAND_IN=True)
+            sys.modules[f"{package}.{name}"] = stand_in
+    return (importlib.import_module(f"{package}.test_modeling_common"),
+            importlib.import_module(f"{package}.test_configuration_common"))
+
+
+def pytest_configure(config):
+    # marks that transformers' common tests (test_transformers_common.py) carry; the tests they mark skip themselves
+    # here (no flash attention, no accelerator)
+    marks = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test")
+    for mark in marks:
+        config.addinivalue_line("markers", f"{mark}: a transformers common-test mark")

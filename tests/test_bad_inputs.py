@@ -266,7 +266,7 @@ def test_training_on_odd_captions_runs_with_finite_losses(tmp_path):
 
 def test_odd_captions_tokenize_back_to_themselves(processor):
     captions = ODD_CAPTIONS[2] + ODD_CAPTIONS[3]
-    batch = processor(captions=captions)
+    batch = processor(suffix=captions)
     for labels, caption in zip(batch["labels"], captions):
         ids = labels[labels != -100].tolist()
         assert ids[-1] == processor.caption_end_token_id

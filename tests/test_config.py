@@ -1,5 +1,10 @@
+import dataclasses
+import json
+import logging
+
 import pytest
-from transformers import CLIPVisionConfig, LlamaConfig, Qwen3Config
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedConfig, Qwen3Config
 
 from configuration_clipqwen import ClipQwenConfig
 
@@ -9,15 +14,17 @@ def test_defaults_are_the_real_clip_b32_and_qwen3_0_6b_base():
     vision, text = config.vision_config, config.text_config
     assert vision.to_dict() == CLIPVisionConfig(projection_dim=512).to_dict()
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (768, 12, 12)
-    assert (vision.patch_size, vision.image_size, vision.projection_dim, vision.hidden_act) == (32, 224, 512, "quick_gelu")
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (1024, 28, 16, 8)
+    assert (vision.patch_size, vision.image_size, vision.projection_dim) == (32, 224, 512)
+    assert vision.hidden_act == "quick_gelu"
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (1024, 28, 16)
+    assert text.num_key_value_heads == 8
     assert (text.head_dim, text.intermediate_size, text.vocab_size) == (128, 3072, 151936)
     assert text.tie_word_embeddings and config.tie_word_embeddings
     assert text.rope_parameters["rope_theta"] == 1e6 and text.rms_norm_eps == 1e-6
     assert text.max_position_embeddings == 32768 and text.bos_token_id == text.eos_token_id == 151643
     # the seed-exact preset: pooled 512-d embedding -> Linear(512, 1024) -> one image token
     assert (config.adapter_type, config.vision_feature_type, config.num_image_tokens) == ("linear", "pooled", 1)
-    assert config.image_token_id == 151655 and config.freeze_vision_model and config.freeze_language_model
+    assert config.image_token_id == 151655
 
 
 def test_partial_text_config_is_merged_over_qwen3_0_6b_not_class_defaults():
@@ -31,12 +38,13 @@ def test_any_causal_lm_text_config_by_model_type_with_its_own_defaults(tmp_path)
     config = ClipQwenConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                                          "vocab_size": 300, "tie_word_embeddings": False}, image_token_id=None)
     assert type(config.text_config) is LlamaConfig and config.image_token_id is None
-    assert config.text_config.num_hidden_layers == LlamaConfig().num_hidden_layers  # Llama's defaults, not Qwen3-0.6B's
+    # Llama's defaults, not Qwen3-0.6B's
+    assert config.text_config.num_hidden_layers == LlamaConfig().num_hidden_layers
     assert not config.tie_word_embeddings  # follows the decoder
     config.save_pretrained(tmp_path)
     reloaded = ClipQwenConfig.from_pretrained(tmp_path)
     assert type(reloaded.text_config) is LlamaConfig and reloaded.to_dict() == config.to_dict()
-    with pytest.raises(ValueError, match="image_token_id"):
+    with pytest.raises(StrictDataclassError, match="image_token_id"):
         ClipQwenConfig(text_config={"model_type": "llama", "vocab_size": 300})  # Qwen3's 151655 is out of range
 
 
@@ -51,7 +59,9 @@ def test_patch_features_take_cls_plus_patch_grid_tokens():
 
 
 def test_round_trips(tmp_path):
-    config = ClipQwenConfig(adapter_type="mlp2x_gelu", vision_feature_type="patch", text_config={"num_hidden_layers": 3})
+    config = ClipQwenConfig(
+        adapter_type="mlp2x_gelu", vision_feature_type="patch", text_config={"num_hidden_layers": 3}
+    )
     assert ClipQwenConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     config.save_pretrained(tmp_path)
     reloaded = ClipQwenConfig.from_pretrained(tmp_path)
@@ -59,17 +69,56 @@ def test_round_trips(tmp_path):
     assert reloaded.text_config.num_hidden_layers == 3 and reloaded.adapter_type == "mlp2x_gelu"
 
 
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        ({"adapter_type": "transformer"}, "adapter_type"),
-        ({"vision_feature_type": "cls"}, "vision_feature_type"),
-        ({"num_pooled_image_tokens": 0}, "num_pooled_image_tokens"),
-        ({"vision_feature_layer": 40}, "vision_feature_layer"),
-        ({"image_token_id": 10**7}, "image_token_id"),
-        ({"vision_config": {"image_size": 100, "patch_size": 32}}, "image_size"),
-    ],
+# One wrong type and one wrong value for every field ClipQwenConfig declares (None: the type admits no wrong
+# value). A field added without a row here fails test_every_field_has_a_bad_type_and_a_bad_value.
+BAD = {
+    "vision_config": ("clip", {"image_size": 100, "patch_size": 32}),
+    "text_config": (5, {"model_type": "no-such-model"}),
+    "adapter_type": (1, "transformer"),
+    "vision_feature_type": (1, "cls"),
+    "num_pooled_image_tokens": ("2", 0),
+    "vision_feature_layer": ("x", 40),
+    "image_token_id": ("5", 10**7),
+    "tie_word_embeddings": ("no", None),
+}
+OWN_FIELDS = sorted(
+    set(ClipQwenConfig.__annotations__) - set(PreTrainedConfig.__annotations__) | {"tie_word_embeddings"}
 )
-def test_wrong_values_raise_naming_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        ClipQwenConfig(**kwargs)
+
+
+def test_every_field_has_a_bad_type_and_a_bad_value():
+    assert set(OWN_FIELDS) <= {f.name for f in dataclasses.fields(ClipQwenConfig)}
+    assert sorted(BAD) == OWN_FIELDS
+
+
+@pytest.mark.parametrize("kind", ["type", "value"])
+@pytest.mark.parametrize("field", OWN_FIELDS)
+def test_a_wrong_type_or_value_in_any_field_fails_naming_the_field(field, kind):
+    bad = BAD[field][0 if kind == "type" else 1]
+    if bad is None:
+        pytest.skip(f"{field}: a {kind} that is wrong for it is not possible (the annotation admits every value)")
+    # the config's own validation (`@strict`) or, for an unknown sub-config model_type, the check before it
+    with pytest.raises((StrictDataclassError, ValueError), match=field):
+        ClipQwenConfig(**{field: bad})
+
+
+def test_wrong_values_are_also_refused_on_assignment():
+    config = ClipQwenConfig()
+    with pytest.raises(StrictDataclassError, match="num_pooled_image_tokens"):
+        config.num_pooled_image_tokens = 0
+    with pytest.raises(StrictDataclassError, match="adapter_type"):
+        config.adapter_type = "transformer"
+
+
+def test_training_flags_are_not_in_the_config_and_old_files_still_load(tmp_path, caplog):
+    config = ClipQwenConfig(text_config={"num_hidden_layers": 2})
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not any(key.startswith("freeze_") for key in saved)
+    saved.update(freeze_vision_model=True, freeze_language_model=False)  # what earlier versions wrote
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING):
+        reloaded = ClipQwenConfig.from_pretrained(tmp_path)
+    assert not hasattr(reloaded, "freeze_vision_model") and reloaded.to_dict() == config.to_dict()
+    notes = [record.getMessage() for record in caplog.records if "freeze_" in record.getMessage()]
+    assert len(notes) == 1 and "freeze_vision_model, freeze_language_model" in notes[0]

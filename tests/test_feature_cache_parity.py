@@ -31,13 +31,13 @@ def test_loss_from_cached_features_equals_loss_from_pixels(make_model, photos, f
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     assert processor.num_image_tokens == model.config.num_image_tokens  # 1 pooled, 50 patch (7×7 + CLS)
 
-    from_pixels = processor(images=photos, captions=CAPTIONS)
+    from_pixels = processor(images=photos, suffix=CAPTIONS)
     loss_pixels, grads_pixels = loss_and_adapter_grads(model, **from_pixels)
 
     # What a feature cache does: encode each image once, on its own, and store the result.
     with torch.no_grad():
         cache = torch.cat([model.get_vision_embeds(pv[None]) for pv in from_pixels["pixel_values"]])
-    text = processor(captions=CAPTIONS)  # text inputs alone, as when training from the cache
+    text = processor(suffix=CAPTIONS)  # text inputs alone, as when training from the cache
     for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(text[key], from_pixels[key]), key
     loss_cache, grads_cache = loss_and_adapter_grads(model, **text, vision_embeds=cache)

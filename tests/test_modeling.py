@@ -1,7 +1,11 @@
+import json
+
 import pytest
 import torch
 from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from clipqwen.freezing import freeze_backbones
 from clipqwen.presets import tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
@@ -9,7 +13,7 @@ from modeling_clipqwen import ClipQwenForConditionalGeneration
 def inputs_for(processor, images, captions=None, num_image_tokens=1):
     processor.num_image_tokens = num_image_tokens
     try:
-        return processor(images=images, captions=captions)
+        return processor(images=images, suffix=captions)
     finally:
         processor.num_image_tokens = 1
 
@@ -44,14 +48,21 @@ def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"adapter_type": "mlp2x_gelu"}, {"num_pooled_image_tokens": 4}, {"vision_feature_type": "patch", "adapter_type": "mlp2x_gelu"}],
+    [
+        {},
+        {"adapter_type": "mlp2x_gelu"},
+        {"num_pooled_image_tokens": 4},
+        {"vision_feature_type": "patch", "adapter_type": "mlp2x_gelu"},
+    ],
 )
 def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, overrides):
     model = make_model(**overrides)
     batch = inputs_for(processor, photos[:2], ["A dog runs on the beach.", "Two cats."], model.config.num_image_tokens)
     with torch.no_grad():
         loss = model(**batch).loss
-        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        ).logits
     shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
     keep = shift_labels != -100
     expected = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
@@ -64,18 +75,18 @@ def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, 
 
 def test_placeholder_count_mismatch_is_a_clear_error(make_model, processor, photos):
     model = make_model(num_pooled_image_tokens=2)
-    batch = processor(images=photos[:1], captions=["A dog."])  # one placeholder, the model wants two
+    batch = processor(images=photos[:1], suffix=["A dog."])  # one placeholder, the model wants two
     with pytest.raises(ValueError, match="1 image placeholder tokens .* 2 feature vectors"):
         model(**batch)
 
 
-def test_frozen_backbones_do_not_change_and_stay_frozen_after_loading(make_model, processor, photos, tmp_path):
-    model = make_model().train()
+def test_frozen_backbones_do_not_change_and_loading_freezes_nothing(make_model, processor, photos, tmp_path):
+    model = freeze_backbones(make_model().train())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable == list(model.adapter.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # all of them: frozen ones must not move anyway
-    model(**processor(images=photos[:2], captions=["A dog.", "A cat."])).loss.backward()
+    model(**processor(images=photos[:2], suffix=["A dog.", "A cat."])).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
         if name.startswith("adapter."):
@@ -85,11 +96,13 @@ def test_frozen_backbones_do_not_change_and_stay_frozen_after_loading(make_model
 
     model.save_pretrained(tmp_path)
     reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path)
-    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    assert all(p.requires_grad for p in reloaded.parameters())  # a training choice, made again by the trainer
+    adapter = {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    assert {n for n, p in freeze_backbones(reloaded).named_parameters() if p.requires_grad} == adapter
 
 
-def test_unfreezing_the_language_model_is_a_config_switch(make_model):
-    model = make_model(freeze_language_model=False)
+def test_freezing_the_language_model_is_a_training_switch(make_model):
+    model = freeze_backbones(make_model(), language=False)
     assert all(p.requires_grad for p in model.language_model.parameters())
     assert not any(p.requires_grad for p in model.vision_model.parameters())
 
@@ -134,16 +147,17 @@ def test_beam_search_static_cache_and_sampling_run(make_model, processor, photos
         beams = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=2)
         sampled = model.generate(**batch, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.7)
         from_cache = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    vision_embeds=model.get_vision_embeds(batch["pixel_values"]), max_new_tokens=5, min_new_tokens=5)
+                                    vision_embeds=model.get_vision_embeds(batch["pixel_values"]), max_new_tokens=5,
+                                    min_new_tokens=5)
     assert torch.equal(greedy, static) and torch.equal(greedy, from_cache)
     assert beams.shape[0] == 4 and sampled.shape[0] == 2
 
 
 def test_learns_to_stop_at_end_of_text(make_model, processor, photos):
     """Qwen3-Base pads with its EOS: if labels masked every pad id, the model would never learn to stop."""
-    model = make_model(freeze_language_model=False).train()
+    model = freeze_backbones(make_model(), language=False).train()
     captions = ["a dog on a beach.", "two red buses."]
-    batch = processor(images=photos[:2], captions=captions)
+    batch = processor(images=photos[:2], suffix=captions)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(60):
         optimizer.zero_grad()
@@ -172,7 +186,10 @@ def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
     for name, tensor in qwen.state_dict().items():
         assert torch.equal(model.language_model.state_dict()[name], tensor), name
     assert model.config.adapter_type == "mlp2x_gelu"
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    freeze_backbones(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"adapter.{n}" for n, _ in model.adapter.named_parameters()
+    }
     model.save_pretrained(tmp_path / "assembled")  # a self-contained folder
     reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path / "assembled")
     assert torch.equal(reloaded.adapter.layers[0].weight, model.adapter.layers[0].weight)
@@ -211,6 +228,64 @@ def test_generation_never_writes_the_image_placeholder(make_model, processor, ph
 
 def test_match_processor_is_a_no_op_for_qwen3(make_model, processor):
     model = make_model()
-    before = (model.config.image_token_id, model.get_input_embeddings().weight.shape, model.generation_config.to_dict())
+
+    def state():
+        config, embeddings = model.config, model.get_input_embeddings()
+        return config.image_token_id, embeddings.weight.shape, model.generation_config.to_dict()
+
+    before = state()
     model.match_processor(processor)
-    assert (model.config.image_token_id, model.get_input_embeddings().weight.shape, model.generation_config.to_dict()) == before
+    assert state() == before
+
+
+def test_from_pretrained_with_loading_info(make_model, tmp_path):
+    """transformers' `output_loading_info=True` returns (model, info); it used to crash (freezing the tuple)."""
+    make_model().save_pretrained(tmp_path)
+    model, info = ClipQwenForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, ClipQwenForConditionalGeneration)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_return_dict_false_gives_the_output_as_a_tuple(make_model, processor, photos):
+    model = make_model()
+    batch = processor(images=photos[:2])
+    with torch.no_grad():
+        as_dict = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+        loss_first = model(**processor(images=photos[:2], suffix=["a dog.", "a cat."]), return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.logits)
+    assert loss_first[0].ndim == 0  # loss first, as in every transformers model
+
+
+@pytest.mark.parametrize("feature_type", ["pooled", "patch"])
+def test_get_image_features_returns_clip_outputs_with_the_adapter_output_as_pooler_output(
+    make_model, processor, photos, feature_type
+):
+    model = make_model(vision_feature_type=feature_type)
+    pixel_values = processor(images=photos[:2])["pixel_values"]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values)
+        with_states = model.get_image_features(pixel_values, output_hidden_states=True)
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+        from_cache = model.get_image_features(vision_embeds=model.get_vision_embeds(pixel_values))
+    vision, tokens = model.config.vision_config, model.config.num_image_tokens
+    assert isinstance(out, BaseModelOutputWithPooling) and isinstance(as_tuple, tuple)
+    assert out.pooler_output.shape == (2, tokens, model.config.text_config.hidden_size)
+    assert out.last_hidden_state.shape == (2, 50, vision.hidden_size) and out.hidden_states is None
+    assert len(with_states.hidden_states) == vision.num_hidden_layers + 1
+    torch.testing.assert_close(with_states.pooler_output, out.pooler_output, rtol=0, atol=0)
+    torch.testing.assert_close(from_cache.pooler_output, out.pooler_output, rtol=0, atol=0)
+    with torch.no_grad():
+        forward = model(**inputs_for(processor, photos[:2], num_image_tokens=tokens))
+    torch.testing.assert_close(forward.image_hidden_states, out.pooler_output, rtol=0, atol=0)
+    assert forward.image_outputs.last_hidden_state.shape == out.last_hidden_state.shape
+
+
+def test_the_model_has_no_side_effects_on_its_config(make_model, tmp_path):
+    model = make_model()
+    assert getattr(model.config, "auto_map", None) is None  # written by save_pretrained, not by __init__
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForImageTextToText"] == saved["auto_map"]["AutoModel"]
+    assert not any(key.startswith("freeze_") for key in saved)
+    assert model.base_model_prefix == "model" and model.get_decoder() is model.language_model

@@ -45,19 +45,19 @@ def test_processor_adds_a_placeholder_and_the_model_grows_one_frozen_row(llama):
     assert model.generation_config.eos_token_id == 0 and model.generation_config.suppress_tokens == [300]
     # a special token: dropped from decoded captions; literal text that spells it stays text
     assert processor.decode([300, *tokenizer.encode("a dog", add_special_tokens=False)]) == "a dog"
-    batch = processor(captions=["a sign reading <|image_pad|>"])
+    batch = processor(suffix=["a sign reading <|image_pad|>"])
     assert (batch["input_ids"] == 300).sum() == 1 and (batch["labels"] == 0).sum() == 1
 
 
 def test_loss_is_cross_entropy_and_logits_equal_plain_llama(llama, photos):
     model, processor = llama
-    batch = processor(images=photos[:2], captions=["a red circle on the left.", "two cats on a mat."])
+    batch = processor(images=photos[:2], suffix=["a red circle on the left.", "two cats on a mat."])
     assert (batch["input_ids"][:, 0] == 300).all()
     with torch.no_grad():
         loss = model(**batch).loss
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
         embeds = model.merge_image_features(batch["input_ids"], model.get_input_embeddings()(batch["input_ids"]),
-                                            model.get_image_features(batch["pixel_values"]))
+                                            model.get_image_features(batch["pixel_values"]).pooler_output)
     keep = batch["labels"][:, 1:].reshape(-1) != -100
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1])[keep], batch["labels"][:, 1:].reshape(-1)[keep])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
@@ -74,7 +74,7 @@ def test_adapter_only_training_leaves_the_decoder_and_the_placeholder_row_unchan
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(**processor(images=photos[:2], captions=["a dog.", "a cat."])).loss.backward()
+    model(**processor(images=photos[:2], suffix=["a dog.", "a cat."])).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
         if name.startswith("adapter."):
@@ -130,7 +130,7 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     assert assembled.language_model.dtype == torch.bfloat16 and assembled.vision_model.dtype == torch.float32
     assert assembled.config.image_token_id is None  # only Qwen3's placeholder id is known before the tokenizer
     with pytest.raises(ValueError, match="match_processor"):
-        assembled(**processor(images=photos[:1], captions=["a dog."]))
+        assembled(**processor(images=photos[:1], suffix=["a dog."]))
 
     from transformers import AutoTokenizer
 

@@ -5,19 +5,21 @@ from PIL import Image
 
 from processing_clipqwen import ClipQwenProcessor
 
+
 ENDOFTEXT, IMAGE_PAD = 151643, 151655
 
 
 def test_the_bundled_tokenizer_is_the_real_qwen3_one(processor):
     tokenizer = processor.tokenizer
     assert len(tokenizer) == 151669
-    assert tokenizer.encode("A dog runs on the beach.", add_special_tokens=False) == [32, 5562, 8473, 389, 279, 11321, 13]
+    ids = tokenizer.encode("A dog runs on the beach.", add_special_tokens=False)
+    assert ids == [32, 5562, 8473, 389, 279, 11321, 13]
     assert (processor.image_token_id, processor.caption_end_token_id) == (IMAGE_PAD, ENDOFTEXT)
 
 
 def test_training_labels_supervise_the_caption_and_exactly_one_end_token(processor, photos):
     captions = ["A dog runs on the beach.", "Hi", "A much longer caption about a red bus in the city."]
-    batch = processor(images=photos[:3], captions=captions)
+    batch = processor(images=photos[:3], suffix=captions)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert batch["pixel_values"].shape == (3, 3, 224, 224)
     for i, caption in enumerate(captions):
@@ -31,7 +33,7 @@ def test_training_labels_supervise_the_caption_and_exactly_one_end_token(process
 
 
 def test_prompt_tokens_are_not_supervised(processor, photos):
-    batch = processor(images=photos[:1], text=["A photo of"], captions=["a dog."])
+    batch = processor(images=photos[:1], text=["A photo of"], suffix=["a dog."])
     prompt_len = len(processor.tokenizer.encode("A photo of", add_special_tokens=False))
     labels = batch["labels"][0].tolist()
     assert labels[: 1 + prompt_len] == [-100] * (1 + prompt_len)
@@ -39,13 +41,13 @@ def test_prompt_tokens_are_not_supervised(processor, photos):
 
 
 def test_long_captions_are_truncated_and_keep_their_end_token(processor, photos):
-    batch = processor(images=photos[:1], captions=[" ".join(["word"] * 500)], max_caption_length=32)
+    batch = processor(images=photos[:1], suffix=[" ".join(["word"] * 500)], max_caption_length=32)
     supervised = batch["labels"][0][batch["labels"][0] != -100]
     assert len(supervised) == 32 and supervised[-1] == ENDOFTEXT
 
 
 def test_literal_special_tokens_in_captions_stay_text(processor, photos):
-    batch = processor(images=photos[:1], captions=["a sign reading <|endoftext|> and <|image_pad|>"])
+    batch = processor(images=photos[:1], suffix=["a sign reading <|endoftext|> and <|image_pad|>"])
     assert (batch["input_ids"] == IMAGE_PAD).sum() == 1  # only the real placeholder
     assert (batch["labels"] == ENDOFTEXT).sum() == 1  # only the real end token
 
@@ -60,7 +62,7 @@ def test_inference_inputs_are_left_padded_without_end_token(processor, photos):
 
 
 def test_text_only_inputs_for_cached_features(processor):
-    batch = processor(captions=["a dog.", "a cat on a mat."])
+    batch = processor(suffix=["a dog.", "a cat on a mat."])
     assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
 
 
@@ -90,12 +92,14 @@ def test_any_pil_mode_becomes_the_right_rgb_image(processor, mode):
 def test_transparent_pixels_become_white_not_black(processor):
     transparent = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     white = Image.new("RGB", (32, 32), (255, 255, 255))
-    torch.testing.assert_close(processor(images=[transparent])["pixel_values"], processor(images=[white])["pixel_values"])
+    torch.testing.assert_close(
+        processor(images=[transparent])["pixel_values"], processor(images=[white])["pixel_values"]
+    )
 
 
 def test_mismatched_batch_sizes_raise(processor, photos):
-    with pytest.raises(ValueError, match="2 captions for a batch of 3"):
-        processor(images=photos[:3], captions=["a", "b"])
+    with pytest.raises(ValueError, match=r"2 captions \(suffix\) for a batch of 3"):
+        processor(images=photos[:3], suffix=["a", "b"])
 
 
 def test_save_and_reload_keeps_settings_and_caption_template(processor, tmp_path):
@@ -114,29 +118,68 @@ def test_extreme_strips_are_cropped_before_resizing_not_blown_up(processor, size
     strip = Image.new("RGB", size, (200, 30, 30))
     pixel_values = processor(images=[strip])["pixel_values"]  # without the crop: 224 × 2,240,000 pixels first
     assert pixel_values.shape == (1, 3, 224, 224)
-    torch.testing.assert_close(pixel_values, processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))])["pixel_values"], atol=0.02, rtol=0)
+    square = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))])["pixel_values"]
+    torch.testing.assert_close(pixel_values, square, atol=0.02, rtol=0)
 
 
 def test_a_tokenizer_without_the_placeholder_gets_it_as_a_special_token(tmp_path):
-    from clipqwen.presets import clip_image_processor
     from tiny_decoders import tiny_tokenizer
+
+    from clipqwen.presets import clip_image_processor
 
     tokenizer = tiny_tokenizer()
     assert "<|image_pad|>" not in tokenizer.get_vocab()
     processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=2)
     assert processor.image_token_id == len(tokenizer) - 1 == 300
-    batch = processor(captions=["a dog."])
+    batch = processor(suffix=["a dog."])
     assert batch["input_ids"][0, :2].tolist() == [300, 300] and batch["labels"][0, :2].tolist() == [-100, -100]
     assert processor.decode(batch["input_ids"][0]) == "a dog."  # placeholders and end token are dropped
     processor.save_pretrained(tmp_path)
     reloaded = ClipQwenProcessor.from_pretrained(tmp_path)
-    assert reloaded.image_token_id == 300 and len(reloaded.tokenizer) == 301  # saved with the tokenizer, not added twice
+    # saved with the tokenizer, not added twice
+    assert reloaded.image_token_id == 300 and len(reloaded.tokenizer) == 301
     rendered = reloaded.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
     assert rendered == "<|image_pad|>"
 
 
 def test_the_caption_template_writes_the_processors_own_placeholder(processor):
     custom = ClipQwenProcessor(processor.image_processor, processor.tokenizer, image_token="<|vision_pad|>")
-    rendered = custom.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A"}]}],
-                                          tokenize=False)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A"}]}
+    rendered = custom.apply_chat_template([message], tokenize=False)
     assert rendered == "<|vision_pad|>A" and custom.image_token_id == 151654
+
+
+CHILD_LOAD = """
+import sys, warnings
+from processing_clipqwen import ClipQwenProcessor
+processor = ClipQwenProcessor.from_pretrained(sys.argv[1])
+print(type(processor.tokenizer).__name__, processor.image_token_id)
+"""
+
+
+def test_the_installed_class_loads_a_saved_model_folder_without_a_remote_code_prompt(make_model, processor, tmp_path):
+    """The folder's config.json names remote code (auto_map); the installed processor class must not ask to run it
+    (a prompt that blocks a script) nor read it as a model config (the "model of type ``" warning)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    make_model().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", CHILD_LOAD, str(tmp_path)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["Qwen2Tokenizer", str(IMAGE_PAD)]
+    assert "custom code" not in result.stderr and "model of type" not in result.stderr, result.stderr[-2000:]
+
+
+def test_padding_is_the_tokenizers_own_and_model_input_names_are_the_base_ones(processor, photos):
+    training = processor(images=photos[:2], suffix=["a dog.", "two red buses in the city."])
+    inference = processor(images=photos[:2], text=["", "A photo of"])
+    reference = processor.tokenizer.pad({"input_ids": [[1, 2], [3]]}, padding_side="right")
+    assert reference["attention_mask"] == [[1, 1], [1, 0]]
+    assert training["attention_mask"][0, -1] == 0 and inference["attention_mask"][0, 0] == 0  # right / left
+    assert set(training) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    assert processor.model_input_names == [*processor.image_processor.model_input_names,
+                                           *processor.tokenizer.model_input_names]

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from clipqwen.freezing import freeze_backbones
 from clipqwen.presets import clip_image_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
@@ -46,4 +47,4 @@ def tiny_llama_model_and_processor(seed: int = 0, tie_word_embeddings: bool = Tr
     processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
     torch.manual_seed(seed)
     model = ClipQwenForConditionalGeneration(config).eval()
-    return model.match_processor(processor), processor
+    return freeze_backbones(model.match_processor(processor)), processor
