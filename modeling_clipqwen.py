@@ -8,7 +8,9 @@ Where the ideas come from:
 - The course project this replaces: a frozen pooled CLIP-B/32 embedding → `nn.Linear(512, 1024)` → Qwen3.
 - The decoder is built from `config.text_config` through `AutoModelForCausalLM` and reached only through its
   public accessors (`get_decoder()`, `get_input_embeddings()`, `get_output_embeddings()`), as LLaVA builds its
-  language model through the Auto classes: any causal LM of transformers can sit behind the adapter.
+  language model through the Auto classes: any causal LM of transformers can sit behind the adapter. The CLIP
+  tower is reached through `get_encoder(modality="image")`.
+- Which parts train is the training script's choice (`clipqwen.freezing.freeze_backbones`), not the model's.
 """
 
 import logging
