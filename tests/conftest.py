@@ -126,6 +126,11 @@ def transformers_common_tests():
     # test_configuration_common executes tests/__init__.py (empty in transformers' repository, absent from the sdist)
     (tests / "__init__.py").touch()
 
+    try:
+        import parameterized  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError("transformers' common tests need the `parameterized` package: pip install parameterized "
+                           "(or pip install -e '.[test]').") from error
     package = "transformers_sdist_tests"
     if package not in sys.modules:
         root = types.ModuleType(package)
