@@ -22,8 +22,9 @@ class GracefulStopCallback(TrainerCallback):
     `reduce(flag) -> flag` makes all processes agree (any process signalled → all stop at the same step), which
     a distributed save needs."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), reduce=None):
-        self.signals = tuple(signals)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, reduce=None):
         self.reduce = reduce
         self.requested = None  # the signal received
         self.stopped_at = None  # the global step a checkpoint was saved at because of it
@@ -33,7 +34,7 @@ class GracefulStopCallback(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             logger.info("Not in the main thread: SIGTERM and Ctrl-C will not trigger a checkpoint.")
             return
-        for sig in self.signals:
+        for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     @property
