@@ -174,6 +174,8 @@ class ClipQwenProcessor(ProcessorMixin):
           which stays supervised.
         - `suffix` without `images`: the same text inputs, for training from cached image features.
         """
+        if "captions" in kwargs:  # the earlier name: ignored among **kwargs, it would silently drop the labels
+            raise TypeError("ClipQwenProcessor takes the captions as suffix= (PaliGemma's name), not captions=.")
         texts = [text] if isinstance(text, str) else text
         suffixes = [suffix] if isinstance(suffix, str) else suffix
         pixel_values = None

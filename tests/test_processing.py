@@ -97,6 +97,11 @@ def test_transparent_pixels_become_white_not_black(processor):
     )
 
 
+def test_the_earlier_captions_argument_is_refused_not_ignored(processor):
+    with pytest.raises(TypeError, match="suffix="):
+        processor(captions=["a dog."])
+
+
 def test_mismatched_batch_sizes_raise(processor, photos):
     with pytest.raises(ValueError, match=r"2 captions \(suffix\) for a batch of 3"):
         processor(images=photos[:3], suffix=["a", "b"])
