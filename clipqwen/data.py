@@ -353,7 +353,8 @@ def with_checked_images(dataset: Dataset) -> Dataset:
     """The dataset with its images decoded by `load_image` whenever rows are read (the collator, the sample grid,
     anything), instead of by datasets' plain `PIL.Image.open`: the same checks as the up-front pass (format
     allow-list, pixel and decode budgets), and a clear error for a file that changed or disappeared since.
-    Reading other columns (`dataset["captions"]`) does not touch the images."""
+    To read another column without decoding, go through the plain table: `dataset.with_format(None)["captions"]`.
+    Iterating `dataset["captions"]` decodes every image (datasets >= 4 returns a lazy column that formats rows)."""
     plain = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     return plain.with_transform(_decode_images, columns=["image"], output_all_columns=True)
 
