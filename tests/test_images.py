@@ -18,6 +18,7 @@ from PIL import Image
 
 from clipqwen import images
 from clipqwen.images import ClipPixels, ImageLoadError, find_unreadable_images, load_image, pixel_values
+from processing_clipqwen import to_rgb
 
 
 def write_png(path, width, height):
@@ -266,6 +267,16 @@ def test_an_upright_rgb_image_is_not_converted_again_and_a_rotated_one_is_turned
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     rotated = saved(tmp_path / "phone.jpg", Image.new("RGB", (6, 4), "green"), "JPEG", exif=exif)
     assert load_image(rotated).size == (4, 6) and load_image(load_image(rotated)).size == (4, 6)  # turned once
+
+
+def test_an_image_is_converted_once_from_file_to_pixel_values(tmp_path, monkeypatch, processor):
+    conversions = []
+    monkeypatch.setattr(images, "to_rgb", lambda image: conversions.append(image.mode) or to_rgb(image))
+    photo = load_image(sorted(PHOTOS.glob("*.jpg"))[0])  # an RGB JPEG: nothing to convert at all
+    palette = load_image(saved(tmp_path / "palette.png", Image.new("RGB", (40, 30), "red").convert("P")))
+    assert conversions == ["P"] and photo.mode == palette.mode == "RGB"
+    pixel_values([photo, palette], processor)
+    assert conversions == ["P"]  # preprocessing converts nothing again
 
 
 def test_a_file_opened_in_text_mode_or_a_wrong_type_says_what_to_pass(tmp_path):
