@@ -1,13 +1,16 @@
 """Training throughput: the course pipeline against the clipqwen path, full-size model, random weights.
 
-    python benchmarks/bench_train.py --steps 3            # both variants, each in its own process; JSON out
+    python benchmarks/bench_train.py --threads 1   # every variant in its own process, 2 alternating rounds
 
-course (baseline), per step, batch 4: open the JPEGs → CLIP image processor → CLIP forward → Linear(512, 1024)
-    prefix → Qwen3 forward/backward over the captions padded to 128 tokens with logits (151,936-way) at every
-    position and cross-entropy over them → AdamW on the adapter.
+course (baseline), per step, batch 4, in the course's own dtypes (CLIP and the adapter fp32, Qwen3 bf16): open the
+    JPEGs → CLIP image processor → CLIP forward → Linear(512, 1024) prefix → Qwen3 forward/backward over the
+    captions padded to 128 tokens with logits (151,936-way) at every position and cross-entropy over them →
+    AdamW on the adapter. course_fp32 (an extra row): the same with every weight in fp32.
 ours: CLIP features computed once per image (a feature cache; its one-off cost is reported per image), then
-    steps from `vision_embeds` with per-batch padding (ClipQwenProcessor(suffix=...)), logits only at the
-    supervised positions (model.forward with labels), batch 32, bf16 on CUDA.
+    steps from `vision_embeds` with per-batch padding, logits only at the supervised positions (model.forward
+    with labels), batch 32, in the precision clipqwen picks by default on this machine (clipqwen.precision: bf16
+    on CUDA and on CPUs with native bf16, else fp32). ours_bf16: the same with bf16 frozen weights (the adapter
+    keeps fp32 master weights).
 Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
 (photo, human caption) pairs and start from the same weights.
 
@@ -17,10 +20,12 @@ included), plus the adapter. MFU = FLOPs/pair × pairs/s ÷ the chip's dense bf1
 """
 
 import argparse
+import contextlib
 import random
 import sys
 import time
 from pathlib import Path
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,10 +33,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    autocast,
     PeakMemory,
     adapter_train_flops,
+    add_common_arguments,
+    autocast,
     build_model,
     clip_forward_flops,
     configure_threads,
@@ -41,19 +46,28 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     load_examples,
     log,
+    median,
+    median_summary,
     pair_stream,
     peak_flops,
+    per_round_ratios,
     pick_device,
-    pick_dtype,
     processor_for,
     profiled,
-    ratio,
-    run_variant_subprocess,
+    resolve_weights,
+    results_path,
+    run_rounds,
     sync,
+    write_results,
 )
 from processing_clipqwen import to_rgb  # noqa: E402
 
-VARIANTS = ("course", "ours")
+
+VARIANTS = ("course", "course_fp32", "ours", "ours_bf16")
+DEFAULT_VARIANTS = ("course", "ours", "ours_bf16")
+WEIGHTS_OF = {"course": "course", "course_fp32": "fp32", "ours": "default", "ours_bf16": "bf16"}
+MEDIAN_KEYS = ("pairs_per_s", "pairs_per_cpu_s", "caption_tokens_per_s", "peak_memory_gib", "achieved_tflops",
+               "pairs_per_s_incl_cache_5_captions_per_image", "feature_cache_s_per_image")
 
 
 def parse_args(argv=None):
@@ -73,7 +87,7 @@ def parse_args(argv=None):
     parser.add_argument("--course-batch-size", type=int, default=4)
     parser.add_argument("--course-max-length", type=int, default=128, help="the course's fixed caption padding")
     parser.add_argument("--vision-feature-type", choices=("pooled", "patch"), default="pooled", help="ours")
-    add_common_arguments(parser, VARIANTS)
+    add_common_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     return parser.parse_args(argv)
 
 
@@ -85,12 +99,12 @@ def caption_token_counts(processor, captions):
 
 
 # ---- the course pipeline -------------------------------------------------------------------------------------
-def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length, device, dtype):
+def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length, device):
     images = [to_rgb(Image.open(path)) for _, path, _ in pairs]  # JPEG decoded every step
-    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device, model.vision_model.dtype)
     with torch.no_grad():
         image_embeds = model.vision_model(pixel_values=pixel_values).image_embeds  # CLIP every step
-    with autocast(device, dtype):
+    with contextlib.nullcontext():  # no autocast: the weights' own dtypes, as the course calls its bf16 Qwen3
         prefix = model.adapter(image_embeds.to(model.adapter.layers[0].weight.dtype))  # (B, 1, 1024)
         text = tokenizer([caption + "<|endoftext|>" for _, _, caption in pairs], padding="max_length",
                          max_length=max_length, truncation=True, return_tensors="pt").to(device)
@@ -108,8 +122,8 @@ def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length,
     return loss.item()
 
 
-def run_course(args, device, dtype):
-    model = build_model(device, dtype, tiny=args.tiny).train()  # seed preset: pooled 512-d → Linear → 1 token
+def run_course(args, device, weights):
+    model = build_model(device, weights, tiny=args.tiny).train()  # seed preset: pooled 512-d → Linear → 1 token
     processor = processor_for(model)
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
     steps = args.course_steps
@@ -119,14 +133,14 @@ def run_course(args, device, dtype):
     with PeakMemory(device) as memory:
         for step in range(args.warmup):
             course_step(model, processor.image_processor, processor.tokenizer, warm[step * bs:(step + 1) * bs],
-                        optimizer, args.course_max_length, device, dtype)
+                        optimizer, args.course_max_length, device)
         sync(device)
         step_times, cpu_times = [], []
         with profiled(args.profile):
             for step in range(steps):
                 start, cpu_start = time.perf_counter(), time.process_time()
                 loss = course_step(model, processor.image_processor, processor.tokenizer,
-                                   timed[step * bs:(step + 1) * bs], optimizer, args.course_max_length, device, dtype)
+                                   timed[step * bs:(step + 1) * bs], optimizer, args.course_max_length, device)
                 sync(device)
                 step_times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
@@ -140,7 +154,7 @@ def run_course(args, device, dtype):
                       + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
                       + adapter_train_flops(model.adapter, 1))
     return {
-        "variant": "course",
+        "variant": args.only,
         "batch_size": bs,
         "steps": steps,
         "pairs": len(timed),
@@ -164,7 +178,8 @@ def build_feature_cache(model, processor, device, batch_size=32):
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             images = [Image.open(path) for path in paths[i:i + batch_size]]
-            pixel_values = processor.image_processor([to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+            pixel_values = processor.image_processor([to_rgb(im) for im in images],
+                                                     return_tensors="pt")["pixel_values"]
             features.append(model.get_vision_embeds(pixel_values.to(device)))
     return torch.cat(features)
 
@@ -189,10 +204,10 @@ def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_i
     return [[pairs[i] for i in batch] for batch in batches]
 
 
-def ours_step(model, processor, cache, pairs, optimizer, device, dtype):
+def ours_step(model, processor, cache, pairs, optimizer, device, weights):
     inputs = processor(suffix=[caption for _, _, caption in pairs]).to(device)  # per-batch padding, labels
     vision_embeds = cache[torch.tensor([index for index, _, _ in pairs], device=device)]
-    with autocast(device, dtype):
+    with autocast(device, weights):
         loss = model(**inputs, vision_embeds=vision_embeds).loss  # logits only where labels != -100
     loss.backward()
     optimizer.step()
@@ -200,8 +215,9 @@ def ours_step(model, processor, cache, pairs, optimizer, device, dtype):
     return loss.item(), inputs["input_ids"].shape[1], int((inputs["labels"][:, 1:] != -100).sum())
 
 
-def run_ours(args, device, dtype):
-    model = build_model(device, dtype, tiny=args.tiny, vision_feature_type=args.vision_feature_type).train()
+def run_ours(args, device, weights):
+    weights = resolve_weights(device, weights)
+    model = build_model(device, weights, tiny=args.tiny, vision_feature_type=args.vision_feature_type).train()
     processor = processor_for(model)
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
     bs = args.batch_size
@@ -221,14 +237,14 @@ def run_ours(args, device, dtype):
         cache_seconds = time.perf_counter() - start
         log(f"feature cache: {len(cache)} images in {cache_seconds:.2f} s")
         for batch in warm_batches[:args.warmup]:
-            ours_step(model, processor, cache, batch, optimizer, device, dtype)
+            ours_step(model, processor, cache, batch, optimizer, device, weights)
         sync(device)
         step_times, cpu_times, shapes, flops = [], [], [], 0.0
         text = model.config.text_config
         with profiled(args.profile):
             for step, batch in enumerate(timed_batches):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                loss, seq_len, supervised = ours_step(model, processor, cache, batch, optimizer, device, dtype)
+                loss, seq_len, supervised = ours_step(model, processor, cache, batch, optimizer, device, weights)
                 sync(device)
                 step_times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
@@ -244,7 +260,7 @@ def run_ours(args, device, dtype):
     pairs_per_s = len(timed) / seconds
     cache_per_image = cache_seconds / len(cache)
     return {
-        "variant": "ours",
+        "variant": args.only,
         "max_batch_size": bs,
         "group_by_length": args.group_by_length,
         "max_batch_tokens": args.max_batch_tokens if args.group_by_length else None,
@@ -270,12 +286,13 @@ def run_ours(args, device, dtype):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
     configure_threads(args.threads)
     if args.only:
         torch.manual_seed(0)
         load_before = load_average()
-        result = (run_course if args.only == "course" else run_ours)(args, device, dtype)
+        weights = WEIGHTS_OF[args.only]
+        result = (run_course if args.only.startswith("course") else run_ours)(args, device, weights)
+        result["weights"] = resolve_weights(device, weights)
         result["threads"] = torch.get_num_threads()
         result["load_average_1min"] = [load_before, load_average()]
         peak = peak_flops(device)
@@ -286,25 +303,38 @@ def main(argv=None):
 
     argv = list(argv if argv is not None else sys.argv[1:])
     variants = [v for v in args.variants.split(",") if v]
-    results = {v: run_variant_subprocess(Path(__file__), v, argv) for v in variants}
-    summary = {"benchmark": "train", **environment(device), "dtype": str(dtype).replace("torch.", ""),
+    runs = run_rounds(Path(__file__), variants, argv, args.rounds)
+    results = {v: median_summary(r, MEDIAN_KEYS) for v, r in runs.items()}
+    summary = {"benchmark": "train", **environment(device), "rounds": args.rounds,
                "threads": torch.get_num_threads() if device.type == "cpu" else None,
                "peak_flops_bf16": peak_flops(device), **results}
-    if "course" in results and "ours" in results:
-        course, ours = results["course"], results["ours"]
-        summary["ratios_ours_over_course"] = {
-            "pairs_per_s": ratio(ours["pairs_per_s"], course["pairs_per_s"]),
-            "pairs_per_cpu_s": ratio(ours["pairs_per_cpu_s"], course["pairs_per_cpu_s"]),
-            "caption_tokens_per_s": ratio(ours["caption_tokens_per_s"], course["caption_tokens_per_s"]),
-            "pairs_per_s_incl_cache_5_captions_per_image":
-                ratio(ours["pairs_per_s_incl_cache_5_captions_per_image"], course["pairs_per_s"]),
-            "peak_memory": ratio(ours["peak_memory_gib"], course["peak_memory_gib"], 3),
-            "flops_per_pair": ratio(ours["flops_per_pair"], course["flops_per_pair"], 3),
-        }
-        summary["targets"] = {
-            "pairs_per_s_at_least_5x": summary["ratios_ours_over_course"]["pairs_per_s"] >= 5,
-            "peak_memory_not_higher": ours["peak_memory_gib"] <= course["peak_memory_gib"],
-        }
+    # each ratio: ours / the baseline within each round (same load), then the median over the rounds
+    ratios = {}
+    for base in (b for b in ("course", "course_fp32") if b in runs):
+        for v in (v for v in variants if v.startswith("ours")):
+            rounds = {key: per_round_ratios(runs, v, base, key)
+                      for key in ("pairs_per_s", "pairs_per_cpu_s", "peak_memory_gib", "flops_per_pair")}
+            rounds["pairs_per_s_incl_cache_5_captions_per_image"] = per_round_ratios(  # the cache counted
+                runs, v, base, "pairs_per_s_incl_cache_5_captions_per_image", baseline_key="pairs_per_s")
+            ratios[f"{v}/{base}"] = {key: median(values) for key, values in rounds.items()}
+            ratios[f"{v}/{base}"] |= {"pairs_per_s_rounds": rounds["pairs_per_s"],
+                                      "peak_memory_gib_rounds": rounds["peak_memory_gib"]}
+    summary["ratios"] = ratios
+    summary["targets"] = {
+        name: {"pairs_per_s_at_least_5x": r["pairs_per_s"] >= 5, "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1}
+        for name, r in ratios.items() if name.endswith("/course")
+    }
+    headline = {}
+    for v, suffix in (("ours", ""), ("ours_bf16", "_bf16")):
+        if f"{v}/course" in ratios:
+            headline[f"train_ratio{suffix}"] = ratios[f"{v}/course"]["pairs_per_s"]
+            headline[f"train_peak_memory_ratio{suffix}"] = ratios[f"{v}/course"]["peak_memory_gib"]
+    if "ours" in results:
+        headline["train_ours_precision"] = results["ours"]["weights"]
+    path = results_path(args)
+    if path and "course" in runs:
+        figures = {key: summary[key] for key in ("command", "torch", "rounds", "threads", "ratios", "targets")}
+        write_results("train", figures | results, headline, environment(device), path)
     emit(summary)
 
 

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: the full-size model with random weights, real photos and captions,
-device/dtype choice, peak-memory measurement, analytic FLOPs, and running each variant in its own process.
+device and weight-precision choice, peak-memory measurement, analytic FLOPs, running each variant in its own
+process in alternating rounds, and benchmarks/results.json.
 
 Every variant (the course pipeline and ours) runs in a fresh subprocess that builds the same model from the
 same seed, so that peak memory is measured the same way for each and one variant's allocations cannot
@@ -9,13 +10,18 @@ inflate another's: on CUDA `torch.cuda.max_memory_allocated`, on CPU the process
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
+import platform
 import random
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the Hub: weights are random
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,12 +33,18 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from clipqwen.freezing import freeze_backbones  # noqa: E402
+from clipqwen.precision import apply_precision, cpu_flags, cpu_has_native_bf16, default_precision  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
+
 PHOTOS = ROOT / "examples" / "coco-cc-by"
-DATE = "2026-11-26"
+RESULTS = ROOT / "benchmarks" / "results.json"
+CACHE_RESULTS = ROOT / "benchmarks" / "cache_results.json"
+# CPU flags worth recording: bf16 and int8 arithmetic in hardware differ between these machines.
+RECORDED_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                  "amx_int8", "bf16", "i8mm")
 # Dense bf16 tensor-core peak (no sparsity) of the chips the GPU script may run on, in FLOP/s.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -48,12 +60,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """Weights of both pipelines, so that ratios measure the pipeline and not the precision. auto: bf16 on
-    CUDA, fp32 on CPU (CPUs with AMX run bf16 matrix products faster: pass bfloat16 explicitly there)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+# The weights a variant runs with. "course" is the course project's own choice: CLIP (and the adapter) in fp32,
+# Qwen3 loaded in bf16. "default" is what clipqwen runs by default on this machine (clipqwen.precision: bf16 on
+# CUDA and on CPUs with native bf16, fp32 elsewhere).
+WEIGHTS = ("course", "fp32", "bf16", "int8", "default")
+
+
+def resolve_weights(device: torch.device, weights: str) -> str:
+    return default_precision(device) if weights == "default" else weights
 
 
 def configure_threads(threads: int | None):
@@ -109,21 +123,26 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for chip, flops in PEAK_BF16_FLOPS.items() if chip in name), None)
 
 
-def build_model(device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, **config_kwargs):
+def build_model(device: torch.device, weights: str, seed: int = 0, tiny: bool = False, **config_kwargs):
     """The full-size architecture (`ClipQwenConfig()` defaults are CLIP ViT-B/32 + Qwen3-0.6B-Base) with
-    random weights, built directly on `device`. Same seed ⇒ same weights in every process. `tiny` builds
-    the test preset instead (a smoke test of the scripts, not a benchmark)."""
+    random weights, built directly on `device`, in `weights` (WEIGHTS). Same seed ⇒ same weights in every process.
+    `tiny` builds the test preset instead (a smoke test of the scripts, not a benchmark)."""
     random.seed(seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
     config = tiny_config(**config_kwargs) if tiny else ClipQwenConfig(**config_kwargs)
     with torch.device(device):
         model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the adapter alone trains
-    model.to(dtype)
-    if dtype != torch.float32:
+    weights = resolve_weights(device, weights)
+    if weights == "course":
+        model.language_model.to(torch.bfloat16)  # CLIP and the adapter stay fp32, as the course loads them
+    elif weights == "int8":
+        apply_precision(model, "int8")  # inference only: bf16 CLIP and adapter, int8 decoder linears
+    else:
+        model.to(torch.float32 if weights == "fp32" else torch.bfloat16)
         model.adapter.float()  # the trainable part keeps fp32 master weights for AdamW
     log(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
-        f"on {device} in {time.perf_counter() - start:.1f} s")
+        f"on {device} in {time.perf_counter() - start:.1f} s, weights {weights}")
     return model
 
 
@@ -261,16 +280,101 @@ def run_variant_subprocess(script: Path, variant: str, argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_rounds(script: Path, variants: list[str], argv: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Every variant once per round, each in its own process, in alternating order (forward, then backward), so
+    that a change in the machine's load during the run falls on both sides of each comparison alike."""
+    results = {variant: [] for variant in variants}
+    for round_ in range(rounds):
+        order = variants if round_ % 2 == 0 else variants[::-1]
+        log(f"\n##### round {round_ + 1} of {rounds}: {', '.join(order)}")
+        for variant in order:
+            result = run_variant_subprocess(script, variant, argv)
+            result["round"] = round_ + 1
+            results[variant].append(result)
+    return results
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def per_round_ratios(results: dict[str, list[dict]], variant: str, baseline: str, key: str, digits: int = 3,
+                     baseline_key: str | None = None):
+    """ours[key] / baseline[baseline_key or key] within each round (both measured under that round's load)."""
+    return [ratio(ours[key], base[baseline_key or key], digits)
+            for ours, base in zip(results[variant], results[baseline])]
+
+
+def median_summary(runs: list[dict], keys: tuple[str, ...]) -> dict:
+    """The first round's full record, with each of `keys` replaced by its median over the rounds and its values
+    per round beside it (`<key>_rounds`)."""
+    summary = dict(runs[0])
+    for key in keys:
+        values = [run.get(key) for run in runs]
+        summary[key] = median(values)
+        summary[key + "_rounds"] = values
+    summary["rounds"] = len(runs)
+    return summary
+
+
+def write_results(section: str, figures: dict, headline: dict, environment_record: dict, path: Path = RESULTS):
+    """Merge one benchmark's figures into benchmarks/results.json: its headline ratios at the top level, its
+    details under `section`, the date, machine and load of this run, and `cache_worker_scaling` copied (with its
+    own date) from benchmarks/cache_results.json, which benchmarks/bench_cache.py writes."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = {}
+    results.update(headline)
+    results[section] = {**environment_record, **figures}
+    results["date"] = environment_record["date"]
+    results["machine"] = environment_record["machine"]
+    results.setdefault("dates", {})[section] = environment_record["date"]
+    try:
+        cache = json.loads(CACHE_RESULTS.read_text(encoding="utf-8"))
+        results["cache_worker_scaling"] = cache["cache_worker_scaling"]
+        results["dates"]["cache_worker_scaling"] = cache.get("date")
+        results["cache_worker_scaling_source"] = str(CACHE_RESULTS.relative_to(ROOT))
+    except (OSError, ValueError, KeyError):
+        log(f"no cache_worker_scaling: {CACHE_RESULTS} is missing or has no such key")
+    fd, temporary = tempfile.mkstemp(dir=Path(path).parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(temporary, path)  # readers never see half a file
+    log(f"figures written to {path}")
+
+
+def machine(device: torch.device) -> dict:
+    """What the figures depend on: the chip, its cores and (CPU) the flags that decide bf16/int8 speed, and the
+    load other processes put on it."""
+    flags = cpu_flags()
+    return {
+        "device": device_name(device),
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "cpu_flags": [flag for flag in RECORDED_FLAGS if flag in flags],
+        "native_bf16": cpu_has_native_bf16(flags),
+        "default_precision": default_precision(device),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+
+
 def environment(device: torch.device) -> dict:
     import transformers
 
     return {
-        "device": device_name(device),
-        "date": DATE,
+        "date": now(),
+        "machine": machine(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "command": " ".join(["python", _script_name(), *sys.argv[1:]]),
     }
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _script_name() -> str:
@@ -286,20 +390,33 @@ def emit(result: dict):
     print(json.dumps(result), flush=True)
 
 
-def add_common_arguments(parser, variants):
-    """The options both benchmarks share: device, dtype, threads, profiling, variants."""
+def add_common_arguments(parser, variants, default_variants=None):
+    """The options both benchmarks share: device, threads, rounds, profiling, variants, results file."""
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights of both variants (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
                         "per core); use 1 on a machine shared with other busy processes")
+    parser.add_argument("--rounds", type=int, default=2, help="each variant runs once per round, in alternating "
+                        "order; figures are medians, ratios the median of the per-round ratios")
     parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
-    parser.add_argument("--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark")
-    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny preset: a smoke test of this script, not a benchmark")
+    parser.add_argument("--variants", default=",".join(default_variants or variants),
+                        help="comma-separated subset of " + ",".join(variants))
+    parser.add_argument("--results", default=None, help=f"merge the figures into this JSON file (default "
+                        f"{RESULTS.relative_to(ROOT)}; not written with --tiny unless given)")
     parser.add_argument("--only", choices=variants, help=argparse.SUPPRESS)  # internal: run one variant here
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
+def results_path(args) -> Path | None:
+    """--results FILE, or '' for none; by default benchmarks/results.json, except for --tiny smoke tests."""
+    if args.results is not None:
+        return Path(args.results) if args.results else None
+    return None if args.tiny else RESULTS
+
+
+def autocast(device: torch.device, weights: str):
+    """bf16 autocast on CUDA for our bf16 variants (fp32 adapter, bf16 frozen weights); elsewhere the weights'
+    dtypes decide, as in the course code."""
+    if device.type == "cuda" and weights in ("bf16", "int8"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
