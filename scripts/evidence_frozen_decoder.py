@@ -341,9 +341,9 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     trainer.train()
     timings["train_seconds"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    test = trainer.evaluate(eval_dataset=canonical_pairs(splits["test"]), metric_key_prefix="test")
+    output = trainer.predict(canonical_pairs(splits["test"]), metric_key_prefix="test")
+    test, predictions = output.metrics, output.predictions
     timings["test_seconds"] = round(time.perf_counter() - start, 1)
-    predictions = trainer.predictions["test"]
 
     metrics = {
         "run": name, "preset": preset, "decoder": decoder, "decoder_class": type(model.language_model).__name__,
