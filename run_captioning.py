@@ -39,7 +39,7 @@ from clipqwen.prepare import CaptionData, prepare_data
 from clipqwen.presets import bundled_processor, clip_image_processor, tiny_config
 from clipqwen.timing import PhaseTimer
 from clipqwen.trainer import CaptionTrainer, NonFiniteLossError
-from configuration_clipqwen import ADAPTER_TYPES, VISION_FEATURE_TYPES
+from configuration_clipqwen import AdapterType, VisionFeatureType
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 
@@ -83,13 +83,15 @@ class ModelArguments:
             "of loading backbones."
         )},
     )
-    adapter_type: str = field(
+    # The config's own Literal types: argparse offers and checks their choices; the config checks every field again
+    # when it is built (a JSON argument file's values reach it unchecked by argparse).
+    adapter_type: AdapterType = field(
         default="linear",
-        metadata={"help": f"Adapter: one of {ADAPTER_TYPES} ('linear' is the seed-exact preset)."},
+        metadata={"help": "Adapter ('linear' is the seed-exact preset, 'mlp2x_gelu' LLaVA-1.5's)."},
     )
-    vision_feature_type: str = field(
+    vision_feature_type: VisionFeatureType = field(
         default="pooled",
-        metadata={"help": f"CLIP features: one of {VISION_FEATURE_TYPES}."},
+        metadata={"help": "CLIP features: the pooled embedding, or every position's hidden state (LLaVA)."},
     )
     num_pooled_image_tokens: int = field(
         default=1,
@@ -127,10 +129,6 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
 
     def __post_init__(self):
-        if self.adapter_type not in ADAPTER_TYPES:
-            raise ValueError(f"--adapter_type {self.adapter_type!r}: use one of {ADAPTER_TYPES}.")
-        if self.vision_feature_type not in VISION_FEATURE_TYPES:
-            raise ValueError(f"--vision_feature_type {self.vision_feature_type!r}: use one of {VISION_FEATURE_TYPES}.")
         if self.lora_r < 0 or (self.lora_r and not self.lora_target_modules.strip()):
             raise ValueError("--lora_r must be >= 0, and LoRA needs --lora_target_modules.")
         if self.lora_r and not self.freeze_language_model:
@@ -332,8 +330,9 @@ def build_model_and_processor(args: ModelArguments):
     if args.lora_r:
         targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          # a regex, so that CLIP's q_proj/v_proj are never wrapped
-                          target_modules=rf"language_model\.model\.layers\.\d+\..*\.({targets})",
+                          # a regex inside the decoder, whatever its module tree, so that CLIP's q_proj/v_proj
+                          # are never wrapped
+                          target_modules=rf"language_model\..*\.({targets})",
                           modules_to_save=["adapter"])
         model = get_peft_model(model, lora)
     return model, processor

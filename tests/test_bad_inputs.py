@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 import torch
 from conftest import PHOTOS, ROOT
 
@@ -297,8 +298,6 @@ def test_a_raw_nul_byte_in_jsonl_names_the_row(tmp_path):
 
 # ---- arguments and configuration ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
-    (["--adapter_type", "transformer"], "--adapter_type 'transformer': use one of"),
-    (["--vision_feature_type", "cls"], "--vision_feature_type 'cls': use one of"),
     (["--lora_r", "4", "--freeze_language_model", "False"], "LoRA trains a frozen language model"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
     (["--max_caption_length", "1"], "--max_caption_length must be at least 2"),
@@ -310,10 +309,21 @@ def test_wrong_arguments_are_refused_naming_the_flag(flags, message, tmp_path):
     assert message in str(error.value)
 
 
-def test_a_value_outside_a_flags_choices_is_an_argparse_error(tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("caption_mode", "some"), ("adapter_type", "transformer"),
+                                         ("vision_feature_type", "cls")])
+def test_a_value_outside_a_flags_choices_is_an_argparse_error(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_captioning.parse_args(["--output_dir", str(tmp_path), "--caption_mode", "some"])
-    assert "--caption_mode/--caption-mode: invalid choice: 'some'" in capsys.readouterr().err
+        run_captioning.parse_args(["--output_dir", str(tmp_path), f"--{flag}", value])
+    assert f"--{flag}/--{flag.replace('_', '-')}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_path):
+    # argparse does not check a JSON file's values (they become its defaults): the config does, naming the field
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "tiny_model": True, "dataset_name": "embedded",
+                                  "do_train": True, "adapter_type": "transformer"}))
+    with pytest.raises(StrictDataclassError, match="Field 'adapter_type' expected one of"):
+        run_captioning.main(run_captioning.parse_args([str(config)]))
 
 
 def test_unknown_keys_in_a_json_config_are_refused(tmp_path):

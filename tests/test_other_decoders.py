@@ -151,3 +151,25 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     with pytest.raises(ValueError, match="'revision' is given twice"):
         ClipQwenForConditionalGeneration.from_pretrained_backbones(
             str(tmp_path / "clip"), str(tmp_path / "llama"), text_revision="main", text_kwargs={"revision": "v2"})
+
+
+def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
+    # run_captioning's LoRA target is a pattern inside the decoder, not Qwen3's module tree: a Llama gets it too,
+    # and CLIP's q_proj / v_proj never do
+    from peft.tuners.lora import LoraLayer
+
+    import run_captioning
+    from clipqwen.presets import clip_image_processor
+
+    model, _ = tiny_llama_model_and_processor(seed=3)
+    CLIPVisionModelWithProjection(model.config.vision_config).save_pretrained(tmp_path / "clip")
+    clip_image_processor().save_pretrained(tmp_path / "clip")
+    LlamaForCausalLM(tiny_llama_config(vocab_size=300).text_config).save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    args = run_captioning.ModelArguments(vision_model_name_or_path=str(tmp_path / "clip"),
+                                         text_model_name_or_path=str(tmp_path / "llama"), lora_r=4)
+    model, _ = run_captioning.build_model_and_processor(args)
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    layers = model.config.text_config.num_hidden_layers
+    assert len(wrapped) == 4 * layers and all(".language_model.model.layers." in name for name in wrapped)
+    assert {name.rsplit(".", 1)[-1] for name in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj"}
