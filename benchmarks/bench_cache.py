@@ -238,6 +238,31 @@ def parity(processor, generated: list[Path]) -> dict:
     return result
 
 
+def ratios(rates: dict, cpu_total: dict, ceiling_per_round: list[float]) -> dict:
+    """The ratios benchmarks/results.json takes over (data path alone, the vision tower left out), each the median
+    of its per-round ratios: the paths of one round ran back to back, under nearly the same load."""
+
+    def per_round(kind, top, bottom, scale=1.0):
+        return round(statistics.median([a / b * scale for a, b in zip(rates[kind][top], rates[kind][bottom])]), 2)
+
+    ceiling = statistics.median(ceiling_per_round)
+    scaling = per_round("data", NEW[2], NEW[1])
+    return {
+        "cache_worker_scaling": scaling,
+        "cache_new_vs_old_per_core": per_round("data", NEW[1], OLD),
+        "cache_new_2_workers_vs_old_per_core": per_round("data", NEW[2], OLD, 0.5),
+        "cache_new_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[NEW[1]], 2),
+        "cache_new_in_process_vs_old": per_round("data", IN_PROCESS, OLD),
+        "cache_new_in_process_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[IN_PROCESS], 2),
+        # what this machine gave a second process at that moment: 2.0 on two free cores
+        "machine_scaling_ceiling": round(ceiling, 2),
+        "cache_worker_scaling_of_ceiling": round(scaling / ceiling, 2),
+        "end_to_end_tiny_clip": {
+            "cache_worker_scaling": per_round("end_to_end_tiny_clip", NEW[2], NEW[1]),
+            "new_1_worker_vs_old": per_round("end_to_end_tiny_clip", NEW[1], OLD)},
+    }
+
+
 def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -319,13 +344,9 @@ def main():
                 for kind, group in table.items()}
 
     median = medians(rates)
-    data_rates = median["data"]
-    old, one, two = data_rates[OLD], data_rates[NEW[1]], data_rates[NEW[2]]
-    e2e = median["end_to_end_tiny_clip"]
-    ceiling_ratio = statistics.median(ceiling[2]) / statistics.median(ceiling[1])
     cpu_total = {name: round(statistics.median([m + w for m, w in zip(cpu_main["data"][name],
                                                                          cpu_workers["data"][name])]), 2)
-                 for name in data_rates}
+                 for name in rates["data"]}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**info, "load_average_per_round": [round(x, 2) for x in loads],
@@ -337,18 +358,8 @@ def main():
                                     for kind, group in rates.items()},
         "cpu_ms_per_image_median": {"main": medians(cpu_main), "workers": medians(cpu_workers),
                                     "data_path_total": cpu_total},
-        # the keys benchmarks/results.json takes over: data path alone, vision tower left out
-        "cache_worker_scaling": round(two / one, 2),
-        "cache_new_vs_old_per_core": round(one / old, 2),
-        "cache_new_2_workers_vs_old_per_core": round(two / 2 / old, 2),
-        "cache_new_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[NEW[1]], 2),
-        "cache_new_in_process_vs_old": round(data_rates[IN_PROCESS] / old, 2),
-        "cache_new_in_process_vs_old_per_cpu_second": round(cpu_total[OLD] / cpu_total[IN_PROCESS], 2),
-        "machine_scaling_ceiling": round(ceiling_ratio, 2),
         "machine_scaling_ceiling_all_rounds": [round(b / a, 2) for a, b in zip(ceiling[1], ceiling[2])],
-        "cache_worker_scaling_of_ceiling": round(two / one / ceiling_ratio, 2),
-        "end_to_end_tiny_clip": {"cache_worker_scaling": round(e2e[NEW[2]] / e2e[NEW[1]], 2),
-                                 "new_1_worker_vs_old": round(e2e[NEW[1]] / e2e[OLD], 2)},
+        **ratios(rates, cpu_total, [b / a for a, b in zip(ceiling[1], ceiling[2])]),
         "decodes": decodes,
         "single_thread_cpu_ms_per_image": steps,
         "parity_new_vs_old_preprocessing": matched,
