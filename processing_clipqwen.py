@@ -41,8 +41,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image → an 8-bit RGB image that looks like the original.
 
     Pillow's own `convert("RGB")` clips 16-bit and float images (a 16-bit photo comes out white), paints
-    transparent pixels black, and ignores the EXIF orientation that phone photos rely on.
+    transparent pixels black, and ignores the EXIF orientation that phone photos rely on. An image with nothing to
+    convert (8-bit RGB, no transparent colour key, upright) comes back as it is, not copied, so that converting twice
+    (a loader, then `preprocess_images`) costs nothing.
     """
+    if image.mode == "RGB" and "transparency" not in image.info and _upright(image):
+        return image
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block must not lose the picture; keep the stored orientation
@@ -62,7 +66,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # RGB here is already a new image
+
+
+def _upright(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) not in range(2, 9)  # EXIF Orientation 2..8: flip or rotate
+    except Exception:  # a corrupt EXIF block: the stored orientation is kept, as below
+        return True
 
 
 def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
@@ -222,7 +233,8 @@ class ClipQwenProcessor(ProcessorMixin):
     def preprocess_images(self, images: list) -> torch.Tensor:
         """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""
         images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
-        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        # PIL images are RGB now: the image processor's own conversion would only copy them again
+        return self.image_processor(images, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated ids to captions (placeholders and the end token are special and dropped)."""

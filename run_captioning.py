@@ -400,7 +400,8 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
         return None
     by_id = {row["image_id"]: row for row in predictions[split]}
     dataset = data.with_images[split]
-    indices = [i for i, image_id in enumerate(dataset["image_id"]) if image_id in by_id][:count]
+    # without its format (the image-decoding transform), reading the ids decodes no image
+    indices = [i for i, image_id in enumerate(dataset.with_format(None)["image_id"]) if image_id in by_id][:count]
     if not indices:
         return None
     shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices)]

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from processing_clipqwen import bound_aspect_ratio, to_rgb
 
@@ -134,7 +134,7 @@ def _load(source, name, decode):
                 image.load()
                 # Independent of the file closed on leaving `with`: its pixels are in memory (or converted to a
                 # copy), unless Pillow memory-mapped an uncompressed file, which a later write to it would change.
-                rgb = rgb_once(image)
+                rgb = to_rgb(image)
                 return rgb.copy() if rgb is image and getattr(image, "map", None) is not None else rgb
     except ImageLoadError:
         raise
@@ -152,7 +152,7 @@ def _load_pil(image, name, decode):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
-        return rgb_once(image)
+        return to_rgb(image)
     except ImageLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - untrusted input: any decoder failure means "unusable file"
@@ -170,22 +170,6 @@ def _load_error(error, name, data, path):
     if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
         return ImageLoadError(name, f"the file cannot be read ({error.strerror})", "Check the path.")
     return ImageLoadError(name, f"it is truncated or corrupt ({type(error).__name__}: {error})")
-
-
-def rgb_once(image: Image.Image) -> Image.Image:
-    """`to_rgb(image)`, without the copy when there is nothing to convert: an 8-bit RGB image without a transparent
-    colour key whose EXIF orientation (if any) is upright comes back as it is. `to_rgb` copies twice even then
-    (`exif_transpose`, `convert`), and every caller used to run it twice (here, then `preprocess_images`)."""
-    if image.mode == "RGB" and "transparency" not in image.info and _upright(image):
-        return image
-    return to_rgb(image)
-
-
-def _upright(image):
-    try:
-        return image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)  # 2..8 flip or rotate
-    except Exception:  # noqa: BLE001 - a corrupt EXIF block: `to_rgb` keeps the stored orientation too
-        return True
 
 
 def _check_header(image, name, allow_unknown_format=False):
@@ -242,7 +226,7 @@ class ClipPixels:
     """CLIP's preprocessing as `CLIPImageProcessorPil` does it (shortest edge resized to `size`, centre crop, rescale,
     normalise) and as `processor.preprocess_images` calls it (`to_rgb`, `bound_aspect_ratio` first), in fewer steps:
 
-    - no second RGB conversion (`rgb_once`) and no round trips between PIL and NumPy (the processor converts every
+    - no second RGB conversion (`to_rgb` returns an RGB image as it is) and no round trips between PIL and NumPy (the processor converts every
       image to an array and back to resize it);
     - only the centre crop is resized: PIL's `resize(box=...)` maps the crop's area of the source image straight to
       `crop_size`, with the filter the full resize would use; skipping the part the crop throws away saves 25 %
@@ -290,7 +274,7 @@ class ClipPixels:
 
     def crop(self, image: Image.Image) -> np.ndarray:
         """The 8-bit (crop_h, crop_w, 3) centre crop of `image` resized as the processor resizes it."""
-        image = bound_aspect_ratio(rgb_once(image))
+        image = bound_aspect_ratio(to_rgb(image))
         width, height = image.size
         # transformers' get_resize_output_image_size(default_to_square=False), then its center_crop offsets
         short, long = (width, height) if width <= height else (height, width)

@@ -270,13 +270,17 @@ def test_an_upright_rgb_image_is_not_converted_again_and_a_rotated_one_is_turned
 
 
 def test_an_image_is_converted_once_from_file_to_pixel_values(tmp_path, monkeypatch, processor):
+    palette_file = saved(tmp_path / "palette.png", Image.new("RGB", (40, 30), "red").convert("P"))
     conversions = []
-    monkeypatch.setattr(images, "to_rgb", lambda image: conversions.append(image.mode) or to_rgb(image))
+    convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda image, *a, **k: conversions.append(image.mode) or
+                        convert(image, *a, **k))
     photo = load_image(sorted(PHOTOS.glob("*.jpg"))[0])  # an RGB JPEG: nothing to convert at all
-    palette = load_image(saved(tmp_path / "palette.png", Image.new("RGB", (40, 30), "red").convert("P")))
+    palette = load_image(palette_file)
     assert conversions == ["P"] and photo.mode == palette.mode == "RGB"
     pixel_values([photo, palette], processor)
-    assert conversions == ["P"]  # preprocessing converts nothing again
+    processor.preprocess_images([photo, palette])  # the processor's own path (CLI, pipeline) converts nothing either
+    assert conversions == ["P"]
 
 
 def test_a_file_opened_in_text_mode_or_a_wrong_type_says_what_to_pass(tmp_path):
