@@ -18,7 +18,6 @@ from PIL import Image
 
 from clipqwen import images
 from clipqwen.images import ClipPixels, ImageLoadError, find_unreadable_images, load_image, pixel_values
-from processing_clipqwen import to_rgb
 
 
 def write_png(path, width, height):
