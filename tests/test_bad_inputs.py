@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-from huggingface_hub.errors import StrictDataclassError
 import torch
 from conftest import PHOTOS, ROOT
+from huggingface_hub.errors import StrictDataclassError
 
 import run_captioning
 from clipqwen.data import read_annotation_file, remove_empty_captions
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
+
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
         "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
@@ -25,7 +26,8 @@ EMBEDDED = ("--dataset_name", "embedded", "--max_train_samples", "16")
 
 
 def run(out: Path, *flags, data=EMBEDDED, tiny=True):
-    args = [*(TINY if tiny else TINY[1:]), *data, "--output_dir", str(out), "--feature_cache_dir", str(out.parent / "features"), *flags]
+    args = [*(TINY if tiny else TINY[1:]), *data, "--output_dir", str(out),
+            "--feature_cache_dir", str(out.parent / "features"), *flags]
     return run_captioning.main(run_captioning.parse_args(args))
 
 
@@ -91,7 +93,8 @@ def test_pickled_weights_are_refused_by_run_captioning_without_executing(saved_m
     marker = tmp_path / "pwned"
     (saved_model / "model.safetensors").unlink()
     names = plant_pickles(saved_model, marker)
-    with pytest.raises(ValueError, match=rf"no \.safetensors weights, only pickled ones \({', '.join(sorted(names))}\)"):
+    with pytest.raises(ValueError,
+                       match=rf"no \.safetensors weights, only pickled ones \({', '.join(sorted(names))}\)"):
         run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model), tiny=False)
     assert not marker.exists()
 
@@ -106,7 +109,8 @@ def test_run_captioning_never_runs_the_code_or_pickles_shipped_with_a_model(save
     marker = tmp_path / "pwned"
     plant_pickles(saved_model, marker)
     booby_trap_code(saved_model, marker)
-    metrics = run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model), tiny=False)
+    metrics = run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model),
+                  tiny=False)
     assert metrics["train_samples"] == 16 and not marker.exists()
 
 
@@ -227,7 +231,7 @@ def test_annotation_paths_escaping_the_image_root_are_refused(tmp_path, kind):
         run(tmp_path / "out", "--do_train", "--max_steps", "1", data=("--train_file", str(data / "train.jsonl")))
 
 
-# ---- captions and annotation files ------------------------------------------------------------------------------------
+# ---- captions and annotation files ----------------------------------------------------------------------------------
 def caption_files(tmp_path, captions_per_image):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -296,7 +300,7 @@ def test_a_raw_nul_byte_in_jsonl_names_the_row(tmp_path):
         read_annotation_file(str(path), "image", "caption", None)
 
 
-# ---- arguments and configuration ----------------------------------------------------------------------------------------
+# ---- arguments and configuration ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (["--lora_r", "4", "--freeze_language_model", "False"], "LoRA trains a frozen language model"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
@@ -341,7 +345,7 @@ def test_an_image_token_count_mismatch_between_model_and_processor_is_refused(ma
         run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(folder), tiny=False)
 
 
-# ---- the Hub out of reach ---------------------------------------------------------------------------------------------
+# ---- the Hub out of reach -------------------------------------------------------------------------------------------
 OFFLINE_HINT = "Without access to the Hugging Face Hub, pass local folders"
 
 

@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PHOTOS, ROOT
 from localhub import CLIP_ID, FLICKR_ID, LocalHub, build_clip_repo, build_flickr30k_repo, build_qwen_repo
+
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 
@@ -46,7 +46,8 @@ def readme_commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Train on Flickr30K"):]
     block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
-    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("accelerate launch run_captioning.py")]
+    lines = [line for line in block.replace("\\\n", " ").splitlines()
+             if line.startswith("accelerate launch run_captioning.py")]
     return [shlex.split(line) for line in lines]
 
 
@@ -107,12 +108,13 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
     files = pushed_files(hub, repo_id, sha)
     print(f"\n{repo_id}@{sha} holds:\n  " + "\n  ".join(files))
     assert not [name for name in files if PICKLES.search(name)], files
-    assert {"model.safetensors", "config.json", "generation_config.json", "modeling_clipqwen.py", "processor_config.json",
-            "README.md", "predictions_test.jsonl", "last-checkpoint/trainable_weights.safetensors"} <= set(files)
+    assert {"model.safetensors", "config.json", "generation_config.json", "modeling_clipqwen.py",
+            "processor_config.json", "README.md", "predictions_test.jsonl",
+            "last-checkpoint/trainable_weights.safetensors"} <= set(files)
     assert not any(name.startswith("checkpoint-") or name.startswith("lora/README") for name in files)
     head = hub.sha("model", repo_id, "main")
-    card_on_hub = subprocess.run(["git", "--git-dir", str(hub.repo_path("model", repo_id)), "show", f"{head}:README.md"],
-                                 capture_output=True, text=True, check=True).stdout
+    card_on_hub = subprocess.run(["git", "--git-dir", str(hub.repo_path("model", repo_id)), "show",
+                                  f"{head}:README.md"], capture_output=True, text=True, check=True).stdout
     assert f'revision = "{sha}"' in card_on_hub
 
     # a fresh process elsewhere loads the pushed commit by id and sha, with the repository's own code
@@ -139,7 +141,8 @@ def test_push_to_a_private_branch_pins_that_branchs_commit(hub, runtime_python, 
     info = run_child(hub, runtime_python, ["-c", "from huggingface_hub import model_info; i = model_info("
                                            "'you/clipqwen-dev', revision='dev'); print(i.private, i.sha)"],
                      ROOT, tmp_path / "hf-home").stdout.split()
-    assert info[0] == "True" and info[1] == hub.sha("model", "you/clipqwen-dev", "dev") != sha  # the card commit follows
+    # the card commit follows
+    assert info[0] == "True" and info[1] == hub.sha("model", "you/clipqwen-dev", "dev") != sha
 
 
 def test_readme_backbone_block_assembles_from_the_hub(hub, runtime_python, tmp_path):

@@ -10,13 +10,13 @@ import os
 
 import pytest
 import torch
-from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM
-
 from conftest import PHOTOS
-from modeling_clipqwen import ClipQwenForConditionalGeneration
-from processing_clipqwen import ClipQwenProcessor
 from test_remote_code import assert_fresh_process_matches
 from tiny_decoders import END, tiny_llama_config, tiny_llama_model_and_processor, tiny_tokenizer
+from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM
+
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+from processing_clipqwen import ClipQwenProcessor
 
 
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])
@@ -40,7 +40,8 @@ def test_processor_adds_a_placeholder_and_the_model_grows_one_frozen_row(llama):
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     # the new row is frozen with the rest of the decoder: only the adapter trains
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    assert ({n for n, p in model.named_parameters() if p.requires_grad}
+            == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()})
     # generation ends on the caption end token the labels supervise, and never writes the placeholder
     assert model.generation_config.eos_token_id == 0 and model.generation_config.suppress_tokens == [300]
     # a special token: dropped from decoded captions; literal text that spells it stays text
@@ -55,11 +56,13 @@ def test_loss_is_cross_entropy_and_logits_equal_plain_llama(llama, photos):
     assert (batch["input_ids"][:, 0] == 300).all()
     with torch.no_grad():
         loss = model(**batch).loss
-        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]).logits
         embeds = model.merge_image_features(batch["input_ids"], model.get_input_embeddings()(batch["input_ids"]),
                                             model.get_image_features(batch["pixel_values"]).pooler_output)
     keep = batch["labels"][:, 1:].reshape(-1) != -100
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1])[keep], batch["labels"][:, 1:].reshape(-1)[keep])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1])[keep],
+                                                 batch["labels"][:, 1:].reshape(-1)[keep])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
     llama = LlamaForCausalLM(model.config.text_config).eval()
@@ -87,7 +90,8 @@ def test_generation_uses_the_cache_and_never_writes_the_placeholder(llama, photo
     model, processor = llama
     batch = processor(images=photos[:2], text=["", "A photo of"])
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, output_scores=True,
+                             return_dict_in_generate=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         for _ in range(6):  # the course project's loop: no cache, the whole sequence every step
             step = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits[:, -1]
@@ -113,7 +117,8 @@ def test_saved_llama_captioner_loads_in_a_fresh_process_with_identical_outputs(t
 
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
-    assert child["decoder"] == "LlamaForCausalLM" and child["image_token_id"] == child["processor_image_token_id"] == 300
+    assert (child["decoder"] == "LlamaForCausalLM"
+            and child["image_token_id"] == child["processor_image_token_id"] == 300)
 
 
 def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_path, photos):
@@ -126,7 +131,8 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     tokenizer.save_pretrained(tmp_path / "llama")
 
     assembled = ClipQwenForConditionalGeneration.from_pretrained_backbones(
-        str(tmp_path / "clip"), str(tmp_path / "llama"), text_kwargs={"dtype": torch.bfloat16}, adapter_type="mlp2x_gelu")
+        str(tmp_path / "clip"), str(tmp_path / "llama"), text_kwargs={"dtype": torch.bfloat16},
+        adapter_type="mlp2x_gelu")
     assert assembled.language_model.dtype == torch.bfloat16 and assembled.vision_model.dtype == torch.float32
     assert assembled.config.image_token_id is None  # only Qwen3's placeholder id is known before the tokenizer
     with pytest.raises(ValueError, match="match_processor"):
@@ -136,14 +142,16 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
 
     from clipqwen.presets import clip_image_processor
 
-    processor = ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"), caption_end_token=None)
+    processor = ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"),
+                                  caption_end_token=None)
     assert processor.caption_end_token == END  # None: the tokenizer's EOS
     assembled.match_processor(processor)
     for name, tensor in llama.state_dict().items():
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.equal(assembled.language_model.state_dict()[name], tensor.to(torch.bfloat16)), name
     embeddings = assembled.get_input_embeddings().weight
-    assert embeddings.shape[0] == 301 and torch.equal(embeddings[:300], llama.get_input_embeddings().weight.to(torch.bfloat16))
+    assert embeddings.shape[0] == 301 and torch.equal(embeddings[:300],
+                                                      llama.get_input_embeddings().weight.to(torch.bfloat16))
     with torch.no_grad():
         out = assembled.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3)
     assert out.shape == (1, 4) and out[0, 0] == 300

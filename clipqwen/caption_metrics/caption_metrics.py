@@ -32,6 +32,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from rouge_score.rouge_scorer import RougeScorer
 
+
 # Chinese/Japanese write no spaces between words, so each ideograph or kana is one token (as BERT does).
 _CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]")
 # A word is a run of letters, combining marks (Arabic vowels, Devanagari matras) and digits; each emoji is a
@@ -40,7 +41,7 @@ _TOKEN = regex.compile(r"[\p{L}\p{M}\p{N}]+|\p{Extended_Pictographic}")
 
 
 def tokenize_caption(text: str) -> list[str]:
-    """Lowercased word tokens of a caption in any script, e.g. "A cat, 在桌子上! 🐱" -> [a, cat, 在, 桌, 子, 上, 🐱]."""
+    """Lowercased word tokens of a caption in any script, e.g. "A cat, 在桌子上! 🐱" -> [a, cat, 在, 桌, 子, 上, 🐱]."""  # noqa: E501
     # NFKC folds full-width letters and composed/decomposed accents into one spelling before comparing.
     text = unicodedata.normalize("NFKC", text).lower()
     return _TOKEN.findall(_CJK.sub(r" \g<0> ", text))
