@@ -49,8 +49,9 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
 
 
 def default_precision(device: str | torch.device = "cpu", flags: frozenset[str] | None = None) -> str:
-    """bf16 on CUDA GPUs that support it and on CPUs with native bf16, fp32 elsewhere. On the embedded task bf16
-    training and captioning scored like fp32 (docs/benchmarks.md, "bf16 against fp32")."""
+    """For captioning: bf16 on CUDA GPUs that support it and on CPUs with native bf16, fp32 elsewhere. A trained
+    model's captions in bf16 scored like fp32's (docs/benchmarks.md); training on a CPU stays fp32 by default
+    (run_captioning.choose_precision), since a bf16-trained run scored lower there."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
