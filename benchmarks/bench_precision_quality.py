@@ -92,8 +92,8 @@ def main(argv=None):
                "test_images": len(test), "decoding": model_decoding(args.model), "precisions": figures,
                "metric_differences_vs_first": differences}
     if args.results:
-        headline = {"trained_model_precision": {p: {"metric_differences_vs_fp32": differences[p],
-                                                    **figures[p]["vs_first"]} for p in differences}}
+        headline = {"trained_model_precision_vs_fp32": {
+            p: {"metric_differences": differences[p], **figures[p]["vs_first"]} for p in differences}}
         write_results("trained_model_precision", summary, headline, environment(device), Path(args.results))
     emit(summary)
 
