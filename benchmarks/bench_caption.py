@@ -252,7 +252,8 @@ def main(argv=None):
     if bs1:
         headline["latency_bs1_seconds"] = {
             weights: {"seconds_per_caption": results[v]["seconds_per_caption"], "new_tokens": args.new_tokens,
-                      **({"vs_ours_bs1": summary["same_tokens_as_ours_bs1"][v]} if v != "ours_bs1" else {})}
+                      **({"vs_ours_bs1": summary["same_tokens_as_ours_bs1"][v]}
+                         if v != "ours_bs1" and "same_tokens_as_ours_bs1" in summary else {})}
             for weights, v in bs1.items()}
     for r in results.values():  # token ids were only needed for the comparison; keep the JSON readable
         r["tokens_first_caption"] = r.pop("tokens")[0]
