@@ -334,6 +334,8 @@ def write_results(section: str, figures: dict, headline: dict, environment_recor
     try:
         cache = json.loads(CACHE_RESULTS.read_text(encoding="utf-8"))
         results["cache_worker_scaling"] = cache["cache_worker_scaling"]
+        # what a second process got from this machine in the same run: the scaling figure is read against it
+        results["machine_scaling_ceiling"] = cache.get("machine_scaling_ceiling")
         results["dates"]["cache_worker_scaling"] = cache.get("date")
         results["cache_worker_scaling_source"] = str(CACHE_RESULTS.relative_to(ROOT))
     except (OSError, ValueError, KeyError):

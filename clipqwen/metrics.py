@@ -7,6 +7,7 @@ import evaluate
 
 from .caption_metrics.caption_metrics import compute_caption_metrics, tokenize_caption
 
+
 CAPTION_METRIC_PATH = str(Path(__file__).parent / "caption_metrics")
 
 __all__ = ["CAPTION_METRIC_PATH", "compute_caption_metrics", "load_caption_metric", "tokenize_caption"]

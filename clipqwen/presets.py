@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from configuration_clipqwen import ClipQwenConfig
 from processing_clipqwen import ClipQwenProcessor
 
+
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="clipqwen-hf-home-")
@@ -22,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
+
 
 PHOTOS = ROOT / "examples" / "coco-cc-by"
 

@@ -70,6 +70,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}  # singular -> URL plural
 DEFAULT_USER = "user"  # whoami-v2, author of uploads, namespace of create_repo without organization
 META_FILE = "localhub.json"  # inside each bare repo: {"private": bool, "discussions": [...]}
@@ -273,7 +274,7 @@ class FrontHandler(BaseHTTPRequestHandler):
     """Routes of the Hub API; what olah serves well is forwarded to it with the revision replaced by a sha."""
 
     protocol_version = "HTTP/1.1"
-    server: "FrontServer"
+    server: FrontServer
 
     def do_GET(self):
         self._dispatch()
@@ -810,7 +811,7 @@ class LocalHub:
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 60.0) -> "LocalHub":
+    def start(self, timeout: float = 60.0) -> LocalHub:
         olah_port = _free_port()
         config = self.root / "olah.toml"
         config.write_text(
@@ -856,7 +857,7 @@ class LocalHub:
                     proc.wait()
         self._front = self._olah = None
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import PHOTOS, ROOT
 
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,7 +38,9 @@ if missing or not CHROMIUM.exists():
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-expect.set_options(timeout=90_000)  # assertions wait like actions: two shared CPU cores, the first click loads the model
+
+# assertions wait like actions: two shared CPU cores, and the first click loads the model
+expect.set_options(timeout=90_000)
 
 
 def plant_marker(folder: Path, marker: Path):

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PHOTOS, ROOT
 from huggingface_hub.errors import StrictDataclassError
 
 import run_captioning
 from clipqwen.data import read_annotation_file, remove_empty_captions
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
+
+from conftest import PHOTOS, ROOT
 
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -19,6 +18,8 @@ from clipqwen import caption_cli
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+from conftest import PHOTOS
 
 
 PHOTO = PHOTOS / "000000159269.jpg"

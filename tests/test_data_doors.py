@@ -13,7 +13,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import Image
 from test_feature_cache import counting
 
@@ -29,6 +28,8 @@ from clipqwen.data import (
 )
 from clipqwen.embedded import load_embedded_dataset
 from clipqwen.images import ImageLoadError, load_image, pixel_values
+
+from conftest import PHOTOS
 
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",

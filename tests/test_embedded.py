@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 
 from clipqwen.embedded import (
-    BACKGROUNDS, COLOURS, NUM_CAPTIONS, POSITIONS, SHAPES, caption_facts, load_embedded_dataset,
+    BACKGROUNDS,
+    COLOURS,
+    NUM_CAPTIONS,
+    POSITIONS,
+    SHAPES,
+    caption_facts,
+    load_embedded_dataset,
     save_embedded_imagefolder,
 )
+
 
 SMALL = dict(num_train=12, num_validation=6, num_test=6)
 

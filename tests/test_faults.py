@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
 from clipqwen import checkpoints
 from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
+
+from conftest import ROOT
 
 
 MAX_STEPS = 8

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from clipqwen.presets import bundled_processor
 
+
 CAPTIONS = [
     "A patio setting on the beach near the ocean.",
     "Horses standing and laying in grass near a body of water and a mountain.",

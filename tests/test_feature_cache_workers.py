@@ -9,13 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import ImageFile
 
 import run_captioning
 from clipqwen import data
 from clipqwen.data import add_vision_features, read_annotation_file
 from clipqwen.images import load_image, pixel_values
+
+from conftest import PHOTOS
 
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",

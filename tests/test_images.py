@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import Image
 
 from clipqwen import images
 from clipqwen.images import ClipPixels, ImageLoadError, find_unreadable_images, load_image, pixel_values
+
+from conftest import PHOTOS
 
 
 def write_png(path, width, height):

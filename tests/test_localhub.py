@@ -13,9 +13,11 @@ import urllib.request
 
 import pytest
 
+
 pytest.importorskip("olah", reason="the local Hub stand-in serves through olah (pip install olah==0.5.4)")
 
 from localhub import CLIP_ID, FLICKR_ID, QWEN_ID, LocalHub, build_clip_repo, build_flickr30k_repo, build_qwen_repo
+
 
 N_IMAGES = 40  # 32 train / 4 val / 4 test, in shards of 15 rows: 0000..0002.parquet
 COLUMNS = ["image", "caption", "sentids", "split", "img_id", "filename"]

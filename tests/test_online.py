@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import PHOTOS, ROOT
 from localhub import CLIP_ID, FLICKR_ID, LocalHub, build_clip_repo, build_flickr30k_repo, build_qwen_repo
 

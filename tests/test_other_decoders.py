@@ -10,13 +10,14 @@ import os
 
 import pytest
 import torch
-from conftest import PHOTOS
-from test_remote_code import assert_fresh_process_matches
-from tiny_decoders import END, tiny_llama_config, tiny_llama_model_and_processor, tiny_tokenizer
 from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM
 
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
+
+from conftest import PHOTOS
+from test_remote_code import assert_fresh_process_matches
+from tiny_decoders import END, tiny_llama_config, tiny_llama_model_and_processor, tiny_tokenizer
 
 
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from clipqwen.plots import CELL_WIDTH, PAD, plot_sample_grid, plot_training_curves, sample_grid_figure
+
 from conftest import PHOTOS
 
 

@@ -6,7 +6,6 @@ import types
 
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import Image
 from transformers import TrainingArguments
 
@@ -21,6 +20,8 @@ from clipqwen.precision import (
 )
 from clipqwen.presets import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+from conftest import PHOTOS
 
 
 # Abridged /proc/cpuinfo of the machines these tests stand for.

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import torch
+
 from conftest import PHOTOS
 
 

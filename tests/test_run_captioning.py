@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import PHOTOS, ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
 import run_captioning
 from clipqwen.trainer import TRAINABLE_WEIGHTS
+
+from conftest import PHOTOS, ROOT
 
 
 TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",

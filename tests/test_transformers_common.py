@@ -10,10 +10,11 @@ beam search, static cache — on the real tokenizer instead).
 import unittest
 
 import torch
-from conftest import transformers_common_tests
 
 from configuration_clipqwen import ClipQwenConfig
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+from conftest import transformers_common_tests
 
 
 test_modeling_common, test_configuration_common = transformers_common_tests()

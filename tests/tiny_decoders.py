@@ -14,6 +14,7 @@ from clipqwen.presets import clip_image_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 
+
 TEXTS = [
     "a red circle on the left of a white background.", "A dog runs on the beach.", "two cats on a mat.",
     "a blue square on the right.", "an orange triangle against a black background.", "A photo of a bus in the city.",
