@@ -36,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     configure_threads,
     emit,
     environment,
+    headline_ratios,
     image_paths,
     load_average,
     log,
@@ -241,11 +242,7 @@ def main(argv=None):
                "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1}
         for name, r in ratios.items() if name.startswith("ours_batched") and name.endswith("/course")
     }
-    headline = {}
-    for v, suffix in (("ours_batched", ""), ("ours_batched_bf16", "_bf16")):
-        if f"{v}/course" in ratios:
-            headline[f"caption_ratio{suffix}"] = ratios[f"{v}/course"]["captions_per_s"]
-            headline[f"caption_peak_memory_ratio{suffix}"] = ratios[f"{v}/course"]["peak_memory_gib"]
+    headline = headline_ratios(ratios, "caption", "captions_per_s", default="ours_batched", bf16="ours_batched_bf16")
     if "ours_batched" in results:
         headline["caption_ours_precision"] = results["ours_batched"]["weights"]
     bs1 = {results[v]["weights"]: v for v in ("ours_bs1", "ours_bs1_bf16", "ours_bs1_int8") if v in results}

@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     emit,
     environment,
     frozen_lm_train_flops,
+    headline_ratios,
     load_average,
     load_examples,
     log,
@@ -324,11 +325,7 @@ def main(argv=None):
         name: {"pairs_per_s_at_least_5x": r["pairs_per_s"] >= 5, "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1}
         for name, r in ratios.items() if name.endswith("/course")
     }
-    headline = {}
-    for v, suffix in (("ours", ""), ("ours_bf16", "_bf16")):
-        if f"{v}/course" in ratios:
-            headline[f"train_ratio{suffix}"] = ratios[f"{v}/course"]["pairs_per_s"]
-            headline[f"train_peak_memory_ratio{suffix}"] = ratios[f"{v}/course"]["peak_memory_gib"]
+    headline = headline_ratios(ratios, "train", "pairs_per_s", default="ours", bf16="ours_bf16")
     if "ours" in results:
         headline["train_ours_precision"] = results["ours"]["weights"]
     path = results_path(args)

@@ -306,6 +306,17 @@ def per_round_ratios(results: dict[str, list[dict]], variant: str, baseline: str
             for ours, base in zip(results[variant], results[baseline])]
 
 
+def headline_ratios(ratios: dict, name: str, speed_key: str, default: str, bf16: str) -> dict:
+    """The top-level figures of results.json: `<name>_ratio` and `<name>_peak_memory_ratio` of our default variant
+    against the course (and the same with `_bf16` for our bf16 variant), where they were measured."""
+    headline = {}
+    for variant, suffix in ((default, ""), (bf16, "_bf16")):
+        if f"{variant}/course" in ratios:
+            headline[f"{name}_ratio{suffix}"] = ratios[f"{variant}/course"][speed_key]
+            headline[f"{name}_peak_memory_ratio{suffix}"] = ratios[f"{variant}/course"]["peak_memory_gib"]
+    return headline
+
+
 def median_summary(runs: list[dict], keys: tuple[str, ...]) -> dict:
     """The first round's full record, with each of `keys` replaced by its median over the rounds and its values
     per round beside it (`<key>_rounds`)."""
