@@ -392,12 +392,17 @@ def drop_unreadable_images(dataset: Dataset, split: str, num_proc: int | None = 
 
     raw = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     checked = raw.map(reasons, batched=True, batch_size=64, num_proc=num_proc, desc=f"checking {split} images")
-    bad = [(i, reason) for i, reason in enumerate(checked["unreadable"]) if reason]
+    return skip_unreadable(dataset, checked["unreadable"], split)  # select keeps `with_checked_images`' format
+
+
+def skip_unreadable(dataset: Dataset, reasons: list[str], split: str) -> Dataset:
+    """`dataset` without the rows whose reason (why `load_image` refused the image) is set, each logged; a split
+    with nothing left is an error (`require_images`)."""
+    bad = [(i, reason) for i, reason in enumerate(reasons) if reason]
     if bad:
         logger.warning("%s: skipping %d unreadable image(s) of %d:\n%s", split, len(bad), len(dataset),
                        "\n".join(f"  {reason}" for _, reason in bad))
-        keep = sorted(set(range(len(dataset))) - {i for i, _ in bad})
-        dataset = dataset.select(keep)  # select keeps the format, so `with_checked_images` stays
+        dataset = dataset.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
     return require_images(dataset, split, f"all {len(bad)} are unreadable" if bad else "it is empty")
 
 
@@ -506,7 +511,7 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
     without decoding anything.
 
     Parallel: `num_workers` processes (a torch DataLoader) decode and preprocess batches of `batch_size` images
-    with the processor's own `preprocess_images`, while the main process runs the vision tower on them, batch by
+    with `images.pixel_values` (the processor's recipe), while the main process runs the vision tower on them, batch by
     batch in row order. The batches are the same whatever the number of workers, so the features are bit-identical,
     and the cache key does not depend on it.
 
@@ -557,15 +562,10 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
         rest = rest.flatten_indices(keep_in_memory=True)  # a small table (ids, captions); axis=1 needs no mapping
     merged = datasets.concatenate_datasets([features, rest], axis=1)
     reasons = features["unreadable"]
-    bad = [(i, reason) for i, reason in enumerate(reasons) if reason]
-    if bad:
-        if not drop_unreadable:
-            raise ValueError(f"{split}: {bad[0][1]} (With the image check off, an unreadable image stops the run.)")
-        logger.warning("%s: skipping %d unreadable image(s) of %d:\n%s", split, len(bad), len(dataset),
-                       "\n".join(f"  {reason}" for _, reason in bad))
-        merged = merged.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
-    require_images(merged, split, f"all {len(bad)} are unreadable" if bad else "it is empty")
-    merged = merged.remove_columns("unreadable")
+    first_bad = next((reason for reason in reasons if reason), None)
+    if first_bad and not drop_unreadable:
+        raise ValueError(f"{split}: {first_bad} (With the image check off, an unreadable image stops the run.)")
+    merged = skip_unreadable(merged, reasons, split).remove_columns("unreadable")
     return merged.with_format("numpy", columns=["vision_embeds"], output_all_columns=True)
 
 
