@@ -597,11 +597,24 @@ def _complete_cache(cache_dir: Path, fingerprint: str, prefer: int | None = None
 
 
 def _is_valid(cache_file: Path) -> bool:
+    return _cache_problem(cache_file) is None
+
+
+def _cache_problem(cache_file: Path) -> str | None:
+    """What makes `cache_file` other than exactly what was written (its manifest: size and SHA-256), or None."""
     try:
         expected = json.loads(_manifest(cache_file).read_text())
-        return cache_file.stat().st_size == expected.get("size") and _sha256_of(cache_file) == expected.get("sha256")
     except (OSError, ValueError):
-        return False
+        return "it has no readable manifest, so its content cannot be checked"
+    try:
+        size = cache_file.stat().st_size
+        if size != expected.get("size"):
+            return f"{size:,} bytes instead of {expected.get('size'):,}"
+        if _sha256_of(cache_file) != expected.get("sha256"):
+            return "its SHA-256 differs from the one recorded when it was written"
+    except OSError as error:  # gone or unreadable since the manifest was read
+        return f"it cannot be read ({error})"
+    return None
 
 
 # Images one worker decodes and preprocesses at a time: small enough to share a batch of the vision tower among
@@ -728,18 +741,9 @@ def discard_damaged_cache(cache_file: Path) -> None:
     if not cache_file.exists():
         _manifest(cache_file).unlink(missing_ok=True)
         return
-    try:
-        expected = json.loads(_manifest(cache_file).read_text())
-    except (OSError, ValueError):
-        problem = "it has no readable manifest, so its content cannot be checked"
-    else:
-        size = cache_file.stat().st_size
-        if size != expected.get("size"):
-            problem = f"{size:,} bytes instead of {expected.get('size'):,}"
-        elif _sha256_of(cache_file) != expected.get("sha256"):
-            problem = "its SHA-256 differs from the one recorded when it was written"
-        else:
-            return
+    problem = _cache_problem(cache_file)
+    if problem is None:
+        return
     logger.warning("Feature cache %s is damaged (%s); rebuilding it.", cache_file, problem)
     cache_file.unlink()
     _manifest(cache_file).unlink(missing_ok=True)
