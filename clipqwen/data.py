@@ -633,6 +633,7 @@ class _DecodedBatches(torch.utils.data.Dataset):
 
     def __init__(self, raw: Dataset, processor, rows: range, batch_size: int, chunk: int | None = None):
         self.raw, self.processor = raw, processor
+        self.fast = ClipPixels.for_processor(processor)  # None: not CLIP's recipe, the processor's own call instead
         chunk = chunk or DECODE_CHUNK
         self.chunks = []
         for batch, start in enumerate(range(rows.start, rows.stop, batch_size)):
@@ -656,8 +657,7 @@ class _DecodedBatches(torch.utils.data.Dataset):
                 reasons.append(str(error))
         if not images:
             return batch, last, None, reasons
-        fast = ClipPixels.for_processor(self.processor)
-        return batch, last, fast.crops(images) if fast else pixel_values(images, self.processor), reasons
+        return batch, last, self.fast.crops(images) if self.fast else pixel_values(images, self.processor), reasons
 
 
 def _as_is(item):
