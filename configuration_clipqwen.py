@@ -9,7 +9,7 @@ sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, r
 they belong to the training script (see `clipqwen/freezing.py`).
 """
 
-from typing import Literal, get_args
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
@@ -45,8 +45,6 @@ CLIP_VIT_B32 = dict(projection_dim=512)
 
 AdapterType = Literal["linear", "mlp2x_gelu"]
 VisionFeatureType = Literal["pooled", "patch"]
-ADAPTER_TYPES = get_args(AdapterType)
-VISION_FEATURE_TYPES = get_args(VisionFeatureType)
 # Training flags that configs written before they moved to the training script still carry.
 _TRAINING_FLAGS = ("freeze_vision_model", "freeze_language_model")
 
