@@ -73,7 +73,10 @@ class CaptionTrainer(Trainer):
         if dataset is not None:
             start = time.perf_counter()
             captions, rows = self.generate_captions(dataset)
-            all_references, image_ids = dataset["captions"], dataset["image_id"]  # columns: no image is decoded
+            # the plain table: through the dataset's format (the image-decoding transform without the feature cache)
+            # every row read would decode its image, twice here
+            plain = dataset.with_format(None)
+            all_references, image_ids = plain["captions"], plain["image_id"]
             references = [all_references[row] for row in rows]
             scores = self.caption_metric.compute(predictions=captions, references=references)
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
