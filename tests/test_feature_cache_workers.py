@@ -185,3 +185,17 @@ def test_shards_are_merged_in_order_and_reused_by_any_number_of_processes(make_m
     assert calls == [] and len(merged.cache_files) == 3
     assert list(merged["image_id"]) == list(single["image_id"])
     np.testing.assert_array_equal(np.stack(merged["vision_embeds"]), np.stack(single["vision_embeds"]))
+
+
+def test_evaluation_without_the_cache_decodes_each_image_once_per_pass(tmp_path, monkeypatch):
+    # two passes need the pixels: the test loss (one pair per caption, one caption each here) and the generated
+    # captions. The references and ids come from the table, not from the rows: read through the image-decoding
+    # format, each of those reads decoded the image again (4 decodes per image)
+    annotations, names = photo_set(tmp_path / "data", broken=())
+    pixel_decodes = count_pixel_decodes(monkeypatch, tmp_path / "pixel-decodes.txt")
+    flags = [*TINY, "--do_predict", "--test_file", str(annotations), "--use_feature_cache", "False",
+             "--check_images", "False", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(run_captioning, "plot_samples", lambda *args, **kwargs: None)  # the grid decodes 8 more
+    metrics = run_captioning.main(run_captioning.parse_args(flags))
+    assert metrics["test_num_images"] == len(names)
+    assert pixel_decodes() == Counter({str(tmp_path / "data" / name): 2 for name in names})
