@@ -199,7 +199,7 @@ def breakdown(folder: Path, names: list[str], processor, count: int = 100) -> di
     timed("old_preprocess_images_ms", lambda: [processor.preprocess_images(loaded[i:i + 64])
                                                for i in range(0, len(loaded), 64)])
     crops = timed("new_crop_ms", lambda: [fast.crop(image) for image in loaded])
-    stacked = torch.from_numpy(np.stack(crops))
+    stacked = torch.stack(crops)
     timed("new_normalise_ms", lambda: [fast.normalise(stacked[i:i + 64]) for i in range(0, len(stacked), 64)])
     return {key: round(value, 2) for key, value in timings.items()}
 

@@ -309,8 +309,23 @@ def test_pixel_values_match_the_processor_within_one_level_of_255(processor):
     assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape == (len(batch), 3, 224, 224)
     step = 1 / 255 / min(processor.image_processor.image_std)  # one level of an 8-bit pixel, normalised
     difference = (ours - theirs).abs()
-    assert difference.max() <= step * 1.0001  # resizing only the crop's box moves a filter tap's rounding, no more
-    assert (difference > 0).float().mean() < 1e-3  # measured 1.3e-4 of the values on the photos
+    # torch's resize rounds its filter sums other than PIL's fixed point: one level at most, except an 8×8 image of
+    # random noise blown up 28 times (two levels on one value in 75,000)
+    tiny_noise = [index for index, image in enumerate(batch) if min(image.size) < 16]
+    others = [index for index in range(len(batch)) if index not in tiny_noise]
+    assert difference[others].max() <= step * 1.0001
+    assert difference[tiny_noise].max() <= 2 * step * 1.0001
+    assert (difference > 0).float().mean() < 1e-2  # measured 0.3-0.9 % of the values, each off by one level
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.BILINEAR, Image.Resampling.LANCZOS])
+def test_pixel_values_follow_the_processors_resampling_filter(processor, resample):
+    """Bilinear is torch's resize like bicubic; a filter torch does not have (Lanczos) is PIL's, on the crop's box."""
+    other = copy.deepcopy(processor)
+    other.image_processor.resample = resample
+    batch = [image for image in parity_images() if min(image.size) >= 16]
+    step = 1 / 255 / min(processor.image_processor.image_std)
+    assert (pixel_values(batch, other) - other.preprocess_images(batch)).abs().max() <= step * 1.0001
 
 
 def test_pixel_values_normalise_exactly_as_the_processor_does(processor):
