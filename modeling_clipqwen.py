@@ -190,7 +190,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         """Assemble a ClipQwen model from a CLIP checkpoint and a causal-LM checkpoint (Hub ids or local folders,
         each at its revision); the adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig`
         fields, for example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
-        `load_backbone_weights` says.
+        `load_backbone_weights` says. Without `dtype`, each backbone keeps its checkpoint's dtype (transformers'
+        `"auto"`: Qwen/Qwen3-0.6B-Base is bf16, openai/clip-vit-base-patch32 fp32) and the new adapter is fp32;
+        `dtype=torch.float32` (or `"bfloat16"`, ...) sets all three.
 
         Nothing is frozen here: a training script chooses that (`clipqwen.freezing.freeze_backbones`).
 
@@ -225,7 +227,10 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         with torch.device("meta"):
             model = cls(config)
         model.vision_model, model.language_model = vision, text
-        model.adapter = ClipQwenAdapter(config).to(dtype=text.dtype)
+        # A new layer, so no checkpoint dtype to keep: fp32, the dtype its optimizer needs, unless `dtype` names one.
+        model.adapter = ClipQwenAdapter(config)
+        if dtype not in (None, "auto"):
+            model.adapter.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         model.adapter.apply(model._init_weights)
         return model
 

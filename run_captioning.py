@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
@@ -31,7 +32,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from clipqwen import checkpoints, hub, preflight
 from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
-from clipqwen.freezing import freeze_backbones
+from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import build_model_card
 from clipqwen.plots import plot_sample_grid, plot_training_curves
@@ -282,7 +283,9 @@ def choose_precision(model_args, training_args: TrainingArguments) -> TrainingAr
 
 
 # ---- model -----------------------------------------------------------------------------------------------
-def build_model_and_processor(args: ModelArguments):
+def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = torch.float32):
+    """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
+    (bf16 for a bf16 run: `clipqwen.freezing.set_training_dtypes`), and its processor."""
     settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
                     num_pooled_image_tokens=args.num_pooled_image_tokens,
                     vision_feature_layer=args.vision_feature_layer)
@@ -293,16 +296,22 @@ def build_model_and_processor(args: ModelArguments):
         if args.model_name_or_path:
             # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors
             # only
-            model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir)
+            # in fp32 (its adapter may have trained in fp32), the frozen parts cast down below
+            model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir,
+                                             dtype=torch.float32)
             model.train()
         elif args.tiny_model:
             model = ClipQwenForConditionalGeneration(tiny_config(**settings))
             processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
         else:
+            # each backbone straight in the dtype it trains or is kept in (Qwen3-0.6B-Base's checkpoint is bf16,
+            # which transformers would otherwise keep, trainable or not)
             model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
                 args.vision_model_name_or_path, args.text_model_name_or_path,
                 vision_revision=args.vision_model_revision, text_revision=args.text_model_revision,
-                cache_dir=args.cache_dir, **settings)
+                cache_dir=args.cache_dir,
+                vision_kwargs={"dtype": frozen_dtype if args.freeze_vision_model else torch.float32},
+                text_kwargs={"dtype": frozen_dtype if args.freeze_language_model else torch.float32}, **settings)
             image_processor = clip_image_processor(args.vision_model_name_or_path, revision=args.vision_model_revision,
                                                    cache_dir=args.cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, revision=args.text_model_revision,
@@ -320,6 +329,7 @@ def build_model_and_processor(args: ModelArguments):
     # tokenizer gets its placeholder token added by the processor, and the model one frozen embedding row)
     model.match_processor(processor)
     freeze_backbones(model, vision=args.freeze_vision_model, language=args.freeze_language_model)
+    set_training_dtypes(model, frozen_dtype)
     if args.lora_r:
         targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -524,7 +534,9 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
 
     # 4. Model and processor
     with timer.phase("model loading"):
-        model, processor = build_model_and_processor(model_args)
+        # frozen weights in bf16 for a bf16 run: half the bytes, and what autocast would round them to anyway
+        frozen_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+        model, processor = build_model_and_processor(model_args, frozen_dtype)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prompt_tokens = len(processor.tokenizer(caption_args.prompt).input_ids)
     preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)

@@ -8,7 +8,14 @@
 Frozen weights are set to `requires_grad=False` rather than only left out of the optimizer: weights that still
 require grad double the backward cost and memory, and the feature cache relies on a CLIP that never changes.
 `from_pretrained` creates parameters with `requires_grad=True`, so call this after loading too.
+
+`set_training_dtypes` then stores what trains in fp32 (the optimizer updates it in place: bf16 weights would round
+away most small updates) and what is frozen in the dtype the run computes in: bf16 for a bf16 run, which halves
+the bytes of the frozen decoder (the course kept its Qwen3 in bf16 too) and computes exactly what autocast computes
+from fp32 weights (it rounds them to bf16 for every matmul).
 """
+
+import torch
 
 
 def freeze_backbones(model, vision: bool = True, language: bool = True):
@@ -18,4 +25,14 @@ def freeze_backbones(model, vision: bool = True, language: bool = True):
     model.get_encoder(modality="image").requires_grad_(not vision)
     model.get_decoder().requires_grad_(not language)
     model.adapter.requires_grad_(True)
+    return model
+
+
+def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
+    """The CLIP tower, the decoder and the adapter each in fp32 if any of its weights train, else in `frozen_dtype`.
+    Call after `freeze_backbones`, before adding LoRA (peft keeps its LoRA weights in fp32 by default). Returns the
+    model."""
+    for part in (model.get_encoder(modality="image"), model.get_decoder(), model.adapter):
+        trains = any(parameter.requires_grad for parameter in part.parameters())
+        part.to(torch.float32 if trains else frozen_dtype)
     return model

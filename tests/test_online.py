@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from conftest import PHOTOS, ROOT
 from localhub import CLIP_ID, FLICKR_ID, LocalHub, build_clip_repo, build_flickr30k_repo, build_qwen_repo
@@ -113,6 +114,9 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
             "processor_config.json", "README.md", "predictions_test.jsonl",
             "last-checkpoint/trainable_weights.safetensors"} <= set(files)
     assert not any(name.startswith("checkpoint-") or name.startswith("lora/README") for name in files)
+    # an fp32 run computes in fp32, whatever the Hub checkpoints' dtypes (the stand-in Qwen3 is bf16, as the real one)
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
     head = hub.sha("model", repo_id, "main")
     card_on_hub = subprocess.run(["git", "--git-dir", str(hub.repo_path("model", repo_id)), "show",
                                   f"{head}:README.md"], capture_output=True, text=True, check=True).stdout

@@ -135,6 +135,7 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
         str(tmp_path / "clip"), str(tmp_path / "llama"), text_kwargs={"dtype": torch.bfloat16},
         adapter_type="mlp2x_gelu")
     assert assembled.language_model.dtype == torch.bfloat16 and assembled.vision_model.dtype == torch.float32
+    assert {p.dtype for p in assembled.adapter.parameters()} == {torch.float32}  # new weights, trained: fp32
     assert assembled.config.image_token_id is None  # only Qwen3's placeholder id is known before the tokenizer
     with pytest.raises(ValueError, match="match_processor"):
         assembled(**processor(images=photos[:1], suffix=["a dog."]))

@@ -118,13 +118,36 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
-    seen, train = [], CaptionTrainer.train
-    monkeypatch.setattr(CaptionTrainer, "train",
-                        lambda self, *a, **k: seen.append(self.accelerator.mixed_precision) or train(self, *a, **k))
+    seen, dtypes, train = [], [], CaptionTrainer.train
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.accelerator.mixed_precision)
+        parts = (self.model.vision_model, self.model.language_model, self.model.adapter)
+        dtypes.append([{p.dtype for p in part.parameters()} for part in parts])
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaptionTrainer, "train", recording)
     run(tmp_path / "out", "--do_train", "--max_steps", "1")
     expected = "bf16" if cuda_bf16 else "fp32"
     assert seen == ["bf16" if cuda_bf16 else "no"]
+    # a bf16 run keeps the frozen towers in bf16 (half the bytes) and trains the adapter's fp32 weights
+    frozen = torch.bfloat16 if cuda_bf16 else torch.float32
+    assert dtypes == [[{frozen}, {frozen}, {torch.float32}]]
     assert f"| precision | {expected} |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("unfrozen, lora", [(False, False), (True, False), (False, True)])
+def test_what_trains_is_fp32_and_what_is_frozen_takes_the_runs_dtype(unfrozen, lora):
+    flags = ["--freeze_language_model", str(not unfrozen)] + (["--lora_r", "4"] if lora else [])
+    model_args = run_captioning.parse_args([*TINY, "--output_dir", "unused", *flags])[0]
+    model, _ = run_captioning.build_model_and_processor(model_args, torch.bfloat16)
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.dtype for name, p in model.named_parameters()
+              if not p.requires_grad and "original_module" not in name}  # peft's untouched copy of the adapter
+    assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
+    assert any("adapter" in name for name in trainable)
+    assert any("language_model" in name for name in trainable) == (unfrozen or lora)
+    assert any("vision_model" in name for name in frozen)
 
 
 def test_lora_with_an_unfrozen_vision_tower_is_refused_before_anything_loads(tmp_path):
