@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFile  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from clipqwen import data  # noqa: E402
 from clipqwen.images import load_image, pixel_values  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
@@ -365,6 +366,8 @@ def main():
         "parity_new_vs_old_preprocessing": matched,
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if Path(args.output).resolve() == common.CACHE_RESULTS.resolve():
+        common.update_cache_figures()  # results.json holds the figures of every benchmark
     print(json.dumps({key: value for key, value in result.items() if "all_rounds" not in key}, indent=2))
 
 

@@ -342,15 +342,33 @@ def write_results(section: str, figures: dict, headline: dict, environment_recor
     results["date"] = environment_record["date"]
     results["machine"] = environment_record["machine"]
     results.setdefault("dates", {})[section] = environment_record["date"]
+    _write_json(_with_cache_figures(results), path)
+
+
+def update_cache_figures(path: Path = RESULTS):
+    """Copy the feature cache's figures into benchmarks/results.json (bench_cache.py, after writing its own file)."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = {}
+    _write_json(_with_cache_figures(results), path)
+
+
+def _with_cache_figures(results: dict) -> dict:
     try:
         cache = json.loads(CACHE_RESULTS.read_text(encoding="utf-8"))
         results["cache_worker_scaling"] = cache["cache_worker_scaling"]
+        results["cache_new_vs_old_per_core"] = cache.get("cache_new_vs_old_per_core")
         # what a second process got from this machine in the same run: the scaling figure is read against it
         results["machine_scaling_ceiling"] = cache.get("machine_scaling_ceiling")
-        results["dates"]["cache_worker_scaling"] = cache.get("date")
+        results.setdefault("dates", {})["cache_worker_scaling"] = cache.get("date")
         results["cache_worker_scaling_source"] = str(CACHE_RESULTS.relative_to(ROOT))
     except (OSError, ValueError, KeyError):
         log(f"no cache_worker_scaling: {CACHE_RESULTS} is missing or has no such key")
+    return results
+
+
+def _write_json(results: dict, path: Path):
     fd, temporary = tempfile.mkstemp(dir=Path(path).parent, suffix=".json.tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, ensure_ascii=False)

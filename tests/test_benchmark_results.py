@@ -8,7 +8,8 @@ from benchmarks import common
 
 def test_results_merge_sections_and_copy_the_cache_scaling_with_its_date(tmp_path, monkeypatch):
     cache = tmp_path / "cache_results.json"
-    cache.write_text(json.dumps({"date": "2026-11-29T17:57:26+00:00", "cache_worker_scaling": 0.93}))
+    cache.write_text(json.dumps({"date": "2026-11-29T17:57:26+00:00", "cache_worker_scaling": 0.93,
+                                 "cache_new_vs_old_per_core": 2.6}))
     monkeypatch.setattr(common, "CACHE_RESULTS", cache)
     results = tmp_path / "results.json"
     env = {"date": "2026-11-29T18:00:00+00:00", "machine": {"cpu_flags": ["avx512f"], "load_average": [6.1]}}
@@ -20,7 +21,16 @@ def test_results_merge_sections_and_copy_the_cache_scaling_with_its_date(tmp_pat
     assert saved["dates"] == {"train": env["date"], "caption": later["date"],
                               "cache_worker_scaling": "2026-11-29T17:57:26+00:00"}
     assert saved["cache_worker_scaling"] == 0.93 and saved["machine"]["load_average"] == [3.0]
+    assert saved["cache_new_vs_old_per_core"] == 2.6
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, which is gone
+
+    # a new cache run alone updates results.json without touching the other sections
+    cache.write_text(json.dumps({"date": "2026-11-30T09:00:00+00:00", "cache_worker_scaling": 1.8,
+                                 "cache_new_vs_old_per_core": 2.7}))
+    common.update_cache_figures(results)
+    updated = json.loads(results.read_text())
+    assert updated["cache_worker_scaling"] == 1.8 and updated["cache_new_vs_old_per_core"] == 2.7
+    assert updated["dates"]["cache_worker_scaling"] == "2026-11-30T09:00:00+00:00" and updated["train_ratio"] == 7.5
 
 
 def test_ratios_are_per_round_then_the_median():
