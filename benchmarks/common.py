@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from clipqwen.freezing import freeze_backbones  # noqa: E402
+from clipqwen.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from clipqwen.precision import apply_precision, cpu_flags, cpu_has_native_bf16, default_precision  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
@@ -138,9 +138,8 @@ def build_model(device: torch.device, weights: str, seed: int = 0, tiny: bool = 
         model.language_model.to(torch.bfloat16)  # CLIP and the adapter stay fp32, as the course loads them
     elif weights == "int8":
         apply_precision(model, "int8")  # inference only: bf16 CLIP and adapter, int8 decoder linears
-    else:
-        model.to(torch.float32 if weights == "fp32" else torch.bfloat16)
-        model.adapter.float()  # the trainable part keeps fp32 master weights for AdamW
+    else:  # as run_captioning.py: the trainable adapter in fp32 (AdamW's master weights), the frozen towers in bf16
+        set_training_dtypes(model, torch.float32 if weights == "fp32" else torch.bfloat16)
     log(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
         f"on {device} in {time.perf_counter() - start:.1f} s, weights {weights}")
     return model
