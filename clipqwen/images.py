@@ -235,10 +235,10 @@ class ClipPixels:
       (the processor converts every image to an array and back to resize it);
     - the resize, the largest cost, is torch's antialiased bicubic (or bilinear) on the 8-bit image, which was written
       to reproduce PIL's filters and has a vectorised uint8 kernel for channels-last images: 0.55 CPU ms for a
-      500×375 photo against PIL's 1.9 (1.45 for PIL resizing only the crop's box). Rounding differs from PIL's in
-      fixed point by at most one level of 255 (0.45 % of the pixels of the real photos of examples/coco-cc-by and
-      Flickr30K-sized images; benchmarks/bench_cache.py measures the effect on features). Other PIL filters (nearest,
-      Lanczos, ...) are resized by PIL, on the crop's box only;
+      500×375 photo against PIL's 1.9 (1.45 for PIL resizing only the crop's box). Its float rounding differs from
+      PIL's fixed point by one level of 255 in 0.3-0.5 % of the values of the real photos of examples/coco-cc-by and
+      of Flickr30K-sized images (benchmarks/bench_cache.py measures the effect on features). Other PIL filters
+      (nearest, Lanczos, ...) are resized by PIL, on the crop's box only;
     - rescale and normalise as the processor computes them (float64 rescale rounded to float32, then float32
       normalise), precomputed for the 256 values of an 8-bit pixel: bit-identical to it for the same 8-bit pixels,
       and a table look-up per value instead of five passes in float64 and float32.
