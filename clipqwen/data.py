@@ -683,7 +683,7 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
                                          collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
     device = next(model.vision_model.parameters()).device
-    fast = ClipPixels.for_processor(processor)
+    fast = batches.fast  # the recipe the workers crop by: the main process finishes it (normalise)
     temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
     shape = None
     try:
