@@ -295,8 +295,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
     try:
         if args.model_name_or_path:
             # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors
-            # only
-            # in fp32 (its adapter may have trained in fp32), the frozen parts cast down below
+            # only; in fp32 (its adapter may have trained in fp32), the frozen parts cast down below
             model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir,
                                              dtype=torch.float32)
             model.train()

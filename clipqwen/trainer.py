@@ -154,7 +154,7 @@ class CaptionTrainer(Trainer):
         # An optimizer state for other shapes makes fused AdamW write past its buffers (SIGSEGV): check first.
         if checkpoint is not None:
             checkpoints.check_optimizer_state(os.path.join(checkpoint, "optimizer.pt"),
-                                         [p for group in self.optimizer.param_groups for p in group["params"]])
+                                              [p for group in self.optimizer.param_groups for p in group["params"]])
         return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self):
