@@ -135,16 +135,11 @@ def old_data_path(dataset, processor, batch_size, model=None):
 
 
 def new_data_path(dataset, processor, batch_size, workers):
-    """The decode-once pass of `add_vision_features`: `_DecodedBatches` through a DataLoader with `workers`
-    processes, as `_encode_to_file` builds it (the vision tower left out)."""
-    raw = dataset.with_format(None).select_columns(["image", "image_id"])
-    raw = raw.cast_column("image", datasets.Image(decode=False))
-    batches = data._DecodedBatches(raw, processor, range(len(raw)), batch_size)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=data._as_is,
-                                         worker_init_fn=data._one_thread if workers else None,
-                                         prefetch_factor=4 if workers else None)
+    """The decode-once pass of `add_vision_features`: the very DataLoader `_encode_to_file` reads, with `workers`
+    processes (the vision tower left out)."""
+    _, loader = data._decoding_loader(dataset, processor, range(len(dataset)), batch_size, workers)
     rows = sum(len(reasons) for _, _, _, reasons in loader)
-    assert rows == len(raw)
+    assert rows == len(dataset)
 
 
 def new_end_to_end(dataset, processor, batch_size, workers, model, cache_dir):

@@ -668,13 +668,9 @@ def _one_thread(_worker):
     torch.set_num_threads(1)  # each worker is one core's worth of decoding; the vision tower has the main process
 
 
-@torch.no_grad()
-def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file: Path, batch_size: int,
-                    num_workers: int | None, split: str = "train") -> None:
-    """Encode `rows` of `dataset` into `cache_file` (columns `vision_embeds`, zeros for an unreadable image, and
-    `unreadable`, its reason or ""), written under a temporary name and renamed, then its manifest."""
-    from datasets.arrow_writer import ArrowWriter
-
+def _decoding_loader(dataset: Dataset, processor, rows: range, batch_size: int, num_workers: int | None):
+    """(`_DecodedBatches` of `rows`, the DataLoader that yields them in row order from `num_workers` processes, or
+    from this one for 0/None): the decode-once pass's input, its images read raw and decoded by `load_image`."""
     raw = dataset.with_format(None).select_columns(["image", "image_id"])
     raw = raw.cast_column("image", datasets.Image(decode=False))
     batches = _DecodedBatches(raw, processor, rows, batch_size)
@@ -682,6 +678,17 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
                                          collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
+    return batches, loader
+
+
+@torch.no_grad()
+def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file: Path, batch_size: int,
+                    num_workers: int | None, split: str = "train") -> None:
+    """Encode `rows` of `dataset` into `cache_file` (columns `vision_embeds`, zeros for an unreadable image, and
+    `unreadable`, its reason or ""), written under a temporary name and renamed, then its manifest."""
+    from datasets.arrow_writer import ArrowWriter
+
+    batches, loader = _decoding_loader(dataset, processor, rows, batch_size, num_workers)
     device = next(model.vision_model.parameters()).device
     fast = batches.fast  # the recipe the workers crop by: the main process finishes it (normalise)
     temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
@@ -692,8 +699,9 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
         with ArrowWriter(path=str(temporary), features=None if len(rows) else empty) as writer:
             # a bar updated by hand: tqdm wrapped around a DataLoader with workers starts it twice (every image decoded
             # twice, torch 2.13 / tqdm 4)
+            workers = loader.num_workers or "no"
             progress = datasets.utils.tqdm(total=batches.batches, unit="batch",
-                                           desc=f"CLIP features, {split} ({workers or 'no'} decoding worker(s))")
+                                           desc=f"CLIP features, {split} ({workers} decoding worker(s))")
             pixels, reasons = [], []
             for _, last, chunk_pixels, chunk_reasons in loader:  # in row order whatever the number of workers
                 pixels += [chunk_pixels] if chunk_pixels is not None else []
