@@ -1,18 +1,20 @@
-"""ClipQwen configuration: a frozen CLIP vision tower, a small trainable adapter and a causal-LM decoder
-(Qwen3-0.6B-Base by default).
+"""ClipQwen configuration: a frozen image tower (CLIP ViT-B/32 by default), a small trainable adapter and a causal-LM
+decoder (Qwen3-0.6B-Base by default).
 
 Shaped like transformers' `LlavaConfig`: one `@strict` composite config holding complete sub-configs. Every field
 is checked in one place, `@strict`: its type annotation (a wrong type fails naming the field), a range validator
 where a field has one, and the `validate_*` methods for what depends on the sub-configs. Like LLaVA's, the text
 sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, resolved through
-`CONFIG_MAPPING`); Qwen3 is the default. Training choices (which towers are frozen) are not part of the config:
-they belong to the training script (see `clipqwen/freezing.py`).
+`CONFIG_MAPPING`); Qwen3 is the default. The vision sub-config is a CLIP vision tower's (the default) or an
+EfficientNet's (a CNN: its final feature map is the patch grid, its pooled output the image embedding). Training
+choices (which towers are frozen) are not part of the config: they belong to the training script (see
+`clipqwen/freezing.py`).
 """
 
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
@@ -43,6 +45,9 @@ QWEN3_0_6B_BASE = dict(
 # CLIP ViT-B/32 (openai/clip-vit-base-patch32) is exactly `CLIPVisionConfig()`: 768 wide, 12 layers, patch 32.
 CLIP_VIT_B32 = dict(projection_dim=512)
 
+# Image towers the adapter knows how to read, by vision_config.model_type.
+VISION_TOWERS = ("clip_vision_model", "efficientnet")
+
 AdapterType = Literal["linear", "mlp2x_gelu"]
 VisionFeatureType = Literal["pooled", "patch"]
 # Training flags that configs written before they moved to the training script still carry.
@@ -57,8 +62,9 @@ class ClipQwenConfig(PreTrainedConfig):
     front of the caption of Qwen3-0.6B-Base.
 
     Args:
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The CLIP vision tower. A dict is merged over CLIP ViT-B/32's values.
+        vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):
+            The image tower. A dict names its `model_type` (default `"clip_vision_model"`, merged over CLIP
+            ViT-B/32's values; or `"efficientnet"`).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The decoder: any causal LM's config (`Qwen3Config`, `LlamaConfig`, ...). A dict names its `model_type`
             (default `"qwen3"`); a Qwen3 dict is merged over Qwen3-0.6B-Base's values, any other takes its own
@@ -66,13 +72,15 @@ class ClipQwenConfig(PreTrainedConfig):
         adapter_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one `nn.Linear`, the seed's) or `"mlp2x_gelu"` (Linear-GELU-Linear, LLaVA-1.5).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
-            `"pooled"`: the projected image embedding (`projection_dim` wide), expanded by the adapter into
-            `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: the hidden states of every position
-            (CLS + patches) of CLIP layer `vision_feature_layer`, one token each (LLaVA).
+            `"pooled"`: one image embedding (CLIP's projected `image_embeds`, a CNN's pooled output), expanded by
+            the adapter into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per position of a
+            feature map (LLaVA): CLIP's CLS + patch hidden states of layer `vision_feature_layer`, or a CNN's final
+            feature map flattened (7×7 for a 224-pixel EfficientNet).
         num_pooled_image_tokens (`int`, *optional*, defaults to 1):
             Image tokens made from the pooled embedding (>= 1). Only used with `vision_feature_type="pooled"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
-            Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate).
+            Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate). A CNN
+            offers its final feature map only: -1.
         image_token_id (`int`, *optional*, defaults to 151655):
             Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`). For a
             tokenizer without such a token, `ClipQwenProcessor` adds one and
@@ -83,7 +91,7 @@ class ClipQwenConfig(PreTrainedConfig):
 
     model_type = "clipqwen"
     sub_configs_defaults = {
-        "vision_config": SubConfigSpec(CLIPVisionConfig, init_kwargs=CLIP_VIT_B32),
+        "vision_config": SubConfigSpec(AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_B32),
         # AutoConfig + a default model_type, as LLaVA: a dict's own `model_type` picks the class from CONFIG_MAPPING.
         "text_config": SubConfigSpec(AutoConfig, model_type="qwen3", init_kwargs=QWEN3_0_6B_BASE),
     }
@@ -104,9 +112,14 @@ class ClipQwenConfig(PreTrainedConfig):
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") not in CONFIG_MAPPING:
             raise ValueError(f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
                              "does not know: use a causal LM's model_type (for example 'qwen3' or 'llama').")
-        # Merge partial sub-config dicts over the real checkpoints' values instead of the class defaults.
         if isinstance(self.vision_config, dict):
-            self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
+            self.vision_config = {"model_type": "clip_vision_model", **self.vision_config}
+            vision_type = self.vision_config["model_type"]
+            if vision_type not in VISION_TOWERS:
+                raise ValueError(f"vision_config has model_type={vision_type!r}: use one of {VISION_TOWERS}.")
+            # Merge a partial CLIP dict over the real checkpoint's values instead of the class defaults.
+            if vision_type == "clip_vision_model":
+                self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") == "qwen3":
             self.text_config = {**QWEN3_0_6B_BASE, **self.text_config}
         super().__post_init__(**kwargs)
@@ -115,6 +128,11 @@ class ClipQwenConfig(PreTrainedConfig):
     # `@strict` class validators (run after __init__ and by `validate()` / `save_pretrained`): the checks that
     # need the sub-configs. Each message names the field and what is allowed.
     def validate_vision_feature_layer(self):
+        if self.vision_config.model_type == "efficientnet":
+            if self.vision_feature_type == "patch" and self.vision_feature_layer != -1:
+                raise ValueError(f"vision_feature_layer={self.vision_feature_layer}: an EfficientNet offers its final "
+                                 "feature map only; use -1.")
+            return
         layers = self.vision_config.num_hidden_layers
         if not -layers - 1 <= self.vision_feature_layer <= layers:
             raise ValueError(f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
@@ -127,6 +145,14 @@ class ClipQwenConfig(PreTrainedConfig):
                              f"vocab_size={vocab_size} (or None until model.match_processor sets it).")
 
     def validate_vision_config(self):
+        if self.vision_config.model_type not in VISION_TOWERS:
+            raise ValueError(f"vision_config is a {self.vision_config.model_type!r} config: use one of "
+                             f"{VISION_TOWERS}.")
+        if self.vision_config.model_type == "efficientnet":
+            if self.vision_config.image_size % 32:
+                raise ValueError(f"vision_config.image_size={self.vision_config.image_size} is not a multiple of 32, "
+                                 "an EfficientNet's total stride.")
+            return
         if self.vision_config.image_size % self.vision_config.patch_size:
             raise ValueError(f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
                              f"vision_config.patch_size={self.vision_config.patch_size}.")
@@ -143,17 +169,21 @@ class ClipQwenConfig(PreTrainedConfig):
 
     @property
     def vision_feature_size(self) -> int:
-        """Width of one CLIP feature vector entering the adapter."""
-        if self.vision_feature_type == "pooled":
-            return self.vision_config.projection_dim
-        return self.vision_config.hidden_size
+        """Width of one image feature vector entering the adapter."""
+        vision = self.vision_config
+        if vision.model_type == "efficientnet":
+            return vision.hidden_dim  # the pooled output and the final map are both this wide
+        return vision.projection_dim if self.vision_feature_type == "pooled" else vision.hidden_size
 
     @property
     def num_image_tokens(self) -> int:
         """How many image placeholders one image takes in the text."""
         if self.vision_feature_type == "pooled":
             return self.num_pooled_image_tokens
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2 + 1
+        vision = self.vision_config
+        if vision.model_type == "efficientnet":
+            return (vision.image_size // 32) ** 2  # total stride 32, no CLS
+        return (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS
 
 
 __all__ = ["ClipQwenConfig"]

@@ -1,4 +1,5 @@
-"""ClipQwen: CLIP image features → trainable adapter → causal-LM decoder (Qwen3 by default), as one transformers model.
+"""ClipQwen: image features (CLIP by default) → trainable adapter → causal-LM decoder (Qwen3 by default), as one
+transformers model.
 
 Where the ideas come from:
 - LLaVA (Liu et al. 2023) and transformers' `modeling_llava.py`: image features replace placeholder-token
@@ -8,8 +9,9 @@ Where the ideas come from:
 - The course project this replaces: a frozen pooled CLIP-B/32 embedding → `nn.Linear(512, 1024)` → Qwen3.
 - The decoder is built from `config.text_config` through `AutoModelForCausalLM` and reached only through its
   public accessors (`get_decoder()`, `get_input_embeddings()`, `get_output_embeddings()`), as LLaVA builds its
-  language model through the Auto classes: any causal LM of transformers can sit behind the adapter. The CLIP
-  tower is reached through `get_encoder(modality="image")`.
+  language model through the Auto classes: any causal LM of transformers can sit behind the adapter. The image
+  tower is built from `config.vision_config` the same way (CLIP keeps its projection head, for its image embedding)
+  and reached through `get_encoder(modality="image")`.
 - Which parts train is the training script's choice (`clipqwen.freezing.freeze_backbones`), not the model's.
 """
 
@@ -21,9 +23,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionModelWithProjection,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
@@ -109,14 +118,22 @@ def _merge_options(backbone: str, named: dict, extra: dict | None) -> dict:
     return options
 
 
+def vision_model_class(vision_config):
+    """The class of the image tower: CLIP with its projection head (the pooled feature is its image embedding, and
+    the key layout every ClipQwen checkpoint was saved with), any other tower the class `AutoModel` would build."""
+    if vision_config.model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModelWithProjection
+    return MODEL_MAPPING[type(vision_config)]
+
+
 class ClipQwenAdapter(nn.Module):
-    """Maps CLIP features (batch, n, feature_size) to decoder embeddings (batch, num_image_tokens, hidden)."""
+    """Maps image features (batch, n, feature_size) to decoder embeddings (batch, num_image_tokens, hidden)."""
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__()
         hidden = config.text_config.hidden_size
         # A pooled embedding (n = 1) is expanded into K tokens by the last layer's width (ClipCap);
-        # patch features (n = 50) map one to one.
+        # patch features (n = 50 for CLIP-B/32, 49 for a 7×7 CNN map) map one to one.
         tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type == "pooled" else 1
         self.hidden_size = hidden
         if config.adapter_type == "linear":
@@ -143,7 +160,7 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # The decoder's own `_no_split_modules` (Qwen3DecoderLayer, LlamaDecoderLayer, ...) are added by post_init.
-    _no_split_modules = ["CLIPEncoderLayer"]
+    _no_split_modules = ["CLIPEncoderLayer", "EfficientNetBlock"]
     _skip_keys_device_placement = "cache"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -153,6 +170,15 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     # The sub-models initialise their own modules; the adapter's nn.Linear layers get the base `_init_weights`:
     # normal(std=text_config.initializer_range), zero bias — image tokens start at the norm of the decoder's word
     # embeddings, where PyTorch's Kaiming-uniform default would put them far above it.
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen image tower computes as in inference even while the rest trains: a CNN's BatchNorm would otherwise
+        # normalise with batch statistics and overwrite its pretrained running statistics.
+        tower = self.get_encoder(modality="image")
+        if mode and not any(parameter.requires_grad for parameter in tower.parameters()):
+            tower.eval()
+        return self
 
 
 class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin):
@@ -164,7 +190,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
-        self.vision_model = CLIPVisionModelWithProjection._from_config(config.vision_config)
+        self.vision_model = vision_model_class(config.vision_config)._from_config(config.vision_config)
         self.adapter = ClipQwenAdapter(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
@@ -187,7 +213,8 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         text_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "ClipQwenForConditionalGeneration":
-        """Assemble a ClipQwen model from a CLIP checkpoint and a causal-LM checkpoint (Hub ids or local folders,
+        """Assemble a ClipQwen model from an image-tower checkpoint (CLIP, or an EfficientNet) and a causal-LM
+        checkpoint (Hub ids or local folders,
         each at its revision); the adapter starts from its initialisation. `config_kwargs` are `ClipQwenConfig`
         fields, for example `adapter_type="mlp2x_gelu"` or `vision_feature_type="patch"`. Weights load as
         `load_backbone_weights` says. Without `dtype`, each backbone keeps its checkpoint's dtype (transformers'
@@ -205,7 +232,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         shared = {"dtype": dtype, "cache_dir": cache_dir}
         vision_options = _merge_options("vision", {**shared, "revision": vision_revision}, vision_kwargs)
         text_options = _merge_options("text", {**shared, "revision": text_revision}, text_kwargs)
-        vision = load_backbone_weights(CLIPVisionModelWithProjection, vision_model_name_or_path, **vision_options)
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path, **{
+            key: value for key, value in vision_options.items() if key in ("revision", "cache_dir", "token")})
+        vision = load_backbone_weights(vision_model_class(vision_config), vision_model_name_or_path, **vision_options)
         try:
             text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, **text_options)
         except ValueError as error:
@@ -277,13 +306,17 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
 
     # ---- image features ------------------------------------------------------------------------------
     def _vision_tower(self, pixel_values: torch.FloatTensor, **kwargs):
-        """CLIP's outputs and the features the adapter reads: (batch, 1, projection_dim) pooled embeddings or
-        (batch, 50, hidden) hidden states of `vision_feature_layer`."""
+        """The tower's outputs and the features the adapter reads: (batch, feature_size) pooled embeddings (CLIP's
+        projected `image_embeds`, another tower's `pooler_output`), or (batch, positions, feature_size) patch
+        features (CLIP's hidden states of `vision_feature_layer`, a CNN's final map flattened)."""
         tower = self.get_encoder(modality="image")
         pixel_values = pixel_values.to(tower.dtype)
-        if self.config.vision_feature_type == "pooled":
+        is_cnn = self.config.vision_config.model_type == "efficientnet"
+        if self.config.vision_feature_type == "pooled" or is_cnn:
             outputs = tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-            return outputs, outputs.image_embeds
+            if self.config.vision_feature_type == "pooled":
+                return outputs, outputs.image_embeds if "image_embeds" in outputs else outputs.pooler_output
+            return outputs, outputs.last_hidden_state.flatten(2).transpose(1, 2)  # (b, c, h, w) → (b, h·w, c)
         requested = kwargs.pop("output_hidden_states", None)
         if requested is None:
             requested = tower.config.output_hidden_states
@@ -294,8 +327,8 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         return outputs, embeds
 
     def get_vision_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """The frozen CLIP part alone: (batch, projection_dim) pooled embeddings, or (batch, 50, hidden)
-        hidden states of `vision_feature_layer`. This is what a feature cache stores (this model's extension)."""
+        """The frozen image tower alone: (batch, feature_size) pooled embeddings or (batch, positions, feature_size)
+        patch features. This is what a feature cache stores (this model's extension)."""
         return self._vision_tower(pixel_values)[1]
 
     @can_return_tuple
@@ -313,7 +346,7 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.adapter(vision_embeds.to(self.adapter.layers[0].weight.dtype)),
             hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            attentions=getattr(outputs, "attentions", None),  # a CNN has none
         )
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features):

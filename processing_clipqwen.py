@@ -2,8 +2,10 @@
 the model reads them.
 
 Sequence layout (one image per sequence):
-    training:   <|image_pad|> × N   [prompt]   caption   <|endoftext|>     right-padded
-    inference:  <|image_pad|> × N   [prompt]                                left-padded, for generate()
+    training:   [prompt before]  <|image_pad|> × N   [prompt after]   caption   <|endoftext|>     right-padded
+    inference:  [prompt before]  <|image_pad|> × N   [prompt after]                               left-padded
+The prompt is the `text` of a call, or else the processor's own `prompt` (saved with it, so that a trained model is
+prompted the way it was trained); a placeholder in it marks where the image goes, otherwise the image comes first.
 The caption is the `suffix` (PaliGemma's name). Labels mark the suffix tokens, never pad ids: in Qwen3-Base
 pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the model must learn to stop on
 (the course project's bug).
@@ -100,6 +102,9 @@ class ClipQwenProcessor(ProcessorMixin):
         caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): the token that ends every caption —
             what Qwen3-Base generates as EOS (its tokenizer config says `<|im_end|>`, which the base model never
             ends on). `None`: the tokenizer's EOS token.
+        prompt (`str`, defaults to `""`): the prompt used when a call passes no `text` (or an empty one), for
+            example `"Image:<|image_pad|>"`: a word before the image keeps the image tokens out of the decoder's
+            first position, which a pretrained decoder uses as an attention sink (docs/evidence.md).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class ClipQwenProcessor(ProcessorMixin):
         image_token: str = "<|image_pad|>",
         caption_end_token: str | None = "<|endoftext|>",
         chat_template: str | None = CAPTION_CHAT_TEMPLATE,
+        prompt: str = "",
         **kwargs,
     ):
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
@@ -120,6 +126,7 @@ class ClipQwenProcessor(ProcessorMixin):
             chat_template = caption_chat_template(image_token)
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        self.prompt = prompt
         self.caption_end_token = caption_end_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.add_image_token()
@@ -177,8 +184,8 @@ class ClipQwenProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Build model inputs.
 
-        - `images` only (optionally `text`, a prompt per image): inference inputs for `generate()`,
-          left-padded, no end token.
+        - `images` only (optionally `text`, a prompt per image; default the processor's `prompt`): inference
+          inputs for `generate()`, left-padded, no end token.
         - `images` + `suffix` (the captions, as PaliGemma's processor takes its targets): training inputs with
           `labels` (suffix tokens and one closing end token supervised; placeholders, prompt and padding -100),
           right-padded. Captions longer than `max_caption_length` tokens are truncated before the end token,
@@ -202,7 +209,7 @@ class ClipQwenProcessor(ProcessorMixin):
 
         features = []
         for i in range(batch_size):
-            prompt = texts[i] if texts is not None else ""
+            prompt = (texts[i] if texts is not None else "") or self.prompt
             # A prompt may already hold the placeholder (chat templates write one): it marks where the image
             # goes; otherwise the image comes first.
             before, _, after = prompt.partition(self.image_token) if self.image_token in prompt else ("", "", prompt)

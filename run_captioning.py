@@ -244,7 +244,11 @@ class CaptioningArguments:
     max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
     prompt: str = field(
         default="",
-        metadata={"help": "Optional text after the image placeholders, before the caption."},
+        metadata={"help": (
+            "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image goes (else the "
+            "image comes first). Saved with the processor, which uses it whenever a caller passes no text. Empty: "
+            "the prompt saved with --model_name_or_path's processor, if any."
+        )},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -537,7 +541,8 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         frozen_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
         model, processor = build_model_and_processor(model_args, frozen_dtype)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prompt_tokens = len(processor.tokenizer(caption_args.prompt).input_ids)
+    processor.prompt = caption_args.prompt or processor.prompt  # exported with the processor: users get it by default
+    prompt_tokens = len(processor._encode_text(processor.prompt.replace(processor.image_token, "")))
     preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))

