@@ -27,6 +27,26 @@ from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
 PHOTOS = ROOT / "examples" / "coco-cc-by"
 
+# Identical weights can give outputs a few units in the last place apart: oneDNN/BLAS pick kernels per process,
+# thread count and tensor alignment (weights read from a safetensors file sit at other offsets), and they round
+# differently. Outputs computed in two processes are compared within this; saved and reloaded weights exactly.
+ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
+
+def clear_greedy_ids(model, batch, margin: float = 1e-4, **generate_kwargs) -> torch.Tensor:
+    """Greedy ids of `model` on `batch`, after checking that at every step the best score leads the next by more
+    than `margin` (far above ROUNDING): only then can ids or captions from another process be compared exactly,
+    since no rounding there can make it pick another token."""
+    with torch.no_grad():
+        out = model.generate(**batch, **generate_kwargs, do_sample=False, num_beams=1, output_scores=True,
+                             return_dict_in_generate=True)
+    for step, scores in enumerate(out.scores):
+        best, second = scores.float().topk(2, dim=-1).values.unbind(-1)
+        gap = (best - second).min().item()
+        assert gap > margin, (f"greedy step {step}: the two best tokens are {gap:.1e} apart, so close that another "
+                              f"process may pick either; compare on another input or seed")
+    return out.sequences
+
 
 @pytest.fixture(scope="session")
 def processor():

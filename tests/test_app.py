@@ -13,10 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from conftest import PHOTOS, ROOT
+from conftest import PHOTOS, ROOT, clear_greedy_ids
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -125,8 +124,8 @@ def pick_model(page, label: str):
 
 def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, processor, tmp_path):
     url, model, folder, other, marker = served_app
-    with torch.no_grad():
-        ids = model.generate(**processor(images=[Image.open(PHOTO)]), max_new_tokens=8, num_beams=1, do_sample=False)
+    # the server is another process: compared exactly only where no greedy step is a near tie
+    ids = clear_greedy_ids(model, processor(images=[Image.open(PHOTO)]), max_new_tokens=8)
     expected = processor.batch_decode(ids)[0]
     assert expected  # an empty caption would make the comparison below meaningless
 

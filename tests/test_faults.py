@@ -2,7 +2,8 @@
 
 Every scenario trains the same tiny run (16 embedded images, batch 4: 4 steps an epoch; 8 steps = 2 epochs,
 constant learning rate, a checkpoint every 2 steps) and compares with one uninterrupted run: the same final
-trainable weights, bit for bit, and the same logged loss at every step. Only the runs that must die are
+trainable weights and the same logged loss at every step, bit for bit, or within rounding (conftest.ROUNDING) where
+the steps before a kill ran in a child process. Only the runs that must die are
 subprocesses; everything else runs in-process to keep the file fast on a 2-core machine.
 """
 
@@ -27,7 +28,7 @@ import run_captioning
 from clipqwen import checkpoints
 from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
 
-from conftest import ROOT
+from conftest import ROOT, ROUNDING
 
 
 MAX_STEPS = 8
@@ -136,9 +137,21 @@ def straight(tmp_path_factory):
     return out
 
 
-def assert_matches_straight(out: Path, straight: Path):
-    assert_same_weights(weights(out / f"checkpoint-{MAX_STEPS}"), weights(straight / f"checkpoint-{MAX_STEPS}"))
-    assert losses(out) == losses(straight)  # exact floats, every step, including those before the fault
+def assert_matches_straight(out: Path, straight: Path, *, killed_in_a_child: bool = False):
+    """The same weights and losses at every step as `straight`: bit for bit when `out` ran in this process (resuming
+    copies the checkpoint into a model built as `straight`'s was), within rounding (conftest.ROUNDING) when its steps
+    before the fault ran in a child process. A lost or replayed step, optimizer state or data order moves them by
+    orders of magnitude more."""
+    tolerance = ROUNDING if killed_in_a_child else dict(rtol=0, atol=0)
+    resumed, expected = weights(out / f"checkpoint-{MAX_STEPS}"), weights(straight / f"checkpoint-{MAX_STEPS}")
+    assert resumed.keys() == expected.keys()
+    for name, tensor in resumed.items():
+        torch.testing.assert_close(tensor, expected[name], **tolerance,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    resumed_losses, expected_losses = losses(out), losses(straight)
+    assert resumed_losses.keys() == expected_losses.keys()  # every step, including those before the fault
+    torch.testing.assert_close(torch.tensor(list(resumed_losses.values()), dtype=torch.float64),
+                               torch.tensor(list(expected_losses.values()), dtype=torch.float64), **tolerance)
 
 
 # ---- SIGKILL ---------------------------------------------------------------------------------------------------
@@ -152,7 +165,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_and_weights(killed_
     assert not (out / "config.json").exists()  # the killed run never finished
 
     run(out)  # the same command again: resumes
-    assert_matches_straight(out, straight)
+    assert_matches_straight(out, straight, killed_in_a_child=True)
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_a_torn_folder_that_is_skipped(killed_runs, straight, caplog):
@@ -166,7 +179,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_torn_folder_that_is_skipped(ki
     with caplog.at_level("WARNING"):
         run(out)
     assert f"Skipping {torn}" in caplog.text and "save did not finish" in caplog.text
-    assert_matches_straight(out, straight)
+    assert_matches_straight(out, straight, killed_in_a_child=True)
     assert checkpoints.checkpoint_problem(torn) is None  # saved again, completely, on the way
 
 
