@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
 
 from clipqwen.freezing import freeze_backbones
@@ -80,5 +81,5 @@ def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path):
 def test_unsupported_towers_and_layers_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="vision_config has model_type='siglip_vision_model'"):
         tiny_config(vision_config={"model_type": "siglip_vision_model"})
-    with pytest.raises(ValueError, match="final feature map only; use -1"):
+    with pytest.raises(StrictDataclassError, match="final feature map only; use -1"):
         tiny_config(vision_config=dict(TINY_EFFICIENTNET), vision_feature_type="patch", vision_feature_layer=-2)
