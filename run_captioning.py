@@ -21,11 +21,12 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import datasets
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 from transformers.utils import is_torch_bf16_gpu_available
@@ -221,7 +222,8 @@ class DataTrainingArguments:
         files = [self.train_file, self.validation_file, self.test_file]
         for path in filter(None, files):
             if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv"):
-                raise ValueError(f"{path}: annotation files must be .jsonl or .csv.")
+                raise ValueError(f"{path}: annotation files must be .jsonl, .json or .csv (.json holding one JSON "
+                                 "object per line, as .jsonl does).")
         if self.caption_mode not in ("random", "all"):
             raise ValueError(f"--caption_mode {self.caption_mode!r}: use 'random' or 'all'.")
         if self.max_caption_length < 2:
@@ -259,14 +261,42 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".json"):
         # The file's values (JSON-typed, as parse_json_file reads them) become the defaults; the flags after it win.
-        values = json.loads(Path(argv[0]).read_text())
-        unknown = sorted(set(values) - {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)})
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see run_captioning.py --help.")
-        parser.set_defaults(**values)
+        parser.set_defaults(**read_argument_file(argv[0], parser))
         argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
+
+
+def read_argument_file(path: str, parser: HfArgumentParser) -> dict:
+    """The arguments of a JSON file, refused in one sentence when they cannot be used: a missing or unreadable file,
+    invalid JSON, anything but one object, unknown names, or null for a field that cannot be None."""
+    try:
+        values = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; give the path of a JSON file of arguments.") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror}).") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as "
+                         "UTF-8.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(values, dict):
+        kind = "a JSON array" if isinstance(values, list) else f"the JSON value {json.dumps(values)[:40]}"
+        raise ValueError(f"{path}: holds {kind}; it must hold one JSON object of arguments, "
+                         '{"output_dir": "...", "do_train": true, ...}.')
+    hints = {name: hint for kind in parser.dataclass_types for name, hint in get_type_hints(kind).items()}
+    fields = {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
+    # null would reach the code as None where a number or a flag is expected, and fail far from the file
+    nulls = sorted(name for name, value in values.items()
+                   if value is None and type(None) not in get_args(hints.get(name)))
+    if nulls:
+        raise ValueError(f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its "
+                         "default.")
+    return values
 
 
 def choose_precision(model_args, training_args: TrainingArguments) -> TrainingArguments:
@@ -669,4 +699,10 @@ def detect_last_checkpoint(out: Path, caption_args, training_args) -> tuple[str 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, StrictDataclassError) as error:
+        # Bad input is refused with a ValueError (a config value: StrictDataclassError) naming the flag, file or row
+        # and what to do: that sentence is the answer. The traceback stays available at --log_level debug.
+        logger.debug("Where the refusal came from:", exc_info=True)
+        raise SystemExit(f"run_captioning.py: error: {error}") from None
