@@ -183,7 +183,8 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": (
             "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
-            "Flickr30K, else the file name or row number)."
+            "Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
+            "with one id are refused."
         )},
     )
     caption_mode: Literal["random", "all"] = field(

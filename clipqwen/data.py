@@ -171,6 +171,13 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
     if id_column:
         keep[id_column] = "image_id"
     dataset = dataset.select_columns(list(keep)).rename_columns({k: v for k, v in keep.items() if k != v})
+    if id_column:  # each row is one image here: an id twice would mix two images' predictions
+        first = {}
+        for row, image_id in enumerate(dataset["image_id"]):
+            if first.setdefault(image_id, row) != row:
+                raise ValueError(f"{source}, {split} split: id {image_id!r} (--id_column {id_column}) names rows "
+                                 f"{first[image_id]} and {row}, two images; name a column of unique ids, or give "
+                                 "one row per image holding all its captions.")
     for row, value in enumerate(dataset["captions"]):
         caption_list(value, f"{source}, {split} split, row {row}")
     if "image_id" not in dataset.column_names:
@@ -223,11 +230,21 @@ def read_annotation_file(path: str, image_column: str, caption_column: str, id_c
         raise ValueError(f"{path} has no rows.")
     check_columns(list(rows[0][1]), [image_column, caption_column] + ([id_column] if id_column else []), path)
     grouped: dict[str, dict] = {}
+    first_row: dict[str, tuple[int, str]] = {}  # image id -> (the row that gave it, its image)
     for line, row in rows:
         image = resolve_inside(root, row.get(image_column), f"{path}, row {line}")
         captions = caption_list(row.get(caption_column), f"{path}, row {line}")
-        image_id = _row_id(row, id_column, f"{path}, row {line}") if id_column else Path(image).name
+        # the path inside the file's folder: a bare base name would give beach/photo.jpg and park/photo.jpg one id
+        relative = Path(image).relative_to(root).as_posix()
+        image_id = _row_id(row, id_column, f"{path}, row {line}") if id_column else relative
+        other_line, other = first_row.setdefault(image_id, (line, relative))
+        if other != relative:
+            raise ValueError(f"{path}, row {line}: id {image_id!r} (--id_column {id_column}) is already the id of "
+                             f"another image (row {other_line}, {other}); give each image its own id.")
         entry = grouped.setdefault(image, {"image_id": image_id, "image": image, "captions": []})
+        if entry["image_id"] != image_id:
+            raise ValueError(f"{path}, row {line}: image {relative} has the id {image_id!r} here and "
+                             f"{entry['image_id']!r} above (--id_column {id_column}); give an image one id.")
         entry["captions"].extend(captions)
     features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
                                   "captions": datasets.List(datasets.Value("string"))})
