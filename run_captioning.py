@@ -21,11 +21,12 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import datasets
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 from transformers.utils import is_torch_bf16_gpu_available
@@ -182,7 +183,8 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": (
             "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
-            "Flickr30K, else the file name or row number)."
+            "Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
+            "with one id are refused."
         )},
     )
     caption_mode: Literal["random", "all"] = field(
@@ -221,7 +223,8 @@ class DataTrainingArguments:
         files = [self.train_file, self.validation_file, self.test_file]
         for path in filter(None, files):
             if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv"):
-                raise ValueError(f"{path}: annotation files must be .jsonl or .csv.")
+                raise ValueError(f"{path}: annotation files must be .jsonl, .json or .csv (.json holding one JSON "
+                                 "object per line, as .jsonl does).")
         if self.caption_mode not in ("random", "all"):
             raise ValueError(f"--caption_mode {self.caption_mode!r}: use 'random' or 'all'.")
         if self.max_caption_length < 2:
@@ -263,14 +266,42 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".json"):
         # The file's values (JSON-typed, as parse_json_file reads them) become the defaults; the flags after it win.
-        values = json.loads(Path(argv[0]).read_text())
-        unknown = sorted(set(values) - {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)})
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see run_captioning.py --help.")
-        parser.set_defaults(**values)
+        parser.set_defaults(**read_argument_file(argv[0], parser))
         argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
+
+
+def read_argument_file(path: str, parser: HfArgumentParser) -> dict:
+    """The arguments of a JSON file, refused in one sentence when they cannot be used: a missing or unreadable file,
+    invalid JSON, anything but one object, unknown names, or null for a field that cannot be None."""
+    try:
+        values = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; give the path of a JSON file of arguments.") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror}).") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as "
+                         "UTF-8.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(values, dict):
+        kind = "a JSON array" if isinstance(values, list) else f"the JSON value {json.dumps(values)[:40]}"
+        raise ValueError(f"{path}: holds {kind}; it must hold one JSON object of arguments, "
+                         '{"output_dir": "...", "do_train": true, ...}.')
+    hints = {name: hint for kind in parser.dataclass_types for name, hint in get_type_hints(kind).items()}
+    fields = {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
+    # null would reach the code as None where a number or a flag is expected, and fail far from the file
+    nulls = sorted(name for name, value in values.items()
+                   if value is None and type(None) not in get_args(hints.get(name)))
+    if nulls:
+        raise ValueError(f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its "
+                         "default.")
+    return values
 
 
 def choose_precision(model_args, training_args: TrainingArguments) -> TrainingArguments:
@@ -528,8 +559,11 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     timer = PhaseTimer()
     out = Path(training_args.output_dir)
 
-    # 3. The checkpoint to resume from, or a finished run to evaluate and export again
-    last_checkpoint, finished = detect_last_checkpoint(out, caption_args, training_args)
+    # 3. The checkpoint to resume from, or a finished run to evaluate and export again (or train on, for longer)
+    longer = check_rerun(out, model_args, data_args, caption_args, training_args)  # before anything loads
+    last_checkpoint, finished = detect_last_checkpoint(out, caption_args, training_args, continue_training=longer)
+    if training_args.do_train and training_args.should_save and not finished:
+        checkpoints.save_run_arguments(out, run_arguments(model_args, data_args, caption_args, training_args))
     if finished:  # the same command again (to add --do_predict, or after a crash past the export): no training
         model_args = dataclasses.replace(model_args, model_name_or_path=str(out), model_revision=None, lora_r=0)
         training_args.do_train = False
@@ -646,8 +680,57 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     return metrics | timer.metrics()
 
 
-def detect_last_checkpoint(out: Path, caption_args, training_args) -> tuple[str | None, dict | None]:
-    """(the checkpoint to resume from or None, the finished run's run_complete.json or None)."""
+# Flags a rerun may change without changing what was trained: caches, decoding workers, evaluation and export.
+RERUN_MAY_CHANGE = {"cache_dir", "merge_lora", "validation_file", "test_file", "validation_dir", "test_dir",
+                    "max_eval_samples", "max_predict_samples", "use_feature_cache", "feature_cache_dir",
+                    "check_images", "preprocessing_num_workers", "num_beams", "max_new_tokens", "overwrite_output_dir"}
+TRAINING_FLAGS = ("learning_rate", "lr_scheduler_type", "weight_decay", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "seed", "max_steps", "num_train_epochs")
+
+
+def run_arguments(model_args, data_args, caption_args, training_args) -> dict:
+    """{"--flag": value} of what a run trains: every model, data and captioning flag (a flag added later counts
+    too) but RERUN_MAY_CHANGE, and TRAINING_FLAGS."""
+    values = {f.name: getattr(args, f.name) for args in (model_args, data_args, caption_args)
+              for f in dataclasses.fields(args) if f.name not in RERUN_MAY_CHANGE}
+    values |= {name: getattr(training_args, name) for name in TRAINING_FLAGS}
+    return {f"--{name}": value for name, value in values.items()}
+
+
+def check_rerun(out: Path, model_args, data_args, caption_args, training_args) -> bool:
+    """Compares a training rerun into `out` with the flags its run saved (checkpoints.RUN_ARGUMENTS). True when the
+    only change asks for a longer run (a larger --max_steps, or --num_train_epochs without --max_steps); any other
+    change is refused, naming each flag with its old and new value, before anything loads: the folder's
+    checkpoints and model are of the old settings, and would be resumed or exported as if they were the new."""
+    if not training_args.do_train or caption_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return False
+    arguments = run_arguments(model_args, data_args, caption_args, training_args)
+    changed = checkpoints.changed_run_arguments(out, arguments) or {}
+    steps = changed.pop("--max_steps", (training_args.max_steps,) * 2)
+    epochs = changed.pop("--num_train_epochs", (training_args.num_train_epochs,) * 2)
+    if steps[0] > 0 and steps[1] > 0:  # --max_steps wins over --num_train_epochs
+        length = {"--max_steps": steps}
+    elif steps[0] <= 0 and steps[1] <= 0:
+        length = {"--num_train_epochs": epochs}
+    else:
+        length = {"--max_steps": steps, "--num_train_epochs": epochs}
+    length = {flag: values for flag, values in length.items() if values[0] != values[1]}
+    longer = len(length) == 1 and all(new > old for old, new in length.values())
+    if not longer:
+        changed |= length
+    if changed:
+        listed = "; ".join(f"{flag} {json.dumps(old)} → {json.dumps(new)}" for flag, (old, new) in changed.items())
+        raise preflight.PreflightError(
+            f"{out} holds a run made with other settings ({listed}); its checkpoints and model are of those. Pass "
+            "--overwrite_output_dir to train the new settings there from scratch, or choose another --output_dir "
+            "(a longer --max_steps or --num_train_epochs alone continues the run).")
+    return longer
+
+
+def detect_last_checkpoint(out: Path, caption_args, training_args,
+                           continue_training: bool = False) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from or None, the finished run's run_complete.json or None). A finished run is
+    evaluated and exported again, or, with `continue_training` (check_rerun), resumed from its last checkpoint."""
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "false"):  # `--resume_from_checkpoint True`: the newest one
         resume = training_args.resume_from_checkpoint = None
@@ -659,6 +742,15 @@ def detect_last_checkpoint(out: Path, caption_args, training_args) -> tuple[str 
         return None, None
     if (out / RUN_COMPLETE).is_file():
         finished = json.loads((out / RUN_COMPLETE).read_text())
+        if continue_training:
+            last_checkpoint = checkpoints.last_complete_checkpoint(out)
+            if last_checkpoint is None:
+                raise preflight.PreflightError(
+                    f"{out} holds a finished run (step {finished['global_step']}) that kept no checkpoint to train "
+                    "on from (--save_strategy no). Pass --overwrite_output_dir to train the longer run from scratch, "
+                    "or choose another --output_dir.")
+            logger.info("Training the finished run further, as asked, from %s.", last_checkpoint)
+            return last_checkpoint, None
         logger.warning("%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
                        "--overwrite_output_dir to train afresh.", out, finished["global_step"])
         return None, finished
@@ -674,4 +766,10 @@ def detect_last_checkpoint(out: Path, caption_args, training_args) -> tuple[str 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, StrictDataclassError) as error:
+        # Bad input is refused with a ValueError (a config value: StrictDataclassError) naming the flag, file or row
+        # and what to do: that sentence is the answer. The traceback stays available at --log_level debug.
+        logger.debug("Where the refusal came from:", exc_info=True)
+        raise SystemExit(f"run_captioning.py: error: {error}") from None

@@ -241,3 +241,26 @@ def describe_save_failure(folder, output_dir, error: BaseException) -> str:
     message += ("free some space (or lower --save_total_limit, or use another --output_dir), then rerun the same "
                 "command" + (" to resume from it." if previous else "."))
     return message
+
+
+# ---- the arguments a run was made with ---------------------------------------------------------------------
+RUN_ARGUMENTS = "run_arguments.json"  # what the checkpoints and the export of this folder were trained with
+
+
+def save_run_arguments(output_dir, arguments: dict[str, object]) -> None:
+    """`arguments` ({"--flag": value}) into the output folder, atomically: a rerun compares them with its own."""
+    path = Path(output_dir) / RUN_ARGUMENTS
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(arguments, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(partial, path)
+
+
+def changed_run_arguments(output_dir, arguments: dict[str, object]) -> dict[str, tuple] | None:
+    """{"--flag": (saved, given)} for every flag whose value differs from the one the folder's run was made with
+    (flags one side lacks are left out: an older run, or a flag added since); None when no run saved any."""
+    path = Path(output_dir) / RUN_ARGUMENTS
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    given = json.loads(json.dumps(arguments, default=str))  # compared as saved: tuples as lists, paths as strings
+    return {flag: (saved[flag], value) for flag, value in given.items() if flag in saved and saved[flag] != value}

@@ -34,7 +34,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 from transformers import TrainerCallback
 
-from .images import ClipPixels, ImageLoadError, load_image, pixel_values
+from .images import ClipPixels, ImageLoadError, load_image, pixel_values, regular_file_size
 
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,13 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
     if id_column:
         keep[id_column] = "image_id"
     dataset = dataset.select_columns(list(keep)).rename_columns({k: v for k, v in keep.items() if k != v})
+    if id_column:  # each row is one image here: an id twice would mix two images' predictions
+        first = {}
+        for row, image_id in enumerate(dataset["image_id"]):
+            if first.setdefault(image_id, row) != row:
+                raise ValueError(f"{source}, {split} split: id {image_id!r} (--id_column {id_column}) names rows "
+                                 f"{first[image_id]} and {row}, two images; name a column of unique ids, or give "
+                                 "one row per image holding all its captions.")
     for row, value in enumerate(dataset["captions"]):
         caption_list(value, f"{source}, {split} split, row {row}")
     if "image_id" not in dataset.column_names:
@@ -223,15 +230,36 @@ def read_annotation_file(path: str, image_column: str, caption_column: str, id_c
         raise ValueError(f"{path} has no rows.")
     check_columns(list(rows[0][1]), [image_column, caption_column] + ([id_column] if id_column else []), path)
     grouped: dict[str, dict] = {}
+    first_row: dict[str, tuple[int, str]] = {}  # image id -> (the row that gave it, its image)
     for line, row in rows:
         image = resolve_inside(root, row.get(image_column), f"{path}, row {line}")
         captions = caption_list(row.get(caption_column), f"{path}, row {line}")
-        entry = grouped.setdefault(image, {"image_id": str(row[id_column]) if id_column else Path(image).name,
-                                           "image": image, "captions": []})
+        # the path inside the file's folder: a bare base name would give beach/photo.jpg and park/photo.jpg one id
+        relative = Path(image).relative_to(root).as_posix()
+        image_id = _row_id(row, id_column, f"{path}, row {line}") if id_column else relative
+        other_line, other = first_row.setdefault(image_id, (line, relative))
+        if other != relative:
+            raise ValueError(f"{path}, row {line}: id {image_id!r} (--id_column {id_column}) is already the id of "
+                             f"another image (row {other_line}, {other}); give each image its own id.")
+        entry = grouped.setdefault(image, {"image_id": image_id, "image": image, "captions": []})
+        if entry["image_id"] != image_id:
+            raise ValueError(f"{path}, row {line}: image {relative} has the id {image_id!r} here and "
+                             f"{entry['image_id']!r} above (--id_column {id_column}); give an image one id.")
         entry["captions"].extend(captions)
     features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
                                   "captions": datasets.List(datasets.Value("string"))})
     return Dataset.from_list(list(grouped.values()), features=features)
+
+
+def _row_id(row: dict, id_column: str, where: str) -> str:
+    """The row's image id from `id_column`, refused when the row lacks one: a missing or null id would become
+    "None", and several images would share it."""
+    value = row.get(id_column)
+    if value is None or not str(value).strip():
+        what = "no value" if value is None else "an empty value"
+        raise ValueError(f"{where}: {what} in the id column {id_column!r} (--id_column); give every row an id, or "
+                         "leave --id_column out to use the image paths.")
+    return str(value)
 
 
 def _read_rows(path: Path):
@@ -277,9 +305,18 @@ def resolve_inside(root: Path, value, where: str) -> str:
         raise ValueError(f"{where}: the image path is {_kind(value)}, not a string.")
     if "://" in value:
         raise ValueError(f"{where}: image path {value!r} is a URL; refused, only files inside {root} are read.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\udce9" (a Latin-1 name as Python spells it) or a lone surrogate
+        raise ValueError(f"{where}: image path {value!r} is not valid UTF-8, which data sets store names in. Rename "
+                         "the file to a UTF-8 name and list it under that name.") from None
     resolved = (root / value).resolve()  # an absolute value replaces root; symlinks followed, so a link out is caught
     if not resolved.is_relative_to(root):
         raise ValueError(f"{where}: image path {value!r} leads outside {root}; refused.")
+    try:  # a directory, FIFO or device, or a name too long to exist: refused here, nothing opened
+        regular_file_size(resolved, f"{where}: image path {value!r}")
+    except OSError:
+        pass  # missing, forbidden, a file as a folder: dropped and named later with the other unreadable images
     return str(resolved)
 
 

@@ -10,9 +10,13 @@ without the cache; the caption CLI and the demo), an image is decoded once and c
 turned into CLIP's pixel values by `pixel_values`, which reads the processor's settings and does not convert again.
 """
 
+import errno
 import io
 import os
+import re
+import stat
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,7 +123,7 @@ def _load(source, name, decode):
     try:
         if data is None and path is None:
             raise ImageLoadError(name, "the entry has neither a path nor bytes", "Fix the dataset entry.")
-        if (len(data) if data is not None else os.path.getsize(path)) == 0:
+        if (len(data) if data is not None else regular_file_size(path, name)) == 0:
             raise ImageLoadError(name, "the file is empty (0 bytes)")
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make it an error like the rest. (catch_warnings
         # is not thread-safe, but a lost filter changes nothing while MAX_PIXELS is below Pillow's limit.)
@@ -166,8 +170,8 @@ def _load_error(error, name, data, path):
         reason = f"Pillow flags it as a decompression bomb ({str(error).rstrip('.')})"
         return ImageLoadError(name, reason, _too_large_advice())
     if isinstance(error, UnidentifiedImageError):
-        return ImageLoadError(name, _not_an_image(data, path))
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return ImageLoadError(name, *_not_an_image(data, path))
+    if isinstance(error, OSError) and error.errno is not None:  # the system's word; Pillow's own have no errno
         return ImageLoadError(name, f"the file cannot be read ({error.strerror})", "Check the path.")
     return ImageLoadError(name, f"it is truncated or corrupt ({type(error).__name__}: {error})")
 
@@ -202,14 +206,46 @@ def _too_large_advice():
     )
 
 
-def _not_an_image(data, path):
+def regular_file_size(path, name) -> int:
+    """The size of the file at `path`, refused unless it is a regular file. os.stat opens nothing: a FIFO named
+    `*.jpg` would block an open() until some writer came, and a device could be read forever."""
+    try:
+        status = os.stat(path)
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "backslashreplace").decode()  # printable: a lone surrogate cannot be logged
+        raise ImageLoadError(shown, "its name is not valid UTF-8, so it cannot name a file",
+                             "Rename the file, or fix its name where it is listed.") from None
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise  # a missing or forbidden file: _load_error names it
+        longest = max(Path(path).parts, key=lambda part: len(os.fsencode(part)))
+        size = len(os.fsencode(longest))
+        if size <= 255:
+            reason = f"the path is too long for the file system ({len(os.fsencode(path)):,} bytes)"
+        elif size == len(longest):
+            reason = f"the file name is too long for the file system ({size} characters; most allow 255 bytes)"
+        else:
+            reason = (f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
+                      "most allow 255 bytes)")
+        raise ImageLoadError(name, reason, "Rename the file, or fix its name where it is listed.") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(status.st_mode) else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(status.st_mode) else "a socket" if stat.S_ISSOCK(status.st_mode) else "a device")
+        raise ImageLoadError(name, f"it is {kind}, not a regular file", "Give the path of an image file.")
+    return status.st_size
+
+
+def _not_an_image(data, path) -> tuple[str, str]:
+    """(reason, advice) for a file Pillow cannot identify."""
     if data is None:
         with open(path, "rb") as file:
-            data = file.read(512)
-    head = bytes(data[:512]).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte-order mark, whitespace
+            data = file.read(4096)
+    head = bytes(data[:4096]).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte-order mark, whitespace
+    if head.startswith(b"<") and re.search(rb"<svg[\s>/]", head, re.IGNORECASE):  # after any <?xml?>, <!DOCTYPE>
+        return "it is an SVG (a vector image), which is not supported", "Convert it to PNG or JPEG."
     if head.startswith(b"<"):  # a web page or error page saved under an image name: a failed download
-        return "it is HTML/XML text, not an image (often an error page from a failed download)"
-    return "Pillow does not recognise it as an image (unknown format or random bytes)"
+        return "it is HTML/XML text, not an image (often an error page from a failed download)", _REDO
+    return "Pillow does not recognise it as an image (unknown format or random bytes)", _REDO
 
 
 # ---- pixel values -------------------------------------------------------------------------------------------

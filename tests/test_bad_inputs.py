@@ -306,7 +306,7 @@ def test_a_raw_nul_byte_in_jsonl_names_the_row(tmp_path):
     (["--lora_r", "4", "--freeze_language_model", "False"], "LoRA trains a frozen language model"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
     (["--max_caption_length", "1"], "--max_caption_length must be at least 2"),
-    (["--train_file", "annotations.txt"], "must be .jsonl or .csv"),
+    (["--train_file", "annotations.txt"], "annotations.txt: annotation files must be .jsonl, .json or .csv"),
 ])
 def test_wrong_arguments_are_refused_naming_the_flag(flags, message, tmp_path):
     with pytest.raises(ValueError) as error:
@@ -329,6 +329,44 @@ def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_pa
                                   "do_train": True, "adapter_type": "transformer"}))
     with pytest.raises(StrictDataclassError, match="Field 'adapter_type' expected one of"):
         run_captioning.main(run_captioning.parse_args([str(config)]))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"config\.json: no such file; give the path of a JSON file of arguments"),
+    ('{"output_dir": "out",\n "do_train": true,}', r"config\.json: not valid JSON \(.*line 2, column 19\)"),
+    ('["--do_train"]', r"config\.json: holds a JSON array; it must hold one JSON object"),
+    (b'{"output_dir": "caf\xe9"}', r"config\.json: not valid UTF-8"),
+    ('{"output_dir": "out", "max_steps": null, "learning_rate": null}',
+     r"config\.json: learning_rate, max_steps cannot be null; give a value, or leave the field out for its default"),
+])
+def test_a_json_argument_file_that_cannot_be_used_is_refused_in_one_sentence(tmp_path, content, message):
+    config = tmp_path / "config.json"
+    if isinstance(content, bytes):
+        config.write_bytes(content)
+    elif content is not None:
+        config.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        run_captioning.parse_args([str(config)])
+
+
+def test_the_run_script_answers_bad_input_with_the_sentence_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "run_captioning.py"), str(tmp_path / "missing.json")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    missing = tmp_path / "missing.json"
+    assert result.stderr.strip().splitlines()[-1] == (f"run_captioning.py: error: {missing}: no such file; give the "
+                                                      "path of a JSON file of arguments.")
+
+
+def test_null_is_accepted_for_a_field_that_may_be_none(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "dataset_revision": None,
+                                  "max_train_samples": None}))
+    _, data_args, _, _ = run_captioning.parse_args([str(config)])
+    assert data_args.dataset_revision is None and data_args.max_train_samples is None
 
 
 def test_unknown_keys_in_a_json_config_are_refused(tmp_path):

