@@ -65,7 +65,8 @@ def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
                                       args.caption_column, args.id_column, source=path, split=split), path, Path(path))
                   for split, path in dirs.items() if path}
     else:
-        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir)
+        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir,
+                               one_split=bool(args.split_column))
         if args.split_column:
             raw = split_by_column(raw, args.split_column, args.dataset_name)
             if args.dataset_name == "nlphuji/flickr30k":
@@ -109,8 +110,14 @@ def check_metadata_captions(folder: Path, caption_column: str) -> None:
             caption_list(row.get(key), f"{path}, row {line}")
 
 
-def load_hub_dataset(name, config_name, revision, cache_dir):
+def load_hub_dataset(name, config_name, revision, cache_dir, one_split: bool = False):
+    """A Hub data set, or a local folder of data files. With `one_split` (the split comes from a column), every parquet
+    file of a local folder is read as one split: datasets would otherwise infer splits from file names, and a folder
+    holding `0000.parquet` beside `test-0000.parquet` would lose every file whose name names no split."""
+    parquet = sorted(str(path) for path in Path(name).glob("**/*.parquet")) if one_split and Path(name).is_dir() else []
     try:
+        if parquet:
+            return datasets.load_dataset("parquet", data_files={"train": parquet}, cache_dir=cache_dir)
         return datasets.load_dataset(name, config_name, revision=revision, cache_dir=cache_dir)
     except (ConnectionError, OSError, FileNotFoundError) as error:
         raise SystemExit(
@@ -499,7 +506,7 @@ def vision_cache_key(model, processor) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.vision_model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     config = model.config
     digest.update(f"{config.vision_feature_type}:{config.vision_feature_layer}".encode())
     digest.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())

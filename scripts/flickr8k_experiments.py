@@ -93,7 +93,7 @@ def run_one(name: str, args, flags: list[str]) -> None:
             "--vision_model_name_or_path", str(save_lite0(converted / "efficientnet-lite0")),
             "--text_model_name_or_path", str(save_smollm2(converted / "smollm2-135m")),
             "--dataset_name", args.data, "--max_eval_samples", str(args.eval_images),
-            "--do_predict", "False", "--overwrite_output_dir", "True"]
+            "--do_predict", "False", "--overwrite_output_dir", "True", "--save_strategy", "no"]
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
     run_captioning.main(run_captioning.parse_args(argv + flags))
@@ -115,7 +115,7 @@ def main(argv=None):
         results = args.output_dir / name / "all_results.json"
         metrics = json.loads(results.read_text()) if code == 0 and results.is_file() else {}
         rows[name] = {"settings": RUNS[name], "wall_seconds": round(time.time() - start),
-                      "train_seconds": metrics.get("train_runtime"), "steps": metrics.get("train_steps"),
+                      "train_seconds": metrics.get("train_runtime"),
                       **{key: metrics.get(key) for key in METRICS}, "exit_code": code}
         print(time.strftime("%H:%M:%S"), name, {key: rows[name][key] for key in METRICS}, flush=True)
         write_tables(args.output_dir, rows, flags)

@@ -485,3 +485,20 @@ def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor,
     assert batch["pixel_values"].shape[0] == 1
     with pytest.raises(ImageLoadError, match=rf"{tmp_path / 'gone.jpg'}: the file cannot be read"):
         collator([{"image_id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.jpg")}, "captions": ["x"]}])
+
+
+def test_a_parquet_folder_split_by_column_keeps_files_whose_names_name_no_split(tmp_path):
+    # Flickr8k's layout: shards named 0000.parquet, and a test shard added beside them under another name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipqwen.data import load_hub_dataset, split_by_column
+
+    def shard(name, splits):
+        pq.write_table(pa.table({"caption": [["a dog."]] * len(splits), "split": splits}), tmp_path / name)
+
+    shard("0000.parquet", ["train", "train", "val"])
+    shard("test-0000.parquet", ["test"])
+    raw = load_hub_dataset(str(tmp_path), None, None, cache_dir=str(tmp_path / "cache"), one_split=True)
+    sizes = {split: len(rows) for split, rows in split_by_column(raw, "split", str(tmp_path)).items()}
+    assert sizes == {"train": 2, "validation": 1, "test": 1}
