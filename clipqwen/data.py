@@ -114,7 +114,8 @@ def load_hub_dataset(name, config_name, revision, cache_dir, one_split: bool = F
     """A Hub data set, or a local folder of data files. With `one_split` (the split comes from a column), every parquet
     file of a local folder is read as one split: datasets would otherwise infer splits from file names, and a folder
     holding `0000.parquet` beside `test-0000.parquet` would lose every file whose name names no split."""
-    parquet = sorted(str(path) for path in Path(name).glob("**/*.parquet")) if one_split and Path(name).is_dir() else []
+    local = one_split and Path(name).is_dir()
+    parquet = sorted(str(path) for path in Path(name).glob("**/*.parquet")) if local else []
     try:
         if parquet:
             return datasets.load_dataset("parquet", data_files={"train": parquet}, cache_dir=cache_dir)
