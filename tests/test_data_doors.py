@@ -134,9 +134,9 @@ def test_a_hub_data_set_must_ship_its_images(tmp_path, monkeypatch):
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns, features=FEATURES)})
 
     args = data_args(dataset_name="someone/photos", dataset_revision=None, split_column=None)
-    monkeypatch.setattr(data, "load_hub_dataset", lambda *_: hub_rows(shipped))
+    monkeypatch.setattr(data, "load_hub_dataset", lambda *_, **__: hub_rows(shipped))
     assert len(load_caption_data(args)["train"]) == 1
-    monkeypatch.setattr(data, "load_hub_dataset", lambda *_: hub_rows(shipped, private))
+    monkeypatch.setattr(data, "load_hub_dataset", lambda *_, **__: hub_rows(shipped, private))
     with pytest.raises(ValueError, match=rf"someone/photos, train split, row 1: image path '{private}' leads outside"):
         load_caption_data(args)
 
@@ -489,13 +489,11 @@ def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor,
 
 def test_a_parquet_folder_split_by_column_keeps_files_whose_names_name_no_split(tmp_path):
     # Flickr8k's layout: shards named 0000.parquet, and a test shard added beside them under another name
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from clipqwen.data import load_hub_dataset, split_by_column
 
     def shard(name, splits):
-        pq.write_table(pa.table({"caption": [["a dog."]] * len(splits), "split": splits}), tmp_path / name)
+        rows = {"caption": [["a dog."]] * len(splits), "split": splits}
+        datasets.Dataset.from_dict(rows).to_parquet(tmp_path / name)
 
     shard("0000.parquet", ["train", "train", "val"])
     shard("test-0000.parquet", ["test"])
