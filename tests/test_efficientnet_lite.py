@@ -159,7 +159,7 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
     assert type(model) is EfficientNetModel and model.config.hidden_act == "relu6"
     with torch.no_grad():
         assert torch.equal(model(pixels).pooler_output, converted_model(random_sd)(pixels).pooler_output)
-    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite._sha256(source)
+    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite.sha256_of(source)
     assert (folder / "model.safetensors").is_file()
 
     # the same source again: nothing is rebuilt; another source: the folder is replaced whole
@@ -168,7 +168,7 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
     monkeypatch.undo()
     torch.save(random_lukemelas_state_dict(seed=1), source)
     lite.save_lite0(folder, state_dict_path=source)
-    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite._sha256(source)
+    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite.sha256_of(source)
     assert sorted(path.name for path in tmp_path.iterdir()) == [lite.PTH, "lite0"]  # no temporary folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a model")
@@ -219,7 +219,7 @@ REAL_PHOTOS = {
 @pytest.mark.skipif(not os.environ.get("CLIPQWEN_LITE0_WEIGHTS"), reason="CLIPQWEN_LITE0_WEIGHTS (the .pth) unset")
 def test_real_weights_name_imagenet_classes_in_real_photos(tmp_path):
     source = Path(os.environ["CLIPQWEN_LITE0_WEIGHTS"])
-    assert lite._sha256(source) == lite.PTH_SHA256
+    assert lite.sha256_of(source) == lite.PTH_SHA256
     folder = lite.save_lite0(tmp_path / "lite0", state_dict_path=source)
     model, processor = AutoModel.from_pretrained(folder).eval(), clip_image_processor(folder)
     sd = torch.load(source, weights_only=True)
