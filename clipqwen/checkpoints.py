@@ -44,7 +44,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # ---- completeness manifest ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks (manifests, caches, downloaded weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -77,7 +78,7 @@ def mark_complete(folder, step: int | None = None) -> Path:
     files = {}
     for path in _files(folder):
         _fsync(path)
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     manifest = {"step": step, "files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     partial = folder / f"{MARKER}.{os.getpid()}.tmp"
     with open(partial, "w", encoding="utf-8") as file:
@@ -118,7 +119,7 @@ def checkpoint_problem(folder, verify_hashes: bool = True, legacy: bool = False)
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
     if verify_hashes:
         for name, expected in files.items():
-            if _sha256(folder / name) != expected["sha256"]:
+            if sha256_of(folder / name) != expected["sha256"]:
                 return f"{name} does not match its SHA-256 in {MARKER} (changed or corrupted after the save)"
     return None
 

@@ -34,6 +34,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 from transformers import TrainerCallback
 
+from .checkpoints import sha256_of
 from .images import ClipPixels, ImageLoadError, load_image, pixel_values, regular_file_size
 
 
@@ -655,7 +656,7 @@ def _cache_problem(cache_file: Path) -> str | None:
         size = cache_file.stat().st_size
         if size != expected.get("size"):
             return f"{size:,} bytes instead of {expected.get('size'):,}"
-        if _sha256_of(cache_file) != expected.get("sha256"):
+        if sha256_of(cache_file) != expected.get("sha256"):
             return "its SHA-256 differs from the one recorded when it was written"
     except OSError as error:  # gone or unreadable since the manifest was read
         return f"it cannot be read ({error})"
@@ -781,7 +782,7 @@ def _manifest(cache_file: Path) -> Path:
 
 
 def _write_manifest(cache_file: Path) -> None:
-    manifest = {"size": cache_file.stat().st_size, "sha256": _sha256_of(cache_file)}
+    manifest = {"size": cache_file.stat().st_size, "sha256": sha256_of(cache_file)}
     temporary = _manifest(cache_file).with_suffix(".tmp")
     temporary.write_text(json.dumps(manifest))
     os.replace(temporary, _manifest(cache_file))
@@ -800,14 +801,6 @@ def discard_damaged_cache(cache_file: Path) -> None:
     logger.warning("Feature cache %s is damaged (%s); rebuilding it.", cache_file, problem)
     cache_file.unlink()
     _manifest(cache_file).unlink(missing_ok=True)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- batching --------------------------------------------------------------------------------------------

