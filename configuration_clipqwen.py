@@ -57,9 +57,11 @@ _TRAINING_FLAGS = ("freeze_vision_model", "freeze_language_model")
 @strict
 class ClipQwenConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the seed-exact captioner:
-    CLIP ViT-B/32's pooled, projected 512-d image embedding → `nn.Linear(512, 1024)` → one image token in
-    front of the caption of Qwen3-0.6B-Base.
+    Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout: CLIP ViT-B/32's
+    pooled, projected 512-d image embedding → Linear-GELU-Linear → 8 image tokens for Qwen3-0.6B-Base, the layout
+    that learned to caption from real photos with a frozen decoder (docs/flickr8k.md; its processor's prompt puts a
+    word before them). The course project's seed layout, `nn.Linear(512, 1024)` → one image token, is
+    `adapter_type="linear", num_pooled_image_tokens=1`; configs saved before the default changed name both fields.
 
     Args:
         vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):
@@ -69,14 +71,14 @@ class ClipQwenConfig(PreTrainedConfig):
             The decoder: any causal LM's config (`Qwen3Config`, `LlamaConfig`, ...). A dict names its `model_type`
             (default `"qwen3"`); a Qwen3 dict is merged over Qwen3-0.6B-Base's values, any other takes its own
             class defaults.
-        adapter_type (`str`, *optional*, defaults to `"linear"`):
+        adapter_type (`str`, *optional*, defaults to `"mlp2x_gelu"`):
             `"linear"` (one `nn.Linear`, the seed's) or `"mlp2x_gelu"` (Linear-GELU-Linear, LLaVA-1.5).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
             `"pooled"`: one image embedding (CLIP's projected `image_embeds`, a CNN's pooled output), expanded by
             the adapter into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per position of a
             feature map (LLaVA): CLIP's CLS + patch hidden states of layer `vision_feature_layer`, or a CNN's final
             feature map flattened (7×7 for a 224-pixel EfficientNet).
-        num_pooled_image_tokens (`int`, *optional*, defaults to 1):
+        num_pooled_image_tokens (`int`, *optional*, defaults to 8):
             Image tokens made from the pooled embedding (>= 1). Only used with `vision_feature_type="pooled"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate). A CNN
@@ -98,9 +100,9 @@ class ClipQwenConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    adapter_type: AdapterType = "linear"
+    adapter_type: AdapterType = "mlp2x_gelu"
     vision_feature_type: VisionFeatureType = "pooled"
-    num_pooled_image_tokens: int = interval(min=1)(default=1)
+    num_pooled_image_tokens: int = interval(min=1)(default=8)
     vision_feature_layer: int = -2
     image_token_id: int | None = 151655
     tie_word_embeddings: bool = True

@@ -95,8 +95,9 @@ class ClipQwenProcessor(ProcessorMixin):
     Args:
         image_processor (`CLIPImageProcessor`): CLIP preprocessing (224 px, bicubic, OpenAI mean/std).
         tokenizer: the decoder's tokenizer (the Qwen3 tokenizer by default).
-        num_image_tokens (`int`, defaults to 1): placeholders per image; must equal the model config's
-            `num_image_tokens` (1 for the pooled preset, 50 for CLIP-B/32 patch tokens).
+        num_image_tokens (`int`, defaults to 8): placeholders per image; must equal the model config's
+            `num_image_tokens` (8 for the default ClipCap layout, 1 for the course's seed layout, 50 for CLIP-B/32
+            patch tokens).
         image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder token. Added to the tokenizer as a
             special token when it is not one of its tokens (then call `model.match_processor(processor)`).
         caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): the token that ends every caption —
@@ -111,7 +112,7 @@ class ClipQwenProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        num_image_tokens: int = 1,
+        num_image_tokens: int = 8,
         image_token: str = "<|image_pad|>",
         caption_end_token: str | None = "<|endoftext|>",
         chat_template: str | None = CAPTION_CHAT_TEMPLATE,

@@ -38,7 +38,7 @@ from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import build_model_card
 from clipqwen.plots import plot_sample_grid, plot_training_curves
 from clipqwen.prepare import CaptionData, prepare_data
-from clipqwen.presets import bundled_processor, clip_image_processor, tiny_config
+from clipqwen.presets import LAYOUTS, bundled_processor, clip_image_processor, tiny_config
 from clipqwen.timing import PhaseTimer
 from clipqwen.trainer import CaptionTrainer, NonFiniteLossError
 from configuration_clipqwen import AdapterType, VisionFeatureType
@@ -87,17 +87,29 @@ class ModelArguments:
     )
     # The config's own Literal types: argparse offers and checks their choices; the config checks every field again
     # when it is built (a JSON argument file's values reach it unchecked by argparse).
-    adapter_type: AdapterType = field(
-        default="linear",
-        metadata={"help": "Adapter ('linear' is the seed-exact preset, 'mlp2x_gelu' LLaVA-1.5's)."},
+    preset: Literal[tuple(LAYOUTS)] = field(
+        default="clipcap",
+        metadata={"help": (
+            "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and --prompt "
+            "override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the prompt "
+            "'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the course "
+            "project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
+            "pretrained decoder it did not learn to use the image."
+        )},
     )
-    vision_feature_type: VisionFeatureType = field(
-        default="pooled",
-        metadata={"help": "CLIP features: the pooled embedding, or every position's hidden state (LLaVA)."},
+    adapter_type: AdapterType | None = field(
+        default=None,
+        metadata={"help": "Adapter: 'linear' (the seed's) or 'mlp2x_gelu' (LLaVA-1.5's). Default: the preset's."},
     )
-    num_pooled_image_tokens: int = field(
-        default=1,
-        metadata={"help": "Image tokens made from the pooled embedding (ClipCap-style K)."},
+    vision_feature_type: VisionFeatureType | None = field(
+        default=None,
+        metadata={"help": (
+            "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: the preset's."
+        )},
+    )
+    num_pooled_image_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
     )
     vision_feature_layer: int = field(
         default=-2,
@@ -131,6 +143,9 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
 
     def __post_init__(self):
+        for name, value in LAYOUTS[self.preset].items():  # the preset's layout for each layout flag left unset
+            if name != "prompt" and getattr(self, name) is None:  # (its prompt: in run(), a given model keeps its own)
+                setattr(self, name, value)
         if self.lora_r < 0 or (self.lora_r and not self.lora_target_modules.strip()):
             raise ValueError("--lora_r must be >= 0, and LoRA needs --lora_target_modules.")
         if self.lora_r and not self.freeze_language_model:
@@ -245,12 +260,13 @@ class DataTrainingArguments:
 class CaptioningArguments:
     num_beams: int = field(default=1, metadata={"help": "Beams for evaluation and prediction captions."})
     max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
-    prompt: str = field(
-        default="",
+    prompt: str | None = field(
+        default=None,
         metadata={"help": (
             "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image goes (else the "
-            "image comes first). Saved with the processor, which uses it whenever a caller passes no text. Empty: "
-            "the prompt saved with --model_name_or_path's processor, if any."
+            "image comes first; '' for no prompt). Saved with the processor, which uses it whenever a caller passes "
+            "no text. Default: the prompt saved with --model_name_or_path's processor, or the --preset's for a new "
+            "model."
         )},
     )
     overwrite_output_dir: bool = field(
@@ -575,7 +591,10 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         frozen_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
         model, processor = build_model_and_processor(model_args, frozen_dtype)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    processor.prompt = caption_args.prompt or processor.prompt  # exported with the processor: users get it by default
+    if caption_args.prompt is not None:  # exported with the processor: users get it by default
+        processor.prompt = caption_args.prompt
+    elif not model_args.model_name_or_path:
+        processor.prompt = LAYOUTS[model_args.preset]["prompt"]
     prompt_tokens = len(processor._encode_text(processor.prompt.replace(processor.image_token, "")))
     preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)
     if training_args.should_save:
@@ -599,8 +618,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
 
     # 6. Trainer
-    collator = CaptionCollator(processor, data_args.max_caption_length, prompt=caption_args.prompt,
-                               seed=training_args.seed)
+    collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)  # processor.prompt
     # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
     generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1,
                          "num_beams": caption_args.num_beams}
@@ -612,7 +630,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         data_collator=collator,
         callbacks=[CaptionEpochCallback(collator)],
         generation_datasets={"eval": data.splits.get("validation"), "test": data.splits.get("test")},
-        generation_collator=CaptionCollator(processor, for_generation=True, prompt=caption_args.prompt),
+        generation_collator=CaptionCollator(processor, for_generation=True),
         generation_kwargs=generation_kwargs,
     )
     if finished:  # the card describes the training that happened, not this evaluation-only rerun

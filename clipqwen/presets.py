@@ -20,6 +20,17 @@ from processing_clipqwen import ClipQwenProcessor
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
 
+# The layouts of a new captioner (`run_captioning.py --preset`). `clipcap` is the default: on real photos with a
+# frozen real decoder it learned to caption from the image (Flickr8k, docs/flickr8k.md), because the pooled
+# embedding becomes 8 tokens through an MLP and a word before them keeps them off the decoder's first position,
+# which a pretrained decoder uses as an attention sink. `seed_exact` is the course project's layout (one token
+# through a Linear, first): in the same experiment it never used the image.
+LAYOUTS = {
+    "clipcap": dict(adapter_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8,
+                    prompt="Image:<|image_pad|>"),
+    "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
+}
+
 TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     image_size=224, patch_size=32, projection_dim=32,
@@ -80,6 +91,6 @@ def clip_image_processor(name_or_path: str | None = None, **kwargs):
     return image_processor_class(**kwargs)
 
 
-def bundled_processor(num_image_tokens: int = 1) -> ClipQwenProcessor:
-    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
-    return ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=num_image_tokens)
+def bundled_processor(**kwargs) -> ClipQwenProcessor:
+    """CLIP preprocessing + the bundled Qwen3 tokenizer; `kwargs` are ClipQwenProcessor's (`num_image_tokens`...)."""
+    return ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(bundled_tokenizer_dir()), **kwargs)

@@ -24,14 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PREFIX = "Image:<|image_pad|>"  # a word before the image keeps the image tokens off the decoder's first position
+from clipqwen.presets import LAYOUTS  # noqa: E402
+
+
+PREFIX = LAYOUTS["clipcap"]["prompt"]  # a word before the image keeps the image tokens off the decoder's position 0
 RUNS = {
-    # the course layout: pooled embedding → Linear → one image token at position 0
-    "course": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
+    # the course layout (--preset seed_exact): pooled embedding → Linear → one image token at position 0
+    "course": dict(LAYOUTS["seed_exact"]),
     # the same with a fixed text token before the image
-    "prefix": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=PREFIX),
-    # ClipCap: the pooled embedding expanded into K tokens by an MLP
-    "clipcap": dict(adapter_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8, prompt=PREFIX),
+    "prefix": dict(LAYOUTS["seed_exact"], prompt=PREFIX),
+    # ClipCap (the default, --preset clipcap): the pooled embedding expanded into K tokens by an MLP
+    "clipcap": dict(LAYOUTS["clipcap"]),
     # LLaVA: the 7×7 feature map, one token per position, through an MLP
     "patch": dict(adapter_type="mlp2x_gelu", vision_feature_type="patch", vision_feature_layer=-1, prompt=PREFIX),
 }

@@ -232,8 +232,9 @@ def reshape_adapter(state):
 
 @pytest.mark.parametrize("damage, message", [
     (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
-    (lambda state: {}, r"missing 66 of the 66 tensors it needs"),
-    (drop_adapter, r"missing 2 of the 66 tensors it needs \(adapter.layers.0.weight, adapter.layers.0.bias\)"),
+    (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
+    (drop_adapter, r"missing 4 of the 68 tensors it needs \(adapter.layers.0.weight, adapter.layers.0.bias, "
+                   r"adapter.layers.2.weight and 1 more\)"),
     (reshape_adapter, r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)"),
 ], ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"])
 def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):

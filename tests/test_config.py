@@ -22,9 +22,21 @@ def test_defaults_are_the_real_clip_b32_and_qwen3_0_6b_base():
     assert text.tie_word_embeddings and config.tie_word_embeddings
     assert text.rope_parameters["rope_theta"] == 1e6 and text.rms_norm_eps == 1e-6
     assert text.max_position_embeddings == 32768 and text.bos_token_id == text.eos_token_id == 151643
-    # the seed-exact preset: pooled 512-d embedding -> Linear(512, 1024) -> one image token
-    assert (config.adapter_type, config.vision_feature_type, config.num_image_tokens) == ("linear", "pooled", 1)
+    # the ClipCap layout, which learned from real photos: pooled 512-d embedding -> MLP -> 8 image tokens
+    assert (config.adapter_type, config.vision_feature_type, config.num_image_tokens) == ("mlp2x_gelu", "pooled", 8)
     assert config.image_token_id == 151655
+
+
+def test_a_saved_config_names_its_layout_so_changed_defaults_never_reread_it(tmp_path):
+    """The default layout changed (seed → ClipCap): a checkpoint saved in the seed layout must still load as one,
+    which holds because config.json names every layout field, defaults included."""
+    ClipQwenConfig(adapter_type="linear", num_pooled_image_tokens=1).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {key: saved[key] for key in ("adapter_type", "vision_feature_type", "num_pooled_image_tokens")} == {
+        "adapter_type": "linear", "vision_feature_type": "pooled", "num_pooled_image_tokens": 1}
+    ClipQwenConfig().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["adapter_type"] == "mlp2x_gelu"  # defaults written too
+    assert ClipQwenConfig.from_pretrained(tmp_path).num_image_tokens == 8
 
 
 def test_partial_text_config_is_merged_over_qwen3_0_6b_not_class_defaults():

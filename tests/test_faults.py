@@ -338,22 +338,22 @@ LAST_CHECKPOINT_ONLY = shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.
 def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
-    with pytest.raises(preflight.PreflightError, match=r'--adapter_type "linear" → "mlp2x_gelu"\)'):
-        run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")  # the flags the run saved: named first
+    with pytest.raises(preflight.PreflightError, match=r'--adapter_type "mlp2x_gelu" → "linear"\)'):
+        run(out, "--adapter_type", "linear", "--max_steps", "10")  # the flags the run saved: named first
     (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
     with pytest.raises(ValueError, match="trainable weights of another setup"):
-        run(out, "--adapter_type", "mlp2x_gelu", "--max_steps", "10")
+        run(out, "--adapter_type", "linear", "--max_steps", "10")
 
 
 def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straight, tmp_path):
-    """Same names, other shapes: two image tokens from a pooled embedding instead of one."""
+    """Same names, other shapes: two image tokens from the pooled embedding instead of eight."""
     out = tmp_path / "other-shapes"
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
-    flags = ("--vision_feature_type", "pooled", "--num_pooled_image_tokens", "2", "--max_steps", "10")
-    with pytest.raises(preflight.PreflightError, match=r"--num_pooled_image_tokens 1 → 2\)"):
+    flags = ("--num_pooled_image_tokens", "2", "--max_steps", "10")
+    with pytest.raises(preflight.PreflightError, match=r"--num_pooled_image_tokens 8 → 2\)"):
         run(out, *flags)
     (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
-    with pytest.raises(SystemExit, match=r"adapter.layers.0.bias has shape \(64,\), the model's has \(128,\)"):
+    with pytest.raises(SystemExit, match=r"adapter.layers.2.bias has shape \(512,\), the model's has \(128,\)"):
         run(out, *flags)
 
 
@@ -365,8 +365,8 @@ def test_an_optimizer_state_of_other_shapes_is_refused_before_it_reaches_the_opt
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
     shutil.copy(other / "checkpoint-2" / "optimizer.pt", out / "checkpoint-8" / "optimizer.pt")
     checkpoints.mark_complete(out / "checkpoint-8", step=8)
-    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 0 has shape \(128, 32\), "
-                                         r"the model's parameter \(64, 32\)"):
+    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 1 has shape \(128, 64\), "
+                                         r"the model's parameter \(512, 64\)"):
         run(out, "--max_steps", "10")
 
 

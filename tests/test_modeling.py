@@ -10,12 +10,12 @@ from clipqwen.presets import tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 
-def inputs_for(processor, images, captions=None, num_image_tokens=1):
-    processor.num_image_tokens = num_image_tokens
+def inputs_for(processor, images, captions=None, num_image_tokens=8):
+    previous, processor.num_image_tokens = processor.num_image_tokens, num_image_tokens
     try:
         return processor(images=images, suffix=captions)
     finally:
-        processor.num_image_tokens = 1
+        processor.num_image_tokens = previous
 
 
 @pytest.mark.parametrize("feature_type", ["pooled", "patch"])
@@ -75,8 +75,8 @@ def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, 
 
 def test_placeholder_count_mismatch_is_a_clear_error(make_model, processor, photos):
     model = make_model(num_pooled_image_tokens=2)
-    batch = processor(images=photos[:1], suffix=["A dog."])  # one placeholder, the model wants two
-    with pytest.raises(ValueError, match="1 image placeholder tokens .* 2 feature vectors"):
+    batch = processor(images=photos[:1], suffix=["A dog."])  # eight placeholders, the model wants two
+    with pytest.raises(ValueError, match="8 image placeholder tokens .* 2 feature vectors"):
         model(**batch)
 
 
@@ -207,7 +207,7 @@ def test_from_pretrained_backbones_takes_any_causal_lm(tmp_path, processor, phot
     assert model.config.image_token_id == 151655 and model.get_input_embeddings().weight.shape[0] == 151936
     with torch.no_grad():
         out = model.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3)
-    assert out.shape == (1, 4)
+    assert out.shape == (1, processor.num_image_tokens + 3)
 
 
 def test_from_pretrained_backbones_rejects_a_model_that_is_not_a_causal_lm(tmp_path):

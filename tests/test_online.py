@@ -81,9 +81,11 @@ def test_readme_has_both_flickr30k_presets():
     commands = readme_commands()
     assert len(commands) == 2 and all("--push_to_hub" in c for c in commands)
     assert "linear" not in commands[1] and "mlp2x_gelu" in commands[1] and "--lora_r" in commands[1]
+    assert "--preset" not in commands[0]  # the default layout; the course's is named beside it
+    assert "--preset seed_exact" in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("preset", [0, 1], ids=["seed-linear", "patch-lora"])
+@pytest.mark.parametrize("preset", [0, 1], ids=["clipcap", "patch-lora"])
 def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(preset, hub, runtime_python, tmp_path):
     command = readme_commands()[preset]
     accelerate = str(Path(runtime_python).with_name("accelerate"))
@@ -101,6 +103,11 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
     card = (out / "README.md").read_text()
     assert data_sha in card and "base_model:\n- openai/clip-vit-base-patch32\n- Qwen/Qwen3-0.6B-Base" in card
     assert "| optimizer steps | 8 |" in card and "| precision | fp32 |" in card
+    # the default layout (ClipCap, or the patch tokens the second command asks for), prompted as it trained
+    config = json.loads((out / "config.json").read_text())
+    assert (config["adapter_type"], config["vision_feature_type"]) == ("mlp2x_gelu", ["pooled", "patch"][preset])
+    assert config["num_pooled_image_tokens"] == 8
+    assert json.loads((out / "processor_config.json").read_text())["prompt"] == "Image:<|image_pad|>"
     assert "has no safetensors weights at this revision" in log  # CLIP's main branch: .bin through weights_only
     assert "not the Karpathy split's" in log  # the stand-in has 300 images, not 31,014
     assert "discussions" not in (hub.logs / "front.log").read_text()  # the converter bot was never asked

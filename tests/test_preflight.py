@@ -33,7 +33,8 @@ def run(out, *flags):
     (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1: use a number >= 1"),
     (["--max_train_samples", "0"], "--max_train_samples 0: use a number >= 1"),
     (["--max_caption_length", "600"],
-     "--max_caption_length 600: .* exceeds the decoder's 512 positions; use at most 511"),
+     "--max_caption_length 600: with 8 image token\\(s\\) and a 2-token prompt it exceeds the decoder's 512 "
+     "positions; use at most 502"),
 ])
 def test_bad_values_fail_before_training_naming_the_flag(flags, message, tmp_path):
     start = time.monotonic()
@@ -93,7 +94,7 @@ def test_a_rerun_with_other_model_or_data_flags_is_refused_naming_each_before_an
     with pytest.raises(preflight.PreflightError) as error:
         run(out, "--do_train", "--max_steps", "6", "--num_pooled_image_tokens", "2", "--caption_mode", "all")
     message = str(error.value)
-    assert "--num_pooled_image_tokens 1 → 2" in message and '--caption_mode "random" → "all"' in message
+    assert "--num_pooled_image_tokens 8 → 2" in message and '--caption_mode "random" → "all"' in message
     assert "--max_steps 2 →" not in message  # a longer run alone would continue: not the change to name
     assert "--overwrite_output_dir" in message and "another --output_dir" in message
     with pytest.raises(preflight.PreflightError, match="--max_steps 2 → 1"):  # shorter than what was trained

@@ -22,11 +22,12 @@ def test_training_labels_supervise_the_caption_and_exactly_one_end_token(process
     batch = processor(images=photos[:3], suffix=captions)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert batch["pixel_values"].shape == (3, 3, 224, 224)
+    n = processor.num_image_tokens
     for i, caption in enumerate(captions):
         caption_ids = processor.tokenizer.encode(caption, add_special_tokens=False)
         length = int(mask[i].sum())
-        assert ids[i, 0] == IMAGE_PAD and labels[i, 0] == -100  # the placeholder is never a target
-        assert labels[i, 1:length].tolist() == caption_ids + [ENDOFTEXT]
+        assert (ids[i, :n] == IMAGE_PAD).all() and (labels[i, :n] == -100).all()  # placeholders are never targets
+        assert labels[i, n:length].tolist() == caption_ids + [ENDOFTEXT]
         assert (labels[i] == ENDOFTEXT).sum() == 1  # one supervised EOS, even though pad == EOS
         assert (labels[i, length:] == -100).all() and (mask[i, length:] == 0).all()  # right padding
         assert (ids[i, length:] == ENDOFTEXT).all()  # Qwen3-Base pads with its EOS
@@ -35,9 +36,9 @@ def test_training_labels_supervise_the_caption_and_exactly_one_end_token(process
 def test_prompt_tokens_are_not_supervised(processor, photos):
     batch = processor(images=photos[:1], text=["A photo of"], suffix=["a dog."])
     prompt_len = len(processor.tokenizer.encode("A photo of", add_special_tokens=False))
-    labels = batch["labels"][0].tolist()
-    assert labels[: 1 + prompt_len] == [-100] * (1 + prompt_len)
-    assert labels[1 + prompt_len :] == processor.tokenizer.encode("a dog.", add_special_tokens=False) + [ENDOFTEXT]
+    labels, n = batch["labels"][0].tolist(), processor.num_image_tokens
+    assert labels[: n + prompt_len] == [-100] * (n + prompt_len)
+    assert labels[n + prompt_len :] == processor.tokenizer.encode("a dog.", add_special_tokens=False) + [ENDOFTEXT]
 
 
 def test_long_captions_are_truncated_and_keep_their_end_token(processor, photos):
@@ -48,7 +49,7 @@ def test_long_captions_are_truncated_and_keep_their_end_token(processor, photos)
 
 def test_literal_special_tokens_in_captions_stay_text(processor, photos):
     batch = processor(images=photos[:1], suffix=["a sign reading <|endoftext|> and <|image_pad|>"])
-    assert (batch["input_ids"] == IMAGE_PAD).sum() == 1  # only the real placeholder
+    assert (batch["input_ids"] == IMAGE_PAD).sum() == processor.num_image_tokens  # only the real placeholders
     assert (batch["labels"] == ENDOFTEXT).sum() == 1  # only the real end token
 
 
@@ -56,7 +57,8 @@ def test_inference_inputs_are_left_padded_without_end_token(processor, photos):
     batch = processor(images=photos[:2], text=["", "A photo of"])
     assert "labels" not in batch
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert ids[1].tolist() == [IMAGE_PAD] + processor.tokenizer.encode("A photo of", add_special_tokens=False)
+    n = processor.num_image_tokens
+    assert ids[1].tolist() == [IMAGE_PAD] * n + processor.tokenizer.encode("A photo of", add_special_tokens=False)
     assert ids[0, -1] == IMAGE_PAD and mask[0, 0] == 0  # left padding: generation continues from the right
     assert ENDOFTEXT not in ids[1].tolist()
 

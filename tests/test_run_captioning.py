@@ -219,7 +219,7 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert not (checkpoint / "model.safetensors").exists()  # nobody can load it as a complete model by mistake
     weights = load_file(checkpoint / TRAINABLE_WEIGHTS)
-    assert set(weights) == {"adapter.layers.0.weight", "adapter.layers.0.bias"}
+    assert set(weights) == {f"adapter.layers.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}  # the MLP
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
 
 
