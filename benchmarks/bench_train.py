@@ -8,9 +8,9 @@ course (baseline), per step, batch 4, in the course's own dtypes (CLIP and the a
     AdamW on the adapter. course_fp32 (an extra row): the same with every weight in fp32.
 ours: CLIP features computed once per image (a feature cache; its one-off cost is reported per image), then
     steps from `vision_embeds` with per-batch padding, logits only at the supervised positions (model.forward
-    with labels), batch 32, in the precision clipqwen picks by default on this machine (clipqwen.precision: bf16
-    on CUDA and on CPUs with native bf16, else fp32). ours_bf16: the same with bf16 frozen weights (the adapter
-    keeps fp32 master weights).
+    with labels), batch 32, in the precision run_captioning.py trains in by default on this machine (its
+    choose_precision: bf16 on CUDA GPUs with bf16, fp32 on every CPU). ours_bf16: the same with bf16 frozen weights
+    (the adapter keeps fp32 master weights), as `--bf16 True --use_cpu True` trains on a CPU.
 Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
 (photo, human caption) pairs and start from the same weights.
 
@@ -66,7 +66,7 @@ from processing_clipqwen import to_rgb  # noqa: E402
 
 VARIANTS = ("course", "course_fp32", "ours", "ours_bf16")
 DEFAULT_VARIANTS = ("course", "ours", "ours_bf16")
-WEIGHTS_OF = {"course": "course", "course_fp32": "fp32", "ours": "default", "ours_bf16": "bf16"}
+WEIGHTS_OF = {"course": "course", "course_fp32": "fp32", "ours": "training", "ours_bf16": "bf16"}
 MEDIAN_KEYS = ("pairs_per_s", "pairs_per_cpu_s", "caption_tokens_per_s", "peak_memory_gib", "achieved_tflops",
                "pairs_per_s_incl_cache_5_captions_per_image", "feature_cache_s_per_image")
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from the Hub: weights are random
@@ -61,13 +62,26 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 # The weights a variant runs with. "course" is the course project's own choice: CLIP (and the adapter) in fp32,
-# Qwen3 loaded in bf16. "default" is what clipqwen runs by default on this machine (clipqwen.precision: bf16 on
-# CUDA and on CPUs with native bf16, fp32 elsewhere).
-WEIGHTS = ("course", "fp32", "bf16", "int8", "default")
+# Qwen3 loaded in bf16. "default" is what clipqwen captions in by default on this machine (clipqwen.precision: bf16
+# on CUDA and on CPUs with native bf16, fp32 elsewhere); "training" what run_captioning.py trains in by default.
+WEIGHTS = ("course", "fp32", "bf16", "int8", "default", "training")
 
 
 def resolve_weights(device: torch.device, weights: str) -> str:
+    if weights == "training":
+        return training_precision(device)
     return default_precision(device) if weights == "default" else weights
+
+
+def training_precision(device: torch.device) -> str:
+    """run_captioning.py's own choice (choose_precision), asked rather than restated so the two cannot drift: bf16 on
+    CUDA GPUs with bf16, fp32 on every CPU (bf16 training scored lower on Flickr8k val, docs/flickr8k.md)."""
+    from transformers import TrainingArguments
+
+    import run_captioning
+
+    args = TrainingArguments(output_dir=tempfile.gettempdir(), report_to="none", use_cpu=device.type != "cuda")
+    return "bf16" if run_captioning.choose_precision(SimpleNamespace(auto_bf16=True), args).bf16 else "fp32"
 
 
 def configure_threads(threads: int | None):

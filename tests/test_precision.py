@@ -124,10 +124,21 @@ def choose(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_training_on_a_cpu_stays_fp32_even_with_native_bf16(native, choose):
-    """bf16 training scored below fp32 on the embedded task (docs/benchmarks.md): on a CPU it is opt-in."""
+    """bf16 training scored below fp32 on Flickr8k val, 3 seeds each (docs/flickr8k.md): on a CPU it is opt-in."""
     assert not choose(native=native).bf16
     opted_in = choose(native=native, bf16=True, use_cpu=True)
     assert opted_in.bf16 and opted_in.use_cpu
+
+
+def test_the_training_benchmark_times_the_precision_the_main_job_trains_in(choose):
+    """benchmarks/bench_train.py's `ours` row: on a CPU with native bf16, captioning defaults to bf16 but training
+    to fp32, and the row must time the latter."""
+    from benchmarks.bench_train import WEIGHTS_OF
+    from benchmarks.common import resolve_weights
+
+    choose(native=True)  # the fixture's CPU flags: native bf16, no CUDA
+    assert resolve_weights(torch.device("cpu"), "default") == "bf16"
+    assert resolve_weights(torch.device("cpu"), WEIGHTS_OF["ours"]) == "fp32"
 
 
 def test_inference_defaults_to_bf16_only_where_it_is_native(monkeypatch):
