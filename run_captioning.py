@@ -38,7 +38,14 @@ from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import build_model_card
 from clipqwen.plots import plot_sample_grid, plot_training_curves
 from clipqwen.prepare import CaptionData, prepare_data
-from clipqwen.presets import LAYOUTS, bundled_processor, clip_image_processor, tiny_config
+from clipqwen.presets import (
+    DEFAULT_PRESET,
+    LAYOUTS,
+    bundled_processor,
+    clip_image_processor,
+    layout_config,
+    tiny_config,
+)
 from clipqwen.timing import PhaseTimer
 from clipqwen.trainer import CaptionTrainer, NonFiniteLossError
 from configuration_clipqwen import AdapterType, VisionFeatureType
@@ -88,7 +95,7 @@ class ModelArguments:
     # The config's own Literal types: argparse offers and checks their choices; the config checks every field again
     # when it is built (a JSON argument file's values reach it unchecked by argparse).
     preset: Literal[tuple(LAYOUTS)] = field(
-        default="clipcap",
+        default=DEFAULT_PRESET,
         metadata={"help": (
             "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and --prompt "
             "override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the prompt "
@@ -143,8 +150,8 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
 
     def __post_init__(self):
-        for name, value in LAYOUTS[self.preset].items():  # the preset's layout for each layout flag left unset
-            if name != "prompt" and getattr(self, name) is None:  # (its prompt: in run(), a given model keeps its own)
+        for name, value in layout_config(self.preset).items():  # the preset's, for each layout flag left unset
+            if getattr(self, name) is None:  # (its prompt is set in run(): a given model keeps its own)
                 setattr(self, name, value)
         if self.lora_r < 0 or (self.lora_r and not self.lora_target_modules.strip()):
             raise ValueError("--lora_r must be >= 0, and LoRA needs --lora_target_modules.")

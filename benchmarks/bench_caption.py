@@ -10,6 +10,8 @@ ours_batched: `model.generate(...)`, batch 16, KV cache, in clipqwen's default p
     `vision_embeds`, so that CLIP's activations for all 16 images are never held at once.
 ours_bs1: the same, one image at a time (the latency a person waits for).
 *_bf16, *_int8: the same in bf16, or with the decoder's linears int8 weight-only (optimum-quanto).
+Every variant runs the course's layout (--preset seed_exact: one image token, first), so that token ids compare
+across variants; the default layout's 8 image tokens and prompt lengthen the prompt by 9 positions, once per caption.
 Every variant decodes the JPEGs and preprocesses inside the timed region and produces exactly --new-tokens tokens
 (end-of-text and <|image_pad|> suppressed in all variants, since a random-weight model could emit them). Token ids
 are compared with the course loop's and with ours_bs1's: greedy is deterministic, so the same weights in the same
@@ -168,8 +170,8 @@ def run_ours(args, model, processor, paths, device, weights, batch_size):
 
 
 def run_one(args, device, weights):
-    model = build_model(device, weights, tiny=args.tiny).eval()
-    processor = processor_for(model)
+    model = build_model(device, weights, "seed_exact", tiny=args.tiny).eval()
+    processor = processor_for(model, "seed_exact")
     course, bs1 = args.only.startswith("course"), args.only.startswith("ours_bs1")
     count = (args.course_images if course else args.bs1_images if bs1 else None) or args.images
     paths = image_paths(count)

@@ -6,13 +6,14 @@ course (baseline), per step, batch 4, in the course's own dtypes (CLIP and the a
     JPEGs → CLIP image processor → CLIP forward → Linear(512, 1024) prefix → Qwen3 forward/backward over the
     captions padded to 128 tokens with logits (151,936-way) at every position and cross-entropy over them →
     AdamW on the adapter. course_fp32 (an extra row): the same with every weight in fp32.
-ours: CLIP features computed once per image (a feature cache; its one-off cost is reported per image), then
+ours: the default layout (--preset clipcap: pooled 512-d → MLP → 8 image tokens after "Image:"), CLIP features
+    computed once per image (a feature cache; its one-off cost is reported per image), then
     steps from `vision_embeds` with per-batch padding, logits only at the supervised positions (model.forward
     with labels), batch 32, in the precision run_captioning.py trains in by default on this machine (its
     choose_precision: bf16 on CUDA GPUs with bf16, fp32 on every CPU). ours_bf16: the same with bf16 frozen weights
     (the adapter keeps fp32 master weights), as `--bf16 True --use_cpu True` trains on a CPU.
 Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
-(photo, human caption) pairs and start from the same weights.
+(photo, human caption) pairs and start from random weights of the same seed.
 
 FLOPs per pair are analytic (benchmarks/common.py, docs/benchmarks.md): CLIP forward where it runs per step,
 plus a frozen LM's forward and activation-gradient backward at the positions actually computed (padding
@@ -61,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
     write_results,
 )
+from clipqwen.presets import DEFAULT_PRESET  # noqa: E402
 from processing_clipqwen import to_rgb  # noqa: E402
 
 
@@ -124,8 +126,8 @@ def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length,
 
 
 def run_course(args, device, weights):
-    model = build_model(device, weights, tiny=args.tiny).train()  # seed preset: pooled 512-d → Linear → 1 token
-    processor = processor_for(model)
+    model = build_model(device, weights, "seed_exact", tiny=args.tiny).train()  # pooled 512-d → Linear → 1 token
+    processor = processor_for(model, "seed_exact")
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
     steps = args.course_steps
     bs = args.course_batch_size
@@ -218,8 +220,9 @@ def ours_step(model, processor, cache, pairs, optimizer, device, weights):
 
 def run_ours(args, device, weights):
     weights = resolve_weights(device, weights)
-    model = build_model(device, weights, tiny=args.tiny, vision_feature_type=args.vision_feature_type).train()
-    processor = processor_for(model)
+    model = build_model(device, weights, DEFAULT_PRESET, tiny=args.tiny,
+                        vision_feature_type=args.vision_feature_type).train()
+    processor = processor_for(model, DEFAULT_PRESET)
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
     bs = args.batch_size
     # the timed pairs start at an epoch boundary: 5 × 32 = 4 whole passes over the 40 pairs

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from clipqwen.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from clipqwen.precision import apply_precision, cpu_flags, cpu_has_native_bf16, default_precision  # noqa: E402
-from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
@@ -137,14 +137,17 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for chip, flops in PEAK_BF16_FLOPS.items() if chip in name), None)
 
 
-def build_model(device: torch.device, weights: str, seed: int = 0, tiny: bool = False, **config_kwargs):
-    """The full-size architecture (`ClipQwenConfig()` defaults are CLIP ViT-B/32 + Qwen3-0.6B-Base) with
-    random weights, built directly on `device`, in `weights` (WEIGHTS). Same seed ⇒ same weights in every process.
-    `tiny` builds the test preset instead (a smoke test of the scripts, not a benchmark)."""
+def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, tiny: bool = False,
+                **config_kwargs):
+    """The full-size architecture (`ClipQwenConfig()` defaults are CLIP ViT-B/32 + Qwen3-0.6B-Base) in the layout of
+    run_captioning.py's `preset` (`config_kwargs` override it) with random weights, built directly on `device`, in
+    `weights` (WEIGHTS). Same seed ⇒ same weights in every process. `tiny` builds the test preset instead (a smoke
+    test of the scripts, not a benchmark)."""
     random.seed(seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    config = tiny_config(**config_kwargs) if tiny else ClipQwenConfig(**config_kwargs)
+    settings = {**layout_config(preset), **config_kwargs}
+    config = tiny_config(**settings) if tiny else ClipQwenConfig(**settings)
     with torch.device(device):
         model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the adapter alone trains
     weights = resolve_weights(device, weights)
@@ -159,8 +162,8 @@ def build_model(device: torch.device, weights: str, seed: int = 0, tiny: bool = 
     return model
 
 
-def processor_for(model):
-    return bundled_processor(num_image_tokens=model.config.num_image_tokens)
+def processor_for(model, preset: str):
+    return bundled_processor(num_image_tokens=model.config.num_image_tokens, prompt=LAYOUTS[preset]["prompt"])
 
 
 def sync(device: torch.device):

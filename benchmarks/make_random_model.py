@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
@@ -23,15 +23,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="folder to write (save_pretrained layout)")
     parser.add_argument("--tiny", action="store_true", help="the test preset instead (a smoke test)")
-    parser.add_argument("--adapter_type", default="linear")
-    parser.add_argument("--vision_feature_type", default="pooled")
+    parser.add_argument("--preset", choices=sorted(LAYOUTS), default="clipcap", help="run_captioning.py's layouts")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type)
+    settings = layout_config(args.preset)
     config = tiny_config(**settings) if args.tiny else ClipQwenConfig(**settings)
     model = ClipQwenForConditionalGeneration(config)
     model.save_pretrained(args.output)
-    bundled_processor(num_image_tokens=config.num_image_tokens).save_pretrained(args.output)
+    processor = bundled_processor(num_image_tokens=config.num_image_tokens, prompt=LAYOUTS[args.preset]["prompt"])
+    processor.save_pretrained(args.output)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters saved to {args.output}")
 
 

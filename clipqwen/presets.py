@@ -25,11 +25,17 @@ BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
 # embedding becomes 8 tokens through an MLP and a word before them keeps them off the decoder's first position,
 # which a pretrained decoder uses as an attention sink. `seed_exact` is the course project's layout (one token
 # through a Linear, first): in the same experiment it never used the image.
+DEFAULT_PRESET = "clipcap"
 LAYOUTS = {
     "clipcap": dict(adapter_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8,
                     prompt="Image:<|image_pad|>"),
     "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
 }
+
+
+def layout_config(preset: str) -> dict:
+    """A layout's ClipQwenConfig fields: LAYOUTS[preset] without its prompt, which the processor holds."""
+    return {name: value for name, value in LAYOUTS[preset].items() if name != "prompt"}
 
 TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
