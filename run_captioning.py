@@ -625,7 +625,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
 
     # 6. Trainer
-    collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)  # processor.prompt
+    collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)
     # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
     generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1,
                          "num_beams": caption_args.num_beams}

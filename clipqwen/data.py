@@ -809,18 +809,18 @@ class CaptionCollator:
     drawn at random each time the row is seen: a fresh caption per image per epoch. The draw depends only on
     (seed, epoch, image id) — not on a global RNG, which data-loader prefetching advances ahead of the step a
     checkpoint records — so a resumed run draws exactly what an uninterrupted one would. `CaptionEpochCallback`
-    keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`.
+    keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`. The
+    text around the image is the processor's `prompt`, the one saved with it.
     Images come through `load_image` (`open_image`): one deleted or replaced after the up-front check stops the run
     with an `ImageLoadError` naming it and saying how to resume, rather than being skipped, which would change the
     batches that an exact resume relies on. Their pixel values come from `images.pixel_values`, as the feature
     cache's do: one image path whether training reads features or pixels."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False,
-                 prompt: str = "", seed: int = 0):
+                 seed: int = 0):
         self.processor = processor
         self.max_caption_length = max_caption_length
         self.for_generation = for_generation
-        self.prompt = prompt
         self.seed = seed
         self.epoch = 0
 
@@ -833,12 +833,11 @@ class CaptionCollator:
         captions = None
         if not self.for_generation:
             captions = [self.pick_caption(row) for row in rows]
-        prompts = [self.prompt] * len(rows)
+        # "" per row: the processor's prompt (and the batch size when there are no captions to count)
+        batch = self.processor(text=[""] * len(rows), suffix=captions, max_caption_length=self.max_caption_length)
         if "vision_embeds" in rows[0]:
-            batch = self.processor(text=prompts, suffix=captions, max_caption_length=self.max_caption_length)
             batch["vision_embeds"] = torch.as_tensor(np.stack([row["vision_embeds"] for row in rows]))
         else:  # decoded by `with_checked_images` already, or an undecoded entry: both through `load_image`
-            batch = self.processor(text=prompts, suffix=captions, max_caption_length=self.max_caption_length)
             batch["pixel_values"] = pixel_values([open_image(row["image"]) for row in rows], self.processor)
         if self.for_generation:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows])

@@ -324,8 +324,9 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
         constant = np.asarray(splits["train"]["vision_embeds"]).mean(axis=0)
         splits = {split: blind(dataset, constant) for split, dataset in splits.items()}
 
-    prompt = args.prefix + processor.image_token if args.prefix else ""  # the processor puts the image where it stands
-    collator = CaptionCollator(processor, max_caption_length=32, prompt=prompt, seed=args.seed)
+    # the processor puts the image where the placeholder stands, and uses its prompt whenever a caller gives none
+    processor.prompt = args.prefix + processor.image_token if args.prefix else ""
+    collator = CaptionCollator(processor, max_caption_length=32, seed=args.seed)
     training_args = TrainingArguments(
         output_dir=str(run_dir / "trainer"), max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=max(args.batch_size, 12), learning_rate=learning_rate, lr_scheduler_type="cosine",
@@ -339,7 +340,7 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
         eval_dataset=canonical_pairs(splits["validation"]), data_collator=collator,
         callbacks=[CaptionEpochCallback(collator)],
         generation_datasets={"test": splits["test"]},
-        generation_collator=CaptionCollator(processor, for_generation=True, prompt=prompt),
+        generation_collator=CaptionCollator(processor, for_generation=True),
         generation_kwargs={"max_new_tokens": args.max_new_tokens, "min_new_tokens": 1, "num_beams": 1},
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

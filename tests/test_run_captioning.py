@@ -214,6 +214,31 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def test_a_run_trains_with_the_prompt_it_saves_and_a_given_model_keeps_its_own(trained, tmp_path, monkeypatch):
+    """The prompt is part of what a model learned: the preset's for a new model, the saved one for a model trained
+    further, '' when asked; the batches the trainer sees carry the same prompt the exported processor will use."""
+    from clipqwen.data import CaptionCollator
+
+    def saved_prompt(out):
+        return json.loads((out / "processor_config.json").read_text())["prompt"]
+
+    seen = []
+    collate = CaptionCollator.__call__
+    monkeypatch.setattr(CaptionCollator, "__call__", lambda self, rows: seen.append(self.processor.prompt)
+                        or collate(self, rows))
+    out = trained[0]
+    assert saved_prompt(out) == "Image:<|image_pad|>"  # the default preset's (clipcap)
+    run(tmp_path / "further", "--model_name_or_path", str(out), "--do_train", "--max_steps", "1")
+    assert saved_prompt(tmp_path / "further") == "Image:<|image_pad|>" and set(seen) == {"Image:<|image_pad|>"}
+    seen.clear()
+    run(tmp_path / "none", "--do_train", "--max_steps", "1", "--prompt", "")
+    assert saved_prompt(tmp_path / "none") == "" and set(seen) == {""}
+    seen.clear()
+    run(tmp_path / "seed", "--do_train", "--max_steps", "1", "--preset", "seed_exact")
+    assert saved_prompt(tmp_path / "seed") == "" and set(seen) == {""}
+    assert json.loads((tmp_path / "seed" / "config.json").read_text())["adapter_type"] == "linear"
+
+
 def test_checkpoints_hold_only_trainable_weights(tmp_path):
     run(tmp_path / "out", "--do_train", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     checkpoint = tmp_path / "out" / "checkpoint-2"
