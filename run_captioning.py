@@ -47,7 +47,7 @@ from clipqwen.presets import (
     tiny_config,
 )
 from clipqwen.timing import PhaseTimer
-from clipqwen.trainer import CaptionTrainer, NonFiniteLossError
+from clipqwen.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
 from configuration_clipqwen import AdapterType, VisionFeatureType
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
@@ -464,7 +464,7 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
     indices = [i for i, image_id in enumerate(dataset.with_format(None)["image_id"]) if image_id in by_id][:count]
     if not indices:
         return None
-    shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices)]
+    shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices) if row["image"] is not None]
     return plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
                             [row["references"] for _, row in shown], path)
 
@@ -649,7 +649,8 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         try:
             with timer.phase("training", items=len(train_dataset), unit="pairs per epoch"):
                 result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        except (NonFiniteLossError, checkpoints.CheckpointSaveError, checkpoints.IncompatibleCheckpointError) as error:
+        except (NonFiniteLossError, LostImagesError, checkpoints.CheckpointSaveError,
+                checkpoints.IncompatibleCheckpointError) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
         if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends

@@ -375,23 +375,23 @@ def _image_entries(dataset: Dataset):
 
 
 # ---- reading images ------------------------------------------------------------------------------------------
-_READ_AGAIN = ("Without the feature cache, images are read again whenever a batch needs them; restore the file and "
-               "rerun the same command to resume from the last checkpoint, or take the image out of the data.")
-
-
-def open_image(entry):
-    """A dataset image entry (bytes/path dict, path or PIL image) as an RGB image, through `load_image`. Used when a
-    row is read during training, after the up-front check: a file deleted or replaced since fails here, naming it.
-    An image `load_image` has already returned passes through unchanged (it is RGB: nothing to convert again); one
-    decoded by `datasets` itself gets the same checks and conversion as a file."""
+def read_image(entry):
+    """A dataset image entry (bytes/path dict, path or PIL image) as an RGB image, through `load_image`; None for one
+    that can no longer be read. Rows are read after the up-front check: a file deleted or replaced since is named in
+    one warning, and the collator leaves its row out (CaptionTrainer counts it and stops the run past its stated
+    share). An image `load_image` has already returned passes through unchanged (it is RGB: nothing to convert
+    again); one decoded by `datasets` itself gets the same checks and conversion as a file."""
+    if entry is None:  # lost when the row was read (warned then)
+        return None
     try:
         return load_image(entry, name=entry.get("path") if isinstance(entry, dict) else None)
     except ImageLoadError as error:
-        raise ImageLoadError(error.name, error.reason, _READ_AGAIN) from error
+        logger.warning("%s Leaving it out of this batch.", error)
+        return None
 
 
 def _decode_images(batch: dict) -> dict:
-    batch["image"] = [None if entry is None else open_image(entry) for entry in batch["image"]]
+    batch["image"] = [read_image(entry) for entry in batch["image"]]
     return batch
 
 
@@ -811,10 +811,10 @@ class CaptionCollator:
     checkpoint records — so a resumed run draws exactly what an uninterrupted one would. `CaptionEpochCallback`
     keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`. The
     text around the image is the processor's `prompt`, the one saved with it.
-    Images come through `load_image` (`open_image`): one deleted or replaced after the up-front check stops the run
-    with an `ImageLoadError` naming it and saying how to resume, rather than being skipped, which would change the
-    batches that an exact resume relies on. Their pixel values come from `images.pixel_values`, as the feature
-    cache's do: one image path whether training reads features or pixels."""
+    Images come through `read_image`: a row whose image can no longer be read (deleted or replaced since the
+    up-front check) is left out, its id in the batch's `lost_images` for CaptionTrainer to count; a batch that lost
+    every row holds only that. Pixel values come from `images.pixel_values`, as the feature cache's do: one image
+    path whether training reads features or pixels."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False,
                  seed: int = 0):
@@ -830,15 +830,22 @@ class CaptionCollator:
         return random.Random(f"{self.seed}:{self.epoch}:{row['image_id']}").choice(row["captions"])
 
     def __call__(self, rows: list[dict]) -> dict:
-        captions = None
-        if not self.for_generation:
-            captions = [self.pick_caption(row) for row in rows]
+        lost = []
+        if "vision_embeds" not in rows[0]:  # decoded by `with_checked_images` already, or an undecoded entry
+            rows = [dict(row, image=read_image(row["image"])) for row in rows]
+            lost = [row["image_id"] for row in rows if row["image"] is None]
+            rows = [row for row in rows if row["image"] is not None]
+        if not rows:
+            return {"lost_images": lost}
+        captions = None if self.for_generation else [self.pick_caption(row) for row in rows]
         # "" per row: the processor's prompt (and the batch size when there are no captions to count)
         batch = self.processor(text=[""] * len(rows), suffix=captions, max_caption_length=self.max_caption_length)
+        if lost:
+            batch["lost_images"] = lost
         if "vision_embeds" in rows[0]:
             batch["vision_embeds"] = torch.as_tensor(np.stack([row["vision_embeds"] for row in rows]))
-        else:  # decoded by `with_checked_images` already, or an undecoded entry: both through `load_image`
-            batch["pixel_values"] = pixel_values([open_image(row["image"]) for row in rows], self.processor)
+        else:
+            batch["pixel_values"] = pixel_values([row["image"] for row in rows], self.processor)
         if self.for_generation:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
         return batch

@@ -12,7 +12,9 @@
   only after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
   folder and names the intact previous checkpoint; a NaN or infinite loss stops training before its optimizer
   step (`NonFiniteLossError`); SIGTERM or Ctrl-C saves a checkpoint at the next step end and stops
-  (clipqwen.signals, `preempted`).
+  (clipqwen.signals, `preempted`); an image that can no longer be read is left out of its batch and counted
+  (`{split}_lost_images`), and past `MAX_LOST_IMAGE_SHARE` of the training images training stops with a checkpoint
+  of the last step (`LostImagesError`).
 """
 
 import logging
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -36,6 +39,14 @@ from .signals import GracefulStopCallback
 logger = logging.getLogger(__name__)
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+# Images lost mid-run (deleted, replaced) are left out of their batches up to this share of the training images
+# (at least one);
+# past it the data has changed under the run, and training stops with a checkpoint instead of going on without them.
+MAX_LOST_IMAGE_SHARE = 0.01
+
+
+class LostImagesError(RuntimeError):
+    """Too many training images could no longer be read; the message names one and the checkpoint saved."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,15 +75,45 @@ class CaptionTrainer(Trainer):
         self.generation_collator = generation_collator
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metric = load_caption_metric() if any(self.generation_datasets.values()) else None
+        self.lost_images = {}  # metric prefix ("train", "eval", "test") -> ids of images left out (this process)
+        self._metric_prefix = "eval"  # the evaluation in progress, for prediction_step's count
+
+    # ---- images lost mid-run ---------------------------------------------------------------------------------
+    def _note_lost(self, prefix: str, inputs: dict) -> bool:
+        """Counts the batch's `lost_images` (the collator's); True when the batch has no row left."""
+        self.lost_images.setdefault(prefix, set()).update(inputs.pop("lost_images", ()))
+        return "input_ids" not in inputs
+
+    def lost_image_count(self, prefix: str) -> int:
+        """Images left out under `prefix`, over all processes."""
+        ids = sorted(self.lost_images.get(prefix, ()))
+        return len(set(gather_object(ids))) if self.args.world_size > 1 else len(ids)
+
+    def _check_lost_training_images(self, empty_batch: bool):
+        lost = self.lost_images.get("train", set())
+        if not hasattr(self, "_max_lost_images"):
+            images = len(set(self.train_dataset.with_format(None)["image_id"]))
+            self._max_lost_images = max(1, int(MAX_LOST_IMAGE_SHARE * images))
+        # a process with nothing to train on cannot skip its step alone: the others would wait for its gradients
+        stop = len(lost) > self._max_lost_images or (empty_batch and self.args.world_size > 1)
+        if self.args.world_size > 1:
+            stop = self._any_process(stop)
+        if stop:
+            example = f", e.g. image id {min(lost)}" if lost else ""
+            raise LostImagesError(
+                f"{len(lost)} training image(s) on this process could no longer be read (the warnings above name "
+                f"them{example}): more than the run tolerates, {MAX_LOST_IMAGE_SHARE:.0%} of its images and at least "
+                f"one ({self._max_lost_images}), or a batch with none left on a multi-process run. Training stopped")
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
+        self._metric_prefix = metric_key_prefix
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         dataset = self.generation_datasets.get(metric_key_prefix)
         if dataset is not None:
             start = time.perf_counter()
-            captions, rows = self.generate_captions(dataset)
+            captions, rows = self.generate_captions(dataset, metric_key_prefix)
             # the plain table: through the dataset's format (the image-decoding transform without the feature cache)
             # every row read would decode its image, twice here
             plain = dataset.with_format(None)
@@ -86,11 +127,21 @@ class CaptionTrainer(Trainer):
                 {"image_id": image_ids[row], "caption": caption, "references": refs}
                 for row, caption, refs in zip(rows, captions, references)
             ])
+        lost = self.lost_image_count(metric_key_prefix)
+        output.metrics[f"{metric_key_prefix}_lost_images"] = lost
+        if lost:
+            logger.warning("%d %s image(s) could no longer be read and were left out of its loss and captions (the "
+                           "warnings above name them).", lost, metric_key_prefix)
         return output
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._note_lost(self._metric_prefix, inputs):
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     @torch.no_grad()
-    def generate_captions(self, dataset) -> tuple[list[str], list[int]]:
-        """Captions for every row of `dataset`, in gathered order, and the row each one belongs to."""
+    def generate_captions(self, dataset, prefix: str = "eval") -> tuple[list[str], list[int]]:
+        """Captions for every readable row of `dataset`, in gathered order, and the row each one belongs to."""
         dataset = dataset.add_column("row_index", list(range(len(dataset))))
         loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
                             collate_fn=self.generation_collator, num_workers=self.args.dataloader_num_workers)
@@ -101,16 +152,27 @@ class CaptionTrainer(Trainer):
         processor = self.generation_collator.processor
         pad_id = processor.caption_end_token_id
         captions, rows = [], []
+        seen = set()
         for batch in loader:
-            row_index = batch.pop("row_index")
-            with self.accelerator.autocast():
-                generated = model.generate(**batch, **self.generation_kwargs)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            if self._note_lost(prefix, batch):
+                new_tokens = torch.full((0, 1), pad_id, device=self.args.device)
+                row_index = torch.zeros(0, dtype=torch.long, device=self.args.device)
+            else:
+                row_index = batch.pop("row_index")
+                with self.accelerator.autocast():
+                    generated = model.generate(**batch, **self.generation_kwargs)
+                new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            # Processes may hold fewer rows than the batch (lost images): pad rows to -1, gather all, and keep each
+            # row once (the last batch's rows are repeated to even it out across processes)
             new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=1, pad_index=pad_id)
-            # gather_for_metrics drops the samples repeated to even out the last batch across processes
-            new_tokens, row_index = self.accelerator.gather_for_metrics((new_tokens, row_index))
-            captions += processor.batch_decode(new_tokens)
-            rows += row_index.tolist()
+            new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=0, pad_index=pad_id)
+            row_index = self.accelerator.pad_across_processes(row_index, dim=0, pad_index=-1)
+            new_tokens, row_index = self.accelerator.gather((new_tokens, row_index))
+            for tokens, row in zip(processor.batch_decode(new_tokens), row_index.tolist()):
+                if row >= 0 and row not in seen:
+                    seen.add(row)
+                    captions.append(tokens)
+                    rows.append(row)
         model.train(was_training)
         return captions, rows
 
@@ -198,7 +260,16 @@ class CaptionTrainer(Trainer):
     def train(self, *args, **kwargs):
         self.graceful_stop.install()
         try:
-            result = super().train(*args, **kwargs)
+            try:
+                result = super().train(*args, **kwargs)
+            except LostImagesError as error:  # the steps done so far are kept: checkpoint the last one, then stop
+                if not os.path.isfile(os.path.join(self._checkpoint_folder(), checkpoints.MARKER)):
+                    self._save_checkpoint(self.model, trial=None)
+                raise LostImagesError(f"{error} after step {self.state.global_step}, whose checkpoint is saved in "
+                                      f"{self._checkpoint_folder()}. Rerun the same command to resume from it: "
+                                      "restored files are read again, and the up-front check leaves out those still "
+                                      "missing.") from None
+            result.metrics["train_lost_images"] = self.lost_image_count("train")
             signalled = self.graceful_stop.requested is not None
             # The last step is always checkpointed: after a signal that came past the last step end (final
             # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
@@ -213,6 +284,12 @@ class CaptionTrainer(Trainer):
             self.graceful_stop.uninstall()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        empty = self._note_lost("train", inputs)
+        # every process asks the others each step, unless images cannot be lost (features were cached up front)
+        if self.lost_images["train"] or (self.args.world_size > 1 and "vision_embeds" not in inputs):
+            self._check_lost_training_images(empty)
+        if empty:  # one process, every image of this batch lost: nothing to learn from it
+            return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1  # the optimizer step this batch belongs to, counted from 1

@@ -1,8 +1,10 @@
 """Every way data comes in goes through the same guards (docs/reliability.md, DESIGN.md "Guards"): one resolver
 for image references, splits from the flag and never from file names, captions that are strings, no split left
-empty, a feature cache keyed by content, a decode budget, and a clear error for an image gone during training."""
+empty, a feature
+cache keyed by content, a decode budget, and an image lost during a run left out, named and counted."""
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -17,7 +19,7 @@ from PIL import Image
 from test_feature_cache import counting
 
 import run_captioning
-from clipqwen import data, images
+from clipqwen import checkpoints, data, images
 from clipqwen.data import (
     CaptionCollator,
     add_vision_features,
@@ -460,31 +462,69 @@ def test_load_image_reads_file_objects(tmp_path):
         load_image(file)
 
 
-# ---- an image gone during training ---------------------------------------------------------------------------------
-def test_an_image_deleted_during_training_stops_with_a_message_naming_it(tmp_path, monkeypatch):
-    rows = image_folder(tmp_path / "photos")
-    gone = tmp_path / "photos" / rows[5]["file_name"]
+# ---- images gone during a run ---------------------------------------------------------------------------------------
+def delete_after_the_check(monkeypatch, *paths: Path):
     prepare = run_captioning.prepare_data
 
     def prepare_then_delete(*args, **kwargs):
         prepared = prepare(*args, **kwargs)
-        gone.unlink()  # after the up-front check, before the first batch that needs it
+        for path in paths:
+            path.unlink()  # after the up-front check, before the first batch that needs it
         return prepared
 
     monkeypatch.setattr(run_captioning, "prepare_data", prepare_then_delete)
-    gone_message = rf"Cannot load image {gone}: the file cannot be read .*rerun the same command"
-    with pytest.raises(ImageLoadError, match=gone_message):
-        run(tmp_path / "out", "--do_train", "--max_steps", "2", "--train_dir", str(tmp_path / "photos"),
-            "--caption_column", "captions", "--use_feature_cache", "False")
 
 
-def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor, tmp_path):
+def test_an_image_deleted_during_a_run_is_left_out_named_and_counted(tmp_path, monkeypatch, caplog):
+    rows = image_folder(tmp_path / "photos")
+    gone = tmp_path / "photos" / rows[5]["file_name"]
+    delete_after_the_check(monkeypatch, gone)
+    folder = str(tmp_path / "photos")
+    # one image a step: the step of the lost one has no row left, and trains nothing
+    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "8", "--per_device_train_batch_size",
+                  "1", "--train_dir", folder, "--validation_dir", folder, "--caption_column", "captions",
+                  "--use_feature_cache", "False")
+    # 1 of 8 images: within the tolerated share (at least one image); every pass reads it and leaves it out
+    assert metrics["train_lost_images"] == metrics["eval_lost_images"] == 1
+    assert metrics["eval_num_images"] == 8
+    predicted = [json.loads(line)["image_id"] for line in (tmp_path / "out" / "predictions_validation.jsonl").open()]
+    assert len(predicted) == 7 and rows[5]["file_name"] not in predicted
+    assert all(map(math.isfinite, (metrics["train_loss"], metrics["eval_loss"], metrics["eval_cider"])))
+    named = [r.getMessage() for r in caplog.records if str(gone) in r.getMessage()]
+    assert named and all("the file cannot be read" in message for message in named)
+
+
+def test_past_the_tolerated_share_of_lost_images_the_run_stops_with_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+    rows = image_folder(tmp_path / "photos")
+    # two of eight: past the share; the run stops when it meets the second, with a checkpoint of the steps before
+    gone = [tmp_path / "photos" / rows[i]["file_name"] for i in (6, 7)]
+    delete_after_the_check(monkeypatch, *gone)
+    flags = ("--do_train", "--max_steps", "4", "--train_dir", str(tmp_path / "photos"), "--caption_column",
+             "captions", "--use_feature_cache", "False", "--save_strategy", "steps", "--save_steps", "10")
+    stopped = (r"2 training image\(s\) .*: more than the run tolerates, 1% of its images and at least one \(1\).* "
+               r"after step \d, whose checkpoint is saved in .*checkpoint-\d\. Rerun the same command to resume")
+    with pytest.raises(SystemExit, match=stopped):
+        run(tmp_path / "out", *flags)
+    saved = checkpoints.last_complete_checkpoint(tmp_path / "out")
+    assert saved is not None
+    for path, row in zip(gone, (rows[6], rows[7])):  # restored: the rerun resumes from the step saved
+        shutil.copy(PHOTOS / row["file_name"], path)
+    monkeypatch.undo()
+    metrics = run(tmp_path / "out", *flags)
+    assert metrics["train_lost_images"] == 0 and math.isfinite(metrics["train_loss"])
+
+
+def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor, tmp_path, caplog):
     collator = CaptionCollator(processor)
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
-    batch = collator([{"image_id": "a", "image": {"bytes": None, "path": str(photo)}, "captions": ["a photo"]}])
-    assert batch["pixel_values"].shape[0] == 1
-    with pytest.raises(ImageLoadError, match=rf"{tmp_path / 'gone.jpg'}: the file cannot be read"):
-        collator([{"image_id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.jpg")}, "captions": ["x"]}])
+    batch = collator([{"image_id": "a", "image": {"bytes": None, "path": str(photo)}, "captions": ["a photo"]},
+                      {"image_id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.jpg")},
+                       "captions": ["x"]}])
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
+    assert batch["lost_images"] == ["b"]
+    assert f"{tmp_path / 'gone.jpg'}: the file cannot be read" in caplog.text
+    # a batch that lost every row holds only the count
+    assert collator([{"image_id": "b", "image": None, "captions": ["x"]}]) == {"lost_images": ["b"]}
 
 
 def test_a_parquet_folder_split_by_column_keeps_files_whose_names_name_no_split(tmp_path):
