@@ -1,7 +1,7 @@
 """ClipQwen captioning demo: drop in photos, read the captions.
 
     python app.py [MODEL] [--revision REV] [--allowed_models A,B@REV] [--precision auto|fp32|bf16|int8]
-                  [--host 127.0.0.1] [--port 7860]
+                  [--max_images N] [--max_request_mb MB] [--max_queue N] [--host 127.0.0.1] [--port 7860]
 
 MODEL is a folder written by `save_pretrained` or a Hub id; the default comes from $CLIPQWEN_MODEL (and
 $CLIPQWEN_REVISION). As a Hugging Face Space, push this repository as it is: app.py and requirements.txt
@@ -11,7 +11,8 @@ Safety: visitors pick among the models the operator serves (MODEL and --allowed_
 of their own: any other name gets the same answer, whether or not it exists. Models open through clipqwen.loading,
 which refuses anything that is not a clipqwen model and builds it from this repository's own classes, never from
 the .py files shipped beside the weights. A request reads at most --max_images images and --max_request_mb
-megabytes; nothing beyond that is decoded.
+megabytes; nothing beyond that is decoded. One request is captioned at a time and at most --max_queue wait: more
+are refused with a message.
 """
 
 import argparse
@@ -42,6 +43,9 @@ BEAM, SAMPLING = "Beam search", "Sampling"
 MAX_IMAGES = 16
 MAX_REQUEST_MB = 64
 MAX_PREFIX_CHARS = 200  # a prompt prefix is a few words; a long one only makes every caption slower
+# One request is captioned at a time (it takes every core); up to this many wait, and more are refused at once with
+# "the queue is full" rather than held until they time out, each holding its uploads in memory.
+MAX_QUEUE = 16
 
 
 def photo_credits() -> str:
@@ -169,7 +173,8 @@ def add_example(files, event: gr.SelectData):
 
 
 def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_IMAGES,
-               max_request_mb: float = MAX_REQUEST_MB, precision: str = "auto") -> gr.Blocks:
+               max_request_mb: float = MAX_REQUEST_MB, precision: str = "auto",
+               max_queue: int = MAX_QUEUE) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
         with gr.Row():
@@ -211,8 +216,9 @@ def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
         limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
-        button.click(functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status])
-    return demo
+        button.click(functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status],
+                     api_name="caption")
+    return demo.queue(max_size=max_queue, default_concurrency_limit=1)
 
 
 def main(argv=None):
@@ -225,6 +231,8 @@ def main(argv=None):
                              "pins a revision); default: only MODEL")
     parser.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images read per request")
     parser.add_argument("--max_request_mb", type=float, default=MAX_REQUEST_MB, help="megabytes read per request")
+    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
+                        help="requests that may wait while one is captioned; more are refused with a message")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
                         help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
@@ -236,13 +244,13 @@ def main(argv=None):
     served = served_models(args.model, args.revision, [e.strip() for e in args.allowed_models.split(",") if e.strip()])
     if not served:
         parser.error("no model to serve: pass MODEL (or set $CLIPQWEN_MODEL), or --allowed_models")
-    if args.max_images < 1 or args.max_request_mb <= 0:
-        parser.error("--max_images and --max_request_mb must be positive")
+    if args.max_images < 1 or args.max_request_mb <= 0 or args.max_queue < 1:
+        parser.error("--max_images, --max_request_mb and --max_queue must be positive")
     try:  # a missing library is said now, not at the first visitor's click
         check_precision_available(resolve_precision(args.precision, DEVICE))
     except PrecisionError as error:
         parser.error(str(error))
-    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision)
+    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(EXAMPLES)],
                 max_file_size=int(args.max_request_mb * 2**20))

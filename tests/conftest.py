@@ -1,11 +1,15 @@
 """Shared fixtures. Everything runs offline: the Hub is switched off before transformers is imported, and
 HF_HOME points at a temporary folder so nothing from this machine's cache leaks into a test."""
 
+import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -46,6 +50,43 @@ def clear_greedy_ids(model, batch, margin: float = 1e-4, **generate_kwargs) -> t
         assert gap > margin, (f"greedy step {step}: the two best tokens are {gap:.1e} apart, so close that another "
                               f"process may pick either; compare on another input or seed")
     return out.sequences
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving_app(tmp_path: Path, *args: str):
+    """`python app.py ARGS` on 127.0.0.1 and a free port: yields (url, server process) once the page answers, stops
+    it afterwards and prints its log (pytest shows it when the test failed)."""
+    port, log = free_port(), tmp_path / "app.log"
+    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, "app.py", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                  cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"app.py did not start serving {url}:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(log.read_text()[-3000:])
 
 
 @pytest.fixture(scope="session")

@@ -4,18 +4,12 @@ Chromium (no browser download). The caption in the page must be exactly what gen
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import PHOTOS, ROOT, clear_greedy_ids
+from conftest import PHOTOS, ROOT, clear_greedy_ids, serving_app
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,12 +42,6 @@ def plant_marker(folder: Path, marker: Path):
         code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').write({CODE_RAN!r})\n")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 MISSING_HUB_ID = "nobody-here/clipqwen-missing"
 MAX_IMAGES = 2
 
@@ -74,34 +62,9 @@ def served_app(make_model, processor, tmp_path):
     (other / "evil.py").write_text("")
     plant_marker(other, marker)
 
-    port, log = free_port(), tmp_path / "app.log"
-    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
-    with open(log, "w") as output:
-        server = subprocess.Popen(
-            [sys.executable, "app.py", str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}",
-             "--max_images", str(MAX_IMAGES), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not start serving {url}:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with serving_app(tmp_path, str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}",
+                     "--max_images", str(MAX_IMAGES)) as (url, _):
         yield url, model, folder, other, marker
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(log.read_text()[-3000:])  # shown by pytest when the test failed
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 @pytest.mark.slow
@@ -44,12 +44,6 @@ def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, dis
     assert f"accelerate launch --config_file configs/accelerate/{name}" in (ROOT / "README.md").read_text()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow
