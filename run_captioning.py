@@ -35,7 +35,7 @@ from clipqwen import checkpoints, hub, preflight
 from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
 from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.model_card import build_model_card
+from clipqwen.model_card import build_model_card, content_sha256
 from clipqwen.plots import plot_sample_grid, plot_training_curves
 from clipqwen.prepare import CaptionData, prepare_data
 from clipqwen.presets import (
@@ -257,10 +257,15 @@ class DataTrainingArguments:
             self.caption_column = "captions"
 
     @property
-    def local_files(self) -> bool:
-        """Annotation files or image folders were given: they replace --dataset_name."""
-        return any([self.train_file, self.validation_file, self.test_file, self.train_dir, self.validation_dir,
-                    self.test_dir])
+    def local_files(self) -> list[str]:
+        """The annotation files and image folders given: they replace --dataset_name."""
+        return [path for path in (self.train_file, self.validation_file, self.test_file, self.train_dir,
+                                  self.validation_dir, self.test_dir) if path]
+
+    @property
+    def on_hub(self) -> bool:
+        """The data come from a Hub repository (they have a revision): not local, not the generated set."""
+        return not (self.local_files or self.dataset_name == "embedded" or hub.is_local(self.dataset_name))
 
 
 @dataclass
@@ -472,16 +477,14 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
 def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
     """The model card, from the run's real values."""
     vision_id, text_id = describe_backbones(model_args, model.config)
-    local_data = data_args.local_files
     return build_model_card(
         repo_id=training_args.hub_model_id or Path(training_args.output_dir).name, vision_id=vision_id,
-        text_id=text_id, dataset_name="local data" if local_data else data_args.dataset_name,
-        dataset_revision=None if local_data else data_args.dataset_revision,
-        dataset_detail="" if local_data else describe_data(data_args), model_config=model.config, metrics=metrics,
+        text_id=text_id, dataset_name="local data" if data_args.local_files else data_args.dataset_name,
+        dataset_revision=data_args.dataset_revision if data_args.on_hub else None,
+        dataset_detail=describe_data(data_args), model_config=model.config, metrics=metrics,
         hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
         phases=timer.phases, versions=framework_versions(),
-        trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        total=sum(p.numel() for p in model.parameters()), has_demo=Path(__file__).with_name("app.py").exists(),
+        **parameter_counts(trainer.model), has_demo=Path(__file__).with_name("app.py").exists(),
         vision_frozen=model_args.freeze_vision_model, language_frozen=model_args.freeze_language_model, **figures,
     )
 
@@ -499,11 +502,25 @@ def publish(staging: Path, final: Path, step: int) -> None:
     os.replace(marker, final / RUN_COMPLETE)
 
 
+def parameter_counts(model) -> dict[str, int]:
+    """What trained, of the whole model while it trained (with LoRA: before merging)."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
 def describe_data(data_args) -> str:
-    revision = f" at commit `{data_args.dataset_revision}`" if data_args.dataset_revision else ""
+    """Which version of the data: the Hub commit, or for local data the content hash of the files and folders given
+    (an annotation file's, not the images it names); the generated set (`embedded`) has neither."""
+    local = data_args.local_files or ([data_args.dataset_name] if hub.is_local(data_args.dataset_name) else [])
+    if local:
+        version = f" (SHA-256 of {', '.join(Path(path).name for path in local)}: `{content_sha256(local)}`)"
+    elif data_args.on_hub and data_args.dataset_revision:
+        version = f" at commit `{data_args.dataset_revision}`"
+    else:
+        version = ""
     splits = (f", splits from its `{data_args.split_column}` column (train / val / test → train / validation / test)"
-              if data_args.split_column else "")
-    return revision + splits
+              if data_args.split_column and not data_args.local_files else "")
+    return version + splits
 
 
 def describe_training(trainer, model_args, data_args) -> dict:
@@ -608,7 +625,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         preflight.check_output_dir(out, preflight.needed_bytes(model))
 
     # 5. Data: one layout (image_id, image, captions), cleaned; CLIP features cached when CLIP is frozen
-    if not (data_args.dataset_name == "embedded" or data_args.local_files):
+    if data_args.on_hub:
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
@@ -647,8 +664,9 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     metrics = {}
     if training_args.do_train:
         try:
-            with timer.phase("training", items=len(train_dataset), unit="pairs per epoch"):
+            with timer.phase("training", unit="pairs") as phase:
                 result = trainer.train(resume_from_checkpoint=last_checkpoint)
+                phase["items"] = result.metrics["train_pairs"]
         except (NonFiniteLossError, LostImagesError, checkpoints.CheckpointSaveError,
                 checkpoints.IncompatibleCheckpointError) as error:
             logger.error("%s", error)
@@ -657,7 +675,8 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
             logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to "
                            "resume.", trainer.graceful_stop.signal_name, trainer.state.global_step, out)
             return {"preempted_at_step": trainer.state.global_step}
-        train_metrics = dict(result.metrics, train_samples=len(train_dataset))
+        train_metrics = dict(result.metrics, train_samples=len(train_dataset),
+                             **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()})
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

@@ -1,8 +1,12 @@
 """The model card (README.md of the exported folder), written from the run's real values, never by hand."""
 
+import hashlib
+from pathlib import Path
+
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .checkpoints import sha256_of
 from .hub import REVISION_PLACEHOLDER, is_hub_id
 
 
@@ -64,11 +68,24 @@ Framework versions: {versions}.
 
 
 def phase_table(phases: dict) -> str:
-    rows = "\n".join(f"| {name} | {values['seconds']:.1f} | {values.get('per_second', '–')} |"
+    rows = "\n".join(f"| {name} | {values['seconds']} | "
+                     + (f"{values['per_second']} {values['unit']}/s |" if "per_second" in values else "– |")
                      for name, values in phases.items())
-    return ("Where the time went (wall clock; items are images, or caption pairs per epoch for training; the export "
-            "and the push came after this card was written and are in all_results.json):\n\n"
-            "| phase | seconds | items/s |\n|---|---|---|\n" + rows)
+    return ("Where the time went (wall clock, `time_*` in all_results.json; training throughput counts the "
+            "image-caption pairs it trained on; the export and the push came after this card was written):\n\n"
+            "| phase | seconds | throughput |\n|---|---|---|\n" + rows)
+
+
+def content_sha256(paths) -> str:
+    """The identity of local data, which has no Hub revision: one SHA-256 over each given file's (for a folder,
+    each file under it) path and SHA-256."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):  # named relative to what was given: the same files hash the same anywhere
+        files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{path.name}/{file.relative_to(path).as_posix() if path.is_dir() else ''} "
+                          f"{sha256_of(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _fmt(value, digits=4):

@@ -15,7 +15,8 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str, items: int | None = None, unit: str = "images"):
-        """Times the block; set `record["items"]` inside it when the count is known only at the end."""
+        """Times the block; set `record["items"]` inside it when the count is known only at the end. `unit` names
+        the items (images, pairs) wherever the rate is shown."""
         record = {"items": items}
         start = time.perf_counter()
         yield record
@@ -23,7 +24,7 @@ class PhaseTimer:
         self.phases[name] = {"seconds": round(seconds, 2)}
         rate = ""
         if record["items"]:
-            self.phases[name]["per_second"] = round(record["items"] / seconds, 2)
+            self.phases[name].update(per_second=round(record["items"] / seconds, 2), unit=unit)
             rate = f", {record['items']} {unit}, {record['items'] / seconds:.1f} {unit}/s"
         logger.info("Phase %s: %.1f s%s", name, seconds, rate)
 

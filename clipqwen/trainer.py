@@ -76,6 +76,7 @@ class CaptionTrainer(Trainer):
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metric = load_caption_metric() if any(self.generation_datasets.values()) else None
         self.lost_images = {}  # metric prefix ("train", "eval", "test") -> ids of images left out (this process)
+        self.pairs_trained = 0  # image-caption pairs in this process's training batches, for the throughput
         self._metric_prefix = "eval"  # the evaluation in progress, for prediction_step's count
 
     # ---- images lost mid-run ---------------------------------------------------------------------------------
@@ -270,6 +271,8 @@ class CaptionTrainer(Trainer):
                                       "restored files are read again, and the up-front check leaves out those still "
                                       "missing.") from None
             result.metrics["train_lost_images"] = self.lost_image_count("train")
+            pairs = torch.tensor(self.pairs_trained, device=self.args.device)
+            result.metrics["train_pairs"] = int(self.accelerator.reduce(pairs, reduction="sum"))
             signalled = self.graceful_stop.requested is not None
             # The last step is always checkpointed: after a signal that came past the last step end (final
             # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
@@ -290,6 +293,7 @@ class CaptionTrainer(Trainer):
             self._check_lost_training_images(empty)
         if empty:  # one process, every image of this batch lost: nothing to learn from it
             return torch.zeros((), device=self.args.device)
+        self.pairs_trained += len(inputs["input_ids"])
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1  # the optimizer step this batch belongs to, counted from 1

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,86 @@ def test_model_card_tells_how_the_run_really_went(trained):
     assert {m["type"] for r in results for m in r["metrics"]} == {"rouge", "bleu", "cider"}
 
 
+def assert_card_figures_trace_to_results(out: Path):
+    """Every figure in the model card's tables and model-index equals its source: all_results.json,
+    trainer_state.json, or the run's flags (run_arguments.json). Shared with the main job's runtime test."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    results = json.loads((out / "all_results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    flags = json.loads((out / "run_arguments.json").read_text())
+    rows = {}
+    for line in card.text.splitlines():
+        if line.startswith("| ") and not line.startswith(("| phase ", "| split ", "| hyper-parameter ")):
+            name, *cells = (cell.strip() for cell in line.strip().strip("|").split("|"))
+            rows[name] = cells
+    per_device, accumulation = flags["--per_device_train_batch_size"], flags["--gradient_accumulation_steps"]
+    total_batch = per_device * int(rows["devices"][0]) * accumulation
+    expected = {
+        "learning rate": flags["--learning_rate"], "weight decay": flags["--weight_decay"],
+        "optimizer steps": state["global_step"], "epochs": round(state["epoch"], 2),
+        "batch size per device": per_device, "gradient accumulation": accumulation, "total batch size": total_batch,
+        "max caption tokens": flags["--max_caption_length"], "seed": flags["--seed"],
+    }
+    for name, value in expected.items():
+        assert rows.pop(name) == [str(value)], name
+    assert state["train_batch_size"] * accumulation == total_batch  # the devices, checked
+    rows.pop("devices")
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split in rows:
+            values = [results[f"{prefix}_{key}"] for key in ("num_images", "rougeL", "bleu4", "cider", "loss")]
+            assert rows.pop(split) == [str(values[0])] + [f"{value:.4f}" for value in values[1:]], split
+    for phase in [name for name in rows if f"time_{name.replace(' ', '_')}_seconds" in results]:
+        seconds, throughput = rows.pop(phase)
+        key = f"time_{phase.replace(' ', '_')}"
+        assert float(seconds) == results[f"{key}_seconds"], phase
+        rate = results.get(f"{key}_per_second")
+        assert throughput == ("–" if rate is None else f"{rate} {'pairs' if phase == 'training' else 'images'}/s")
+    # the rate is the pairs trained over the unrounded seconds (0.70 s in the table may be 0.695)
+    rate = results["train_pairs"] / results["time_training_seconds"]
+    assert results["time_training_per_second"] == pytest.approx(rate, rel=0.01)
+    # what is left: names and modes, and the optimizer's and warm-up's settings as the training arguments give them
+    assert set(rows) == {"optimizer", "scheduler", "warm-up", "precision", "caption mode", "LoRA"}, rows
+    trainable, total = results["train_trainable_parameters"], results["train_total_parameters"]
+    assert f"Trainable parameters: {trainable:,} of {total:,}." in card.text
+    for result in card.data.to_dict()["model-index"][0]["results"]:
+        prefix = "test" if result["dataset"]["split"] == "test" else "eval"
+        for metric in result["metrics"]:
+            key = {"rouge": "rougeL", "bleu": "bleu4", "cider": "cider"}[metric["type"]]
+            assert metric["value"] == round(results[f"{prefix}_{key}"], 4)
+
+
+def test_every_figure_in_the_model_card_traces_to_a_results_file(trained):
+    out, metrics = trained
+    assert_card_figures_trace_to_results(out)
+    # 4 steps of 4 pairs: the throughput counts what trained, not the data set's size
+    assert metrics["train_pairs"] == 16
+    card = (out / "README.md").read_text()
+    assert "refs/convert/parquet" not in card and "at commit" not in card  # generated data has no revision
+
+
+def test_a_card_of_local_data_names_its_files_content_hash(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for row in photo_rows()[:4]:
+        Image.open(PHOTOS / row["file_name"]).save(folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "captions": r["captions"]})
+                                                   + "\n" for r in photo_rows()[:4]))
+    out = tmp_path / "local"
+    run(out, "--do_train", "--max_steps", "1", data=("--train_dir", str(folder), "--caption_column", "captions"))
+    from clipqwen.model_card import content_sha256
+
+    card = (out / "README.md").read_text()
+    assert f"**local data** (SHA-256 of photos: `{content_sha256([folder])}`)" in card
+    assert "revision" not in card.split("model-index")[-1].split("---")[0] and "at commit" not in card
+    copy = tmp_path / "elsewhere" / "photos"
+    shutil.copytree(folder, copy)
+    assert content_sha256([copy]) == content_sha256([folder])  # the files, not where they are
+    (copy / "metadata.jsonl").write_text("")
+    assert content_sha256([copy]) != content_sha256([folder])
+
+
 def test_phase_timings_are_in_all_results_and_the_card(trained):
     out, metrics = trained
     results = json.loads((out / "all_results.json").read_text())
@@ -97,7 +178,7 @@ def test_phase_timings_are_in_all_results_and_the_card(trained):
         assert results[f"time_{phase}_seconds"] >= 0 and metrics[f"time_{phase}_seconds"] >= 0, phase
     assert results["time_feature_cache_per_second"] > 0 and results["time_evaluation_test_per_second"] > 0
     card = (out / "README.md").read_text()
-    assert "| phase | seconds | items/s |" in card and "| feature cache |" in card and "| training |" in card
+    assert "| phase | seconds | throughput |" in card and "| feature cache |" in card and "| training |" in card
 
 
 def test_generation_config_holds_the_decoding_behind_the_scores(tmp_path):

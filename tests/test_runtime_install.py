@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_run_captioning import assert_card_figures_trace_to_results
 
 from conftest import PHOTOS, ROOT
 
@@ -23,6 +24,7 @@ def test_the_main_job_and_the_caption_cli_run_from_a_runtime_only_install(runtim
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-5000:]
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert {"train_loss", "eval_rougeL", "test_rougeL", "test_cider"} <= set(results)
+    assert_card_figures_trace_to_results(tmp_path / "out")  # the main job's model card tells the truth
 
     cli = Path(runtime_python).with_name("clipqwen-caption")
     captions = subprocess.run([str(cli), str(tmp_path / "out"), str(PHOTOS), "--max_new_tokens", "5", "--output",
