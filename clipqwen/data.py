@@ -421,20 +421,23 @@ def require_images(dataset: Dataset, split: str, why: str) -> Dataset:
     return dataset
 
 
+def load_or_reason(entry, image_id: str):
+    """(image, "") or (None, why `load_image` refused it), for the up-front checks; named by its path, else by its
+    row's id (a null entry has neither path nor bytes)."""
+    try:
+        return load_image(entry, name=(entry or {}).get("path") or image_id), ""
+    except ImageLoadError as error:
+        return None, str(error)
+
+
 def drop_unreadable_images(dataset: Dataset, split: str, num_proc: int | None = None) -> Dataset:
     """Decode every image once before training; drop and log the ones that fail, so that a corrupt file is
     a line in the log instead of a crash mid-epoch. The result is cached by datasets like any map. A split with
     no readable image left is an error (`require_images`)."""
 
     def reasons(batch):
-        found = []
-        for entry, image_id in zip(batch["image"], batch["image_id"]):
-            try:
-                load_image(entry, name=entry.get("path") or image_id)
-                found.append("")
-            except ImageLoadError as error:
-                found.append(str(error))
-        return {"unreadable": found}
+        return {"unreadable": [load_or_reason(entry, image_id)[1]
+                               for entry, image_id in zip(batch["image"], batch["image_id"])]}
 
     raw = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     checked = raw.map(reasons, batched=True, batch_size=64, num_proc=num_proc, desc=f"checking {split} images")
@@ -694,13 +697,9 @@ class _DecodedBatches(torch.utils.data.Dataset):
     def __getitem__(self, index):
         batch, rows, last = self.chunks[index]
         block = self.raw[rows.start:rows.stop]
-        images, reasons = [], []
-        for entry, image_id in zip(block["image"], block["image_id"]):
-            try:
-                images.append(load_image(entry, name=(entry or {}).get("path") or image_id))
-                reasons.append("")
-            except ImageLoadError as error:
-                reasons.append(str(error))
+        loaded = [load_or_reason(entry, image_id) for entry, image_id in zip(block["image"], block["image_id"])]
+        images = [image for image, _ in loaded if image is not None]
+        reasons = [reason for _, reason in loaded]
         if not images:
             return batch, last, None, reasons
         return batch, last, self.fast.crops(images) if self.fast else pixel_values(images, self.processor), reasons

@@ -362,6 +362,17 @@ def test_drop_unreadable_images_refuses_to_return_an_empty_split(tmp_path):
         drop_unreadable_images(dataset, "train")
 
 
+def test_a_row_whose_image_is_null_is_dropped_by_the_up_front_check_naming_its_id(caplog):
+    photo = sorted(PHOTOS.glob("*.jpg"))[0]
+    dataset = datasets.Dataset.from_dict(
+        {"image_id": ["kept", "empty"], "image": [str(photo), None], "captions": [["a photo"], ["nothing"]]},
+        features=datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
+                                    "captions": datasets.List(datasets.Value("string"))}))
+    checked = drop_unreadable_images(dataset, "train")
+    assert checked.with_format(None)["image_id"] == ["kept"]
+    assert "Cannot load image empty" in caplog.text
+
+
 # ---- the feature cache is keyed by content --------------------------------------------------------------------------
 def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, processor, tmp_path):
     folder = tmp_path / "photos"
