@@ -11,7 +11,7 @@ Sources:
   rows with one caption each are grouped per image;
 - imagefolder directories with a `metadata.jsonl` (`file_name` + captions).
 
-Whatever the source, the same guards apply (DESIGN.md, "Guards"): every image reference goes through one resolver
+Whatever the source, the same guards apply (docs/reliability.md): every image reference goes through one resolver
 (`resolve_inside`: inside the source's root, symlinks resolved), captions must be strings (`caption_list`), a split
 left without images is an error (`require_images`), and images are decoded only by `clipqwen.images.load_image`
 (`with_checked_images`), also when the collator reads them during training.

@@ -2,8 +2,8 @@
 
 `load_image` either returns an 8-bit RGB image that is fully decoded, or raises `ImageLoadError`, whose
 message names the file, says what is wrong and what to do. Decoding happens here, inside the checks, so a
-truncated or corrupt file fails before training starts, not in a dataloader worker mid-epoch.
-`find_unreadable_images` runs the same checks over a whole dataset up front.
+truncated or corrupt file fails before training starts, not in a dataloader worker mid-epoch (the up-front
+passes over a data set are `clipqwen.data.drop_unreadable_images` and the feature cache's).
 
 One image path: whatever the caller (the feature cache, whose pass is also the unreadable-image check; training
 without the cache; the caption CLI and the demo), an image is decoded once and converted to RGB once, here, and
@@ -73,24 +73,7 @@ def load_image(source, name: str | None = None) -> Image.Image:
     or the file object's name). An image that is already 8-bit RGB and upright comes back as it is, not copied:
     converting once is enough. Raises `ImageLoadError`.
     """
-    return _load(source, name, decode=True)
-
-
-def find_unreadable_images(entries, full_decode: bool = True) -> list[tuple[str, str]]:
-    """(name, reason) for every entry `load_image` would reject, in input order, to skip and log before training.
-
-    `entries`: paths, bytes, or `datasets` `Image(decode=False)` entries ({"path", "bytes"}), e.g.
-    `dataset.cast_column("image", Image(decode=False))["image"]`. Paths are named as given, dict entries by
-    their "path", anything else "item <index>". `full_decode=False` only reads headers (empty, not an image,
-    wrong format, too large): much faster, but it misses truncated and corrupt pixel data.
-    """
-    bad = []
-    for index, entry in enumerate(entries):
-        try:
-            _load(entry, f"item {index}" if _path_of(entry) is None else None, decode=full_decode)
-        except ImageLoadError as error:
-            bad.append((error.name, error.reason))
-    return bad
+    return _load(source, name)
 
 
 def _path_of(source):
@@ -101,9 +84,9 @@ def _path_of(source):
     return source
 
 
-def _load(source, name, decode):
+def _load(source, name):
     if isinstance(source, Image.Image):
-        return _load_pil(source, name or getattr(source, "filename", None) or "<PIL image>", decode)
+        return _load_pil(source, name or getattr(source, "filename", None) or "<PIL image>")
     path = _path_of(source)
     if hasattr(source, "read"):  # an open file (an upload, a stream): its bytes, named after it if it has a name
         file_name = getattr(source, "name", None)
@@ -131,8 +114,6 @@ def _load(source, name, decode):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data) if data is not None else path) as image:  # reads the header only
                 _check_header(image, name)
-                if not decode:
-                    return None
                 # Decode every pixel now: truncation and corrupt data raise here (unless something has set
                 # PIL.ImageFile.LOAD_TRUNCATED_IMAGES, which makes Pillow pad truncated files with grey).
                 image.load()
@@ -146,13 +127,11 @@ def _load(source, name, decode):
         raise _load_error(error, name, data, path) from error
 
 
-def _load_pil(image, name, decode):
+def _load_pil(image, name):
     """`load_image` for a PIL image: the same header checks (format only if it came from a file), then its pixels
     decoded (a lazily opened image reads them now) and converted once."""
     try:
         _check_header(image, name, allow_unknown_format=True)
-        if not decode:
-            return None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()

@@ -1,7 +1,6 @@
-"""Every way data comes in goes through the same guards (docs/reliability.md, DESIGN.md "Guards"): one resolver
-for image references, splits from the flag and never from file names, captions that are strings, no split left
-empty, a feature
-cache keyed by content, a decode budget, and an image lost during a run left out, named and counted."""
+"""Every way data comes in goes through the same guards (docs/reliability.md): one resolver for image references,
+splits from the flag and never from file names, captions that are strings, no split left empty, a feature cache
+keyed by content, a decode budget, and an image lost during a run left out, named and counted."""
 
 import json
 import math
@@ -460,8 +459,6 @@ def test_the_decode_budget_counts_the_bytes_per_pixel_of_each_mode(tmp_path, mon
         else:
             with pytest.raises(ImageLoadError, match="over the budget of 0 MB"):
                 load_image(path)
-    found = images.find_unreadable_images([tmp_path / "RGB.png", tmp_path / "RGBA.png"], full_decode=False)
-    assert [name for name, _ in found] == [str(tmp_path / "RGBA.png")]  # the header-only check applies it too
 
 
 def test_load_image_reads_file_objects(tmp_path):

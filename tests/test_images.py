@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from clipqwen import images
-from clipqwen.images import ClipPixels, ImageLoadError, find_unreadable_images, load_image, pixel_values
+from clipqwen.images import ClipPixels, ImageLoadError, load_image, pixel_values
 
 from conftest import PHOTOS
 
@@ -390,7 +390,18 @@ def test_pixel_values_use_the_processor_itself_for_other_recipes(processor):
 # --- pre-flight scan ---------------------------------------------------------------------------------------
 
 
-def test_find_unreadable_images_returns_exactly_the_bad_files(tmp_path):
+def refusals(entries) -> list[tuple[str, str]]:
+    """(name, reason) for each entry load_image refuses, in order."""
+    found = []
+    for entry in entries:
+        try:
+            load_image(entry)
+        except ImageLoadError as error:
+            found.append((error.name, error.reason))
+    return found
+
+
+def test_load_image_refuses_exactly_the_bad_files(tmp_path):
     good = [saved(tmp_path / "a.jpg", Image.new("RGB", (8, 8))), saved(tmp_path / "b.png", Image.new("LA", (8, 8)))]
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "noise.jpg").write_bytes(random.Random(1).randbytes(1000))
@@ -407,17 +418,13 @@ def test_find_unreadable_images_returns_exactly_the_bad_files(tmp_path):
     paths = sorted(tmp_path.iterdir())
     assert len(paths) == len(bad) + len(good)
 
-    found = find_unreadable_images(paths)
+    found = refusals(paths)
     assert [name for name, _ in found] == [str(path) for path in paths if path.name in bad]
     for name, reason in found:
         assert bad[Path(name).name] in reason
-    # Header-only mode catches everything but the truncated pixel data.
-    assert [name for name, _ in find_unreadable_images(paths, full_decode=False)] == [
-        str(path) for path in paths if path.name in bad and path.name != "cut.jpg"
-    ]
 
 
-def test_find_unreadable_images_on_datasets_entries(tmp_path):
+def test_load_image_on_datasets_entries(tmp_path):
     import datasets
 
     good, cut = saved(tmp_path / "good.png", Image.new("RGB", (8, 8))), truncated_jpeg(tmp_path / "cut.jpg")
@@ -428,6 +435,6 @@ def test_find_unreadable_images_on_datasets_entries(tmp_path):
         "image", datasets.Image(decode=False)
     )["image"]
 
-    found = find_unreadable_images(column)
-    assert [name for name, _ in found] == [str(cut), "page.jpg", "item 3"]
+    found = refusals(column)
+    assert [name for name, _ in found] == [str(cut), "page.jpg", "<image bytes>"]
     assert ["truncated" in found[0][1], "HTML" in found[1][1], "empty" in found[2][1]] == [True] * 3
