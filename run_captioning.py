@@ -71,7 +71,8 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
     vision_model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32",
-        metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower and image processor."},
+        metadata={"help": "Image model (Hub id or folder; CLIP by default, any Auto vision model) for the vision "
+                          "tower and image processor."},
     )
     vision_model_revision: str = field(
         default="main",
@@ -79,7 +80,7 @@ class ModelArguments:
     )
     text_model_name_or_path: str = field(
         default="Qwen/Qwen3-0.6B-Base",
-        metadata={"help": "Qwen3 checkpoint (Hub id or folder) for the decoder and tokenizer."},
+        metadata={"help": "Causal language model (Hub id or folder; Qwen3 by default) for the decoder and tokenizer."},
     )
     text_model_revision: str = field(
         default="main",
@@ -120,19 +121,21 @@ class ModelArguments:
     )
     vision_feature_layer: int = field(
         default=-2,
-        metadata={"help": "CLIP hidden-state index for --vision_feature_type patch."},
+        metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."},
     )
-    freeze_vision_model: bool = field(default=True, metadata={"help": "Keep CLIP frozen (enables the feature cache)."})
+    freeze_vision_model: bool = field(
+        default=True, metadata={"help": "Keep the vision tower frozen (enables the feature cache)."}
+    )
     freeze_language_model: bool = field(
         default=True,
-        metadata={"help": "Keep Qwen3 frozen (LoRA still trains its own weights)."},
+        metadata={"help": "Keep the language model frozen (LoRA still trains its own weights)."},
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model; 0 turns LoRA off."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj",
-        metadata={"help": "Comma-separated Qwen3 module names that get LoRA (language model only, never CLIP)."},
+        metadata={"help": "Comma-separated language-model module names that get LoRA (never the vision tower)."},
     )
     merge_lora: bool = field(
         default=True,

@@ -62,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
     write_results,
 )
+from clipqwen.images import load_image, pixel_values  # noqa: E402
 from clipqwen.presets import DEFAULT_PRESET  # noqa: E402
 from processing_clipqwen import to_rgb  # noqa: E402
 
@@ -179,11 +180,9 @@ def build_feature_cache(model, processor, device, batch_size=32):
     paths = [path for path, _ in load_examples()]
     features = []
     with torch.no_grad():
-        for i in range(0, len(paths), batch_size):
-            images = [Image.open(path) for path in paths[i:i + batch_size]]
-            pixel_values = processor.image_processor([to_rgb(im) for im in images],
-                                                     return_tensors="pt")["pixel_values"]
-            features.append(model.get_vision_embeds(pixel_values.to(device)))
+        for i in range(0, len(paths), batch_size):  # decoded and preprocessed as clipqwen.data's cache does it
+            images = [load_image(path) for path in paths[i:i + batch_size]]
+            features.append(model.get_vision_embeds(pixel_values(images, processor).to(device)))
     return torch.cat(features)
 
 
@@ -191,7 +190,7 @@ def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_i
     """Sort the pairs by caption length and cut them into batches of at most `batch_size` pairs and at most
     `max_batch_tokens` padded positions (0 = no token limit), then shuffle the batch order (fixed seed).
     Padding then costs little, and a batch's activation memory (∝ pairs × padded length) is bounded.
-    With `max_batch_tokens=0` and `group=False`: plain fixed-size batches in stream order."""
+    With `max_batch_tokens=0`: batches of `batch_size` pairs of similar length."""
     lengths = [num_image_tokens + len(processor._encode_text(caption)) + 1 for _, _, caption in pairs]
     order = sorted(range(len(pairs)), key=lengths.__getitem__)
     batches, current = [], []

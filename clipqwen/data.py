@@ -671,7 +671,7 @@ def _cache_problem(cache_file: Path) -> str | None:
 DECODE_CHUNK = 16
 
 
-class _DecodedBatches(torch.utils.data.Dataset):
+class _DecodedChunks(torch.utils.data.Dataset):
     """Chunk i of the rows: (batch it belongs to, last chunk of it?, pixel values of its readable images or None,
     reasons per row, "" if readable). The rows are cut into batches of `batch_size` for the vision tower, each
     batch into chunks of at most `DECODE_CHUNK` for the workers. Each image is decoded once, by `load_image`, and
@@ -714,16 +714,16 @@ def _one_thread(_worker):
 
 
 def _decoding_loader(dataset: Dataset, processor, rows: range, batch_size: int, num_workers: int | None):
-    """(`_DecodedBatches` of `rows`, the DataLoader that yields them in row order from `num_workers` processes, or
+    """(`_DecodedChunks` of `rows`, the DataLoader that yields them in row order from `num_workers` processes, or
     from this one for 0/None): the decode-once pass's input, its images read raw and decoded by `load_image`."""
     raw = dataset.with_format(None).select_columns(["image", "image_id"])
     raw = raw.cast_column("image", datasets.Image(decode=False))
-    batches = _DecodedBatches(raw, processor, rows, batch_size)
+    chunks = _DecodedChunks(raw, processor, rows, batch_size)
     workers = max(0, num_workers or 0)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=False, num_workers=workers,
                                          collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
-    return batches, loader
+    return chunks, loader
 
 
 @torch.no_grad()
