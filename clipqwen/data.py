@@ -738,6 +738,9 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
     fast = batches.fast  # the recipe the workers crop by: the main process finishes it (normalise)
     temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
     shape = None
+    tower = model.get_encoder(modality="image")
+    was_training = tower.training
+    tower.eval()  # the cache holds inference features: a BatchNorm tower in training mode uses batch statistics
     try:
         empty = datasets.Features({"vision_embeds": datasets.List(datasets.Value("float32")),
                                    "unreadable": datasets.Value("string")})
@@ -746,7 +749,7 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
             # twice, torch 2.13 / tqdm 4)
             workers = loader.num_workers or "no"
             progress = datasets.utils.tqdm(total=batches.batches, unit="batch",
-                                           desc=f"CLIP features, {split} ({workers} decoding worker(s))")
+                                           desc=f"image features, {split} ({workers} decoding worker(s))")
             pixels, reasons = [], []
             for _, last, chunk_pixels, chunk_reasons in loader:  # in row order whatever the number of workers
                 pixels += [chunk_pixels] if chunk_pixels is not None else []
@@ -772,6 +775,7 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
             writer.finalize()
         os.replace(temporary, cache_file)
     finally:
+        tower.train(was_training)
         temporary.unlink(missing_ok=True)
     _write_manifest(cache_file)
 

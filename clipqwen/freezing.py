@@ -25,7 +25,8 @@ def freeze_backbones(model, vision: bool = True, language: bool = True):
     model.get_encoder(modality="image").requires_grad_(not vision)
     model.get_decoder().requires_grad_(not language)
     model.adapter.requires_grad_(True)
-    return model
+    # the model's train() puts a frozen tower in eval mode; a model already training gets that rule applied now
+    return model.train(model.training)
 
 
 def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):

@@ -83,3 +83,37 @@ def test_unsupported_towers_and_layers_are_refused_naming_the_field():
         tiny_config(vision_config={"model_type": "siglip_vision_model"})
     with pytest.raises(StrictDataclassError, match="final feature map only; use -1"):
         tiny_config(vision_config=dict(TINY_EFFICIENTNET), vision_feature_type="patch", vision_feature_layer=-2)
+
+
+def test_a_saved_batchnorm_captioner_loaded_to_train_again_keeps_its_frozen_tower_in_inference_mode(tmp_path):
+    """`run_captioning.py --model_name_or_path` loads in training mode, then freezes: the tower must end in eval
+    mode (it stayed in training mode, and the Flickr8k captioner re-evaluated from its export scored CIDEr-D 0.25
+    for 0.37: its features were computed with batch statistics)."""
+    import run_captioning
+
+    folder = tmp_path / "saved"
+    saved = efficientnet_model(vision_feature_type="pooled")
+    saved.save_pretrained(folder)
+    bundled_processor(num_image_tokens=saved.config.num_image_tokens).save_pretrained(folder)
+    model_args = run_captioning.parse_args(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path)])[0]
+    model, _ = run_captioning.build_model_and_processor(model_args)
+    assert model.training and model.adapter.training and not model.vision_model.training
+
+
+def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_in(tmp_path, photos):
+    import datasets
+
+    from clipqwen.data import add_vision_features
+
+    model = efficientnet_model(vision_feature_type="pooled").train()  # not frozen: the tower trains too
+    processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
+    for index, photo in enumerate(photos[:2]):
+        photo.save(tmp_path / f"{index}.png")
+    dataset = datasets.Dataset.from_dict(
+        {"image_id": ["0", "1"], "image": [str(tmp_path / "0.png"), str(tmp_path / "1.png")],
+         "captions": [["a photo"], ["another"]]}).cast_column("image", datasets.Image())
+    cached = add_vision_features(dataset, model, processor, tmp_path / "features", batch_size=2)
+    assert model.vision_model.training  # given back in the mode it came in
+    with torch.no_grad():
+        expected = model.eval().get_vision_embeds(processor(images=photos[:2])["pixel_values"])
+    torch.testing.assert_close(torch.as_tensor(cached["vision_embeds"]), expected, rtol=1e-5, atol=1e-6)
