@@ -539,13 +539,14 @@ def image_content_key(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-# Bumped when the cache file's layout changes, so that a file of the old layout is never read as the new one.
-_CACHE_LAYOUT = "features+unreadable/1"
+# Bumped when the cache file's layout or meaning changes, so that an old file is never read as a new one. /2: before
+# it, a BatchNorm tower loaded with --model_name_or_path encoded in training mode (batch statistics).
+_CACHE_LAYOUT = "features+unreadable/2"
 
 
 def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Path, batch_size: int = 64, *,
                         split: str = "train", num_workers: int | None = None, drop_unreadable: bool = True,
-                        rank: int = 0, world_size: int = 1, barrier=None) -> Dataset:
+                        rank: int = 0, world_size: int = 1, local_rank: int = 0, barrier=None) -> Dataset:
     """Replace the `image` column by the frozen CLIP output (`vision_embeds`), computed once per image and
     stored in an Arrow file keyed by the vision weights, the preprocessing, the rows (datasets' fingerprint: ids,
     captions, paths) and the images' content (`image_content_key`). Training from it never decodes an image again,
@@ -566,9 +567,10 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
 
     Distributed (`world_size` > 1, `barrier` a callable that waits for every rank): rank r encodes its contiguous
     shard of the rows (whole batches, `_shard_bounds`) into its own file (`...-shard-r-of-n.arrow`, with its
-    manifest), all ranks wait, then every rank reads all shard files in order: the full cache. Any complete set of
-    valid files for the key (one file, or all shards of an earlier run with another number of processes) is reused
-    as it is."""
+    manifest), all ranks wait, then every rank reads all shard files in order: the full cache. Where `cache_dir` is
+    not shared between machines, the first process of each machine (`local_rank` 0) then encodes the shards its
+    disk lacks. Any complete set of valid files for the key (one file, or all shards of an earlier run with another
+    number of processes) is reused as it is."""
     key = (f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:"
            f"{_CACHE_LAYOUT}")
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -592,11 +594,25 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
                 files = [target]  # just written and recorded in its manifest: no need to read it again
     if world_size > 1 and barrier is not None:
         barrier()  # every rank, whether it built or reused: the number of barriers never depends on the files
+        files = files or _complete_cache(cache_dir, fingerprint, world_size)
+        # Another node's shards are missing where the folder is not shared between machines: each node's first
+        # process encodes them on its own disk, one writer per file, while the node's other processes wait.
+        if files is None and local_rank == 0:
+            for other in range(world_size):
+                shard = cache_dir / f"vision-features-{fingerprint}-shard-{other}-of-{world_size}.arrow"
+                if not _is_valid(shard):
+                    logger.info("%s: %s is not in %s (a folder not shared with the other machines); encoding it "
+                                "here too", split, shard.name, cache_dir)
+                    discard_damaged_cache(shard)
+                    _encode_to_file(dataset, range(*_shard_bounds(len(dataset), other, world_size, batch_size)),
+                                    model, processor, shard, batch_size, num_workers, split)
+        barrier()
     if files is None:
         files = _complete_cache(cache_dir, fingerprint, world_size)
         if files is None:
             raise RuntimeError(f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
-                               f"process wrote its part (key {fingerprint}). Is {cache_dir} shared by all processes?")
+                               f"process wrote its part (key {fingerprint}). Give every process of a machine the "
+                               "same --feature_cache_dir.")
     parts = [Dataset.from_file(str(file)) for file in files]
     # a shard may be empty
     features = datasets.concatenate_datasets([part for part in parts if len(part)] or parts[:1])
