@@ -300,6 +300,11 @@ def parse_args(argv=None):
         parser.set_defaults(**read_argument_file(argv[0], parser))
         argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.ddp_find_unused_parameters is None:
+        # Trainer's default (True) makes DDP search the graph every step for weights that took no part. With the
+        # vision tower frozen, every trainable weight (adapter, LoRA, decoder) takes part in every step; an unfrozen
+        # tower has layers past --vision_feature_layer that never do.
+        training_args.ddp_find_unused_parameters = not model_args.freeze_vision_model
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
 
 

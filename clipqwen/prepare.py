@@ -78,7 +78,8 @@ def add_features(splits, data_args, training_args, model, processor):
         return {split: add_vision_features(
             dataset, model, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
             num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
-            rank=training_args.process_index, world_size=training_args.world_size, barrier=barrier)
+            rank=training_args.process_index, world_size=training_args.world_size,
+            local_rank=training_args.local_process_index, barrier=barrier)
             for split, dataset in splits.items()}
     finally:
         model.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps its devices consistent

@@ -39,9 +39,8 @@ from .signals import GracefulStopCallback
 logger = logging.getLogger(__name__)
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
-# Images lost mid-run (deleted, replaced) are left out of their batches up to this share of the training images
-# (at least one);
-# past it the data has changed under the run, and training stops with a checkpoint instead of going on without them.
+# Images lost mid-run (deleted, replaced) are left out of their batches up to this share of the training images (at
+# least one); past it the data has changed under the run, and training stops with a checkpoint instead.
 MAX_LOST_IMAGE_SHARE = 0.01
 
 
@@ -78,6 +77,7 @@ class CaptionTrainer(Trainer):
         self.lost_images = {}  # metric prefix ("train", "eval", "test") -> ids of images left out (this process)
         self.pairs_trained = 0  # image-caption pairs in this process's training batches, for the throughput
         self._metric_prefix = "eval"  # the evaluation in progress, for prediction_step's count
+        self._max_lost_images = None  # from the training images, counted on first use
 
     # ---- images lost mid-run ---------------------------------------------------------------------------------
     def _note_lost(self, prefix: str, inputs: dict) -> bool:
@@ -92,7 +92,7 @@ class CaptionTrainer(Trainer):
 
     def _check_lost_training_images(self, empty_batch: bool):
         lost = self.lost_images.get("train", set())
-        if not hasattr(self, "_max_lost_images"):
+        if self._max_lost_images is None:
             images = len(set(self.train_dataset.with_format(None)["image_id"]))
             self._max_lost_images = max(1, int(MAX_LOST_IMAGE_SHARE * images))
         # a process with nothing to train on cannot skip its step alone: the others would wait for its gradients

@@ -1,5 +1,6 @@
-"""Two processes on this CPU (gloo), launched by torchrun (what `accelerate launch --multi_gpu` runs on GPUs):
-`accelerate launch --cpu --num_processes 2` starts a single process unless given an MPI host file."""
+"""Two processes on this CPU (gloo), launched by torchrun (what `accelerate launch --multi_gpu` runs on GPUs), on
+one "machine" or as two machines on 127.0.0.1: `accelerate launch --cpu --num_processes 2` starts a single process
+unless given an MPI host file."""
 
 import json
 import os
@@ -35,13 +36,82 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
 
 
-@pytest.mark.parametrize("name, distributed", [("one_gpu_bf16.yaml", "NO"), ("multi_gpu_bf16.yaml", "MULTI_GPU")])
-def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, distributed):
+@pytest.mark.parametrize("name, distributed, machines", [("one_gpu_bf16.yaml", "NO", 1),
+                                                         ("multi_gpu_bf16.yaml", "MULTI_GPU", 1),
+                                                         ("multi_node_bf16.yaml", "MULTI_GPU", 2)])
+def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, distributed, machines):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / name))
     assert config.mixed_precision == "bf16" and config.distributed_type == distributed and not config.use_cpu
+    assert config.num_machines == machines
     assert f"accelerate launch --config_file configs/accelerate/{name}" in (ROOT / "README.md").read_text()
+
+
+# ---- several machines, as two "nodes" on 127.0.0.1 ------------------------------------------------------------------
+TRAIN = ["run_captioning.py", "--use_cpu", "True", "--tiny_model", "--freeze_language_model", "False",
+         "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train", "--max_steps", "3",
+         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--report_to", "none",
+         "--save_strategy", "no", "--dataloader_pin_memory", "False", "--log_level", "info",
+         "--log_level_replica", "info", "--seed", "7"]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def trained_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """The 2-process single-machine run the two-node runs must match."""
+    root = tmp_path_factory.mktemp("one-node")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), *TRAIN, "--output_dir", str(root / "out"),
+               "--feature_cache_dir", str(root / "features")]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return trained_weights(root / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_cache", [True, False], ids=["shared-cache", "node-local-cache"])
+def test_two_nodes_train_the_same_weights_as_two_processes_on_one_machine(one_node, shared_cache, tmp_path):
+    """torchrun --nnodes 2 --nproc_per_node 1 twice on 127.0.0.1 (c10d rendezvous, gloo): two machines as far as
+    torch.distributed knows, each with its own output folder and, unless shared, its own feature cache."""
+    import torch
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node in range(2):
+        folder = tmp_path / f"node{node}"
+        cache = tmp_path / "shared-features" if shared_cache else folder / "features"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "clipqwen-two-nodes", *TRAIN,
+                   "--output_dir", str(folder / "out"), "--feature_cache_dir", str(cache)]
+        folder.mkdir()
+        log = open(folder / "log.txt", "w")
+        nodes.append((folder, subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)))
+    for folder, process in nodes:
+        assert process.wait(timeout=900) == 0, (folder / "log.txt").read_text()[-4000:]
+    logs = {folder: (folder / "log.txt").read_text() for folder, _ in nodes}
+
+    # global rank 0 (whichever node the rendezvous made it) writes the model; the other node writes no model files
+    writers = [folder for folder, _ in nodes if (folder / "out" / "model.safetensors").exists()]
+    assert len(writers) == 1, logs
+    other = next(folder for folder, _ in nodes if folder not in writers)
+    written = {path.name for path in (other / "out").iterdir()} if (other / "out").exists() else set()
+    assert not written & {"model.safetensors", "config.json", "all_results.json", "README.md"}, written
+    two_nodes = trained_weights(writers[0] / "out")
+    assert two_nodes.keys() == one_node.keys()
+    assert all(torch.equal(two_nodes[name], one_node[name]) for name in one_node)  # bit for bit on the CPU
+
+    for folder, log in logs.items():
+        cache = tmp_path / "shared-features" if shared_cache else folder / "features"
+        assert len(list(cache.glob("*-shard-*-of-2.arrow"))) == 2
+        # shared: each rank encodes its own shard once; node-local: each node also encodes the one its disk lacks
+        assert ("encoding it here too" in log) is not shared_cache, log[-4000:]
 
 
 
