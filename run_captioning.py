@@ -580,11 +580,17 @@ def main(args=None):
 
     # Bad values fail now, naming the flag, not after hours of training; one run at a time per output folder.
     preflight.check_arguments(data_args, caption_args, training_args)
-    if not training_args.should_save:  # other ranks: rank 0 checks the folder and holds the lock
-        return run(model_args, data_args, caption_args, training_args)
-    preflight.check_output_dir(Path(training_args.output_dir))
-    with preflight.OutputFolderLock(training_args.output_dir):
-        return run(model_args, data_args, caption_args, training_args)
+    try:
+        if not training_args.should_save:  # other ranks: rank 0 checks the folder and holds the lock
+            return run(model_args, data_args, caption_args, training_args)
+        preflight.check_output_dir(Path(training_args.output_dir))
+        with preflight.OutputFolderLock(training_args.output_dir):
+            return run(model_args, data_args, caption_args, training_args)
+    finally:
+        # Leave the process group explicitly: a rank that exits with it alive (the others return before rank 0's
+        # export) sometimes aborted at exit ("terminate called without an active exception"), failing the launch.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def setup_logging(training_args):
