@@ -1,5 +1,6 @@
 """Any image tower before the adapter: CLIP (the default) or an EfficientNet, built from `config.vision_config`."""
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -116,4 +117,4 @@ def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_i
     assert model.vision_model.training  # given back in the mode it came in
     with torch.no_grad():
         expected = model.eval().get_vision_embeds(processor(images=photos[:2])["pixel_values"])
-    torch.testing.assert_close(torch.as_tensor(cached["vision_embeds"]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.as_tensor(np.stack(cached["vision_embeds"])), expected, rtol=1e-5, atol=1e-6)
