@@ -580,7 +580,7 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
     files = _complete_cache(cache_dir, fingerprint)
     if files is None:  # build this process's part (all rows in one process)
         if world_size > 1:
-            target = cache_dir / f"vision-features-{fingerprint}-shard-{rank}-of-{world_size}.arrow"
+            target = _shard_file(cache_dir, fingerprint, rank, world_size)
             start, stop = _shard_bounds(len(dataset), rank, world_size, batch_size)
         else:
             target, start, stop = whole, 0, len(dataset)
@@ -599,7 +599,7 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
         # process encodes them on its own disk, one writer per file, while the node's other processes wait.
         if files is None and local_rank == 0:
             for other in range(world_size):
-                shard = cache_dir / f"vision-features-{fingerprint}-shard-{other}-of-{world_size}.arrow"
+                shard = _shard_file(cache_dir, fingerprint, other, world_size)
                 if not _is_valid(shard):
                     logger.info("%s: %s is not in %s (a folder not shared with the other machines); encoding it "
                                 "here too", split, shard.name, cache_dir)
@@ -645,6 +645,10 @@ def _shard_bounds(rows: int, rank: int, world_size: int, batch_size: int) -> tup
     return min(start * batch_size, rows), min((start + size + (rank < extra)) * batch_size, rows)
 
 
+def _shard_file(cache_dir: Path, fingerprint: str, index: int, count: int) -> Path:
+    return cache_dir / f"vision-features-{fingerprint}-shard-{index}-of-{count}.arrow"
+
+
 def _complete_cache(cache_dir: Path, fingerprint: str, prefer: int | None = None) -> list[Path] | None:
     """The files holding the features for `fingerprint`, in row order, if a complete set of them is valid (manifest
     matches): the single file, or all n shards of some n (`prefer` tried first). Nothing is deleted here: other
@@ -655,7 +659,7 @@ def _complete_cache(cache_dir: Path, fingerprint: str, prefer: int | None = None
     counts = {int(path.name.rsplit("-of-", 1)[1].split(".")[0])
               for path in cache_dir.glob(f"vision-features-{fingerprint}-shard-*-of-*.arrow")}
     for count in sorted(counts, key=lambda n: n != prefer):
-        shards = [cache_dir / f"vision-features-{fingerprint}-shard-{i}-of-{count}.arrow" for i in range(count)]
+        shards = [_shard_file(cache_dir, fingerprint, i, count) for i in range(count)]
         if all(_is_valid(shard) for shard in shards):
             return shards
     return None
