@@ -266,9 +266,15 @@ class DataTrainingArguments:
                                   self.validation_dir, self.test_dir) if path]
 
     @property
+    def local_data(self) -> list[str]:
+        """The files and folders the data come from when they are on this machine: --*_file / --*_dir, else a
+        local --dataset_name folder."""
+        return self.local_files or ([self.dataset_name] if hub.is_local(self.dataset_name) else [])
+
+    @property
     def on_hub(self) -> bool:
         """The data come from a Hub repository (they have a revision): not local, not the generated set."""
-        return not (self.local_files or self.dataset_name == "embedded" or hub.is_local(self.dataset_name))
+        return not (self.local_data or self.dataset_name == "embedded")
 
 
 @dataclass
@@ -519,7 +525,7 @@ def parameter_counts(model) -> dict[str, int]:
 def describe_data(data_args) -> str:
     """Which version of the data: the Hub commit, or for local data the content hash of the files and folders given
     (an annotation file's, not the images it names); the generated set (`embedded`) has neither."""
-    local = data_args.local_files or ([data_args.dataset_name] if hub.is_local(data_args.dataset_name) else [])
+    local = data_args.local_data
     if local:
         version = f" (SHA-256 of {', '.join(Path(path).name for path in local)}: `{content_sha256(local)}`)"
     elif data_args.on_hub and data_args.dataset_revision:
