@@ -86,7 +86,7 @@ class ClipQwenConfig(PreTrainedConfig):
         image_token_id (`int`, *optional*, defaults to 151655):
             Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`). For a
             tokenizer without such a token, `ClipQwenProcessor` adds one and
-            `ClipQwenForConditionalGeneration.match_processor` sets this id from it; `None` until then.
+            `clipqwen.backbones.match_processor` sets this id from it; `None` until then.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Follows `text_config.tie_word_embeddings` (the decoder decides).
     """
@@ -144,7 +144,7 @@ class ClipQwenConfig(PreTrainedConfig):
         vocab_size = self.text_config.vocab_size
         if self.image_token_id is not None and not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"image_token_id={self.image_token_id} is out of range: use an id below the decoder's "
-                             f"vocab_size={vocab_size} (or None until model.match_processor sets it).")
+                             f"vocab_size={vocab_size} (or None until match_processor sets it).")
 
     def validate_vision_config(self):
         if self.vision_config.model_type not in VISION_TOWERS:

@@ -11,32 +11,31 @@ pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the
 (the course project's bug).
 
 A tokenizer without the placeholder token (Llama's, SmolLM2's) gets it added as a special token; the model then
-needs `model.match_processor(processor)` (one more embedding row, the placeholder id, generation settings).
+needs `clipqwen.backbones.match_processor(model, processor)` (one more embedding row, the placeholder id,
+generation settings).
 """
 
-import logging
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers import AddedToken, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers.utils import logging
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
-# Chat-style calls (the image-text-to-text pipeline with messages) render to exactly the layout the model is
-# trained on: the image placeholder, then any text. Without it, the tokenizer's Qwen chat template would wrap
-# prompts in <|im_start|> markup the captioner never saw.
-def caption_chat_template(image_token: str = "<|image_pad|>") -> str:
-    return (
-        "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_token +
-        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-    )
-
-
-CAPTION_CHAT_TEMPLATE = caption_chat_template()
+# Chat-style calls (the image-text-to-text pipeline, TRL's SFTTrainer) render to exactly the layout the model is
+# trained on: an image as the processor's `image_prompt` ("Image:<|image_pad|>", say), text as it is, and an
+# assistant turn (a caption) closed by the caption end token, as the training labels are. The tokenizer's Qwen chat
+# template would wrap prompts in <|im_start|> markup the captioner never saw.
+CAPTION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ image_prompt }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ caption_end_token }}{% endif %}{% endfor %}"
+)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -99,7 +98,7 @@ class ClipQwenProcessor(ProcessorMixin):
             `num_image_tokens` (8 for the default ClipCap layout, 1 for the course's seed layout, 50 for CLIP-B/32
             patch tokens).
         image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder token. Added to the tokenizer as a
-            special token when it is not one of its tokens (then call `model.match_processor(processor)`).
+            special token when it is not one of its tokens (then call `clipqwen.backbones.match_processor`).
         caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): the token that ends every caption —
             what Qwen3-Base generates as EOS (its tokenizer config says `<|im_end|>`, which the base model never
             ends on). `None`: the tokenizer's EOS token.
@@ -123,8 +122,6 @@ class ClipQwenProcessor(ProcessorMixin):
             raise ValueError(f"num_image_tokens={num_image_tokens!r} is not valid: use an integer >= 1.")
         if caption_end_token is None and tokenizer is not None:
             caption_end_token = tokenizer.eos_token
-        if chat_template == CAPTION_CHAT_TEMPLATE:  # the caption layout, written with this processor's placeholder
-            chat_template = caption_chat_template(image_token)
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.prompt = prompt
@@ -138,6 +135,9 @@ class ClipQwenProcessor(ProcessorMixin):
             # with its EOS. Labels are built from the suffix mask, never from pad ids, so the supervised end token
             # is never mistaken for padding.
             self.tokenizer.pad_token = caption_end_token
+        # The tokenizer's EOS is what a caption ends with (Qwen3-Base's tokenizer names <|im_end|>, a chat token the
+        # base model never writes): Trainer aligns the model's generation EOS with it.
+        self.tokenizer.eos_token = caption_end_token
 
     @classmethod
     def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="",
@@ -154,13 +154,13 @@ class ClipQwenProcessor(ProcessorMixin):
     def add_image_token(self) -> bool:
         """Add the placeholder to a tokenizer that lacks it, as a special token: never split, dropped by
         `skip_special_tokens` decoding, and only ever written by this processor (text that spells it stays text).
-        Returns whether it was added; the model must then grow its vocabulary (`model.match_processor`)."""
+        Returns whether it was added; the model must then grow its vocabulary (`match_processor`)."""
         if self.image_token in self.tokenizer.get_vocab():
             return False
         self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
-        logger.info("Added the image placeholder %r to the tokenizer (id %d); call model.match_processor(processor) "
-                    "so that the model's vocabulary and image_token_id match.", self.image_token,
-                    self.tokenizer.convert_tokens_to_ids(self.image_token))
+        logger.info("Added the image placeholder %r to the tokenizer (id %d); call "
+                    "clipqwen.backbones.match_processor(model, processor) so that the model's vocabulary and "
+                    "image_token_id match.", self.image_token, self.tokenizer.convert_tokens_to_ids(self.image_token))
         return True
 
     def _single_token_id(self, token: str, name: str) -> int:
@@ -169,10 +169,18 @@ class ClipQwenProcessor(ProcessorMixin):
             raise ValueError(f"{name}={token!r} is not a single token of this tokenizer (got ids {ids}).")
         return ids[0]
 
-    def _encode_text(self, text: str) -> list[int]:
-        # split_special_tokens: a caption or prompt that contains "<|endoftext|>" or "<|image_pad|>" as text
-        # stays text — it can neither end a caption early nor create an image position.
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # the caption template's variables, from this processor's prompt and end token as they are now
+        kwargs.setdefault("image_prompt", self.image_prompt)
+        kwargs.setdefault("caption_end_token", self.caption_end_token)
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    @property
+    def image_prompt(self) -> str:
+        """The prompt up to and including the image placeholder (the whole placeholder if the prompt has none):
+        what a text without a placeholder of its own, or a chat message's image, is placed after."""
+        before, _, _ = self.prompt.partition(self.image_token)
+        return before + self.image_token if self.image_token in self.prompt else self.image_token
 
     def __call__(
         self,
@@ -181,26 +189,29 @@ class ClipQwenProcessor(ProcessorMixin):
         suffix: str | list[str] | None = None,
         max_caption_length: int | None = None,
         return_tensors: str | None = "pt",
+        padding_side: str | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Build model inputs.
+        """Build model inputs, one image per sample.
 
-        - `images` only (optionally `text`, a prompt per image; default the processor's `prompt`): inference
-          inputs for `generate()`, left-padded, no end token.
+        - `images` (optionally `text`, a prompt per image; default the processor's `prompt`): inference inputs for
+          `generate()`, left-padded, no end token. A prompt without the placeholder goes after `image_prompt`.
         - `images` + `suffix` (the captions, as PaliGemma's processor takes its targets): training inputs with
           `labels` (suffix tokens and one closing end token supervised; placeholders, prompt and padding -100),
           right-padded. Captions longer than `max_caption_length` tokens are truncated before the end token,
           which stays supervised.
-        - `suffix` without `images`: the same text inputs, for training from cached image features.
+        - `suffix` without `images`, or `text` alone that is empty or holds the placeholder: the same inputs, for
+          cached image features (`vision_embeds`).
+        - any other `text` alone: its tokens, no image positions added (a completion, as TRL's collator sends it).
+
+        `images` may also be one-image lists (the chat format); `padding_side` overrides the side chosen above, and
+        `truncation` with `max_length` (TRL's collator) cuts sequences on the right.
         """
         if "captions" in kwargs:  # the earlier name: ignored among **kwargs, it would silently drop the labels
             raise TypeError("ClipQwenProcessor takes the captions as suffix= (PaliGemma's name), not captions=.")
         texts = [text] if isinstance(text, str) else text
         suffixes = [suffix] if isinstance(suffix, str) else suffix
-        pixel_values = None
-        if images is not None:
-            images = [images] if isinstance(images, Image.Image) or getattr(images, "ndim", 0) == 3 else list(images)
-            pixel_values = self.preprocess_images(images)
+        images = self._one_image_per_sample(images)
         batch_size = len(images) if images is not None else len(suffixes if suffixes is not None else texts or [])
         if batch_size == 0:
             raise ValueError("ClipQwenProcessor needs images, suffix (captions) or text.")
@@ -210,33 +221,69 @@ class ClipQwenProcessor(ProcessorMixin):
 
         features = []
         for i in range(batch_size):
-            prompt = (texts[i] if texts is not None else "") or self.prompt
-            # A prompt may already hold the placeholder (chat templates write one): it marks where the image
-            # goes; otherwise the image comes first.
-            before, _, after = prompt.partition(self.image_token) if self.image_token in prompt else ("", "", prompt)
-            ids = self._encode_text(before) + [self.image_token_id] * self.num_image_tokens + self._encode_text(after)
+            text = texts[i] if texts is not None else ""
+            if images is None and suffixes is None and text and self.image_token not in text:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # a completion, say
+            else:
+                ids = self._prompt_ids(text)
             # token_type_ids marks the supervised part (1), as PaliGemma's processor does
             token_type_ids = [0] * len(ids)
             if suffixes is not None:
-                caption_ids = self._encode_text(suffixes[i])
+                caption_ids = self._encode_caption(suffixes[i])
                 if max_caption_length is not None:
                     caption_ids = caption_ids[: max(max_caption_length - 1, 0)]
                 caption_ids = caption_ids + [self.caption_end_token_id]
                 ids, token_type_ids = ids + caption_ids, token_type_ids + [1] * len(caption_ids)
+            if kwargs.get("truncation") and kwargs.get("max_length"):
+                ids, token_type_ids = ids[: kwargs["max_length"]], token_type_ids[: kwargs["max_length"]]
             features.append({"input_ids": ids, "token_type_ids": token_type_ids})
 
         # Pad to the longest sequence: on the right for training, on the left for generate().
-        data = self.tokenizer.pad(features, padding_side="left" if suffixes is None else "right",
-                                  return_attention_mask=True)
+        data = self.tokenizer.pad(features, padding_side=padding_side or ("left" if suffixes is None else "right"),
+                                  pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), return_attention_mask=True)
         token_type_ids = data.pop("token_type_ids")
         if suffixes is not None:
             data["labels"] = [
                 [token if supervised else -100 for token, supervised in zip(ids, types)]
                 for ids, types in zip(data["input_ids"], token_type_ids)
             ]
-        if pixel_values is not None:
-            data["pixel_values"] = pixel_values
+        if images is not None:
+            data["pixel_values"] = self.preprocess_images(images)
         return BatchFeature(dict(data), tensor_type=return_tensors)
+
+    @staticmethod
+    def _one_image_per_sample(images) -> list | None:
+        if images is None:
+            return None
+        if isinstance(images, Image.Image) or getattr(images, "ndim", 0) == 3:
+            return [images]
+        samples = []
+        for image in images:
+            if isinstance(image, (list, tuple)):  # the chat format: a list of images per sample
+                if len(image) != 1:
+                    raise ValueError(f"A sample has {len(image)} images; ClipQwen captions one image per sample.")
+                image = image[0]
+            samples.append(image)
+        return samples
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens with the image's placeholders where the prompt's placeholder is (after
+        `image_prompt` when it has none). Special tokens in it count as such: a chat template writes them."""
+        prompt = prompt or self.prompt
+        if self.image_token not in prompt:
+            prompt = self.image_prompt + prompt
+        before, _, after = prompt.partition(self.image_token)
+        if self.image_token in after:
+            raise ValueError(f"The prompt {prompt!r} holds {prompt.count(self.image_token)} image placeholders; "
+                             "ClipQwen captions one image per sample: write the placeholder once.")
+        encode = self.tokenizer.encode
+        return (encode(before, add_special_tokens=False) + [self.image_token_id] * self.num_image_tokens
+                + encode(after, add_special_tokens=False))
+
+    def _encode_caption(self, caption: str) -> list[int]:
+        # split_special_tokens: a caption that contains "<|endoftext|>" or "<|image_pad|>" as text stays text — it
+        # can neither end a caption early nor create an image position.
+        return self.tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def preprocess_images(self, images: list) -> torch.Tensor:
         """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainerState, Training
 from transformers.utils import is_torch_bf16_gpu_available
 
 from clipqwen import checkpoints, hub, preflight
+from clipqwen.backbones import from_pretrained_backbones, match_processor
 from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
 from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
@@ -382,7 +383,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         else:
             # each backbone straight in the dtype it trains or is kept in (Qwen3-0.6B-Base's checkpoint is bf16,
             # which transformers would otherwise keep, trainable or not)
-            model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+            model = from_pretrained_backbones(
                 args.vision_model_name_or_path, args.text_model_name_or_path,
                 vision_revision=args.vision_model_revision, text_revision=args.text_model_revision,
                 cache_dir=args.cache_dir,
@@ -403,7 +404,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         ) from error
     # placeholder count and id, end and pad tokens as the processor writes them (a no-op for Qwen3; another decoder's
     # tokenizer gets its placeholder token added by the processor, and the model one frozen embedding row)
-    model.match_processor(processor)
+    match_processor(model, processor)
     freeze_backbones(model, vision=args.freeze_vision_model, language=args.freeze_language_model)
     set_training_dtypes(model, frozen_dtype)
     if args.lora_r:
@@ -411,8 +412,8 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           # a regex inside the decoder, whatever its module tree, so that CLIP's q_proj/v_proj
                           # are never wrapped
-                          target_modules=rf"language_model\..*\.({targets})",
-                          modules_to_save=["adapter"])
+                          target_modules=rf"model\.language_model\..*\.({targets})",
+                          modules_to_save=["multi_modal_projector"])
         model = get_peft_model(model, lora)
     return model, processor
 
@@ -639,7 +640,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         processor.prompt = caption_args.prompt
     elif not model_args.model_name_or_path:
         processor.prompt = LAYOUTS[model_args.preset]["prompt"]
-    prompt_tokens = len(processor._encode_text(processor.prompt.replace(processor.image_token, "")))
+    prompt_tokens = len(processor._prompt_ids(processor.prompt)) - processor.num_image_tokens
     preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))

@@ -36,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     autocast,
     build_model,
     configure_threads,
+    course_logits,
     emit,
     environment,
     headline_ratios,
@@ -98,17 +99,17 @@ def suppressed_ids(model):
 @torch.no_grad()
 def course_caption(model, image_processor, path, new_tokens, suppress, device):
     pixel_values = image_processor([to_rgb(Image.open(path))], return_tensors="pt")["pixel_values"]
-    pixel_values = pixel_values.to(device, model.vision_model.dtype)
-    embed = model.language_model.get_input_embeddings()
+    pixel_values = pixel_values.to(device, model.model.vision_tower.dtype)
+    embed = model.get_input_embeddings()
     generated = []
     for _ in range(new_tokens):
         with contextlib.nullcontext():  # no autocast: the weights' own dtypes, as the course runs them
-            image_embeds = model.vision_model(pixel_values=pixel_values).image_embeds  # CLIP again, every token
-            prefix = model.adapter(image_embeds.to(model.adapter.layers[0].weight.dtype)).to(embed.weight.dtype)
+            image_embeds = model.model.vision_tower(pixel_values=pixel_values).image_embeds  # CLIP again, every token
+            prefix = model.model.multi_modal_projector(image_embeds).to(embed.weight.dtype)
             token_embeds = embed(torch.tensor([generated], dtype=torch.long, device=device))
             inputs_embeds = torch.cat([prefix, token_embeds], dim=1)
             # the whole sequence again, no KV cache, logits at every position
-            logits = model.language_model(inputs_embeds=inputs_embeds, use_cache=False).logits
+            logits = course_logits(model, inputs_embeds)
         next_logits = logits[0, -1].float()
         next_logits[suppress] = float("-inf")
         generated.append(int(next_logits.argmax()))

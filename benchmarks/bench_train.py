@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     PeakMemory,
@@ -41,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     build_model,
     clip_forward_flops,
     configure_threads,
+    course_logits,
     emit,
     environment,
     frozen_lm_train_flops,
@@ -99,27 +101,28 @@ def parse_args(argv=None):
 def caption_token_counts(processor, captions):
     """Supervised tokens per caption as clipqwen counts them (caption + one end-of-text); used for both
     variants so that tokens/s compare the same work."""
-    return [len(processor._encode_text(caption)) + 1 for caption in captions]
+    return [len(processor._encode_caption(caption)) + 1 for caption in captions]
 
 
 # ---- the course pipeline -------------------------------------------------------------------------------------
 def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length, device):
     images = [to_rgb(Image.open(path)) for _, path, _ in pairs]  # JPEG decoded every step
-    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device, model.vision_model.dtype)
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device, tower.dtype)
     with torch.no_grad():
-        image_embeds = model.vision_model(pixel_values=pixel_values).image_embeds  # CLIP every step
+        image_embeds = tower(pixel_values=pixel_values).image_embeds  # CLIP every step
     with contextlib.nullcontext():  # no autocast: the weights' own dtypes, as the course calls its bf16 Qwen3
-        prefix = model.adapter(image_embeds.to(model.adapter.layers[0].weight.dtype))  # (B, 1, 1024)
+        prefix = projector(image_embeds)  # (B, 1, 1024)
         text = tokenizer([caption + "<|endoftext|>" for _, _, caption in pairs], padding="max_length",
                          max_length=max_length, truncation=True, return_tensors="pt").to(device)
-        token_embeds = model.language_model.get_input_embeddings()(text["input_ids"])
+        token_embeds = model.get_input_embeddings()(text["input_ids"])
         inputs_embeds = torch.cat([prefix.to(token_embeds.dtype), token_embeds], dim=1)
         attention_mask = torch.cat([text["attention_mask"].new_ones(len(pairs), 1), text["attention_mask"]], dim=1)
         labels = text["input_ids"].masked_fill(text["input_ids"] == tokenizer.pad_token_id, -100)  # the seed's way
         labels = torch.cat([labels.new_full((len(pairs), 1), -100), labels], dim=1)
         # Qwen3ForCausalLM with labels: logits at every one of the 129 positions, CE over the shifted labels.
-        loss = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                                    use_cache=False).loss
+        logits = course_logits(model, inputs_embeds, attention_mask)
+        loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -129,7 +132,7 @@ def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length,
 def run_course(args, device, weights):
     model = build_model(device, weights, "seed_exact", tiny=args.tiny).train()  # pooled 512-d → Linear → 1 token
     processor = processor_for(model, "seed_exact")
-    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=1e-4)
     steps = args.course_steps
     bs = args.course_batch_size
     warm, timed = pair_stream(args.warmup * bs, seed=1), pair_stream(steps * bs)
@@ -156,7 +159,7 @@ def run_course(args, device, weights):
     tokens_per_pair = sum(caption_token_counts(processor, [caption for _, _, caption in epoch])) / len(epoch)
     flops_per_pair = (clip_forward_flops(model.config.vision_config)
                       + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
-                      + adapter_train_flops(model.adapter, 1))
+                      + adapter_train_flops(model.model.multi_modal_projector, 1))
     return {
         "variant": args.only,
         "batch_size": bs,
@@ -191,7 +194,7 @@ def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_i
     `max_batch_tokens` padded positions (0 = no token limit), then shuffle the batch order (fixed seed).
     Padding then costs little, and a batch's activation memory (∝ pairs × padded length) is bounded.
     With `max_batch_tokens=0`: batches of `batch_size` pairs of similar length."""
-    lengths = [num_image_tokens + len(processor._encode_text(caption)) + 1 for _, _, caption in pairs]
+    lengths = [num_image_tokens + len(processor._encode_caption(caption)) + 1 for _, _, caption in pairs]
     order = sorted(range(len(pairs)), key=lengths.__getitem__)
     batches, current = [], []
     for i in order:
@@ -222,7 +225,7 @@ def run_ours(args, device, weights):
     model = build_model(device, weights, DEFAULT_PRESET, tiny=args.tiny,
                         vision_feature_type=args.vision_feature_type).train()
     processor = processor_for(model, DEFAULT_PRESET)
-    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=1e-4)
     bs = args.batch_size
     # the timed pairs start at an epoch boundary: 5 × 32 = 4 whole passes over the 40 pairs
     warm, timed = pair_stream(args.warmup * bs, seed=1), pair_stream(args.steps * bs)
@@ -255,7 +258,7 @@ def run_ours(args, device, weights):
                 # every sequence runs at the batch's padded length; the LM head only at supervised positions
                 flops += (len(batch) * frozen_lm_train_flops(text, seq_len, 0)
                           + 2 * 2 * text.hidden_size * text.vocab_size * supervised
-                          + adapter_train_flops(model.adapter, len(batch)))
+                          + adapter_train_flops(model.model.multi_modal_projector, len(batch)))
                 log(f"ours step {step}: {step_times[-1]:.2f} s, batch {len(batch)} × {seq_len} positions, "
                     f"loss {loss:.3f}")
     seconds = sum(step_times)

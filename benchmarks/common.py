@@ -152,7 +152,8 @@ def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, 
         model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the adapter alone trains
     weights = resolve_weights(device, weights)
     if weights == "course":
-        model.language_model.to(torch.bfloat16)  # CLIP and the adapter stay fp32, as the course loads them
+        model.get_decoder().to(torch.bfloat16)  # Qwen3ForCausalLM in bf16; CLIP and the adapter stay fp32, as the
+        model.lm_head.to(torch.bfloat16)  # course loads them
     elif weights == "int8":
         apply_precision(model, "int8")  # inference only: bf16 CLIP and adapter, int8 decoder linears
     else:  # as run_captioning.py: the trainable adapter in fp32 (AdamW's master weights), the frozen towers in bf16
@@ -160,6 +161,12 @@ def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, 
     log(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
         f"on {device} in {time.perf_counter() - start:.1f} s, weights {weights}")
     return model
+
+
+def course_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What the course's Qwen3ForCausalLM call computes: the decoder, then the LM head at every position."""
+    hidden = model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+    return model.lm_head(hidden.last_hidden_state)
 
 
 def processor_for(model, preset: str):

@@ -509,7 +509,7 @@ def vision_cache_key(model, processor) -> str:
     """Changes whenever the cached features would: the vision weights, which features are taken, and the
     image preprocessing. Hashing CLIP-B/32's 88 M weights takes about a second."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.vision_model.state_dict().items()):
+    for name, tensor in sorted(model.model.vision_tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     config = model.config
@@ -754,7 +754,7 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
     from datasets.arrow_writer import ArrowWriter
 
     batches, loader = _decoding_loader(dataset, processor, rows, batch_size, num_workers)
-    device = next(model.vision_model.parameters()).device
+    device = next(model.model.vision_tower.parameters()).device
     fast = batches.fast  # the recipe the workers crop by: the main process finishes it (normalise)
     temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
     shape = None

@@ -1,7 +1,7 @@
 """Which parts of a ClipQwen model train: a training choice, made by the script that trains (as transformers'
 `run_clip.py` freezes its towers in the script), not stored in the model's config.
 
-    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(...)
+    model = from_pretrained_backbones(...)     # clipqwen.backbones
     freeze_backbones(model)                    # the adapter alone trains (the default recipe)
     freeze_backbones(model, language=False)    # the adapter and the decoder train
 
@@ -24,7 +24,8 @@ def freeze_backbones(model, vision: bool = True, language: bool = True):
     model."""
     model.get_encoder(modality="image").requires_grad_(not vision)
     model.get_decoder().requires_grad_(not language)
-    model.adapter.requires_grad_(True)
+    model.get_output_embeddings().requires_grad_(not language)
+    model.model.multi_modal_projector.requires_grad_(True)
     # the model's train() puts a frozen tower in eval mode; a model already training gets that rule applied now
     return model.train(model.training)
 
@@ -33,7 +34,9 @@ def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
     """The CLIP tower, the decoder and the adapter each in fp32 if any of its weights train, else in `frozen_dtype`.
     Call after `freeze_backbones`, before adding LoRA (peft keeps its LoRA weights in fp32 by default). Returns the
     model."""
-    for part in (model.get_encoder(modality="image"), model.get_decoder(), model.adapter):
+    parts = (model.get_encoder(modality="image"), model.get_decoder(), model.get_output_embeddings(),
+             model.model.multi_modal_projector)
+    for part in parts:
         trains = any(parameter.requires_grad for parameter in part.parameters())
         part.to(torch.float32 if trains else frozen_dtype)
     return model

@@ -13,6 +13,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils.hub import cached_file, get_checkpoint_shard_files
 
 from clipqwen import hub
@@ -106,12 +107,17 @@ def weight_files(model: str, revision: str | None = None, cache_dir: str | None 
                          "model.safetensors.index.json). Save the model with `save_pretrained`, or copy its weights.")
 
 
+def saved_state_dict(model) -> dict:
+    """The model's tensors under the names save_pretrained writes them (the key layout of the first release)."""
+    return revert_weight_conversion(model, model.state_dict(keep_vars=True))
+
+
 def check_weights(model: str, revision: str | None = None, cache_dir: str | None = None) -> None:
     """Refuse safetensors that do not hold every tensor the model needs, at the right shape, before loading them:
     from_pretrained would fill a missing tensor with random values and the model would caption nonsense."""
     config = ClipQwenConfig.from_pretrained(model, revision=revision, cache_dir=cache_dir)
     with torch.device("meta"):  # shapes and names only, no memory
-        expected = ClipQwenForConditionalGeneration(config).state_dict(keep_vars=True)
+        expected = saved_state_dict(ClipQwenForConditionalGeneration(config))
     found = {}
     for file in weight_files(model, revision, cache_dir):
         try:

@@ -99,6 +99,6 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     quanto = require_quantization_library() if precision == "int8" else None  # before any cast: fail fast
     model.to(weights_dtype(precision))
     if quanto is not None:
-        quanto.quantize(model.language_model, weights=quanto.qint8)
-        quanto.freeze(model.language_model)  # int8 tensors replace the bf16 ones now, not lazily at first call
+        quanto.quantize(model, weights=quanto.qint8, include=["model.language_model.*", "lm_head"])
+        quanto.freeze(model)  # int8 tensors replace the bf16 ones now, not lazily at first call
     return model

@@ -73,7 +73,7 @@ def add_features(splits, data_args, training_args, model, processor):
     `add_vision_features` waits for all of them before every rank reads the merged cache."""
     cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
     barrier = dist.barrier if training_args.world_size > 1 else None
-    model.vision_model.to(training_args.device)
+    model.model.vision_tower.to(training_args.device)
     try:
         return {split: add_vision_features(
             dataset, model, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
@@ -82,5 +82,5 @@ def add_features(splits, data_args, training_args, model, processor):
             local_rank=training_args.local_process_index, barrier=barrier)
             for split, dataset in splits.items()}
     finally:
-        model.vision_model.to("cpu")  # Trainer moves the whole model later; this keeps its devices consistent
+        model.model.vision_tower.to("cpu")  # Trainer moves the whole model later; this keeps its devices consistent
 

@@ -151,17 +151,17 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
     import torch
     from transformers import AutoTokenizer
 
+    from clipqwen.backbones import from_pretrained_backbones, match_processor
     from clipqwen.freezing import freeze_backbones
     from clipqwen.presets import bundled_processor, clip_image_processor
-    from modeling_clipqwen import ClipQwenForConditionalGeneration
     from processing_clipqwen import ClipQwenProcessor
 
     settings = PRESETS[preset]
     if decoder == "tiny":
-        model = ClipQwenForConditionalGeneration.from_pretrained_backbones(str(clip_dir), str(qwen_dir), **settings)
+        model = from_pretrained_backbones(str(clip_dir), str(qwen_dir), **settings)
         processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     else:
-        model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+        model = from_pretrained_backbones(
             str(clip_dir), str(smollm2_dir), text_kwargs={"gguf_file": GGUF, "dtype": torch.float32}, **settings)
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=GGUF)
         # <|endoftext|> (id 0) is what SmolLM2 was pretrained to write at the end of a text; the instruct model's
@@ -169,9 +169,9 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
         processor = ClipQwenProcessor(clip_image_processor(), tokenizer,
                                       num_image_tokens=model.config.num_image_tokens,
                                       caption_end_token="<|endoftext|>")
-    freeze_backbones(model.match_processor(processor))  # the adapter alone trains
+    freeze_backbones(match_processor(model, processor))  # the adapter alone trains
     torch.manual_seed(seed)  # the same adapter initialisation for the three twins of a preset
-    model.adapter.apply(model._init_weights)
+    model.model.multi_modal_projector.apply(model._init_weights)
     return model, processor
 
 
@@ -345,7 +345,7 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"{name}: {type(model.language_model).__name__} ({total / 1e6:.1f} M parameters, {trainable:,} trainable), "
+    log(f"{name}: {type(model.get_decoder()).__name__} ({total / 1e6:.1f} M parameters, {trainable:,} trainable), "
         f"{steps} steps of {args.batch_size}, lr {learning_rate}")
 
     start = time.perf_counter()
@@ -357,7 +357,7 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     timings["test_seconds"] = round(time.perf_counter() - start, 1)
 
     metrics = {
-        "run": name, "preset": preset, "decoder": decoder, "decoder_class": type(model.language_model).__name__,
+        "run": name, "preset": preset, "decoder": decoder, "decoder_class": type(model.get_decoder()).__name__,
         "parameters": total, "trainable_parameters": trainable, "image_tokens": model.config.num_image_tokens,
         "steps": steps, "batch_size": args.batch_size, "learning_rate": learning_rate,
         "test_images": len(predictions),

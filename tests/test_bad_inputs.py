@@ -134,7 +134,7 @@ def pickled_clip(tmp_path):
 def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_unpickler(pickled_clip):
     from transformers import CLIPVisionModelWithProjection
 
-    from modeling_clipqwen import load_backbone_weights
+    from clipqwen.backbones import load_backbone_weights
 
     clip, folder = pickled_clip
     loaded = load_backbone_weights(CLIPVisionModelWithProjection, str(folder))
@@ -145,7 +145,7 @@ def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_u
 def test_a_backbone_bin_holding_code_is_refused_without_running_it(pickled_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from modeling_clipqwen import load_backbone_weights
+    from clipqwen.backbones import load_backbone_weights
 
     _, folder = pickled_clip
     marker = tmp_path / "pwned"

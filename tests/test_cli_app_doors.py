@@ -43,16 +43,16 @@ def eos_first_model(tmp_path_factory):
     model, processor = ClipQwenForConditionalGeneration(tiny_config()).eval(), bundled_processor()
     eos = model.config.text_config.eos_token_id
     with torch.no_grad():
-        for layer in model.adapter.layers:
+        for layer in model.model.multi_modal_projector.layers:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.zero_()
                 layer.bias.zero_()
         last = []
-        hook = model.language_model.lm_head.register_forward_hook(lambda m, args, out: last.append(args[0][0, -1]))
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: last.append(args[0][0, -1]))
         inputs = processor(images=[Image.open(PHOTO)])
         model(**inputs)
         hook.remove()
-        model.language_model.lm_head.weight[eos] = last[0] * (50 / last[0].dot(last[0]))
+        model.lm_head.weight[eos] = last[0] * (50 / last[0].dot(last[0]))
         ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert ids[0, inputs["input_ids"].shape[1]:].tolist() == [eos]  # the control: without the fix, an empty caption
     folder = tmp_path_factory.mktemp("model") / "eos-first"
@@ -233,8 +233,8 @@ def reshape_adapter(state):
 @pytest.mark.parametrize("damage, message", [
     (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
     (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
-    (drop_adapter, r"missing 4 of the 68 tensors it needs \(adapter.layers.0.weight, adapter.layers.0.bias, "
-                   r"adapter.layers.2.weight and 1 more\)"),
+    (drop_adapter, r"missing 4 of the 68 tensors it needs \(adapter.layers.0.bias, adapter.layers.0.weight, "
+                   r"adapter.layers.2.bias and 1 more\)"),
     (reshape_adapter, r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)"),
 ], ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"])
 def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):
@@ -265,7 +265,7 @@ def test_a_tied_output_layer_may_be_absent_from_the_file(saved_model):
     with safe_open(saved_model / "model.safetensors", framework="pt") as weights:
         assert "language_model.lm_head.weight" not in weights.keys()  # saved once, as the input embeddings
     model, _ = load_clipqwen(str(saved_model))
-    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
 
 
 # ---- the demo's request handler ------------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straig
     with pytest.raises(preflight.PreflightError, match=r"--num_pooled_image_tokens 8 → 2\)"):
         run(out, *flags)
     (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
-    with pytest.raises(SystemExit, match=r"adapter.layers.2.bias has shape \(512,\), the model's has \(128,\)"):
+    with pytest.raises(SystemExit, match=r"projector.layers.2.bias has shape \(512,\), the model's has \(128,\)"):
         run(out, *flags)
 
 
@@ -392,5 +392,5 @@ def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     exported = load_file(out / "model.safetensors")
     assert torch.equal(exported["adapter.layers.0.weight"],
-                       weights(straight / "checkpoint-8")["adapter.layers.0.weight"])
+                       weights(straight / "checkpoint-8")["model.multi_modal_projector.layers.0.weight"])
     assert "train_samples" in metrics

@@ -29,7 +29,7 @@ def test_features_are_reused_and_rebuilt_when_weights_or_preprocessing_change(ma
     assert calls == [] and again.cache_files == first.cache_files  # same key: read back, no image decoded
 
     with torch.no_grad():
-        model.vision_model.vision_model.post_layernorm.weight.mul_(2.0)  # other vision weights
+        model.model.vision_tower.vision_model.post_layernorm.weight.mul_(2.0)  # other vision weights
     rebuilt = add_vision_features(data, model, processor, tmp_path)
     assert sum(calls) == 8 and rebuilt.cache_files != first.cache_files
     calls.clear()

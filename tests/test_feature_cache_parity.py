@@ -23,7 +23,7 @@ def loss_and_adapter_grads(model, **inputs):
     model.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.adapter.parameters()]
+    return loss.detach(), [p.grad.clone() for p in model.model.multi_modal_projector.parameters()]
 
 
 @pytest.mark.parametrize("feature_type", ["pooled", "patch"])
@@ -48,4 +48,4 @@ def test_loss_from_cached_features_equals_loss_from_pixels(make_model, photos, f
     for grad_cache, grad_pixels in zip(grads_cache, grads_pixels):
         assert_close(grad_cache, grad_pixels)
     # Frozen CLIP: the pixel path left no gradient on it.
-    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())

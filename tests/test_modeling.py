@@ -2,12 +2,15 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM
+from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM, Qwen3Model
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from clipqwen.backbones import from_pretrained_backbones, match_processor
 from clipqwen.freezing import freeze_backbones
 from clipqwen.presets import tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
+
+from conftest import PHOTOS, ROOT, ROUNDING
 
 
 def inputs_for(processor, images, captions=None, num_image_tokens=8):
@@ -22,7 +25,7 @@ def inputs_for(processor, images, captions=None, num_image_tokens=8):
 def test_vision_part_equals_plain_clip(make_model, processor, photos, feature_type):
     model = make_model(vision_feature_type=feature_type)
     clip = CLIPVisionModelWithProjection(model.config.vision_config).eval()
-    clip.load_state_dict(model.vision_model.state_dict())
+    clip.load_state_dict(model.model.vision_tower.state_dict())
     pixel_values = processor(images=photos)["pixel_values"]
     with torch.no_grad():
         ours = model.get_vision_embeds(pixel_values)
@@ -35,9 +38,10 @@ def test_vision_part_equals_plain_clip(make_model, processor, photos, feature_ty
 
 def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
     model = make_model()
-    assert type(model.language_model) is Qwen3ForCausalLM  # the default text tower, built through AutoModelForCausalLM
+    assert type(model.get_decoder()) is Qwen3Model  # the default text tower, built through AutoModel
     qwen = Qwen3ForCausalLM(model.config.text_config).eval()
-    qwen.load_state_dict(model.language_model.state_dict())
+    qwen.model.load_state_dict(model.get_decoder().state_dict())
+    qwen.lm_head.load_state_dict(model.lm_head.state_dict())
     embeds = torch.randn(2, 7, model.config.text_config.hidden_size) * 0.02
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
     with torch.no_grad():
@@ -84,12 +88,12 @@ def test_frozen_backbones_do_not_change_and_loading_freezes_nothing(make_model, 
     model = freeze_backbones(make_model().train())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable == list(model.adapter.parameters())
+    assert trainable == list(model.model.multi_modal_projector.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # all of them: frozen ones must not move anyway
     model(**processor(images=photos[:2], suffix=["A dog.", "A cat."])).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
-        if name.startswith("adapter."):
+        if name.startswith("model.multi_modal_projector."):
             assert not torch.equal(param, before[name]), name
         else:
             assert param.grad is None and torch.equal(param, before[name]), name
@@ -97,14 +101,14 @@ def test_frozen_backbones_do_not_change_and_loading_freezes_nothing(make_model, 
     model.save_pretrained(tmp_path)
     reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path)
     assert all(p.requires_grad for p in reloaded.parameters())  # a training choice, made again by the trainer
-    adapter = {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    adapter = {n for n, _ in model.model.multi_modal_projector.named_parameters(prefix="model.multi_modal_projector")}
     assert {n for n, p in freeze_backbones(reloaded).named_parameters() if p.requires_grad} == adapter
 
 
 def test_freezing_the_language_model_is_a_training_switch(make_model):
     model = freeze_backbones(make_model(), language=False)
-    assert all(p.requires_grad for p in model.language_model.parameters())
-    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in [*model.get_decoder().parameters(), *model.lm_head.parameters()])
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
 
 
 def naive_greedy(model, batch, new_tokens):
@@ -178,32 +182,34 @@ def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
     qwen = Qwen3ForCausalLM(config.text_config)
     clip.save_pretrained(tmp_path / "clip")
     qwen.save_pretrained(tmp_path / "qwen")
-    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+    model = from_pretrained_backbones(
         str(tmp_path / "clip"), str(tmp_path / "qwen"), adapter_type="mlp2x_gelu"
     )
     for name, tensor in clip.state_dict().items():
-        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
-    for name, tensor in qwen.state_dict().items():
-        assert torch.equal(model.language_model.state_dict()[name], tensor), name
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
+    for name, tensor in qwen.model.state_dict().items():
+        assert torch.equal(model.get_decoder().state_dict()[name], tensor), name
+    assert torch.equal(model.lm_head.weight, qwen.lm_head.weight)
     assert model.config.adapter_type == "mlp2x_gelu"
     freeze_backbones(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"adapter.{n}" for n, _ in model.adapter.named_parameters()
+        n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")
     }
     model.save_pretrained(tmp_path / "assembled")  # a self-contained folder
     reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path / "assembled")
-    assert torch.equal(reloaded.adapter.layers[0].weight, model.adapter.layers[0].weight)
+    projector = model.model.multi_modal_projector
+    assert torch.equal(reloaded.model.multi_modal_projector.layers[0].weight, projector.layers[0].weight)
 
 
 def test_from_pretrained_backbones_takes_any_causal_lm(tmp_path, processor, photos):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=151936)).save_pretrained(tmp_path / "gpt2")
-    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "gpt2"))
-    assert type(model.language_model) is GPT2LMHeadModel and model.config.image_token_id is None
-    model.match_processor(processor)  # the bundled Qwen3 tokenizer has the placeholder: nothing to grow
+    model = from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "gpt2"))
+    assert type(model.get_decoder()) is GPT2Model and model.config.image_token_id is None
+    match_processor(model, processor)  # the bundled Qwen3 tokenizer has the placeholder: nothing to grow
     assert model.config.image_token_id == 151655 and model.get_input_embeddings().weight.shape[0] == 151936
     with torch.no_grad():
         out = model.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3)
@@ -214,7 +220,7 @@ def test_from_pretrained_backbones_rejects_a_model_that_is_not_a_causal_lm(tmp_p
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
     with pytest.raises(ValueError, match="not a causal language model"):
-        ClipQwenForConditionalGeneration.from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "clip"))
+        from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "clip"))
 
 
 def test_generation_never_writes_the_image_placeholder(make_model, processor, photos):
@@ -234,7 +240,7 @@ def test_match_processor_is_a_no_op_for_qwen3(make_model, processor):
         return config.image_token_id, embeddings.weight.shape, model.generation_config.to_dict()
 
     before = state()
-    model.match_processor(processor)
+    match_processor(model, processor)
     assert state() == before
 
 
@@ -288,4 +294,57 @@ def test_the_model_has_no_side_effects_on_its_config(make_model, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForImageTextToText"] == saved["auto_map"]["AutoModel"]
     assert not any(key.startswith("freeze_") for key in saved)
-    assert model.base_model_prefix == "model" and model.get_decoder() is model.language_model
+    assert model.base_model is model.model and model.get_decoder() is model.model.language_model
+
+
+BEFORE_SPLIT = ROOT / "tests" / "fixtures" / "clipqwen-before-split"
+
+
+def test_a_folder_saved_before_the_base_head_split_loads_unchanged(tmp_path):
+    """A tiny Llama captioner (untied LM head) saved by the release that kept vision_model, adapter and
+    language_model on one class (tests/fixtures/make_clipqwen_before_split.py): every tensor lands where it belongs,
+    it computes the logits it computed then, and it saves back in the same layout."""
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from clipqwen.loading import saved_state_dict
+    from processing_clipqwen import ClipQwenProcessor
+
+    model, info = ClipQwenForConditionalGeneration.from_pretrained(BEFORE_SPLIT, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    old_names = {"adapter.layers.0.weight": model.model.multi_modal_projector.layers[0].weight,
+                 "language_model.lm_head.weight": model.lm_head.weight,
+                 "language_model.model.norm.weight": model.model.language_model.norm.weight,
+                 "vision_model.visual_projection.weight": model.model.vision_tower.visual_projection.weight}
+    with safe_open(BEFORE_SPLIT / "model.safetensors", framework="pt") as saved:
+        for name, parameter in old_names.items():
+            assert torch.equal(saved.get_tensor(name), parameter), name
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # untied, and kept apart
+
+    processor = ClipQwenProcessor.from_pretrained(BEFORE_SPLIT)
+    expected = load_file(BEFORE_SPLIT.with_name(BEFORE_SPLIT.name + "-expected.safetensors"))
+    batch = processor(images=[Image.open(PHOTOS / "000000078499.jpg")], text=["a"])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits[:, -1]
+    torch.testing.assert_close(logits, expected["last_logits"], **ROUNDING)
+
+    model.save_pretrained(tmp_path)
+    resaved = load_file(tmp_path / "model.safetensors")
+    assert resaved.keys() == load_file(BEFORE_SPLIT / "model.safetensors").keys() == saved_state_dict(model).keys()
+
+
+def test_images_with_inputs_embeds_go_where_the_placeholder_embeddings_are(make_model, processor, photos):
+    """LLaVA's rule: with `inputs_embeds` instead of `input_ids`, the positions holding the placeholder's embedding
+    take the image features; images are never dropped."""
+    model = make_model()
+    batch = processor(images=photos[:2], text=["", "A photo of"])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**batch).logits
+        from_embeds = model(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
+                            attention_mask=batch["attention_mask"]).logits
+        text_only = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(from_embeds, from_ids, rtol=0, atol=0)
+    assert not torch.allclose(text_only, from_ids)

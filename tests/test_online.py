@@ -162,7 +162,8 @@ def test_readme_backbone_block_assembles_from_the_hub(hub, runtime_python, tmp_p
     from test_readme import readme_blocks
 
     code = "\n".join(code for needs_hub, code in readme_blocks() if needs_hub)
-    code += "\nprint(type(model.vision_model).__name__, model.config.adapter_type, model.config.vision_feature_type)"
+    code += ("\nprint(type(model.model.vision_tower).__name__, model.config.adapter_type, "
+             "model.config.vision_feature_type)")
     result = run_child(hub, runtime_python, ["-c", code], tmp_path, tmp_path / "hf-home")
     assert result.stdout.split()[-3:] == ["CLIPVisionModelWithProjection", "mlp2x_gelu", "patch"]
     assert "no safetensors weights" in result.stdout + result.stderr and CLIP_ID in result.stdout + result.stderr

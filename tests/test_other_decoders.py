@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM
+from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM, LlamaModel
 
-from modeling_clipqwen import ClipQwenForConditionalGeneration
+from clipqwen.backbones import from_pretrained_backbones, match_processor
 from processing_clipqwen import ClipQwenProcessor
 
 from conftest import PHOTOS
@@ -27,8 +27,8 @@ def llama(request):
 
 def test_the_text_tower_is_a_llama_built_from_text_config(llama):
     model, _ = llama
-    assert type(model.language_model) is LlamaForCausalLM
-    assert model.language_model.config is model.config.text_config  # one config: resizing updates what is saved
+    assert type(model.get_decoder()) is LlamaModel
+    assert model.get_decoder().config is model.config.text_config  # one config: resizing updates what is saved
     assert "LlamaDecoderLayer" in model._no_split_modules and "CLIPEncoderLayer" in model._no_split_modules
 
 
@@ -42,7 +42,7 @@ def test_processor_adds_a_placeholder_and_the_model_grows_one_frozen_row(llama):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     # the new row is frozen with the rest of the decoder: only the adapter trains
     assert ({n for n, p in model.named_parameters() if p.requires_grad}
-            == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()})
+            == {n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")})
     # generation ends on the caption end token the labels supervise, and never writes the placeholder
     assert model.generation_config.eos_token_id == 0 and model.generation_config.suppress_tokens == [300]
     # a special token: dropped from decoded captions; literal text that spells it stays text
@@ -59,15 +59,18 @@ def test_loss_is_cross_entropy_and_logits_equal_plain_llama(llama, photos):
         loss = model(**batch).loss
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"]).logits
-        embeds = model.merge_image_features(batch["input_ids"], model.get_input_embeddings()(batch["input_ids"]),
-                                            model.get_image_features(batch["pixel_values"]).pooler_output)
+        text_embeds = model.get_input_embeddings()(batch["input_ids"])
+        features = model.get_image_features(batch["pixel_values"]).pooler_output
+        mask = model.model.get_placeholder_mask(batch["input_ids"], text_embeds, features)
+        embeds = text_embeds.masked_scatter(mask, features)
     keep = batch["labels"][:, 1:].reshape(-1) != -100
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1])[keep],
                                                  batch["labels"][:, 1:].reshape(-1)[keep])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
     llama = LlamaForCausalLM(model.config.text_config).eval()
-    llama.load_state_dict(model.language_model.state_dict())
+    llama.model.load_state_dict(model.get_decoder().state_dict())
+    llama.lm_head.load_state_dict(model.lm_head.state_dict())
     with torch.no_grad():
         reference = llama(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
@@ -81,7 +84,7 @@ def test_adapter_only_training_leaves_the_decoder_and_the_placeholder_row_unchan
     model(**processor(images=photos[:2], suffix=["a dog.", "a cat."])).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
-        if name.startswith("adapter."):
+        if name.startswith("model.multi_modal_projector."):
             assert not torch.equal(param, before[name]), name
         else:  # the placeholder row included: the adapter output always replaces it
             assert param.grad is None and torch.equal(param, before[name]), name
@@ -118,7 +121,7 @@ def test_saved_llama_captioner_loads_in_a_fresh_process_with_identical_outputs(t
 
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
-    assert (child["decoder"] == "LlamaForCausalLM"
+    assert (child["decoder"] == "LlamaModel"
             and child["image_token_id"] == child["processor_image_token_id"] == 300)
 
 
@@ -131,11 +134,12 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "llama")
 
-    assembled = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+    assembled = from_pretrained_backbones(
         str(tmp_path / "clip"), str(tmp_path / "llama"), text_kwargs={"dtype": torch.bfloat16},
         adapter_type="mlp2x_gelu")
-    assert assembled.language_model.dtype == torch.bfloat16 and assembled.vision_model.dtype == torch.float32
-    assert {p.dtype for p in assembled.adapter.parameters()} == {torch.float32}  # new weights, trained: fp32
+    assert assembled.get_decoder().dtype == torch.bfloat16 and assembled.model.vision_tower.dtype == torch.float32
+    projector = assembled.model.multi_modal_projector
+    assert {p.dtype for p in projector.parameters()} == {torch.float32}  # new weights, trained: fp32
     assert assembled.config.image_token_id is None  # only Qwen3's placeholder id is known before the tokenizer
     with pytest.raises(ValueError, match="match_processor"):
         assembled(**processor(images=photos[:1], suffix=["a dog."]))
@@ -147,10 +151,11 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     processor = ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"),
                                   caption_end_token=None)
     assert processor.caption_end_token == END  # None: the tokenizer's EOS
-    assembled.match_processor(processor)
+    match_processor(assembled, processor)
     for name, tensor in llama.state_dict().items():
         if "embed_tokens" not in name and "lm_head" not in name:
-            assert torch.equal(assembled.language_model.state_dict()[name], tensor.to(torch.bfloat16)), name
+            decoder_name = name.removeprefix("model.")
+            assert torch.equal(assembled.get_decoder().state_dict()[decoder_name], tensor.to(torch.bfloat16)), name
     embeddings = assembled.get_input_embeddings().weight
     assert embeddings.shape[0] == 301 and torch.equal(embeddings[:300],
                                                       llama.get_input_embeddings().weight.to(torch.bfloat16))
@@ -160,7 +165,7 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     assert out.shape == (1, image_tokens + 3) and (out[0, :image_tokens] == 300).all()
 
     with pytest.raises(ValueError, match="'revision' is given twice"):
-        ClipQwenForConditionalGeneration.from_pretrained_backbones(
+        from_pretrained_backbones(
             str(tmp_path / "clip"), str(tmp_path / "llama"), text_revision="main", text_kwargs={"revision": "v2"})
 
 
@@ -182,5 +187,5 @@ def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
     model, _ = run_captioning.build_model_and_processor(args)
     wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     layers = model.config.text_config.num_hidden_layers
-    assert len(wrapped) == 4 * layers and all(".language_model.model.layers." in name for name in wrapped)
+    assert len(wrapped) == 4 * layers and all(".model.language_model.layers." in name for name in wrapped)
     assert {name.rsplit(".", 1)[-1] for name in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj"}

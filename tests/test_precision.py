@@ -84,11 +84,12 @@ def test_int8_stores_the_decoder_linears_as_int8_and_still_captions(tiny):
 
     model, _, inputs = tiny
     quantized = apply_precision(fresh_copy(model), "int8")
-    decoder_linears = [m for m in quantized.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    decoder = [*quantized.get_decoder().modules(), quantized.lm_head]
+    decoder_linears = [m for m in decoder if isinstance(m, torch.nn.Linear)]
     assert decoder_linears and all(isinstance(m, QLinear) for m in decoder_linears)  # the LM head included
     assert all(m.weight._data.dtype == torch.int8 for m in decoder_linears)
-    assert not any(isinstance(m, QLinear) for m in quantized.vision_model.modules())  # CLIP runs once per image
-    assert quantized.vision_model.dtype == torch.bfloat16
+    assert not any(isinstance(m, QLinear) for m in quantized.model.vision_tower.modules())  # CLIP runs once per image
+    assert quantized.model.vision_tower.dtype == torch.bfloat16
     with torch.no_grad():
         reference = model(**inputs).logits[0, -1]
         logits = quantized(**inputs).logits[0, -1].float()

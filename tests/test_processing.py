@@ -66,6 +66,10 @@ def test_inference_inputs_are_left_padded_without_end_token(processor, photos):
 def test_text_only_inputs_for_cached_features(processor):
     batch = processor(suffix=["a dog.", "a cat on a mat."])
     assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
+    # for generation from cached features: the processor's prompt, or a prompt with the placeholder
+    n = processor.num_image_tokens
+    assert processor(text=["", "<|image_pad|>A"])["input_ids"].tolist() == [
+        [ENDOFTEXT] + [IMAGE_PAD] * n, [IMAGE_PAD] * n + processor.tokenizer.encode("A")]
 
 
 def test_real_photos_go_through_clip_preprocessing(processor, photos):
@@ -190,3 +194,27 @@ def test_padding_is_the_tokenizers_own_and_model_input_names_are_the_base_ones(p
     assert set(training) == {"input_ids", "attention_mask", "labels", "pixel_values"}
     assert processor.model_input_names == [*processor.image_processor.model_input_names,
                                            *processor.tokenizer.model_input_names]
+
+
+def test_a_prompt_without_placeholder_goes_after_the_processors_image_prompt(processor, photos):
+    clipcap = ClipQwenProcessor(processor.image_processor, processor.tokenizer, prompt="Image:<|image_pad|>")
+    assert clipcap.image_prompt == "Image:<|image_pad|>" and processor.image_prompt == "<|image_pad|>"
+    encode = processor.tokenizer.encode
+    ids = clipcap(images=photos[:1], text=["A photo of"])["input_ids"][0].tolist()
+    n = clipcap.num_image_tokens
+    assert ids == encode("Image:") + [IMAGE_PAD] * n + encode("A photo of")
+    assert clipcap(images=photos[:1])["input_ids"][0].tolist() == encode("Image:") + [IMAGE_PAD] * n
+    with pytest.raises(ValueError, match="holds 2 image placeholders"):
+        clipcap(images=photos[:1], text=["<|image_pad|> and <|image_pad|>"])
+
+
+def test_chat_format_inputs_one_image_per_sample_and_text_alone(processor, photos):
+    nested = processor(images=[[photos[0]], [photos[1]]], text=["", "A"], padding_side="right")
+    flat = processor(images=photos[:2], text=["", "A"])
+    torch.testing.assert_close(nested["pixel_values"], flat["pixel_values"], rtol=0, atol=0)
+    assert nested["attention_mask"][0, -1] == 0 and flat["attention_mask"][0, 0] == 0  # padding_side is obeyed
+    with pytest.raises(ValueError, match="A sample has 2 images"):
+        processor(images=[photos[:2]], text=[""])
+    # text alone (a completion, as TRL's collator sends it): its own tokens, special ones included, no image
+    completion = processor(text=["a dog.<|endoftext|>"])
+    assert completion["input_ids"][0].tolist() == processor.tokenizer.encode("a dog.") + [ENDOFTEXT]

@@ -10,6 +10,8 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
+from clipqwen.loading import saved_state_dict
+
 from conftest import PHOTOS, ROUNDING, clear_greedy_ids
 
 
@@ -19,12 +21,13 @@ CHILD = textwrap.dedent(
     from PIL import Image
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+    from transformers.core_model_loading import revert_weight_conversion
     folder, photo = sys.argv[1], sys.argv[2]
     assert "modeling_clipqwen" not in sys.modules
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)) is type(model)
-    state = model.state_dict()
+    state = revert_weight_conversion(model, model.state_dict())  # the names save_pretrained writes
     saved = load_file(os.path.join(folder, "model.safetensors"))
     image = Image.open(photo)
     batch = processor(images=[image])
@@ -38,7 +41,7 @@ CHILD = textwrap.dedent(
         "weights_not_as_saved": sorted(k for k, v in saved.items() if k not in state or not torch.equal(state[k], v)),
         "logits": logits[0, -1, :50].tolist(), "ids": ids.tolist(), "pipeline": piped[0]["generated_text"],
         "decoded": processor.batch_decode(ids[:, batch["input_ids"].shape[1]:])[0],
-        "decoder": type(model.language_model).__name__,
+        "decoder": type(model.get_decoder()).__name__,
         "image_token_id": model.config.image_token_id, "processor_image_token_id": processor.image_token_id,
     }))
     """
@@ -64,7 +67,7 @@ def load_in_fresh_process(folder, photo, workdir):
 def assert_fresh_process_matches(model, processor, folder, photo, workdir):
     """The folder, loaded with trust_remote_code in a fresh process, holds this model's weights bit for bit and gives
     its logits (within ROUNDING) and captions."""
-    state = model.state_dict()
+    state = saved_state_dict(model)
     saved = load_file(folder / "model.safetensors")
     assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
     child = load_in_fresh_process(folder, photo, workdir)
@@ -101,5 +104,5 @@ def test_saved_folder_loads_in_a_fresh_process_with_identical_outputs(make_model
 
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
-    assert child["decoder"] == "Qwen3ForCausalLM"
+    assert child["decoder"] == "Qwen3Model"
     assert child["image_token_id"] == child["processor_image_token_id"] == 151655

@@ -203,7 +203,8 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
 
     def recording(self, *args, **kwargs):
         seen.append(self.accelerator.mixed_precision)
-        parts = (self.model.vision_model, self.model.language_model, self.model.adapter)
+        base = self.model.model
+        parts = (base.vision_tower, base.language_model, base.multi_modal_projector)
         dtypes.append([{p.dtype for p in part.parameters()} for part in parts])
         return train(self, *args, **kwargs)
 
@@ -226,9 +227,9 @@ def test_what_trains_is_fp32_and_what_is_frozen_takes_the_runs_dtype(unfrozen, l
     frozen = {name: p.dtype for name, p in model.named_parameters()
               if not p.requires_grad and "original_module" not in name}  # peft's untouched copy of the adapter
     assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
-    assert any("adapter" in name for name in trainable)
-    assert any("language_model" in name for name in trainable) == (unfrozen or lora)
-    assert any("vision_model" in name for name in frozen)
+    assert any("multi_modal_projector" in name for name in trainable)
+    assert any("language_model" in name or "lm_head" in name for name in trainable) == (unfrozen or lora)
+    assert any("vision_tower" in name for name in frozen)
 
 
 def test_lora_with_an_unfrozen_vision_tower_is_refused_before_anything_loads(tmp_path):
@@ -275,7 +276,7 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     from modeling_clipqwen import ClipQwenForConditionalGeneration
 
     exported = ClipQwenForConditionalGeneration.from_pretrained(out)
-    assert torch.equal(exported.language_model.model.layers[0].mlp.up_proj.weight,
+    assert torch.equal(exported.model.language_model.layers[0].mlp.up_proj.weight,
                        qwen.model.layers[0].mlp.up_proj.weight)
     card = (out / "README.md").read_text()
     assert str(tmp_path / "clip") in card and str(tmp_path / "qwen") in card
@@ -325,7 +326,9 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert not (checkpoint / "model.safetensors").exists()  # nobody can load it as a complete model by mistake
     weights = load_file(checkpoint / TRAINABLE_WEIGHTS)
-    assert set(weights) == {f"adapter.layers.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}  # the MLP
+    # the MLP, named as the model's parameters (the exported folder uses the saved layout)
+    assert set(weights) == {f"model.multi_modal_projector.layers.{i}.{kind}"
+                            for i in (0, 2) for kind in ("weight", "bias")}
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
 
 
@@ -359,8 +362,8 @@ def test_lora_train_save_reload_merge_gives_the_same_captions(tmp_path):
         a = merged.generate(**batch, max_new_tokens=6, min_new_tokens=6)
         b = with_lora.generate(**batch, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(a, b)
-    assert not torch.equal(merged.language_model.model.layers[0].self_attn.q_proj.weight,
-                           base.language_model.model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight,
+                           base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight)
 
 
 def write_jsonl_and_csv(tmp_path):

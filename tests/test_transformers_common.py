@@ -12,7 +12,7 @@ import unittest
 import torch
 
 from configuration_clipqwen import ClipQwenConfig
-from modeling_clipqwen import ClipQwenForConditionalGeneration
+from modeling_clipqwen import ClipQwenForConditionalGeneration, ClipQwenModel
 
 from conftest import transformers_common_tests
 
@@ -24,6 +24,8 @@ ModelTesterMixin, floats_tensor, ids_tensor = (
     test_modeling_common.ids_tensor,
 )
 ConfigTester = test_configuration_common.ConfigTester
+# The training tests skip the base models transformers knows by name (LlavaModel, ...): ClipQwenModel is this one.
+test_modeling_common.MODEL_MAPPING_NAMES.setdefault("clipqwen", "ClipQwenModel")
 
 
 # LLaVA's tester sizes: a Qwen3 decoder (grouped-query attention, explicit head_dim) and a CLIP tower, both tiny
@@ -107,7 +109,7 @@ class ClipQwenModelTester:
 
 
 class ClipQwenForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
-    all_model_classes = (ClipQwenForConditionalGeneration,)
+    all_model_classes = (ClipQwenModel, ClipQwenForConditionalGeneration)
     _is_composite = True
 
     def setUp(self):
@@ -148,9 +150,3 @@ class ClipQwenForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestC
     def test_generation_tester_mixin_inheritance(self):
         pass
 
-    @unittest.skip(
-        "ClipQwen keeps vision_model, adapter and language_model on the generation class itself (the key layout of "
-        "every saved checkpoint): there is no separate base model, so model.base_model is the model."
-    )
-    def test_model_base_model_prefix(self):
-        pass

@@ -6,6 +6,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
 
+from clipqwen.backbones import from_pretrained_backbones
 from clipqwen.freezing import freeze_backbones
 from clipqwen.presets import TINY_EFFICIENTNET, bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -18,7 +19,7 @@ def efficientnet_model(seed=0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(vision_config=dict(TINY_EFFICIENTNET), vision_feature_layer=-1, **overrides)
     model = ClipQwenForConditionalGeneration(config).eval()
-    for module in model.vision_model.modules():  # non-trivial BatchNorm statistics, so that eval vs train shows
+    for module in model.model.vision_tower.modules():  # non-trivial BatchNorm statistics, so that eval vs train shows
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
@@ -29,7 +30,7 @@ def efficientnet_model(seed=0, **overrides):
 def test_efficientnet_features_become_image_tokens(feature_type, tokens, photos):
     model = efficientnet_model(vision_feature_type=feature_type, num_pooled_image_tokens=3)
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
-    assert isinstance(model.vision_model, EfficientNetModel)
+    assert isinstance(model.model.vision_tower, EfficientNetModel)
     assert model.config.num_image_tokens == tokens  # 224 px / total stride 32 = a 7×7 map, no CLS
     batch = processor(images=photos[:2], suffix=["a cat.", "two dogs on grass."])
     embeds = model.get_vision_embeds(batch["pixel_values"])
@@ -45,12 +46,12 @@ def test_a_frozen_batchnorm_tower_keeps_its_statistics_while_the_rest_trains(pho
     model = efficientnet_model(vision_feature_type="patch")
     processor = bundled_processor(num_image_tokens=49)
     freeze_backbones(model, vision=True, language=False)
-    before = {name: tensor.clone() for name, tensor in model.vision_model.state_dict().items()}
+    before = {name: tensor.clone() for name, tensor in model.model.vision_tower.state_dict().items()}
     model.train()
-    assert not model.vision_model.training and model.language_model.training
+    assert not model.model.vision_tower.training and model.model.language_model.training
     loss = model(**processor(images=photos[:2], suffix=["a cat.", "a dog."])).loss
     loss.backward()
-    after = model.vision_model.state_dict()
+    after = model.model.vision_tower.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # running statistics untouched
 
 
@@ -63,19 +64,19 @@ def test_an_efficientnet_captioner_loads_with_remote_code_in_a_fresh_process(tmp
     processor.save_pretrained(folder)
     photo = sorted(PHOTOS.glob("*.jpg"))[1]
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
-    assert child["decoder"] == "Qwen3ForCausalLM"
+    assert child["decoder"] == "Qwen3Model"
 
 
 def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path):
     reference = efficientnet_model(vision_feature_type="pooled")
-    reference.vision_model.save_pretrained(tmp_path / "efficientnet")
+    reference.model.vision_tower.save_pretrained(tmp_path / "efficientnet")
     Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
-    model = ClipQwenForConditionalGeneration.from_pretrained_backbones(
+    model = from_pretrained_backbones(
         str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), adapter_type="mlp2x_gelu", num_pooled_image_tokens=2)
-    assert isinstance(model.vision_model, EfficientNetModel)
+    assert isinstance(model.model.vision_tower, EfficientNetModel)
     assert type(AutoModel.from_pretrained(tmp_path / "efficientnet")) is EfficientNetModel
-    for name, tensor in reference.vision_model.state_dict().items():
-        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    for name, tensor in reference.model.vision_tower.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
     assert model.config.num_image_tokens == 2 and model.config.vision_feature_size == 128
 
 
@@ -98,7 +99,7 @@ def test_a_saved_batchnorm_captioner_loaded_to_train_again_keeps_its_frozen_towe
     bundled_processor(num_image_tokens=saved.config.num_image_tokens).save_pretrained(folder)
     model_args = run_captioning.parse_args(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path)])[0]
     model, _ = run_captioning.build_model_and_processor(model_args)
-    assert model.training and model.adapter.training and not model.vision_model.training
+    assert model.training and model.model.multi_modal_projector.training and not model.model.vision_tower.training
 
 
 def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_in(tmp_path, photos):
@@ -114,7 +115,7 @@ def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_i
         {"image_id": ["0", "1"], "image": [str(tmp_path / "0.png"), str(tmp_path / "1.png")],
          "captions": [["a photo"], ["another"]]}).cast_column("image", datasets.Image())
     cached = add_vision_features(dataset, model, processor, tmp_path / "features", batch_size=2)
-    assert model.vision_model.training  # given back in the mode it came in
+    assert model.model.vision_tower.training  # given back in the mode it came in
     with torch.no_grad():
         expected = model.eval().get_vision_embeds(processor(images=photos[:2])["pixel_values"])
     torch.testing.assert_close(torch.as_tensor(np.stack(cached["vision_embeds"])), expected, rtol=1e-5, atol=1e-6)

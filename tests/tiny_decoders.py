@@ -2,13 +2,14 @@
 
 The tokenizer is a byte-level BPE trained in a few milliseconds with `tokenizers` on caption-like text. Like
 Llama's and SmolLM2's, it has no image placeholder token: ClipQwenProcessor must add one, and
-`model.match_processor(processor)` must grow the vocabulary to fit it.
+`match_processor(model, processor)` must grow the vocabulary to fit it.
 """
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from clipqwen.backbones import match_processor
 from clipqwen.freezing import freeze_backbones
 from clipqwen.presets import clip_image_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -48,4 +49,4 @@ def tiny_llama_model_and_processor(seed: int = 0, tie_word_embeddings: bool = Tr
     processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
     torch.manual_seed(seed)
     model = ClipQwenForConditionalGeneration(config).eval()
-    return freeze_backbones(model.match_processor(processor)), processor
+    return freeze_backbones(match_processor(model, processor)), processor
