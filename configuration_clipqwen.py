@@ -17,11 +17,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.utils import logging
 from transformers.utils.type_validators import interval
 
 
-logger = logging.get_logger(__name__)
 
 # Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
 # partial `text_config` dict is not merged with defaults by transformers, so we keep the full set here.
@@ -50,8 +48,6 @@ VISION_TOWERS = ("clip_vision_model", "efficientnet")
 
 AdapterType = Literal["linear", "mlp2x_gelu"]
 VisionFeatureType = Literal["pooled", "patch"]
-# Training flags that configs written before they moved to the training script still carry.
-_TRAINING_FLAGS = ("freeze_vision_model", "freeze_language_model")
 
 
 @strict
@@ -108,9 +104,6 @@ class ClipQwenConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
-        if ignored := [flag for flag in _TRAINING_FLAGS if kwargs.pop(flag, None) is not None]:
-            logger.warning(f"ClipQwenConfig ignores {', '.join(ignored)} (written by an older version): freezing is "
-                           "chosen when training (clipqwen.freezing.freeze_backbones), not stored in the config.")
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") not in CONFIG_MAPPING:
             raise ValueError(f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
                              "does not know: use a causal LM's model_type (for example 'qwen3' or 'llama').")

@@ -89,6 +89,11 @@ def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
     return image.crop((left, top, left + keep_w, top + keep_h))
 
 
+# what callers such as TRL's collator and transformers' pipelines pass on to the tokenizer
+TOKENIZER_OPTIONS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "add_special_tokens",
+                     "return_attention_mask"}
+
+
 class ClipQwenProcessor(ProcessorMixin):
     r"""
     Args:
@@ -207,8 +212,8 @@ class ClipQwenProcessor(ProcessorMixin):
         `images` may also be one-image lists (the chat format); `padding_side` overrides the side chosen above, and
         `truncation` with `max_length` (TRL's collator) cuts sequences on the right.
         """
-        if "captions" in kwargs:  # the earlier name: ignored among **kwargs, it would silently drop the labels
-            raise TypeError("ClipQwenProcessor takes the captions as suffix= (PaliGemma's name), not captions=.")
+        if unknown := sorted(set(kwargs) - TOKENIZER_OPTIONS):  # a misspelt suffix= would silently drop the labels
+            raise TypeError(f"ClipQwenProcessor got unexpected keyword argument(s) {', '.join(unknown)}.")
         texts = [text] if isinstance(text, str) else text
         suffixes = [suffix] if isinstance(suffix, str) else suffix
         images = self._one_image_per_sample(images)

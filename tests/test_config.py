@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import logging
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
@@ -122,15 +121,7 @@ def test_wrong_values_are_also_refused_on_assignment():
         config.adapter_type = "transformer"
 
 
-def test_training_flags_are_not_in_the_config_and_old_files_still_load(tmp_path, caplog):
-    config = ClipQwenConfig(text_config={"num_hidden_layers": 2})
-    config.save_pretrained(tmp_path)
+def test_training_flags_are_not_in_the_config(tmp_path):
+    ClipQwenConfig(text_config={"num_hidden_layers": 2}).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert not any(key.startswith("freeze_") for key in saved)
-    saved.update(freeze_vision_model=True, freeze_language_model=False)  # what earlier versions wrote
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    with caplog.at_level(logging.WARNING):
-        reloaded = ClipQwenConfig.from_pretrained(tmp_path)
-    assert not hasattr(reloaded, "freeze_vision_model") and reloaded.to_dict() == config.to_dict()
-    notes = [record.getMessage() for record in caplog.records if "freeze_" in record.getMessage()]
-    assert len(notes) == 1 and "freeze_vision_model, freeze_language_model" in notes[0]
