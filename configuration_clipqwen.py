@@ -20,7 +20,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.type_validators import interval
 
 
-
 # Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
 # partial `text_config` dict is not merged with defaults by transformers, so we keep the full set here.
 QWEN3_0_6B_BASE = dict(
