@@ -33,7 +33,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from clipqwen import checkpoints, hub, preflight
 from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.data import CaptionCollator, CaptionEpochCallback, add_caption_lengths, expand_captions
+from clipqwen.data.cleaning import add_caption_lengths, expand_captions
+from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
 from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import build_model_card, content_sha256

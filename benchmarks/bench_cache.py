@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageFile  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from clipqwen import data  # noqa: E402
+from clipqwen.data import cleaning, feature_cache, sources  # noqa: E402
 from clipqwen.images import load_image, pixel_values  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
@@ -85,7 +85,7 @@ def make_images(folder: Path, count: int, seed: int = 0, sizes=SIZES, quality: i
 def annotation_dataset(folder: Path, names: list[str]) -> datasets.Dataset:
     lines = "".join(json.dumps({"image": name, "caption": "a photo"}) + "\n" for name in names)
     (folder / "train.jsonl").write_text(lines)
-    return data.read_annotation_file(str(folder / "train.jsonl"), "image", "caption", None)
+    return sources.read_annotation_file(str(folder / "train.jsonl"), "image", "caption", None)
 
 
 class DecodeCounter:
@@ -123,7 +123,7 @@ def old_data_path(dataset, processor, batch_size, model=None):
     vision tower on each batch too. The second decode converts as `load_image` used to (`to_rgb`: two copies even
     of an RGB image); the check runs today's `load_image`, which no longer copies RGB images: if anything, this
     makes the old path a little faster than it was."""
-    checked = data.drop_unreadable_images(dataset, "bench")
+    checked = cleaning.drop_unreadable_images(dataset, "bench")
     raw = checked.with_format(None).cast_column("image", datasets.Image(decode=False))
     for start in range(0, len(raw), batch_size):
         batch = raw[start:start + batch_size]
@@ -137,13 +137,13 @@ def old_data_path(dataset, processor, batch_size, model=None):
 def new_data_path(dataset, processor, batch_size, workers):
     """The decode-once pass of `add_vision_features`: the very DataLoader `_encode_to_file` reads, with `workers`
     processes (the vision tower left out)."""
-    _, loader = data._decoding_loader(dataset, processor, range(len(dataset)), batch_size, workers)
+    _, loader = feature_cache._decoding_loader(dataset, processor, range(len(dataset)), batch_size, workers)
     rows = sum(len(reasons) for _, _, _, reasons in loader)
     assert rows == len(dataset)
 
 
 def new_end_to_end(dataset, processor, batch_size, workers, model, cache_dir):
-    data.add_vision_features(dataset, model, processor, cache_dir, batch_size, num_workers=workers)
+    feature_cache.add_vision_features(dataset, model, processor, cache_dir, batch_size, num_workers=workers)
 
 
 def _busy(work: int) -> None:

@@ -3,7 +3,7 @@
 `load_image` either returns an 8-bit RGB image that is fully decoded, or raises `ImageLoadError`, whose
 message names the file, says what is wrong and what to do. Decoding happens here, inside the checks, so a
 truncated or corrupt file fails before training starts, not in a dataloader worker mid-epoch (the up-front
-passes over a data set are `clipqwen.data.drop_unreadable_images` and the feature cache's).
+passes over a data set are `clipqwen.data.cleaning.drop_unreadable_images` and the feature cache's).
 
 One image path: whatever the caller (the feature cache, whose pass is also the unreadable-image check; training
 without the cache; the caption CLI and the demo), an image is decoded once and converted to RGB once, here, and

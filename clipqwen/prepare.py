@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from datasets import Dataset
 
-from .data import add_vision_features, drop_unreadable_images, load_caption_data, remove_empty_captions
+from .data.cleaning import drop_unreadable_images, remove_empty_captions
+from .data.feature_cache import add_vision_features
+from .data.sources import load_caption_data
 from .presets import clipqwen_cache_dir
 from .timing import PhaseTimer
 

@@ -178,7 +178,7 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
 # ---- data ------------------------------------------------------------------------------------------------
 def load_data(args, model, processor, cache_dir: Path):
     """The embedded shapes data with CLIP features cached per image (the same tiny CLIP for every run)."""
-    from clipqwen.data import add_vision_features
+    from clipqwen.data.feature_cache import add_vision_features
     from clipqwen.embedded import load_embedded_dataset
 
     raw = load_embedded_dataset(args.num_train, args.num_validation, args.num_test)
@@ -303,7 +303,7 @@ def fact_accuracy(predictions: list[dict]) -> dict:
 def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     from transformers import TrainingArguments
 
-    from clipqwen.data import CaptionCollator, CaptionEpochCallback
+    from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
     from clipqwen.plots import plot_sample_grid, plot_training_curves
     from clipqwen.trainer import CaptionTrainer
 

@@ -14,7 +14,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 import run_captioning
-from clipqwen.data import read_annotation_file, remove_empty_captions
+from clipqwen.data.cleaning import remove_empty_captions
+from clipqwen.data.sources import read_annotation_file
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
 

@@ -18,15 +18,12 @@ from PIL import Image
 from test_feature_cache import counting
 
 import run_captioning
-from clipqwen import checkpoints, data, images
-from clipqwen.data import (
-    CaptionCollator,
-    add_vision_features,
-    drop_unreadable_images,
-    load_caption_data,
-    read_annotation_file,
-    remove_empty_captions,
-)
+from clipqwen import checkpoints, images
+from clipqwen.data import sources
+from clipqwen.data.cleaning import drop_unreadable_images, remove_empty_captions
+from clipqwen.data.collator import CaptionCollator
+from clipqwen.data.feature_cache import add_vision_features
+from clipqwen.data.sources import load_caption_data, read_annotation_file
 from clipqwen.embedded import load_embedded_dataset
 from clipqwen.images import ImageLoadError, load_image, pixel_values
 
@@ -135,9 +132,9 @@ def test_a_hub_data_set_must_ship_its_images(tmp_path, monkeypatch):
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns, features=FEATURES)})
 
     args = data_args(dataset_name="someone/photos", dataset_revision=None, split_column=None)
-    monkeypatch.setattr(data, "load_hub_dataset", lambda *_, **__: hub_rows(shipped))
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda *_, **__: hub_rows(shipped))
     assert len(load_caption_data(args)["train"]) == 1
-    monkeypatch.setattr(data, "load_hub_dataset", lambda *_, **__: hub_rows(shipped, private))
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda *_, **__: hub_rows(shipped, private))
     with pytest.raises(ValueError, match=rf"someone/photos, train split, row 1: image path '{private}' leads outside"):
         load_caption_data(args)
 
@@ -537,7 +534,7 @@ def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor,
 
 def test_a_parquet_folder_split_by_column_keeps_files_whose_names_name_no_split(tmp_path):
     # Flickr8k's layout: shards named 0000.parquet, and a test shard added beside them under another name
-    from clipqwen.data import load_hub_dataset, split_by_column
+    from clipqwen.data.sources import load_hub_dataset, split_by_column
 
     def shard(name, splits):
         rows = {"caption": [["a dog."]] * len(splits), "split": splits}

@@ -4,7 +4,7 @@ the image preprocessing change."""
 import numpy as np
 import torch
 
-from clipqwen.data import add_vision_features
+from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.embedded import load_embedded_dataset
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import ImageFile
 
 import run_captioning
-from clipqwen import data
-from clipqwen.data import add_vision_features, read_annotation_file
+from clipqwen.data import cleaning, feature_cache
+from clipqwen.data.feature_cache import add_vision_features
+from clipqwen.data.sources import read_annotation_file
 from clipqwen.images import load_image, pixel_values
 
 from conftest import PHOTOS
@@ -41,14 +42,14 @@ def photo_set(folder, broken=("broken-0.jpg",)):
 
 def count_decodes(monkeypatch, log):
     """Every `load_image` call of the feature pass, appended to a file: worker processes count too."""
-    original = data.load_image
+    original = cleaning.load_image
 
     def counted(entry, name=None):
         with open(log, "a") as file:
             file.write(f"{name}\n")
         return original(entry, name=name)
 
-    monkeypatch.setattr(data, "load_image", counted)
+    monkeypatch.setattr(cleaning, "load_image", counted)
     return lambda: Counter(log.read_text().splitlines()) if log.exists() else Counter()
 
 
@@ -113,7 +114,7 @@ def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, mon
 @pytest.mark.parametrize("batch_size, chunk", [(5, 16), (12, 5)])  # (12, 5): batches of 12 and 4, cut in 5 5 2 | 4
 def test_features_with_two_workers_equal_features_with_one(make_model, processor, tmp_path, monkeypatch, batch_size,
                                                            chunk):
-    monkeypatch.setattr(data, "DECODE_CHUNK", chunk)  # images a worker decodes at a time
+    monkeypatch.setattr(feature_cache, "DECODE_CHUNK", chunk)  # images a worker decodes at a time
     annotations, names = photo_set(tmp_path / "data", broken=())
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()

@@ -299,7 +299,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 def test_a_run_trains_with_the_prompt_it_saves_and_a_given_model_keeps_its_own(trained, tmp_path, monkeypatch):
     """The prompt is part of what a model learned: the preset's for a new model, the saved one for a model trained
     further, '' when asked; the batches the trainer sees carry the same prompt the exported processor will use."""
-    from clipqwen.data import CaptionCollator
+    from clipqwen.data.collator import CaptionCollator
 
     def saved_prompt(out):
         return json.loads((out / "processor_config.json").read_text())["prompt"]

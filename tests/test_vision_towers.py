@@ -105,7 +105,7 @@ def test_a_saved_batchnorm_captioner_loaded_to_train_again_keeps_its_frozen_towe
 def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_in(tmp_path, photos):
     import datasets
 
-    from clipqwen.data import add_vision_features
+    from clipqwen.data.feature_cache import add_vision_features
 
     model = efficientnet_model(vision_feature_type="pooled").train()  # not frozen: the tower trains too
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
