@@ -53,6 +53,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: Path) -> dict:
+    """What a manifest records of a file: its size and SHA-256."""
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def file_problem(path: Path, record: dict, verify_hash: bool = True) -> str | None:
+    """How `path` differs from its `file_record` (gone, another size, another SHA-256), or None."""
+    try:
+        if path.stat().st_size != record.get("size"):
+            return f"{path.name} has {path.stat().st_size:,} bytes, its manifest says {record.get('size'):,}"
+        if verify_hash and sha256_of(path) != record.get("sha256"):
+            return f"{path.name} does not match its SHA-256 (changed or corrupted after it was written)"
+    except OSError as error:
+        return f"{path.name} cannot be read ({error.strerror or error})"
+    return None
+
+
 def _fsync(path: Path, directory: bool = False):
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
@@ -78,7 +95,7 @@ def mark_complete(folder, step: int | None = None) -> Path:
     files = {}
     for path in _files(folder):
         _fsync(path)
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+        files[path.relative_to(folder).as_posix()] = file_record(path)
     manifest = {"step": step, "files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     partial = folder / f"{MARKER}.{os.getpid()}.tmp"
     with open(partial, "w", encoding="utf-8") as file:
@@ -111,16 +128,12 @@ def checkpoint_problem(folder, verify_hashes: bool = True, legacy: bool = False)
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"its {MARKER} is unreadable ({type(error).__name__})"
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
-    if verify_hashes:
-        for name, expected in files.items():
-            if sha256_of(folder / name) != expected["sha256"]:
-                return f"{name} does not match its SHA-256 in {MARKER} (changed or corrupted after the save)"
+    if missing := [name for name in files if not (folder / name).is_file()]:
+        return f"{missing[0]} is missing"
+    for check_hash in (False, verify_hashes):  # every size first: a torn save shows without reading a byte
+        for name, record in files.items():
+            if problem := file_problem(folder / name, record, check_hash):
+                return problem
     return None
 
 

@@ -23,8 +23,10 @@ from huggingface_hub.utils import HFValidationError, get_session, validate_repo_
 
 logger = logging.getLogger(__name__)
 
-PICKLES = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-NEVER_UPLOADED = [*PICKLES, "*.tmp", "*.lock", "checkpoint_complete.json", "runs/**"]
+# files that unpickle when loaded: never uploaded, never loaded
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+NEVER_UPLOADED = [*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*.tmp", "*.lock", "checkpoint_complete.json",
+                  "runs/**"]
 REVISION_PLACEHOLDER = "<commit sha>"
 USAGE_REVISION = re.compile(r'^(revision = ")[^"\n]*"', re.MULTILINE)  # the model card's usage snippet
 

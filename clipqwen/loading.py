@@ -32,9 +32,6 @@ class ModelLoadError(ValueError):
     """A model that cannot be used; the message says why and what to do."""
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 def refuse_pickled_weights(folder) -> None:
     """A local model folder whose weights exist only as pickles is refused, naming them; nothing is unpickled.
     (With safetensors present, pickles beside them are ignored: only safetensors are ever loaded.)"""
@@ -43,7 +40,7 @@ def refuse_pickled_weights(folder) -> None:
         return
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
         return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in hub.PICKLE_SUFFIXES)
     if pickles:  # no weights at all is check_weights' message
         raise ModelLoadError(
             f"{folder} has no .safetensors weights, only pickled ones ({', '.join(pickles)}). Only safetensors are "

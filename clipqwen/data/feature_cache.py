@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from PIL import Image as PILImage
 
-from ..checkpoints import sha256_of
+from ..checkpoints import file_problem, file_record
 from ..images import ClipPixels, pixel_values
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
@@ -187,18 +187,10 @@ def _is_valid(cache_file: Path) -> bool:
 def _cache_problem(cache_file: Path) -> str | None:
     """What makes `cache_file` other than exactly what was written (its manifest: size and SHA-256), or None."""
     try:
-        expected = json.loads(_manifest(cache_file).read_text())
+        record = json.loads(_manifest(cache_file).read_text())
     except (OSError, ValueError):
         return "it has no readable manifest, so its content cannot be checked"
-    try:
-        size = cache_file.stat().st_size
-        if size != expected.get("size"):
-            return f"{size:,} bytes instead of {expected.get('size'):,}"
-        if sha256_of(cache_file) != expected.get("sha256"):
-            return "its SHA-256 differs from the one recorded when it was written"
-    except OSError as error:  # gone or unreadable since the manifest was read
-        return f"it cannot be read ({error})"
-    return None
+    return file_problem(cache_file, record)
 
 
 # Images one worker decodes and preprocesses at a time: small enough to share a batch of the vision tower among
@@ -320,7 +312,7 @@ def _manifest(cache_file: Path) -> Path:
 
 
 def _write_manifest(cache_file: Path) -> None:
-    manifest = {"size": cache_file.stat().st_size, "sha256": sha256_of(cache_file)}
+    manifest = file_record(cache_file)
     temporary = _manifest(cache_file).with_suffix(".tmp")
     temporary.write_text(json.dumps(manifest))
     os.replace(temporary, _manifest(cache_file))
