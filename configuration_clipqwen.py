@@ -1,14 +1,7 @@
-"""ClipQwen configuration: a frozen image tower (CLIP ViT-B/32 by default), a small trainable adapter and a causal-LM
-decoder (Qwen3-0.6B-Base by default).
-
-Shaped like transformers' `LlavaConfig`: one `@strict` composite config holding complete sub-configs. Every field
-is checked in one place, `@strict`: its type annotation (a wrong type fails naming the field), a range validator
-where a field has one, and the `validate_*` methods for what depends on the sub-configs. Like LLaVA's, the text
-sub-config may be any causal LM's (`text_config={"model_type": "llama", ...}`, resolved through
-`CONFIG_MAPPING`); Qwen3 is the default. The vision sub-config is a CLIP vision tower's (the default) or an
-EfficientNet's (a CNN: its final feature map is the patch grid, its pooled output the image embedding). Training
-choices (which towers are frozen) are not part of the config: they belong to the training script (see
-`clipqwen/freezing.py`).
+"""ClipQwen configuration, shaped like transformers' `LlavaConfig`: one `@strict` composite config holding complete
+sub-configs, every field checked where it is set (type annotations, range validators, `validate_*`). The text
+sub-config may be any causal LM's; the vision sub-config a CLIP vision tower's or an EfficientNet's. Which towers
+train is the training script's choice, not the config's.
 """
 
 from typing import Literal
@@ -53,10 +46,8 @@ VisionFeatureType = Literal["pooled", "patch"]
 class ClipQwenConfig(PreTrainedConfig):
     r"""
     Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout: CLIP ViT-B/32's
-    pooled, projected 512-d image embedding → Linear-GELU-Linear → 8 image tokens for Qwen3-0.6B-Base, the layout
-    that learned to caption from real photos with a frozen decoder (docs/flickr8k.md; its processor's prompt puts a
-    word before them). The course project's seed layout, `nn.Linear(512, 1024)` → one image token, is
-    `adapter_type="linear", num_pooled_image_tokens=1`; configs saved before the default changed name both fields.
+    pooled, projected 512-d image embedding → Linear-GELU-Linear → 8 image tokens for Qwen3-0.6B-Base. The course
+    project's layout, `nn.Linear(512, 1024)` → one image token, is `adapter_type="linear", num_pooled_image_tokens=1`.
 
     Args:
         vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):

@@ -7,8 +7,7 @@ Sequence layout (one image per sequence):
 The prompt is the `text` of a call, or else the processor's own `prompt` (saved with it, so that a trained model is
 prompted the way it was trained); a placeholder in it marks where the image goes, otherwise the image comes first.
 The caption is the `suffix` (PaliGemma's name). Labels mark the suffix tokens, never pad ids: in Qwen3-Base
-pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the model must learn to stop on
-(the course project's bug).
+pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the model must learn to stop on.
 
 A tokenizer without the placeholder token (Llama's, SmolLM2's) gets it added as a special token; the model then
 needs `clipqwen.backbones.match_processor(model, processor)` (one more embedding row, the placeholder id,
