@@ -79,8 +79,9 @@ def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision:
     bf16 on GPUs and on CPUs with native bf16). Anything else is refused before the name is looked at, with one
     message whatever it names: no answer reveals which folders or repositories exist."""
     if choice not in served:
-        raise ModelLoadError(f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the "
-                             "model box.")
+        raise ModelLoadError(
+            f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
+        )
     key = (*served[choice], resolve_precision(precision, DEVICE))
     if key not in _MODELS:
         loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
@@ -105,9 +106,11 @@ def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[li
         total += size
     if len(kept) == len(files):
         return kept, None
-    left_out = ", ".join(Path(file).name for file in files[len(kept):][:3]) + ", ..." * (len(files) - len(kept) > 3)
-    return kept, (f"⚠️ {len(files) - len(kept)} image(s) left out ({left_out}): a request takes at most {max_images} "
-                  f"images and {max_bytes / 2**20:g} MB. Caption them in another request.")
+    left_out = ", ".join(Path(file).name for file in files[len(kept) :][:3]) + ", ..." * (len(files) - len(kept) > 3)
+    return kept, (
+        f"⚠️ {len(files) - len(kept)} image(s) left out ({left_out}): a request takes at most {max_images} "
+        f"images and {max_bytes / 2**20:g} MB. Caption them in another request."
+    )
 
 
 def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) -> dict:
@@ -120,8 +123,21 @@ def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) 
     return options | {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1}
 
 
-def caption(files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix, *, served,
-            max_images=MAX_IMAGES, max_bytes=MAX_REQUEST_MB * 2**20, precision="auto"):
+def caption(
+    files,
+    model,
+    decoding,
+    num_beams,
+    temperature,
+    top_p,
+    max_new_tokens,
+    prefix,
+    *,
+    served,
+    max_images=MAX_IMAGES,
+    max_bytes=MAX_REQUEST_MB * 2**20,
+    precision="auto",
+):
     """-> (gallery of (image, caption), captions as text, status in Markdown)."""
     prefix = prefix or ""
     if len(prefix) > MAX_PREFIX_CHARS:
@@ -158,8 +174,10 @@ def caption(files, model, decoding, num_beams, temperature, top_p, max_new_token
     captions = processor.batch_decode(ids)
     seconds = time.perf_counter() - started
 
-    status = (f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE} "
-              f"({resolve_precision(precision, DEVICE)})")
+    status = (
+        f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE} "
+        f"({resolve_precision(precision, DEVICE)})"
+    )
     status += f" ({seconds / len(images):.2f} s per image)" if len(images) > 1 else ""
     status += f"; loading the model took {loading:.1f} s." if loading > 0.5 else "."
     text = "\n".join(f"{name}: {text}" for name, text in zip(names, captions))
@@ -172,9 +190,13 @@ def add_example(files, event: gr.SelectData):
     return files if Path(photo).name in {Path(file).name for file in files} else files + [photo]
 
 
-def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_IMAGES,
-               max_request_mb: float = MAX_REQUEST_MB, precision: str = "auto",
-               max_queue: int = MAX_QUEUE) -> gr.Blocks:
+def build_demo(
+    served: dict[str, tuple[str, str | None]],
+    max_images: int = MAX_IMAGES,
+    max_request_mb: float = MAX_REQUEST_MB,
+    precision: str = "auto",
+    max_queue: int = MAX_QUEUE,
+) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
         with gr.Row():
@@ -185,24 +207,36 @@ def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_
                 )
                 if EXAMPLE_PHOTOS:
                     examples = gr.Gallery(
-                        EXAMPLE_PHOTOS, label="Example photos (click to add)", columns=4, height=260,
-                        object_fit="cover", allow_preview=False, interactive=False, elem_id="examples",
+                        EXAMPLE_PHOTOS,
+                        label="Example photos (click to add)",
+                        columns=4,
+                        height=260,
+                        object_fit="cover",
+                        allow_preview=False,
+                        interactive=False,
+                        elem_id="examples",
                     )
                     examples.select(add_example, inputs=files, outputs=files)
                     gr.Markdown(ATTRIBUTION, elem_id="attribution")
                 with gr.Accordion("Generation options"):
                     decoding = gr.Radio([BEAM, SAMPLING], value=BEAM, label="Decoding", elem_id="decoding")
                     num_beams = gr.Slider(1, 8, value=3, step=1, label="Beams (1 = greedy)", elem_id="num-beams")
-                    temperature = gr.Slider(0.1, 2, value=0.7, step=0.05, label="Temperature", visible=False,
-                                            elem_id="temperature")
+                    temperature = gr.Slider(
+                        0.1, 2, value=0.7, step=0.05, label="Temperature", visible=False, elem_id="temperature"
+                    )
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", visible=False, elem_id="top-p")
-                    max_new_tokens = gr.Slider(1, 64, value=30, step=1, label="Max new tokens",
-                                               elem_id="max-new-tokens")
-                    prefix = gr.Textbox(label="Prompt prefix (optional; the caption continues it)",
-                                        max_length=MAX_PREFIX_CHARS, elem_id="prefix")
+                    max_new_tokens = gr.Slider(
+                        1, 64, value=30, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                    )
+                    prefix = gr.Textbox(
+                        label="Prompt prefix (optional; the caption continues it)",
+                        max_length=MAX_PREFIX_CHARS,
+                        elem_id="prefix",
+                    )
                 decoding.change(  # beams for beam search; temperature and top-p for sampling
                     lambda choice: [gr.update(visible=choice == BEAM)] + [gr.update(visible=choice == SAMPLING)] * 2,
-                    inputs=decoding, outputs=[num_beams, temperature, top_p],
+                    inputs=decoding,
+                    outputs=[num_beams, temperature, top_p],
                 )
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
@@ -216,28 +250,40 @@ def build_demo(served: dict[str, tuple[str, str | None]], max_images: int = MAX_
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
         limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
-        button.click(functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status],
-                     api_name="caption")
+        button.click(
+            functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status], api_name="caption"
+        )
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=os.environ.get("CLIPQWEN_MODEL", ""), help="folder or Hub id")
-    parser.add_argument("--revision", default=os.environ.get("CLIPQWEN_REVISION", ""),
-                        help="Hub branch, tag or commit")
-    parser.add_argument("--allowed_models", default="",
-                        help="more models visitors may pick, comma-separated folders or Hub ids (owner/name@rev "
-                             "pins a revision); default: only MODEL")
+    parser.add_argument(
+        "--revision", default=os.environ.get("CLIPQWEN_REVISION", ""), help="Hub branch, tag or commit"
+    )
+    parser.add_argument(
+        "--allowed_models",
+        default="",
+        help="more models visitors may pick, comma-separated folders or Hub ids (owner/name@rev "
+        "pins a revision); default: only MODEL",
+    )
     parser.add_argument("--max_images", type=int, default=MAX_IMAGES, help="images read per request")
     parser.add_argument("--max_request_mb", type=float, default=MAX_REQUEST_MB, help="megabytes read per request")
-    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
-                        help="requests that may wait while one is captioned; more are refused with a message")
-    parser.add_argument("--precision", choices=("auto", *PRECISIONS),
-                        default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
-                        help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
-                             "`quantize` extra); auto (default, or $CLIPQWEN_PRECISION): bf16 on GPUs and on CPUs "
-                             "with native bf16, fp32 elsewhere")
+    parser.add_argument(
+        "--max_queue",
+        type=int,
+        default=MAX_QUEUE,
+        help="requests that may wait while one is captioned; more are refused with a message",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
+        help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
+        "`quantize` extra); auto (default, or $CLIPQWEN_PRECISION): bf16 on GPUs and on CPUs "
+        "with native bf16, fp32 elsewhere",
+    )
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
@@ -252,8 +298,12 @@ def main(argv=None):
         parser.error(str(error))
     demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(EXAMPLES)],
-                max_file_size=int(args.max_request_mb * 2**20))
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=[str(EXAMPLES)],
+        max_file_size=int(args.max_request_mb * 2**20),
+    )
 
 
 if __name__ == "__main__":

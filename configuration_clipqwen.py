@@ -95,8 +95,10 @@ class ClipQwenConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") not in CONFIG_MAPPING:
-            raise ValueError(f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
-                             "does not know: use a causal LM's model_type (for example 'qwen3' or 'llama').")
+            raise ValueError(
+                f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
+                "does not know: use a causal LM's model_type (for example 'qwen3' or 'llama')."
+            )
         if isinstance(self.vision_config, dict):
             self.vision_config = {"model_type": "clip_vision_model", **self.vision_config}
             vision_type = self.vision_config["model_type"]
@@ -115,32 +117,43 @@ class ClipQwenConfig(PreTrainedConfig):
     def validate_vision_feature_layer(self):
         if self.vision_config.model_type == "efficientnet":
             if self.vision_feature_type == "patch" and self.vision_feature_layer != -1:
-                raise ValueError(f"vision_feature_layer={self.vision_feature_layer}: an EfficientNet offers its final "
-                                 "feature map only; use -1.")
+                raise ValueError(
+                    f"vision_feature_layer={self.vision_feature_layer}: an EfficientNet offers its final "
+                    "feature map only; use -1."
+                )
             return
         layers = self.vision_config.num_hidden_layers
         if not -layers - 1 <= self.vision_feature_layer <= layers:
-            raise ValueError(f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
-                             f"states -{layers + 1}..{layers}.")
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
+                f"states -{layers + 1}..{layers}."
+            )
 
     def validate_image_token_id(self):
         vocab_size = self.text_config.vocab_size
         if self.image_token_id is not None and not 0 <= self.image_token_id < vocab_size:
-            raise ValueError(f"image_token_id={self.image_token_id} is out of range: use an id below the decoder's "
-                             f"vocab_size={vocab_size} (or None until match_processor sets it).")
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is out of range: use an id below the decoder's "
+                f"vocab_size={vocab_size} (or None until match_processor sets it)."
+            )
 
     def validate_vision_config(self):
         if self.vision_config.model_type not in VISION_TOWERS:
-            raise ValueError(f"vision_config is a {self.vision_config.model_type!r} config: use one of "
-                             f"{VISION_TOWERS}.")
+            raise ValueError(
+                f"vision_config is a {self.vision_config.model_type!r} config: use one of {VISION_TOWERS}."
+            )
         if self.vision_config.model_type == "efficientnet":
             if self.vision_config.image_size % 32:
-                raise ValueError(f"vision_config.image_size={self.vision_config.image_size} is not a multiple of 32, "
-                                 "an EfficientNet's total stride.")
+                raise ValueError(
+                    f"vision_config.image_size={self.vision_config.image_size} is not a multiple of 32, "
+                    "an EfficientNet's total stride."
+                )
             return
         if self.vision_config.image_size % self.vision_config.patch_size:
-            raise ValueError(f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
-                             f"vision_config.patch_size={self.vision_config.patch_size}.")
+            raise ValueError(
+                f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
+                f"vision_config.patch_size={self.vision_config.patch_size}."
+            )
 
     def to_dict(self):
         output = super().to_dict()

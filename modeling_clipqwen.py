@@ -173,17 +173,20 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         the placeholder's embedding (LLaVA's rule). Their count must match the features'."""
         if input_ids is None:
             placeholder = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
             mask = (inputs_embeds == placeholder).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
         found, expected = mask.sum(), image_features.shape[0] * image_features.shape[1]
         torch_compilable_check(
             found == expected,
-            lambda: f"The text has {int(found)} image placeholder tokens (id {self.config.image_token_id}) but the "
-            f"images give {expected} feature vectors ({image_features.shape[0]} images × {image_features.shape[1]} "
-            "tokens). Build inputs with ClipQwenProcessor, whose num_image_tokens must equal the model config's "
-            "num_image_tokens.",
+            lambda: (
+                f"The text has {int(found)} image placeholder tokens (id {self.config.image_token_id}) but the "
+                f"images give {expected} feature vectors ({image_features.shape[0]} images × "
+                f"{image_features.shape[1]} tokens). Build inputs with ClipQwenProcessor, whose num_image_tokens "
+                "must equal the model config's num_image_tokens."
+            ),
         )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
@@ -206,9 +209,11 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         if pixel_values is not None and vision_embeds is not None:
             raise ValueError("Pass pixel_values or vision_embeds, not both.")
         if self.config.image_token_id is None:
-            raise ValueError("config.image_token_id is not set: this decoder's placeholder id comes from its "
-                             "tokenizer. Build a ClipQwenProcessor from that tokenizer and call "
-                             "clipqwen.backbones.match_processor(model, processor).")
+            raise ValueError(
+                "config.image_token_id is not set: this decoder's placeholder id comes from its "
+                "tokenizer. Build a ClipQwenProcessor from that tokenizer and call "
+                "clipqwen.backbones.match_processor(model, processor)."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_outputs = None

@@ -14,7 +14,6 @@ needs `clipqwen.backbones.match_processor(model, processor)` (one more embedding
 generation settings).
 """
 
-
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -89,8 +88,14 @@ def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
 
 
 # what callers such as TRL's collator and transformers' pipelines pass on to the tokenizer
-TOKENIZER_OPTIONS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "add_special_tokens",
-                     "return_attention_mask"}
+TOKENIZER_OPTIONS = {
+    "padding",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "add_special_tokens",
+    "return_attention_mask",
+}
 
 
 class ClipQwenProcessor(ProcessorMixin):
@@ -144,8 +149,9 @@ class ClipQwenProcessor(ProcessorMixin):
         self.tokenizer.eos_token = caption_end_token
 
     @classmethod
-    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="",
-                                        **kwargs):
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
+    ):
         # AutoTokenizer reads the folder's config.json first, to fall back on the model type. A saved ClipQwen
         # folder's config.json is this model's (auto_map: remote code), so loading it would ask whether to run the
         # folder's code and then warn about a model of type ``. The tokenizer needs none of it:
@@ -162,9 +168,13 @@ class ClipQwenProcessor(ProcessorMixin):
         if self.image_token in self.tokenizer.get_vocab():
             return False
         self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
-        logger.info("Added the image placeholder %r to the tokenizer (id %d); call "
-                    "clipqwen.backbones.match_processor(model, processor) so that the model's vocabulary and "
-                    "image_token_id match.", self.image_token, self.tokenizer.convert_tokens_to_ids(self.image_token))
+        logger.info(
+            "Added the image placeholder %r to the tokenizer (id %d); call "
+            "clipqwen.backbones.match_processor(model, processor) so that the model's vocabulary and "
+            "image_token_id match.",
+            self.image_token,
+            self.tokenizer.convert_tokens_to_ids(self.image_token),
+        )
         return True
 
     def _single_token_id(self, token: str, name: str) -> int:
@@ -243,8 +253,12 @@ class ClipQwenProcessor(ProcessorMixin):
             features.append({"input_ids": ids, "token_type_ids": token_type_ids})
 
         # Pad to the longest sequence: on the right for training, on the left for generate().
-        data = self.tokenizer.pad(features, padding_side=padding_side or ("left" if suffixes is None else "right"),
-                                  pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), return_attention_mask=True)
+        data = self.tokenizer.pad(
+            features,
+            padding_side=padding_side or ("left" if suffixes is None else "right"),
+            pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
+            return_attention_mask=True,
+        )
         token_type_ids = data.pop("token_type_ids")
         if suffixes is not None:
             data["labels"] = [
@@ -278,11 +292,16 @@ class ClipQwenProcessor(ProcessorMixin):
             prompt = self.image_prompt + prompt
         before, _, after = prompt.partition(self.image_token)
         if self.image_token in after:
-            raise ValueError(f"The prompt {prompt!r} holds {prompt.count(self.image_token)} image placeholders; "
-                             "ClipQwen captions one image per sample: write the placeholder once.")
+            raise ValueError(
+                f"The prompt {prompt!r} holds {prompt.count(self.image_token)} image placeholders; "
+                "ClipQwen captions one image per sample: write the placeholder once."
+            )
         encode = self.tokenizer.encode
-        return (encode(before, add_special_tokens=False) + [self.image_token_id] * self.num_image_tokens
-                + encode(after, add_special_tokens=False))
+        return (
+            encode(before, add_special_tokens=False)
+            + [self.image_token_id] * self.num_image_tokens
+            + encode(after, add_special_tokens=False)
+        )
 
     def _encode_caption(self, caption: str) -> list[int]:
         # split_special_tokens: a caption that contains "<|endoftext|>" or "<|image_pad|>" as text stays text — it

@@ -65,16 +65,21 @@ RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folde
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": (
-            "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled from the "
-            "two backbones below."
-        )},
+        metadata={
+            "help": (
+                "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is "
+                "assembled from the "
+                "two backbones below."
+            )
+        },
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
     vision_model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32",
-        metadata={"help": "Image model (Hub id or folder; CLIP by default, any Auto vision model) for the vision "
-                          "tower and image processor."},
+        metadata={
+            "help": "Image model (Hub id or folder; CLIP by default, any Auto vision model) for the vision "
+            "tower and image processor."
+        },
     )
     vision_model_revision: str = field(
         default="main",
@@ -90,22 +95,27 @@ class ModelArguments:
     )
     tiny_model: bool = field(
         default=False,
-        metadata={"help": (
-            "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) instead "
-            "of loading backbones."
-        )},
+        metadata={
+            "help": (
+                "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, "
+                "tests) instead "
+                "of loading backbones."
+            )
+        },
     )
     # The config's own Literal types: argparse offers and checks their choices; the config checks every field again
     # when it is built (a JSON argument file's values reach it unchecked by argparse).
     preset: Literal[tuple(LAYOUTS)] = field(
         default=DEFAULT_PRESET,
-        metadata={"help": (
-            "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and --prompt "
-            "override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the prompt "
-            "'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the course "
-            "project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
-            "pretrained decoder it did not learn to use the image."
-        )},
+        metadata={
+            "help": (
+                "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and --prompt "
+                "override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the prompt "
+                "'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the course "
+                "project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
+                "pretrained decoder it did not learn to use the image."
+            )
+        },
     )
     adapter_type: AdapterType | None = field(
         default=None,
@@ -113,9 +123,12 @@ class ModelArguments:
     )
     vision_feature_type: VisionFeatureType | None = field(
         default=None,
-        metadata={"help": (
-            "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: the preset's."
-        )},
+        metadata={
+            "help": (
+                "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: "
+                "the preset's."
+            )
+        },
     )
     num_pooled_image_tokens: int | None = field(
         default=None,
@@ -141,16 +154,18 @@ class ModelArguments:
     )
     merge_lora: bool = field(
         default=True,
-        metadata={"help": (
-            "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in "
-            "<output_dir>/lora."
-        )},
+        metadata={
+            "help": (
+                "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in "
+                "<output_dir>/lora."
+            )
+        },
     )
     auto_bf16: bool = field(
         default=True,
-        metadata={"help": (
-            "On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given."
-        )},
+        metadata={
+            "help": ("On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given.")
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
 
@@ -165,32 +180,41 @@ class ModelArguments:
         if self.lora_r and not self.freeze_vision_model:
             # peft freezes everything outside LoRA and modules_to_save, and a CLIP in modules_to_save is wrapped twice
             # (its inner `vision_model` matches too): the vision tower would silently stay frozen.
-            raise ValueError("--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP "
-                             "frozen. Fine-tune CLIP without LoRA, or keep --freeze_vision_model True.")
+            raise ValueError(
+                "--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP "
+                "frozen. Fine-tune CLIP without LoRA, or keep --freeze_vision_model True."
+            )
 
 
 @dataclass
 class DataTrainingArguments:
     dataset_name: str = field(
         default=FLICKR30K,
-        metadata={"help": (
-            "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."
-        )},
+        metadata={
+            "help": (
+                "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."
+            )
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Data set configuration."})
     dataset_revision: str | None = field(
         default="refs/convert/parquet",
-        metadata={"help": (
-            "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref that moves when "
-            "the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; "
-            "pass that sha to load exactly the same data."
-        )},
+        metadata={
+            "help": (
+                "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref "
+                "that moves when "
+                "the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; "
+                "pass that sha to load exactly the same data."
+            )
+        },
     )
     split_column: str | None = field(
         default="split",
-        metadata={"help": (
-            "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."
-        )},
+        metadata={
+            "help": (
+                "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."
+            )
+        },
     )
     train_file: str | None = field(
         default=None,
@@ -208,11 +232,13 @@ class DataTrainingArguments:
     caption_column: str = field(default="caption", metadata={"help": "Column with a caption or a list of captions."})
     id_column: str | None = field(
         default=None,
-        metadata={"help": (
-            "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
-            "Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
-            "with one id are refused."
-        )},
+        metadata={
+            "help": (
+                "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
+                "Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
+                "with one id are refused."
+            )
+        },
     )
     caption_mode: Literal["random", "all"] = field(
         default="random",
@@ -239,19 +265,24 @@ class DataTrainingArguments:
     )
     preprocessing_num_workers: int | None = field(
         default=None,
-        metadata={"help": (
-            "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and encode; "
-            "the vision tower runs in the main process on their batches) or, without it, for the unreadable-image "
-            "check. Default: none, the main process does it."
-        )},
+        metadata={
+            "help": (
+                "Processes that decode and preprocess images: for the CLIP feature cache (decode once, "
+                "check and encode; "
+                "the vision tower runs in the main process on their batches) or, without it, for the unreadable-image "
+                "check. Default: none, the main process does it."
+            )
+        },
     )
 
     def __post_init__(self):
         files = [self.train_file, self.validation_file, self.test_file]
         for path in filter(None, files):
             if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv"):
-                raise ValueError(f"{path}: annotation files must be .jsonl, .json or .csv (.json holding one JSON "
-                                 "object per line, as .jsonl does).")
+                raise ValueError(
+                    f"{path}: annotation files must be .jsonl, .json or .csv (.json holding one JSON "
+                    "object per line, as .jsonl does)."
+                )
         if self.caption_mode not in ("random", "all"):
             raise ValueError(f"--caption_mode {self.caption_mode!r}: use 'random' or 'all'.")
         if self.max_caption_length < 2:
@@ -264,8 +295,18 @@ class DataTrainingArguments:
     @property
     def local_files(self) -> list[str]:
         """The annotation files and image folders given: they replace --dataset_name."""
-        return [path for path in (self.train_file, self.validation_file, self.test_file, self.train_dir,
-                                  self.validation_dir, self.test_dir) if path]
+        return [
+            path
+            for path in (
+                self.train_file,
+                self.validation_file,
+                self.test_file,
+                self.train_dir,
+                self.validation_dir,
+                self.test_dir,
+            )
+            if path
+        ]
 
     @property
     def local_data(self) -> list[str]:
@@ -285,12 +326,17 @@ class CaptioningArguments:
     max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
     prompt: str | None = field(
         default=None,
-        metadata={"help": (
-            "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image goes (else the "
-            "image comes first; '' for no prompt). Saved with the processor, which uses it whenever a caller passes "
-            "no text. Default: the prompt saved with --model_name_or_path's processor, or the --preset's for a new "
-            "model."
-        )},
+        metadata={
+            "help": (
+                "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image "
+                "goes (else the "
+                "image comes first; '' for no prompt). Saved with the processor, which uses it whenever a "
+                "caller passes "
+                "no text. Default: the prompt saved with --model_name_or_path's processor, or the "
+                "--preset's for a new "
+                "model."
+            )
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -326,25 +372,30 @@ def read_argument_file(path: str, parser: HfArgumentParser) -> dict:
     except OSError as error:
         raise ValueError(f"{path}: cannot be read ({error.strerror}).") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as "
-                         "UTF-8.") from None
+        raise ValueError(
+            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8."
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}).") from None
     if not isinstance(values, dict):
         kind = "a JSON array" if isinstance(values, list) else f"the JSON value {json.dumps(values)[:40]}"
-        raise ValueError(f"{path}: holds {kind}; it must hold one JSON object of arguments, "
-                         '{"output_dir": "...", "do_train": true, ...}.')
+        raise ValueError(
+            f"{path}: holds {kind}; it must hold one JSON object of arguments, "
+            '{"output_dir": "...", "do_train": true, ...}.'
+        )
     hints = {name: hint for kind in parser.dataclass_types for name, hint in get_type_hints(kind).items()}
     fields = {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
     # null would reach the code as None where a number or a flag is expected, and fail far from the file
-    nulls = sorted(name for name, value in values.items()
-                   if value is None and type(None) not in get_args(hints.get(name)))
+    nulls = sorted(
+        name for name, value in values.items() if value is None and type(None) not in get_args(hints.get(name))
+    )
     if nulls:
-        raise ValueError(f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its "
-                         "default.")
+        raise ValueError(
+            f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its default."
+        )
     return values
 
 
@@ -355,8 +406,11 @@ def choose_precision(model_args, training_args: TrainingArguments) -> TrainingAr
     (docs/flickr8k.md), so bf16 training on a CPU stays opt-in (--bf16 True --use_cpu True).
     TrainingArguments fixes Accelerate's mixed precision when it is built, so the choice is made by building them
     again, not by setting `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
-    if (model_args.auto_bf16 and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
-            and is_torch_bf16_gpu_available()):
+    if (
+        model_args.auto_bf16
+        and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
+        and is_torch_bf16_gpu_available()
+    ):
         training_args = dataclasses.replace(training_args, bf16=True)
     return training_args
 
@@ -365,18 +419,25 @@ def choose_precision(model_args, training_args: TrainingArguments) -> TrainingAr
 def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = torch.float32):
     """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
     (bf16 for a bf16 run: `clipqwen.freezing.set_training_dtypes`), and its processor."""
-    settings = dict(adapter_type=args.adapter_type, vision_feature_type=args.vision_feature_type,
-                    num_pooled_image_tokens=args.num_pooled_image_tokens,
-                    vision_feature_layer=args.vision_feature_layer)
+    settings = dict(
+        adapter_type=args.adapter_type,
+        vision_feature_type=args.vision_feature_type,
+        num_pooled_image_tokens=args.num_pooled_image_tokens,
+        vision_feature_layer=args.vision_feature_layer,
+    )
     if not args.tiny_model:  # an unreachable Hub fails in a second, not after ~25 s of retries per file
-        hub.go_offline_if_hub_unreachable([args.model_name_or_path] if args.model_name_or_path else
-                                          [args.vision_model_name_or_path, args.text_model_name_or_path])
+        hub.go_offline_if_hub_unreachable(
+            [args.model_name_or_path]
+            if args.model_name_or_path
+            else [args.vision_model_name_or_path, args.text_model_name_or_path]
+        )
     try:
         if args.model_name_or_path:
             # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors
             # only; in fp32 (its adapter may have trained in fp32), the frozen parts cast down below
-            model, processor = load_clipqwen(args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir,
-                                             dtype=torch.float32)
+            model, processor = load_clipqwen(
+                args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir, dtype=torch.float32
+            )
             model.train()
         elif args.tiny_model:
             model = ClipQwenForConditionalGeneration(tiny_config(**settings))
@@ -385,15 +446,21 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
             # each backbone straight in the dtype it trains or is kept in (Qwen3-0.6B-Base's checkpoint is bf16,
             # which transformers would otherwise keep, trainable or not)
             model = from_pretrained_backbones(
-                args.vision_model_name_or_path, args.text_model_name_or_path,
-                vision_revision=args.vision_model_revision, text_revision=args.text_model_revision,
+                args.vision_model_name_or_path,
+                args.text_model_name_or_path,
+                vision_revision=args.vision_model_revision,
+                text_revision=args.text_model_revision,
                 cache_dir=args.cache_dir,
                 vision_kwargs={"dtype": frozen_dtype if args.freeze_vision_model else torch.float32},
-                text_kwargs={"dtype": frozen_dtype if args.freeze_language_model else torch.float32}, **settings)
-            image_processor = clip_image_processor(args.vision_model_name_or_path, revision=args.vision_model_revision,
-                                                   cache_dir=args.cache_dir)
-            tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, revision=args.text_model_revision,
-                                                      cache_dir=args.cache_dir)
+                text_kwargs={"dtype": frozen_dtype if args.freeze_language_model else torch.float32},
+                **settings,
+            )
+            image_processor = clip_image_processor(
+                args.vision_model_name_or_path, revision=args.vision_model_revision, cache_dir=args.cache_dir
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                args.text_model_name_or_path, revision=args.text_model_revision, cache_dir=args.cache_dir
+            )
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
     except (OSError, ModelLoadError) as error:
         if isinstance(error, ModelLoadError) and not isinstance(error.__cause__, OSError):
@@ -410,11 +477,15 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
     set_training_dtypes(model, frozen_dtype)
     if args.lora_r:
         targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          # a regex inside the decoder, whatever its module tree, so that CLIP's q_proj/v_proj
-                          # are never wrapped
-                          target_modules=rf"model\.language_model\..*\.({targets})",
-                          modules_to_save=["multi_modal_projector"])
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            # a regex inside the decoder, whatever its module tree, so that CLIP's q_proj/v_proj
+            # are never wrapped
+            target_modules=rf"model\.language_model\..*\.({targets})",
+            modules_to_save=["multi_modal_projector"],
+        )
         model = get_peft_model(model, lora)
     return model, processor
 
@@ -423,13 +494,25 @@ def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
     """Where the vision and text weights came from, for the model card."""
     if args.tiny_model:
         return "tiny random CLIP (test size)", "tiny random Qwen3 (test size)"
-    return (getattr(config.vision_config, "_name_or_path", "") or args.vision_model_name_or_path,
-            getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path)
+    return (
+        getattr(config.vision_config, "_name_or_path", "") or args.vision_model_name_or_path,
+        getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path,
+    )
 
 
 # ---- export ----------------------------------------------------------------------------------------------
-def export(trainer, processor, data: CaptionData, predictions: dict[str, list[dict]], metrics: dict,
-           generation_kwargs: dict, timer: PhaseTimer, model_args, data_args, training_args) -> Path:
+def export(
+    trainer,
+    processor,
+    data: CaptionData,
+    predictions: dict[str, list[dict]],
+    metrics: dict,
+    generation_kwargs: dict,
+    timer: PhaseTimer,
+    model_args,
+    data_args,
+    training_args,
+) -> Path:
     """The folder that is published: complete model, processor, predictions, figures and model card."""
     final = Path(training_args.output_dir)
     # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
@@ -442,8 +525,18 @@ def export(trainer, processor, data: CaptionData, predictions: dict[str, list[di
             write_jsonl(staging / f"predictions_{split}.jsonl", rows)
         curves = plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
         samples = plot_samples(data, predictions, staging / "sample_captions.png")
-        card = model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer,
-                          curves_png=curves and curves.name, samples_png=samples and samples.name)
+        card = model_card(
+            trainer,
+            model,
+            model_args,
+            data_args,
+            training_args,
+            metrics,
+            generation_kwargs,
+            timer,
+            curves_png=curves and curves.name,
+            samples_png=samples and samples.name,
+        )
         card.save(staging / "README.md")
         publish(staging, final, step=trainer.state.global_step)
     finally:
@@ -486,22 +579,35 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
     if not indices:
         return None
     shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices) if row["image"] is not None]
-    return plot_sample_grid([image for image, _ in shown], [row["caption"] for _, row in shown],
-                            [row["references"] for _, row in shown], path)
+    return plot_sample_grid(
+        [image for image, _ in shown],
+        [row["caption"] for _, row in shown],
+        [row["references"] for _, row in shown],
+        path,
+    )
 
 
 def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
     """The model card, from the run's real values."""
     vision_id, text_id = describe_backbones(model_args, model.config)
     return build_model_card(
-        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name, vision_id=vision_id,
-        text_id=text_id, dataset_name="local data" if data_args.local_files else data_args.dataset_name,
+        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
+        vision_id=vision_id,
+        text_id=text_id,
+        dataset_name="local data" if data_args.local_files else data_args.dataset_name,
         dataset_revision=data_args.dataset_revision if data_args.on_hub else None,
-        dataset_detail=describe_data(data_args), model_config=model.config, metrics=metrics,
-        hyperparameters=describe_training(trainer, model_args, data_args), generation_kwargs=generation_kwargs,
-        phases=timer.phases, versions=framework_versions(),
-        **parameter_counts(trainer.model), has_demo=Path(__file__).with_name("app.py").exists(),
-        vision_frozen=model_args.freeze_vision_model, language_frozen=model_args.freeze_language_model, **figures,
+        dataset_detail=describe_data(data_args),
+        model_config=model.config,
+        metrics=metrics,
+        hyperparameters=describe_training(trainer, model_args, data_args),
+        generation_kwargs=generation_kwargs,
+        phases=timer.phases,
+        versions=framework_versions(),
+        **parameter_counts(trainer.model),
+        has_demo=Path(__file__).with_name("app.py").exists(),
+        vision_frozen=model_args.freeze_vision_model,
+        language_frozen=model_args.freeze_language_model,
+        **figures,
     )
 
 
@@ -520,8 +626,10 @@ def publish(staging: Path, final: Path, step: int) -> None:
 
 def parameter_counts(model) -> dict[str, int]:
     """What trained, of the whole model while it trained (with LoRA: before merging)."""
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def describe_data(data_args) -> str:
@@ -534,8 +642,11 @@ def describe_data(data_args) -> str:
         version = f" at commit `{data_args.dataset_revision}`"
     else:
         version = ""
-    splits = (f", splits from its `{data_args.split_column}` column (train / val / test → train / validation / test)"
-              if data_args.split_column and not data_args.local_files else "")
+    splits = (
+        f", splits from its `{data_args.split_column}` column (train / val / test → train / validation / test)"
+        if data_args.split_column and not data_args.local_files
+        else ""
+    )
     return version + splits
 
 
@@ -560,8 +671,11 @@ def describe_training(trainer, model_args, data_args) -> dict:
         "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
         "caption mode": data_args.caption_mode,
         "max caption tokens": data_args.max_caption_length,
-        "LoRA": (f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}"
-                 if model_args.lora_r else "off"),
+        "LoRA": (
+            f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}"
+            if model_args.lora_r
+            else "off"
+        ),
         "seed": args.seed,
     }
 
@@ -602,8 +716,11 @@ def main(args=None):
 
 
 def setup_logging(training_args):
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     # Our own progress lines (data revision, cache, pushes) at INFO on the main process unless --log_level says
     # otherwise.
@@ -612,8 +729,13 @@ def setup_logging(training_args):
         library_logger.setLevel(own_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    logger.warning("process rank %s, device %s, n_gpu %s, distributed %s", training_args.process_index,
-                   training_args.device, training_args.n_gpu, training_args.parallel_mode.value)
+    logger.warning(
+        "process rank %s, device %s, n_gpu %s, distributed %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value,
+    )
 
 
 def run(model_args, data_args, caption_args, training_args) -> dict:
@@ -651,14 +773,22 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
-    data = prepare_data(data_args, training_args, base, processor, timer, cache_dir=model_args.cache_dir,
-                        vision_features=data_args.use_feature_cache and model_args.freeze_vision_model)
+    data = prepare_data(
+        data_args,
+        training_args,
+        base,
+        processor,
+        timer,
+        cache_dir=model_args.cache_dir,
+        vision_features=data_args.use_feature_cache and model_args.freeze_vision_model,
+    )
     train_dataset = None
     if training_args.do_train:
         train = data.splits["train"]
         train_dataset = expand_captions(train) if data_args.caption_mode == "all" else train
-    eval_pairs = {split: expand_captions(data.splits[split]) for split in ("validation", "test")
-                  if split in data.splits}
+    eval_pairs = {
+        split: expand_captions(data.splits[split]) for split in ("validation", "test") if split in data.splits
+    }
     if training_args.train_sampling_strategy == "group_by_length":  # Trainer groups evaluation batches too
         train_dataset = add_caption_lengths(train_dataset, processor.tokenizer) if train_dataset is not None else None
         eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
@@ -666,8 +796,11 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # 6. Trainer
     collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)
     # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
-    generation_kwargs = {"max_new_tokens": caption_args.max_new_tokens, "min_new_tokens": 1,
-                         "num_beams": caption_args.num_beams}
+    generation_kwargs = {
+        "max_new_tokens": caption_args.max_new_tokens,
+        "min_new_tokens": 1,
+        "num_beams": caption_args.num_beams,
+    }
     trainer = CaptionTrainer(
         model=model,
         args=training_args,
@@ -689,16 +822,27 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
             with timer.phase("training", unit="pairs") as phase:
                 result = trainer.train(resume_from_checkpoint=last_checkpoint)
                 phase["items"] = result.metrics["train_pairs"]
-        except (NonFiniteLossError, LostImagesError, checkpoints.CheckpointSaveError,
-                checkpoints.IncompatibleCheckpointError) as error:
+        except (
+            NonFiniteLossError,
+            LostImagesError,
+            checkpoints.CheckpointSaveError,
+            checkpoints.IncompatibleCheckpointError,
+        ) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
         if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends
-            logger.warning("Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to "
-                           "resume.", trainer.graceful_stop.signal_name, trainer.state.global_step, out)
+            logger.warning(
+                "Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
+                trainer.graceful_stop.signal_name,
+                trainer.state.global_step,
+                out,
+            )
             return {"preempted_at_step": trainer.state.global_step}
-        train_metrics = dict(result.metrics, train_samples=len(train_dataset),
-                             **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()})
+        train_metrics = dict(
+            result.metrics,
+            train_samples=len(train_dataset),
+            **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
+        )
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
@@ -706,8 +850,10 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
 
     # 8. Evaluation: validation loss, then generated captions scored against all references
     predictions = {}  # split -> one row per image: image_id, caption, references
-    for prefix, split, flag in (("eval", "validation", training_args.do_eval),
-                                ("test", "test", training_args.do_predict)):
+    for prefix, split, flag in (
+        ("eval", "validation", training_args.do_eval),
+        ("test", "test", training_args.do_predict),
+    ):
         if flag:
             with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
                 output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
@@ -724,42 +870,85 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     try:
         with timer.phase("export"):
             trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
-            folder = export(trainer, processor, data, predictions, metrics, generation_kwargs, timer, model_args,
-                            data_args, training_args)
+            folder = export(
+                trainer,
+                processor,
+                data,
+                predictions,
+                metrics,
+                generation_kwargs,
+                timer,
+                model_args,
+                data_args,
+                training_args,
+            )
     except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
         checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
-        raise SystemExit(f"error: exporting to {out} failed ({error}). "
-                         + (f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
-                            "same command to export it without training again." if checkpoint else
-                            "No checkpoint was saved (--save_strategy no): free some space and rerun.")) from error
+        raise SystemExit(
+            f"error: exporting to {out} failed ({error}). "
+            + (
+                f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
+                "same command to export it without training again."
+                if checkpoint
+                else "No checkpoint was saved (--save_strategy no): free some space and rerun."
+            )
+        ) from error
     logger.info("Model, processor, metrics, predictions and model card in %s", folder)
     if training_args.push_to_hub:
         try:
             with timer.phase("push"):
-                metrics["hub_commit"] = hub.push_export(folder, trainer.hub_model_id,
-                                                        revision=training_args.hub_revision,
-                                                        token=training_args.hub_token)
+                metrics["hub_commit"] = hub.push_export(
+                    folder, trainer.hub_model_id, revision=training_args.hub_revision, token=training_args.hub_token
+                )
         except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
-            raise SystemExit(f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
-                             f"{error}). Everything is saved in {folder}; push it again with "
-                             f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`.") from error
+            raise SystemExit(
+                f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
+                f"{error}). Everything is saved in {folder}; push it again with "
+                f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`."
+            ) from error
     trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
     return metrics | timer.metrics()
 
 
 # Flags a rerun may change without changing what was trained: caches, decoding workers, evaluation and export.
-RERUN_MAY_CHANGE = {"cache_dir", "merge_lora", "validation_file", "test_file", "validation_dir", "test_dir",
-                    "max_eval_samples", "max_predict_samples", "use_feature_cache", "feature_cache_dir",
-                    "check_images", "preprocessing_num_workers", "num_beams", "max_new_tokens", "overwrite_output_dir"}
-TRAINING_FLAGS = ("learning_rate", "lr_scheduler_type", "weight_decay", "per_device_train_batch_size",
-                  "gradient_accumulation_steps", "seed", "max_steps", "num_train_epochs")
+RERUN_MAY_CHANGE = {
+    "cache_dir",
+    "merge_lora",
+    "validation_file",
+    "test_file",
+    "validation_dir",
+    "test_dir",
+    "max_eval_samples",
+    "max_predict_samples",
+    "use_feature_cache",
+    "feature_cache_dir",
+    "check_images",
+    "preprocessing_num_workers",
+    "num_beams",
+    "max_new_tokens",
+    "overwrite_output_dir",
+}
+TRAINING_FLAGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "max_steps",
+    "num_train_epochs",
+)
 
 
 def run_arguments(model_args, data_args, caption_args, training_args) -> dict:
     """{"--flag": value} of what a run trains: every model, data and captioning flag (a flag added later counts
     too) but RERUN_MAY_CHANGE, and TRAINING_FLAGS."""
-    values = {f.name: getattr(args, f.name) for args in (model_args, data_args, caption_args)
-              for f in dataclasses.fields(args) if f.name not in RERUN_MAY_CHANGE}
+    values = {
+        f.name: getattr(args, f.name)
+        for args in (model_args, data_args, caption_args)
+        for f in dataclasses.fields(args)
+        if f.name not in RERUN_MAY_CHANGE
+    }
     values |= {name: getattr(training_args, name) for name in TRAINING_FLAGS}
     return {f"--{name}": value for name, value in values.items()}
 
@@ -790,12 +979,14 @@ def check_rerun(out: Path, model_args, data_args, caption_args, training_args) -
         raise preflight.PreflightError(
             f"{out} holds a run made with other settings ({listed}); its checkpoints and model are of those. Pass "
             "--overwrite_output_dir to train the new settings there from scratch, or choose another --output_dir "
-            "(a longer --max_steps or --num_train_epochs alone continues the run).")
+            "(a longer --max_steps or --num_train_epochs alone continues the run)."
+        )
     return longer
 
 
-def detect_last_checkpoint(out: Path, caption_args, training_args,
-                           continue_training: bool = False) -> tuple[str | None, dict | None]:
+def detect_last_checkpoint(
+    out: Path, caption_args, training_args, continue_training: bool = False
+) -> tuple[str | None, dict | None]:
     """(the checkpoint to resume from or None, the finished run's run_complete.json or None). A finished run is
     evaluated and exported again, or, with `continue_training` (check_rerun), resumed from its last checkpoint."""
     resume = training_args.resume_from_checkpoint
@@ -815,18 +1006,25 @@ def detect_last_checkpoint(out: Path, caption_args, training_args,
                 raise preflight.PreflightError(
                     f"{out} holds a finished run (step {finished['global_step']}) that kept no checkpoint to train "
                     "on from (--save_strategy no). Pass --overwrite_output_dir to train the longer run from scratch, "
-                    "or choose another --output_dir.")
+                    "or choose another --output_dir."
+                )
             logger.info("Training the finished run further, as asked, from %s.", last_checkpoint)
             return last_checkpoint, None
-        logger.warning("%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
-                       "--overwrite_output_dir to train afresh.", out, finished["global_step"])
+        logger.warning(
+            "%s holds a finished run (step %s): evaluating and exporting it without training. Pass "
+            "--overwrite_output_dir to train afresh.",
+            out,
+            finished["global_step"],
+        )
         return None, finished
     # Not transformers' get_last_checkpoint: that takes the highest checkpoint-N, torn or not.
     last_checkpoint = checkpoints.last_complete_checkpoint(out)
     if last_checkpoint is None and (out / "config.json").exists():
-        raise ValueError(f"{out} already holds a model (config.json) from an earlier run, and no checkpoint-* to "
-                         "resume. Choose another --output_dir, or pass --overwrite_output_dir to train into it "
-                         "anyway.")
+        raise ValueError(
+            f"{out} already holds a model (config.json) from an earlier run, and no checkpoint-* to "
+            "resume. Choose another --output_dir, or pass --overwrite_output_dir to train into it "
+            "anyway."
+        )
     if last_checkpoint:
         logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
     return last_checkpoint, None

@@ -113,8 +113,10 @@ class DecodeCounter:
 
     def per_image(self) -> dict:
         counts = Counter(self.path.read_text().splitlines())
-        return {"decodes_per_image": {str(k): v for k, v in sorted(Counter(counts.values()).items())},
-                "images": len(counts)}
+        return {
+            "decodes_per_image": {str(k): v for k, v in sorted(Counter(counts.values()).items())},
+            "images": len(counts),
+        }
 
 
 def old_data_path(dataset, processor, batch_size, model=None):
@@ -126,7 +128,7 @@ def old_data_path(dataset, processor, batch_size, model=None):
     checked = cleaning.drop_unreadable_images(dataset, "bench")
     raw = checked.with_format(None).cast_column("image", datasets.Image(decode=False))
     for start in range(0, len(raw), batch_size):
-        batch = raw[start:start + batch_size]
+        batch = raw[start : start + batch_size]
         images = [to_rgb(load_image(entry, name=entry.get("path") or "image")) for entry in batch["image"]]
         pixels = processor.preprocess_images(images)
         if model is not None:
@@ -192,11 +194,13 @@ def breakdown(folder: Path, names: list[str], processor, count: int = 100) -> di
 
     timed("pil_decode_ms", decode_all)
     loaded = timed("load_image_ms", lambda: [load_image(str(path)) for path in paths])
-    timed("old_preprocess_images_ms", lambda: [processor.preprocess_images(loaded[i:i + 64])
-                                               for i in range(0, len(loaded), 64)])
+    timed(
+        "old_preprocess_images_ms",
+        lambda: [processor.preprocess_images(loaded[i : i + 64]) for i in range(0, len(loaded), 64)],
+    )
     crops = timed("new_crop_ms", lambda: [fast.crop(image) for image in loaded])
     stacked = torch.stack(crops)
-    timed("new_normalise_ms", lambda: [fast.normalise(stacked[i:i + 64]) for i in range(0, len(stacked), 64)])
+    timed("new_normalise_ms", lambda: [fast.normalise(stacked[i : i + 64]) for i in range(0, len(stacked), 64)])
     return {key: round(value, 2) for key, value in timings.items()}
 
 
@@ -204,9 +208,13 @@ def differences(new: torch.Tensor, old: torch.Tensor) -> dict:
     delta = (new - old).abs()
     flat_new, flat_old = new.flatten(1), old.flatten(1)
     cosine = torch.nn.functional.cosine_similarity(flat_new, flat_old, dim=1)
-    return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean()),
-            "max_abs_over_mean_abs_value": float(delta.max() / old.abs().mean()),
-            "fraction_differing": float((delta > 0).float().mean()), "min_cosine": float(cosine.min())}
+    return {
+        "max_abs": float(delta.max()),
+        "mean_abs": float(delta.mean()),
+        "max_abs_over_mean_abs_value": float(delta.max() / old.abs().mean()),
+        "fraction_differing": float((delta > 0).float().mean()),
+        "min_cosine": float(cosine.min()),
+    }
 
 
 @torch.no_grad()
@@ -224,12 +232,16 @@ def parity(processor, generated: list[Path]) -> dict:
     for label, paths in (("real_photos", photos), ("generated_flickr_sized", generated)):
         images = [load_image(path) for path in paths]
         new, old = pixel_values(images, processor), processor.preprocess_images(images)
-        entry = {"images": len(images), "pixel_values": differences(new, old),
-                 "tiny_clip_features": differences(tiny.get_vision_embeds(new), tiny.get_vision_embeds(old))}
+        entry = {
+            "images": len(images),
+            "pixel_values": differences(new, old),
+            "tiny_clip_features": differences(tiny.get_vision_embeds(new), tiny.get_vision_embeds(old)),
+        }
         full_new, full_old = (full(pixel_values=p, output_hidden_states=True) for p in (new, old))
         entry["clip_b32_random_pooled_projected"] = differences(full_new.image_embeds, full_old.image_embeds)
-        entry["clip_b32_random_penultimate_patches"] = differences(full_new.hidden_states[-2],
-                                                                   full_old.hidden_states[-2])
+        entry["clip_b32_random_penultimate_patches"] = differences(
+            full_new.hidden_states[-2], full_old.hidden_states[-2]
+        )
         result[label] = entry
     return result
 
@@ -255,13 +267,17 @@ def ratios(rates: dict, cpu_total: dict, ceiling_per_round: list[float]) -> dict
         "cache_worker_scaling_of_ceiling": round(scaling / ceiling, 2),
         "end_to_end_tiny_clip": {
             "cache_worker_scaling": per_round("end_to_end_tiny_clip", NEW[2], NEW[1]),
-            "new_1_worker_vs_old": per_round("end_to_end_tiny_clip", NEW[1], OLD)},
+            "new_1_worker_vs_old": per_round("end_to_end_tiny_clip", NEW[1], OLD),
+        },
     }
 
 
 def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
@@ -297,13 +313,22 @@ def main():
         work = 2_000_000
         caches = iter(range(10**6))
         paths = {
-            "data": {OLD: lambda: old_data_path(dataset, processor, args.batch_size),
-                     IN_PROCESS: lambda: new_data_path(dataset, processor, args.batch_size, 0),
-                     **{NEW[w]: (lambda w=w: new_data_path(dataset, processor, args.batch_size, w)) for w in NEW}},
+            "data": {
+                OLD: lambda: old_data_path(dataset, processor, args.batch_size),
+                IN_PROCESS: lambda: new_data_path(dataset, processor, args.batch_size, 0),
+                **{NEW[w]: (lambda w=w: new_data_path(dataset, processor, args.batch_size, w)) for w in NEW},
+            },
             "end_to_end_tiny_clip": {
                 OLD: lambda: old_data_path(dataset, processor, args.batch_size, model),
-                **{NEW[w]: (lambda w=w: new_end_to_end(dataset, processor, args.batch_size, w, model,
-                                                       folder / f"cache-{next(caches)}")) for w in NEW}},
+                **{
+                    NEW[w]: (
+                        lambda w=w: new_end_to_end(
+                            dataset, processor, args.batch_size, w, model, folder / f"cache-{next(caches)}"
+                        )
+                    )
+                    for w in NEW
+                },
+            },
         }
         rates = {kind: {name: [] for name in group} for kind, group in paths.items()}
         cpu_main = {kind: {name: [] for name in group} for kind, group in paths.items()}
@@ -324,36 +349,55 @@ def main():
                     cpu_workers[kind][name].append((workers_after - workers_before) / len(names) * 1e3)
                     if kind == "data":
                         decodes[name] = counter.per_image()
-                    print(f"round {round_ + 1}, {kind}: {name}: {rates[kind][name][-1]:.1f} images/s "
-                          f"(CPU ms/image: main {cpu_main[kind][name][-1]:.2f}, workers "
-                          f"{cpu_workers[kind][name][-1]:.2f})", flush=True)
-            for processes in ((1, 2) if round_ % 2 == 0 else (2, 1)):
+                    print(
+                        f"round {round_ + 1}, {kind}: {name}: {rates[kind][name][-1]:.1f} images/s "
+                        f"(CPU ms/image: main {cpu_main[kind][name][-1]:.2f}, workers "
+                        f"{cpu_workers[kind][name][-1]:.2f})",
+                        flush=True,
+                    )
+            for processes in (1, 2) if round_ % 2 == 0 else (2, 1):
                 ceiling[processes].append(control(processes, work))
             loads.append(os.getloadavg()[0])
-            print(f"round {round_ + 1}: control {ceiling[2][-1] / ceiling[1][-1]:.2f}x with 2 processes, "
-                  f"load {loads[-1]:.2f}", flush=True)
+            print(
+                f"round {round_ + 1}: control {ceiling[2][-1] / ceiling[1][-1]:.2f}x with 2 processes, "
+                f"load {loads[-1]:.2f}",
+                flush=True,
+            )
         steps = breakdown(folder, names, processor)
         matched = parity(processor, [folder / name for name in names[:64]])
 
     def medians(table):
-        return {kind: {name: round(statistics.median(values), 2) for name, values in group.items()}
-                for kind, group in table.items()}
+        return {
+            kind: {name: round(statistics.median(values), 2) for name, values in group.items()}
+            for kind, group in table.items()
+        }
 
     median = medians(rates)
-    cpu_total = {name: round(statistics.median([m + w for m, w in zip(cpu_main["data"][name],
-                                                                         cpu_workers["data"][name])]), 2)
-                 for name in rates["data"]}
+    cpu_total = {
+        name: round(statistics.median([m + w for m, w in zip(cpu_main["data"][name], cpu_workers["data"][name])]), 2)
+        for name in rates["data"]
+    }
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**info, "load_average_per_round": [round(x, 2) for x in loads],
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "images": len(names), "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1e3, 1), "rounds": args.rounds,
+        "machine": {
+            **info,
+            "load_average_per_round": [round(x, 2) for x in loads],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "images": len(names),
+        "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1e3, 1),
+        "rounds": args.rounds,
         "batch_size": args.batch_size,
         "images_per_s_median": median,
-        "images_per_s_all_rounds": {kind: {name: [round(v, 1) for v in values] for name, values in group.items()}
-                                    for kind, group in rates.items()},
-        "cpu_ms_per_image_median": {"main": medians(cpu_main), "workers": medians(cpu_workers),
-                                    "data_path_total": cpu_total},
+        "images_per_s_all_rounds": {
+            kind: {name: [round(v, 1) for v in values] for name, values in group.items()}
+            for kind, group in rates.items()
+        },
+        "cpu_ms_per_image_median": {
+            "main": medians(cpu_main),
+            "workers": medians(cpu_workers),
+            "data_path_total": cpu_total,
+        },
         "machine_scaling_ceiling_all_rounds": [round(b / a, 2) for a, b in zip(ceiling[1], ceiling[2])],
         **ratios(rates, cpu_total, [b / a for a, b in zip(ceiling[1], ceiling[2])]),
         "decodes": decodes,

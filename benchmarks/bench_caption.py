@@ -73,20 +73,31 @@ def weights_of(variant: str) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="images captioned by the ours variants")
-    parser.add_argument("--course-images", type=int, default=None,
-                        help="images captioned by the course loop (default --images); rates are per caption")
+    parser.add_argument(
+        "--course-images",
+        type=int,
+        default=None,
+        help="images captioned by the course loop (default --images); rates are per caption",
+    )
     parser.add_argument("--bs1-images", type=int, default=None, help="images for ours_bs1 (default --images)")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="ours_batched")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (0 or 1)")
     parser.add_argument("--static-cache", action="store_true", help="ours: cache_implementation='static'")
-    parser.add_argument("--compile", action="store_true",
-                        help="ours, with --static-cache on CUDA: let generate() torch.compile the decoding step")
-    parser.add_argument("--vision-chunk", type=int, default=4, help="ours: CLIP encodes this many images at a time "
-                        "and generate() gets vision_embeds (0: pass the pixels of the whole batch to generate())")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours, with --static-cache on CUDA: let generate() torch.compile the decoding step",
+    )
+    parser.add_argument(
+        "--vision-chunk",
+        type=int,
+        default=4,
+        help="ours: CLIP encodes this many images at a time "
+        "and generate() gets vision_embeds (0: pass the pixels of the whole batch to generate())",
+    )
     add_common_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     return parser.parse_args(argv)
-
 
 
 def suppressed_ids(model):
@@ -123,8 +134,9 @@ def run_course(args, model, processor, paths, device, weights):
     sync(device)
     start = time.perf_counter()
     with profiled(args.profile):
-        captions = [course_caption(model, processor.image_processor, path, args.new_tokens, suppress, device)
-                    for path in paths]
+        captions = [
+            course_caption(model, processor.image_processor, path, args.new_tokens, suppress, device) for path in paths
+        ]
         sync(device)
     return captions, time.perf_counter() - start
 
@@ -138,7 +150,7 @@ def ours_generate(model, processor, paths, args, device, weights):
     else:  # CLIP a few images at a time; only their features (not CLIP's activations for all) are kept
         parts, features = [], []
         for start in range(0, len(paths), chunk):
-            part = processor(images=[Image.open(path) for path in paths[start:start + chunk]]).to(device)
+            part = processor(images=[Image.open(path) for path in paths[start : start + chunk]]).to(device)
             with autocast(device, weights):
                 features.append(model.get_vision_embeds(part.pop("pixel_values")))
             parts.append(part)
@@ -154,18 +166,19 @@ def ours_generate(model, processor, paths, args, device, weights):
             cache_implementation="static" if args.static_cache else None,
             disable_compile=not args.compile,
         )
-    return out[:, inputs["input_ids"].shape[1]:].tolist()
+    return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 def run_ours(args, model, processor, paths, device, weights, batch_size):
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     if args.warmup:  # same shapes as the timed calls, so that a compiled step is compiled before timing
         ours_generate(model, processor, batches[0], args, device, weights)
     sync(device)
     start = time.perf_counter()
     with profiled(args.profile):
-        captions = [tokens for batch in batches
-                    for tokens in ours_generate(model, processor, batch, args, device, weights)]
+        captions = [
+            tokens for batch in batches for tokens in ours_generate(model, processor, batch, args, device, weights)
+        ]
         sync(device)
     return captions, time.perf_counter() - start
 
@@ -206,8 +219,11 @@ def same_tokens(candidate: list[list[int]], reference: list[list[int]]) -> dict:
     """Identical captions, and the share of new tokens before a caption first differs from the reference's."""
     pairs = list(zip(candidate, reference))
     prefix = [next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r))) for c, r in pairs]
-    return {"compared": len(pairs), "identical": sum(c == r for c, r in pairs),
-            "agreeing_token_share": round(sum(prefix) / max(1, sum(len(r) for _, r in pairs)), 3)}
+    return {
+        "compared": len(pairs),
+        "identical": sum(c == r for c, r in pairs),
+        "agreeing_token_share": round(sum(prefix) / max(1, sum(len(r) for _, r in pairs)), 3),
+    }
 
 
 def main(argv=None):
@@ -226,24 +242,37 @@ def main(argv=None):
     variants = [v for v in args.variants.split(",") if v]
     runs = run_rounds(Path(__file__), variants, argv, args.rounds)
     results = {v: median_summary(r, MEDIAN_KEYS) for v, r in runs.items()}
-    summary = {"benchmark": "caption", **environment(device), "rounds": args.rounds,
-               "threads": torch.get_num_threads() if device.type == "cpu" else None, **results}
+    summary = {
+        "benchmark": "caption",
+        **environment(device),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        **results,
+    }
     # greedy tokens of the first round (every round computes the same ones)
     for reference in ("course", "ours_bs1"):
         if reference in results:
-            summary[f"same_tokens_as_{reference}"] = {v: same_tokens(r["tokens"], results[reference]["tokens"])
-                                                      for v, r in results.items() if v != reference}
+            summary[f"same_tokens_as_{reference}"] = {
+                v: same_tokens(r["tokens"], results[reference]["tokens"]) for v, r in results.items() if v != reference
+            }
     ratios = {}
     for base in (b for b in ("course", "course_fp32") if b in runs):
         for v in (v for v in variants if v.startswith("ours")):
             speed, memory = (per_round_ratios(runs, v, base, key) for key in ("captions_per_s", "peak_memory_gib"))
-            ratios[f"{v}/{base}"] = {"captions_per_s": median(speed), "peak_memory_gib": median(memory),
-                                     "captions_per_s_rounds": speed, "peak_memory_gib_rounds": memory}
+            ratios[f"{v}/{base}"] = {
+                "captions_per_s": median(speed),
+                "peak_memory_gib": median(memory),
+                "captions_per_s_rounds": speed,
+                "peak_memory_gib_rounds": memory,
+            }
     summary["ratios"] = ratios
     summary["targets"] = {
-        name: {"captions_per_s_at_least_20x": r["captions_per_s"] >= 20,
-               "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1}
-        for name, r in ratios.items() if name.startswith("ours_batched") and name.endswith("/course")
+        name: {
+            "captions_per_s_at_least_20x": r["captions_per_s"] >= 20,
+            "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1,
+        }
+        for name, r in ratios.items()
+        if name.startswith("ours_batched") and name.endswith("/course")
     }
     headline = headline_ratios(ratios, "caption", "captions_per_s", default="ours_batched", bf16="ours_batched_bf16")
     if "ours_batched" in results:
@@ -251,16 +280,31 @@ def main(argv=None):
     bs1 = {results[v]["weights"]: v for v in ("ours_bs1", "ours_bs1_bf16", "ours_bs1_int8") if v in results}
     if bs1:
         headline["latency_bs1_seconds"] = {
-            weights: {"seconds_per_caption": results[v]["seconds_per_caption"], "new_tokens": args.new_tokens,
-                      **({"vs_ours_bs1": summary["same_tokens_as_ours_bs1"][v]}
-                         if v != "ours_bs1" and "same_tokens_as_ours_bs1" in summary else {})}
-            for weights, v in bs1.items()}
+            weights: {
+                "seconds_per_caption": results[v]["seconds_per_caption"],
+                "new_tokens": args.new_tokens,
+                **(
+                    {"vs_ours_bs1": summary["same_tokens_as_ours_bs1"][v]}
+                    if v != "ours_bs1" and "same_tokens_as_ours_bs1" in summary
+                    else {}
+                ),
+            }
+            for weights, v in bs1.items()
+        }
     for r in results.values():  # token ids were only needed for the comparison; keep the JSON readable
         r["tokens_first_caption"] = r.pop("tokens")[0]
     path = results_path(args)
     if path and "course" in runs:
-        keep = ("command", "torch", "rounds", "threads", "ratios", "targets", "same_tokens_as_course",
-                "same_tokens_as_ours_bs1")
+        keep = (
+            "command",
+            "torch",
+            "rounds",
+            "threads",
+            "ratios",
+            "targets",
+            "same_tokens_as_course",
+            "same_tokens_as_ours_bs1",
+        )
         figures = {key: summary[key] for key in keep if key in summary}
         write_results("caption", figures | results, headline, environment(device), path)
     emit(summary)

@@ -49,9 +49,9 @@ def parse_args(argv=None):
 def caption_split(model, processor, split, batch_size: int, device: str) -> tuple[list[list[int]], list[str]]:
     tokens, captions = [], []
     for start in range(0, len(split), batch_size):
-        rows = split[start:start + batch_size]
+        rows = split[start : start + batch_size]
         inputs = processor(images=rows["image"]).to(device)
-        ids = model.generate(**inputs)[:, inputs["input_ids"].shape[1]:]  # the generation_config saved with it
+        ids = model.generate(**inputs)[:, inputs["input_ids"].shape[1] :]  # the generation_config saved with it
         captions += processor.batch_decode(ids)
         eos = model.generation_config.eos_token_id
         tokens += [[t for t in row if t != eos] for row in ids.tolist()]  # padding after the end is not a token
@@ -60,10 +60,15 @@ def caption_split(model, processor, split, batch_size: int, device: str) -> tupl
 
 def agreement(candidate: list[list[int]], reference: list[list[int]]) -> dict:
     """Identical captions, and the share of reference tokens before a caption first differs from the reference."""
-    prefix = [next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
-              for c, r in zip(candidate, reference)]
-    return {"identical_captions": sum(c == r for c, r in zip(candidate, reference)), "captions": len(reference),
-            "agreeing_token_share": round(sum(prefix) / max(1, sum(map(len, reference))), 4)}
+    prefix = [
+        next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        for c, r in zip(candidate, reference)
+    ]
+    return {
+        "identical_captions": sum(c == r for c, r in zip(candidate, reference)),
+        "captions": len(reference),
+        "agreeing_token_share": round(sum(prefix) / max(1, sum(map(len, reference))), 4),
+    }
 
 
 def main(argv=None):
@@ -80,20 +85,38 @@ def main(argv=None):
         seconds = time.perf_counter() - start
         scores = compute_caption_metrics(captions, references)
         reference_tokens = reference_tokens or tokens  # the first precision (fp32) is the reference
-        figures[precision] = {"seconds": round(seconds, 2), **{k: round(v, 4) for k, v in scores.items()},
-                              "vs_first": agreement(tokens, reference_tokens), "first_captions": captions[:3]}
-        log(f"{precision}: {scores} in {seconds:.1f} s; vs {args.precisions.split(',')[0]}: "
-            f"{figures[precision]['vs_first']}")
+        figures[precision] = {
+            "seconds": round(seconds, 2),
+            **{k: round(v, 4) for k, v in scores.items()},
+            "vs_first": agreement(tokens, reference_tokens),
+            "first_captions": captions[:3],
+        }
+        log(
+            f"{precision}: {scores} in {seconds:.1f} s; vs {args.precisions.split(',')[0]}: "
+            f"{figures[precision]['vs_first']}"
+        )
         del model
     first = next(iter(figures.values()))
-    differences = {p: {k: round(f[k] - first[k], 4) for k in first if isinstance(first[k], float) and k != "seconds"}
-                   for p, f in figures.items() if f is not first}
-    summary = {"benchmark": "trained_model_precision", **environment(device), "model": args.model,
-               "test_images": len(test), "decoding": model_decoding(args.model), "precisions": figures,
-               "metric_differences_vs_first": differences}
+    differences = {
+        p: {k: round(f[k] - first[k], 4) for k in first if isinstance(first[k], float) and k != "seconds"}
+        for p, f in figures.items()
+        if f is not first
+    }
+    summary = {
+        "benchmark": "trained_model_precision",
+        **environment(device),
+        "model": args.model,
+        "test_images": len(test),
+        "decoding": model_decoding(args.model),
+        "precisions": figures,
+        "metric_differences_vs_first": differences,
+    }
     if args.results:
-        headline = {"trained_model_precision_vs_fp32": {
-            p: {"metric_differences": differences[p], **figures[p]["vs_first"]} for p in differences}}
+        headline = {
+            "trained_model_precision_vs_fp32": {
+                p: {"metric_differences": differences[p], **figures[p]["vs_first"]} for p in differences
+            }
+        }
         write_results("trained_model_precision", summary, headline, environment(device), Path(args.results))
     emit(summary)
 

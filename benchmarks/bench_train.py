@@ -72,30 +72,55 @@ from processing_clipqwen import to_rgb  # noqa: E402
 VARIANTS = ("course", "course_fp32", "ours", "ours_bf16")
 DEFAULT_VARIANTS = ("course", "ours", "ours_bf16")
 WEIGHTS_OF = {"course": "course", "course_fp32": "fp32", "ours": "training", "ours_bf16": "bf16"}
-MEDIAN_KEYS = ("pairs_per_s", "pairs_per_cpu_s", "caption_tokens_per_s", "peak_memory_gib", "achieved_tflops",
-               "pairs_per_s_incl_cache_5_captions_per_image", "feature_cache_s_per_image")
+MEDIAN_KEYS = (
+    "pairs_per_s",
+    "pairs_per_cpu_s",
+    "caption_tokens_per_s",
+    "peak_memory_gib",
+    "achieved_tflops",
+    "pairs_per_s_incl_cache_5_captions_per_image",
+    "feature_cache_s_per_image",
+)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="ours trains on steps × batch-size timed pairs "
-                        "(5 × 32 = 4 passes over the 40 photo-caption pairs); with --group-by-length the number of "
-                        "batches can differ")
-    parser.add_argument("--course-steps", type=int, default=3, help="timed steps of the course pipeline (its "
-                        "cost does not depend on the captions: they are all padded to --course-max-length)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="ours trains on steps × batch-size timed pairs "
+        "(5 × 32 = 4 passes over the 40 photo-caption pairs); with --group-by-length the number of "
+        "batches can differ",
+    )
+    parser.add_argument(
+        "--course-steps",
+        type=int,
+        default=3,
+        help="timed steps of the course pipeline (its "
+        "cost does not depend on the captions: they are all padded to --course-max-length)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, each variant")
     parser.add_argument("--batch-size", type=int, default=32, help="ours: pairs per batch (at most)")
-    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                        help="ours: batch captions of similar length (sorted within the timed pairs)")
-    parser.add_argument("--max-batch-tokens", type=int, default=512, help="ours, with --group-by-length: at most "
-                        "this many padded positions per batch (0 = no limit); 512 ≈ the course's 4 × 129, which "
-                        "bounds activation memory to the course's")
+    parser.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: batch captions of similar length (sorted within the timed pairs)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=512,
+        help="ours, with --group-by-length: at most "
+        "this many padded positions per batch (0 = no limit); 512 ≈ the course's 4 × 129, which "
+        "bounds activation memory to the course's",
+    )
     parser.add_argument("--course-batch-size", type=int, default=4)
     parser.add_argument("--course-max-length", type=int, default=128, help="the course's fixed caption padding")
     parser.add_argument("--vision-feature-type", choices=("pooled", "patch"), default="pooled", help="ours")
     add_common_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     return parser.parse_args(argv)
-
 
 
 def caption_token_counts(processor, captions):
@@ -113,8 +138,13 @@ def course_step(model, image_processor, tokenizer, pairs, optimizer, max_length,
         image_embeds = tower(pixel_values=pixel_values).image_embeds  # CLIP every step
     with contextlib.nullcontext():  # no autocast: the weights' own dtypes, as the course calls its bf16 Qwen3
         prefix = projector(image_embeds)  # (B, 1, 1024)
-        text = tokenizer([caption + "<|endoftext|>" for _, _, caption in pairs], padding="max_length",
-                         max_length=max_length, truncation=True, return_tensors="pt").to(device)
+        text = tokenizer(
+            [caption + "<|endoftext|>" for _, _, caption in pairs],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
         token_embeds = model.get_input_embeddings()(text["input_ids"])
         inputs_embeds = torch.cat([prefix.to(token_embeds.dtype), token_embeds], dim=1)
         attention_mask = torch.cat([text["attention_mask"].new_ones(len(pairs), 1), text["attention_mask"]], dim=1)
@@ -139,15 +169,29 @@ def run_course(args, device, weights):
     seq_len = 1 + args.course_max_length
     with PeakMemory(device) as memory:
         for step in range(args.warmup):
-            course_step(model, processor.image_processor, processor.tokenizer, warm[step * bs:(step + 1) * bs],
-                        optimizer, args.course_max_length, device)
+            course_step(
+                model,
+                processor.image_processor,
+                processor.tokenizer,
+                warm[step * bs : (step + 1) * bs],
+                optimizer,
+                args.course_max_length,
+                device,
+            )
         sync(device)
         step_times, cpu_times = [], []
         with profiled(args.profile):
             for step in range(steps):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                loss = course_step(model, processor.image_processor, processor.tokenizer,
-                                   timed[step * bs:(step + 1) * bs], optimizer, args.course_max_length, device)
+                loss = course_step(
+                    model,
+                    processor.image_processor,
+                    processor.tokenizer,
+                    timed[step * bs : (step + 1) * bs],
+                    optimizer,
+                    args.course_max_length,
+                    device,
+                )
                 sync(device)
                 step_times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
@@ -157,9 +201,11 @@ def run_course(args, device, weights):
     # the data set's mean caption length (one pass over the 40 pairs), which ours' 4 full passes also have.
     epoch = pair_stream(40)
     tokens_per_pair = sum(caption_token_counts(processor, [caption for _, _, caption in epoch])) / len(epoch)
-    flops_per_pair = (clip_forward_flops(model.config.vision_config)
-                      + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
-                      + adapter_train_flops(model.model.multi_modal_projector, 1))
+    flops_per_pair = (
+        clip_forward_flops(model.config.vision_config)
+        + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
+        + adapter_train_flops(model.model.multi_modal_projector, 1)
+    )
     return {
         "variant": args.only,
         "batch_size": bs,
@@ -184,7 +230,7 @@ def build_feature_cache(model, processor, device, batch_size=32):
     features = []
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):  # decoded and preprocessed as clipqwen.data's cache does it
-            images = [load_image(path) for path in paths[i:i + batch_size]]
+            images = [load_image(path) for path in paths[i : i + batch_size]]
             features.append(model.get_vision_embeds(pixel_values(images, processor).to(device)))
     return torch.cat(features)
 
@@ -222,18 +268,20 @@ def ours_step(model, processor, cache, pairs, optimizer, device, weights):
 
 def run_ours(args, device, weights):
     weights = resolve_weights(device, weights)
-    model = build_model(device, weights, DEFAULT_PRESET, tiny=args.tiny,
-                        vision_feature_type=args.vision_feature_type).train()
+    model = build_model(
+        device, weights, DEFAULT_PRESET, tiny=args.tiny, vision_feature_type=args.vision_feature_type
+    ).train()
     processor = processor_for(model, DEFAULT_PRESET)
     optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=1e-4)
     bs = args.batch_size
     # the timed pairs start at an epoch boundary: 5 × 32 = 4 whole passes over the 40 pairs
     warm, timed = pair_stream(args.warmup * bs, seed=1), pair_stream(args.steps * bs)
-    if args.group_by_length:
-        make = lambda pairs: length_grouped_batches(pairs, processor, bs, args.max_batch_tokens,  # noqa: E731
-                                                    model.config.num_image_tokens)
-    else:
-        make = lambda pairs: [pairs[i:i + bs] for i in range(0, len(pairs), bs)]  # noqa: E731
+
+    def make(pairs):
+        if args.group_by_length:
+            return length_grouped_batches(pairs, processor, bs, args.max_batch_tokens, model.config.num_image_tokens)
+        return [pairs[i : i + bs] for i in range(0, len(pairs), bs)]
+
     warm_batches, timed_batches = make(warm), make(timed)
     with PeakMemory(device) as memory:
         sync(device)
@@ -242,7 +290,7 @@ def run_ours(args, device, weights):
         sync(device)
         cache_seconds = time.perf_counter() - start
         log(f"feature cache: {len(cache)} images in {cache_seconds:.2f} s")
-        for batch in warm_batches[:args.warmup]:
+        for batch in warm_batches[: args.warmup]:
             ours_step(model, processor, cache, batch, optimizer, device, weights)
         sync(device)
         step_times, cpu_times, shapes, flops = [], [], [], 0.0
@@ -256,11 +304,15 @@ def run_ours(args, device, weights):
                 cpu_times.append(time.process_time() - cpu_start)
                 shapes.append([len(batch), seq_len])
                 # every sequence runs at the batch's padded length; the LM head only at supervised positions
-                flops += (len(batch) * frozen_lm_train_flops(text, seq_len, 0)
-                          + 2 * 2 * text.hidden_size * text.vocab_size * supervised
-                          + adapter_train_flops(model.model.multi_modal_projector, len(batch)))
-                log(f"ours step {step}: {step_times[-1]:.2f} s, batch {len(batch)} × {seq_len} positions, "
-                    f"loss {loss:.3f}")
+                flops += (
+                    len(batch) * frozen_lm_train_flops(text, seq_len, 0)
+                    + 2 * 2 * text.hidden_size * text.vocab_size * supervised
+                    + adapter_train_flops(model.model.multi_modal_projector, len(batch))
+                )
+                log(
+                    f"ours step {step}: {step_times[-1]:.2f} s, batch {len(batch)} × {seq_len} positions, "
+                    f"loss {loss:.3f}"
+                )
     seconds = sum(step_times)
     tokens = sum(caption_token_counts(processor, [caption for _, _, caption in timed]))
     pairs_per_s = len(timed) / seconds
@@ -311,24 +363,35 @@ def main(argv=None):
     variants = [v for v in args.variants.split(",") if v]
     runs = run_rounds(Path(__file__), variants, argv, args.rounds)
     results = {v: median_summary(r, MEDIAN_KEYS) for v, r in runs.items()}
-    summary = {"benchmark": "train", **environment(device), "rounds": args.rounds,
-               "threads": torch.get_num_threads() if device.type == "cpu" else None,
-               "peak_flops_bf16": peak_flops(device), **results}
+    summary = {
+        "benchmark": "train",
+        **environment(device),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "peak_flops_bf16": peak_flops(device),
+        **results,
+    }
     # each ratio: ours / the baseline within each round (same load), then the median over the rounds
     ratios = {}
     for base in (b for b in ("course", "course_fp32") if b in runs):
         for v in (v for v in variants if v.startswith("ours")):
-            rounds = {key: per_round_ratios(runs, v, base, key)
-                      for key in ("pairs_per_s", "pairs_per_cpu_s", "peak_memory_gib", "flops_per_pair")}
+            rounds = {
+                key: per_round_ratios(runs, v, base, key)
+                for key in ("pairs_per_s", "pairs_per_cpu_s", "peak_memory_gib", "flops_per_pair")
+            }
             rounds["pairs_per_s_incl_cache_5_captions_per_image"] = per_round_ratios(  # the cache counted
-                runs, v, base, "pairs_per_s_incl_cache_5_captions_per_image", baseline_key="pairs_per_s")
+                runs, v, base, "pairs_per_s_incl_cache_5_captions_per_image", baseline_key="pairs_per_s"
+            )
             ratios[f"{v}/{base}"] = {key: median(values) for key, values in rounds.items()}
-            ratios[f"{v}/{base}"] |= {"pairs_per_s_rounds": rounds["pairs_per_s"],
-                                      "peak_memory_gib_rounds": rounds["peak_memory_gib"]}
+            ratios[f"{v}/{base}"] |= {
+                "pairs_per_s_rounds": rounds["pairs_per_s"],
+                "peak_memory_gib_rounds": rounds["peak_memory_gib"],
+            }
     summary["ratios"] = ratios
     summary["targets"] = {
         name: {"pairs_per_s_at_least_5x": r["pairs_per_s"] >= 5, "peak_memory_at_most_1x": r["peak_memory_gib"] <= 1}
-        for name, r in ratios.items() if name.endswith("/course")
+        for name, r in ratios.items()
+        if name.endswith("/course")
     }
     headline = headline_ratios(ratios, "train", "pairs_per_s", default="ours", bf16="ours_bf16")
     if "ours" in results:

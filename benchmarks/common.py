@@ -44,8 +44,19 @@ PHOTOS = ROOT / "examples" / "coco-cc-by"
 RESULTS = ROOT / "benchmarks" / "results.json"
 CACHE_RESULTS = ROOT / "benchmarks" / "cache_results.json"
 # CPU flags worth recording: bf16 and int8 arithmetic in hardware differ between these machines.
-RECORDED_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                  "amx_int8", "bf16", "i8mm")
+RECORDED_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "bf16",
+    "i8mm",
+)
 # Dense bf16 tensor-core peak (no sparsity) of the chips the GPU script may run on, in FLOP/s.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -137,8 +148,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for chip, flops in PEAK_BF16_FLOPS.items() if chip in name), None)
 
 
-def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, tiny: bool = False,
-                **config_kwargs):
+def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, tiny: bool = False, **config_kwargs):
     """The full-size architecture (`ClipQwenConfig()` defaults are CLIP ViT-B/32 + Qwen3-0.6B-Base) in the layout of
     run_captioning.py's `preset` (`config_kwargs` override it) with random weights, built directly on `device`, in
     `weights` (WEIGHTS). Same seed ⇒ same weights in every process. `tiny` builds the test preset instead (a smoke
@@ -158,8 +168,10 @@ def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, 
         apply_precision(model, "int8")  # inference only: bf16 CLIP and adapter, int8 decoder linears
     else:  # as run_captioning.py: the trainable adapter in fp32 (AdamW's master weights), the frozen towers in bf16
         set_training_dtypes(model, torch.float32 if weights == "fp32" else torch.bfloat16)
-    log(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
-        f"on {device} in {time.perf_counter() - start:.1f} s, weights {weights}")
+    log(
+        f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
+        f"on {device} in {time.perf_counter() - start:.1f} s, weights {weights}"
+    )
     return model
 
 
@@ -282,8 +294,15 @@ def frozen_lm_train_flops(text_config, seq_len: int, logit_positions: int) -> fl
     matrix products cost (grad_x = grad_y·Wᵀ), and twice the forward for attention (dQ, dK, dV, dP).
     So ≈ 2 × forward for linears and LM head, 3 × forward for the attention scores."""
     fwd = lm_forward_flops(text_config, seq_len, logit_positions)
-    attn_fwd = text_config.num_hidden_layers * 4 * text_config.num_attention_heads * text_config.head_dim \
-        * seq_len * (seq_len + 1) / 2
+    attn_fwd = (
+        text_config.num_hidden_layers
+        * 4
+        * text_config.num_attention_heads
+        * text_config.head_dim
+        * seq_len
+        * (seq_len + 1)
+        / 2
+    )
     return 2 * fwd + attn_fwd
 
 
@@ -322,11 +341,18 @@ def median(values):
     return round(statistics.median(values), 4) if values else None
 
 
-def per_round_ratios(results: dict[str, list[dict]], variant: str, baseline: str, key: str, digits: int = 3,
-                     baseline_key: str | None = None):
+def per_round_ratios(
+    results: dict[str, list[dict]],
+    variant: str,
+    baseline: str,
+    key: str,
+    digits: int = 3,
+    baseline_key: str | None = None,
+):
     """ours[key] / baseline[baseline_key or key] within each round (both measured under that round's load)."""
-    return [ratio(ours[key], base[baseline_key or key], digits)
-            for ours, base in zip(results[variant], results[baseline])]
+    return [
+        ratio(ours[key], base[baseline_key or key], digits) for ours, base in zip(results[variant], results[baseline])
+    ]
 
 
 def headline_ratios(ratios: dict, name: str, speed_key: str, default: str, bf16: str) -> dict:
@@ -447,17 +473,35 @@ def emit(result: dict):
 def add_common_arguments(parser, variants, default_variants=None):
     """The options both benchmarks share: device, threads, rounds, profiling, variants, results file."""
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's, one "
-                        "per core); use 1 on a machine shared with other busy processes")
-    parser.add_argument("--rounds", type=int, default=2, help="each variant runs once per round, in alternating "
-                        "order; figures are medians, ratios the median of the per-round ratios")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's, one "
+        "per core); use 1 on a machine shared with other busy processes",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="each variant runs once per round, in alternating "
+        "order; figures are medians, ratios the median of the per-round ratios",
+    )
     parser.add_argument("--profile", action="store_true", help="print the top ops of the timed region (stderr)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny preset: a smoke test of this script, not a benchmark")
-    parser.add_argument("--variants", default=",".join(default_variants or variants),
-                        help="comma-separated subset of " + ",".join(variants))
-    parser.add_argument("--results", default=None, help=f"merge the figures into this JSON file (default "
-                        f"{RESULTS.relative_to(ROOT)}; not written with --tiny unless given)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny preset: a smoke test of this script, not a benchmark"
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(default_variants or variants),
+        help="comma-separated subset of " + ",".join(variants),
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help=f"merge the figures into this JSON file (default "
+        f"{RESULTS.relative_to(ROOT)}; not written with --tiny unless given)",
+    )
     parser.add_argument("--only", choices=variants, help=argparse.SUPPRESS)  # internal: run one variant here
 
 

@@ -44,8 +44,11 @@ def read_log(path: Path, logging_steps: int, eval_steps: int, eval_on_start: boo
         match = re.search(r"(\{'.*\})\s*$", line)  # after tqdm's cursor escapes
         if not match:
             continue
-        record = {k: float(v) for k, v in ast.literal_eval(match.group(1)).items()
-                  if isinstance(v, (int, float)) or re.fullmatch(r"-?[\d.]+(e-?\d+)?", str(v))}
+        record = {
+            k: float(v)
+            for k, v in ast.literal_eval(match.group(1)).items()
+            if isinstance(v, (int, float)) or re.fullmatch(r"-?[\d.]+(e-?\d+)?", str(v))
+        }
         if "loss" in record:
             losses.append(((len(losses) + 1) * logging_steps, record["loss"]))
         elif "eval_loss" in record:
@@ -62,14 +65,18 @@ def compare(runs: dict[str, dict]) -> dict:
     loss_b = dict(b["loss"])
     common = [(step, loss, loss_b[step]) for step, loss in a["loss"] if step in loss_b]
     eval_b = dict(b["eval"])
-    evals = {step: {m: (scores.get(m), eval_b[step].get(m)) for m in ("loss", "rougeL", "bleu4", "cider")}
-             for step, scores in a["eval"] if step in eval_b}
+    evals = {
+        step: {m: (scores.get(m), eval_b[step].get(m)) for m in ("loss", "rougeL", "bleu4", "cider")}
+        for step, scores in a["eval"]
+        if step in eval_b
+    }
     return {
         "steps_compared": common[-1][0] if common else 0,
         "mean_abs_loss_difference": round(sum(abs(x - y) for _, x, y in common) / max(1, len(common)), 4),
         "last_common_loss": {name_a: common[-1][1], name_b: common[-1][2]} if common else None,
-        "validation_at_common_steps": {str(step): {m: {name_a: x, name_b: y} for m, (x, y) in scores.items()}
-                                       for step, scores in evals.items()},
+        "validation_at_common_steps": {
+            str(step): {m: {name_a: x, name_b: y} for m, (x, y) in scores.items()} for step, scores in evals.items()
+        },
         "test": {name: run["test"] for name, run in runs.items()},
     }
 
@@ -86,8 +93,13 @@ def plot(runs: dict[str, dict], figure: Path):
         if run["eval"]:
             steps = [s for s, _ in run["eval"]]
             ax_eval.plot(steps, [e.get("rougeL") for _, e in run["eval"]], marker="o", label=f"{name} val ROUGE-L")
-            ax_eval.plot(steps, [e.get("cider", 0) / 10 for _, e in run["eval"]], marker="s", ls="--",
-                         label=f"{name} val CIDEr / 10")
+            ax_eval.plot(
+                steps,
+                [e.get("cider", 0) / 10 for _, e in run["eval"]],
+                marker="s",
+                ls="--",
+                label=f"{name} val CIDEr / 10",
+            )
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     ax_eval.set(xlabel="step", ylim=(0, 1.05), title="validation (greedy, 20 new tokens)")
     for ax in (ax_loss, ax_eval):
@@ -108,10 +120,15 @@ def main(argv=None):
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--results", default=str(RESULTS), help="merge into this JSON file ('' = no)")
     args = parser.parse_args(argv)
-    runs = {name: read_log(path, args.logging_steps, args.eval_steps, not args.no_eval_on_start)
-            for name, path in (("fp32", args.fp32_log), ("bf16", args.bf16_log))}
-    summary = {"benchmark": "bf16_vs_fp32_main_job", **compare(runs),
-               "steps_logged": {name: run["loss"][-1][0] if run["loss"] else 0 for name, run in runs.items()}}
+    runs = {
+        name: read_log(path, args.logging_steps, args.eval_steps, not args.no_eval_on_start)
+        for name, path in (("fp32", args.fp32_log), ("bf16", args.bf16_log))
+    }
+    summary = {
+        "benchmark": "bf16_vs_fp32_main_job",
+        **compare(runs),
+        "steps_logged": {name: run["loss"][-1][0] if run["loss"] else 0 for name, run in runs.items()},
+    }
     if args.figure:
         plot(runs, args.figure)
         summary["figure"] = str(args.figure)

@@ -46,8 +46,10 @@ import run_captioning  # noqa: E402
 
 # Karpathy's proportions of Flickr30K (29,000 / 1,014 / 1,000 images).
 KARPATHY = {"train": 29000, "val": 1014, "test": 1000}
-WORDS = ("a man woman dog child girl boy people group street red blue bike water grass ball beach city shirt "
-         "running sitting walking playing standing jumping near in on with the of two young old black white").split()
+WORDS = (
+    "a man woman dog child girl boy people group street red blue bike water grass ball beach city shirt "
+    "running sitting walking playing standing jumping near in on with the of two young old black white"
+).split()
 
 
 def photo(rng, width, height) -> bytes:
@@ -68,10 +70,16 @@ def make_flickr_like(folder: Path, count: int, seed: int = 0, shard_rows: int = 
     sizes = {split: max(1, round(count * n / total)) for split, n in KARPATHY.items()}
     labels = [split for split, n in sizes.items() for _ in range(n)]
     rng.shuffle(labels)  # as in the real table, the splits are interleaved
-    features = datasets.Features({
-        "image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
-        "sentids": datasets.List(datasets.Value("string")), "split": datasets.Value("string"),
-        "img_id": datasets.Value("string"), "filename": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "sentids": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+        }
+    )
     folder.mkdir(parents=True, exist_ok=True)
     jpeg_bytes = 0
     for shard, start in enumerate(range(0, len(labels), shard_rows)):
@@ -99,12 +107,17 @@ def count_decodes(log: Path):
     def counted(image):
         if image.tile:
             frame = sys._getframe(1)
-            while frame is not None and not (frame.f_code.co_filename.startswith(str(ROOT))
-                                             and "site-packages" not in frame.f_code.co_filename
-                                             and not frame.f_code.co_filename.endswith("images.py")):
+            while frame is not None and not (
+                frame.f_code.co_filename.startswith(str(ROOT))
+                and "site-packages" not in frame.f_code.co_filename
+                and not frame.f_code.co_filename.endswith("images.py")
+            ):
                 frame = frame.f_back
-            caller = "elsewhere" if frame is None else (
-                f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_code.co_name}")
+            caller = (
+                "elsewhere"
+                if frame is None
+                else (f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_code.co_name}")
+            )
             with open(log, "a") as file:
                 file.write(f"{caller}\n")
         return original(image)
@@ -114,13 +127,46 @@ def count_decodes(log: Path):
 
 
 def run_once(data_dir: Path, out: Path, workers: int, max_steps: int, log: Path) -> dict:
-    flags = ["--tiny_model", "--report_to", "none", "--dataset_name", str(data_dir), "--split_column", "split",
-             "--image_column", "image", "--caption_column", "caption", "--id_column", "img_id",
-             "--do_train", "--do_eval", "--do_predict", "--max_steps", str(max_steps),
-             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "no",
-             "--save_strategy", "no", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
-             "--preprocessing_num_workers", str(workers), "--feature_cache_dir", str(out / "features"),
-             "--max_new_tokens", "8", "--output_dir", str(out / "run")]
+    flags = [
+        "--tiny_model",
+        "--report_to",
+        "none",
+        "--dataset_name",
+        str(data_dir),
+        "--split_column",
+        "split",
+        "--image_column",
+        "image",
+        "--caption_column",
+        "caption",
+        "--id_column",
+        "img_id",
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "16",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--dataloader_pin_memory",
+        "False",
+        "--disable_tqdm",
+        "True",
+        "--preprocessing_num_workers",
+        str(workers),
+        "--feature_cache_dir",
+        str(out / "features"),
+        "--max_new_tokens",
+        "8",
+        "--output_dir",
+        str(out / "run"),
+    ]
     log.write_text("")
     original = count_decodes(log)
     load_before = os.getloadavg()[0]
@@ -132,10 +178,15 @@ def run_once(data_dir: Path, out: Path, workers: int, max_steps: int, log: Path)
     wall = time.perf_counter() - start
     results = json.loads((out / "run" / "all_results.json").read_text())
     callers = Counter(log.read_text().splitlines())
-    return {"workers": workers, "wall_seconds": round(wall, 1), "pixel_decodes": sum(callers.values()),
-            "pixel_decodes_by_caller": dict(callers.most_common()),
-            "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-            "phases": {key: value for key, value in results.items() if key.startswith("time_")}}
+    return {
+        "workers": workers,
+        "wall_seconds": round(wall, 1),
+        "pixel_decodes": sum(callers.values()),
+        "pixel_decodes_by_caller": dict(callers.most_common()),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "phases": {key: value for key, value in results.items() if key.startswith("time_")},
+    }
 
 
 def main():
@@ -152,8 +203,12 @@ def main():
         start = time.perf_counter()
         sizes, jpeg_kb = make_flickr_like(folder / "flickr30k-like", args.images)
         generated = time.perf_counter() - start
-        runs = [run_once(folder / "flickr30k-like", folder / f"run-{workers}", workers, args.max_steps,
-                         folder / "decodes.txt") for workers in args.workers]
+        runs = [
+            run_once(
+                folder / "flickr30k-like", folder / f"run-{workers}", workers, args.max_steps, folder / "decodes.txt"
+            )
+            for workers in args.workers
+        ]
     images = sum(sizes.values())
     for run in runs:
         run["pixel_decodes_per_image"] = round(run["pixel_decodes"] / images, 3)
@@ -163,8 +218,12 @@ def main():
     rates = {run["workers"]: run["feature_cache_images_per_s"] for run in runs}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "images": images, "splits": sizes, "mean_jpeg_kb": round(float(jpeg_kb), 1),
-        "generation_seconds": round(generated, 1), "runs": runs,
+        "machine": machine(),
+        "images": images,
+        "splits": sizes,
+        "mean_jpeg_kb": round(float(jpeg_kb), 1),
+        "generation_seconds": round(generated, 1),
+        "runs": runs,
         "feature_cache_worker_scaling": (round(rates[2] / rates[1], 2) if rates.get(1) and rates.get(2) else None),
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

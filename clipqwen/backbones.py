@@ -42,8 +42,11 @@ def load_backbone_weights(model_class, name_or_path: str, **options):
         except OSError as error:
             if "safetensors" not in str(error):
                 raise
-        logger.warning("%s has no safetensors weights at this revision: loading its .bin with torch's weights_only "
-                       "unpickler (tensors only).", name_or_path)
+        logger.warning(
+            "%s has no safetensors weights at this revision: loading its .bin with torch's weights_only "
+            "unpickler (tensors only).",
+            name_or_path,
+        )
         try:
             return model_class.from_pretrained(name_or_path, use_safetensors=False, weights_only=True, **options)
         except pickle.UnpicklingError as error:
@@ -59,8 +62,10 @@ def _merge_options(backbone: str, named: dict, extra: dict | None) -> dict:
     options = {key: value for key, value in named.items() if value is not None}
     for key, value in (extra or {}).items():
         if key in options and options[key] != value:
-            raise ValueError(f"{backbone} backbone option {key!r} is given twice ({options[key]!r} and {value!r} in "
-                             f"{backbone}_kwargs): pass it once.")
+            raise ValueError(
+                f"{backbone} backbone option {key!r} is given twice ({options[key]!r} and {value!r} in "
+                f"{backbone}_kwargs): pass it once."
+            )
         options[key] = value
     return options
 
@@ -88,8 +93,10 @@ def from_pretrained_backbones(
     shared = {"dtype": dtype, "cache_dir": cache_dir}
     vision_options = _merge_options("vision", {**shared, "revision": vision_revision}, vision_kwargs)
     text_options = _merge_options("text", {**shared, "revision": text_revision}, text_kwargs)
-    vision_config = AutoConfig.from_pretrained(vision_model_name_or_path, **{
-        key: value for key, value in vision_options.items() if key in ("revision", "cache_dir", "token")})
+    vision_config = AutoConfig.from_pretrained(
+        vision_model_name_or_path,
+        **{key: value for key, value in vision_options.items() if key in ("revision", "cache_dir", "token")},
+    )
     vision = load_backbone_weights(vision_model_class(vision_config), vision_model_name_or_path, **vision_options)
     try:
         text = load_backbone_weights(AutoModelForCausalLM, text_model_name_or_path, **text_options)
@@ -133,8 +140,10 @@ def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQ
 
     A no-op for the bundled Qwen3 tokenizer and a Qwen3 decoder. Returns the model."""
     if processor.num_image_tokens != model.config.num_image_tokens:
-        raise ValueError(f"The processor writes {processor.num_image_tokens} image placeholders but the model "
-                         f"expects {model.config.num_image_tokens}; set the processor's num_image_tokens to match.")
+        raise ValueError(
+            f"The processor writes {processor.num_image_tokens} image placeholders but the model "
+            f"expects {model.config.num_image_tokens}; set the processor's num_image_tokens to match."
+        )
     tokenizer = processor.tokenizer
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))

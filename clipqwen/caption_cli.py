@@ -54,8 +54,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise InputError(f"{printable(item)}: no such file, folder or matching glob.")
             paths += matches
     if not paths:
-        raise InputError(f"No image files in {', '.join(map(printable, inputs))} (looked for "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))} in folders).")
+        raise InputError(
+            f"No image files in {', '.join(map(printable, inputs))} (looked for "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} in folders)."
+        )
     return paths
 
 
@@ -69,8 +71,10 @@ def check_output(output: str, paths: list[Path]) -> None:
     target = os.stat(output)
     for path in paths:
         if os.path.samestat(os.stat(path), target):
-            raise InputError(f"--output {printable(output)} is one of the input images ({printable(str(path))}); "
-                             "writing it would erase it. Choose another output file.")
+            raise InputError(
+                f"--output {printable(output)} is one of the input images ({printable(str(path))}); "
+                "writing it would erase it. Choose another output file."
+            )
 
 
 def jsonl_line(record: dict) -> str:
@@ -90,6 +94,7 @@ def printable(name: str) -> str:
 
 def in_range(kind, low, high, allowed: str):
     """An argparse type that refuses values outside [low, high] at parse time; argparse names the flag."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -119,32 +124,39 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(prog="clipqwen-caption", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="clipqwen-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="clipqwen model folder or Hub id")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--revision", default=None, help="Hub revision (commit sha) to pin")
     parser.add_argument("--batch_size", type=in_range(int, 1, MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"), default=16)
     parser.add_argument("--num_beams", type=in_range(int, 1, MAX_NUM_BEAMS, f"1 to {MAX_NUM_BEAMS}"), default=1)
-    parser.add_argument("--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"),
-                        default=30)
+    parser.add_argument(
+        "--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"), default=30
+    )
     parser.add_argument("--do_sample", action="store_true")
     parser.add_argument("--temperature", type=in_range(float, 1e-3, 100.0, "0.001 to 100"), default=1.0)
     parser.add_argument("--top_p", type=in_range(float, 1e-3, 1.0, "0.001 to 1"), default=1.0)
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                        help="weights: fp32, bf16, or int8 weight-only decoder (needs the `quantize` extra); "
-                             "auto: bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="weights: fp32, bf16, or int8 weight-only decoder (needs the `quantize` extra); "
+        "auto: bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere",
+    )
     return parser.parse_args(argv)
 
 
 def generation_options(args) -> dict:
     # min_new_tokens=1: a model whose first greedy token is end-of-text (seen after adapter-only training) would
     # otherwise give an empty caption.
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=1, num_beams=args.num_beams,
-                   do_sample=args.do_sample)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=1, num_beams=args.num_beams, do_sample=args.do_sample
+    )
     if args.do_sample:
         options.update(temperature=args.temperature, top_p=args.top_p)
     return options
@@ -176,7 +188,7 @@ def caption_files(args) -> int:
             inputs = processor(images=images, text=[args.prompt] * len(images)).to(args.device)
             with torch.no_grad():
                 ids = model.generate(**inputs, **generation)
-            for name, caption in zip(names, processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])):
+            for name, caption in zip(names, processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :])):
                 if args.output:
                     out.write(jsonl_line({"file": name, "caption": caption}) + "\n")
                 else:

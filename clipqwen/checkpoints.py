@@ -155,8 +155,12 @@ def last_complete_checkpoint(output_dir, verify_hashes: bool = True, log: bool =
         problem = checkpoint_problem(folder, verify_hashes=verify_hashes, legacy=legacy)
         if problem is None:
             if legacy and log:
-                logger.warning("%s has no %s (written before clipqwen marked complete checkpoints); it looks "
-                               "complete and is used.", folder, MARKER)
+                logger.warning(
+                    "%s has no %s (written before clipqwen marked complete checkpoints); it looks "
+                    "complete and is used.",
+                    folder,
+                    MARKER,
+                )
             return str(folder)
         if log:
             logger.warning("Skipping %s: incomplete checkpoint, %s. Using an older one.", folder, problem)
@@ -172,7 +176,8 @@ def check_resume_checkpoint(folder) -> str:
         newest = last_complete_checkpoint(Path(folder).parent, log=False)
         raise IncompleteCheckpointError(
             f"--resume_from_checkpoint {folder}: not a complete checkpoint, {problem}."
-            + (f" The newest complete one is {newest}." if newest else ""))
+            + (f" The newest complete one is {newest}." if newest else "")
+        )
     return str(folder)
 
 
@@ -186,14 +191,16 @@ def check_optimizer_state(path, params) -> None:
     if len(ids) != len(params):
         raise IncompatibleCheckpointError(
             f"{path} holds the optimizer state of {len(ids)} parameter tensors, the model trains {len(params)}. "
-            "Resume with the arguments of that run, or start a new --output_dir.")
+            "Resume with the arguments of that run, or start a new --output_dir."
+        )
     for i, param in zip(ids, params):
         for key, value in saved["state"].get(i, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                 raise IncompatibleCheckpointError(
                     f"{path}: the optimizer's {key} of parameter {i} has shape {tuple(value.shape)}, the model's "
                     f"parameter {tuple(param.shape)}. Resume with the arguments of that run, or start a new "
-                    "--output_dir.")
+                    "--output_dir."
+                )
 
 
 def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[str]:
@@ -243,17 +250,31 @@ def describe_save_failure(folder, output_dir, error: BaseException) -> str:
         free = shutil.disk_usage(output_dir).free
     except OSError:
         free = None
-    full = (getattr(error, "errno", None) in _DISK_FULL_ERRNOS or (free is not None and free < LOW_SPACE_BYTES)
-            or "write failed" in str(error).lower() or "no space left" in str(error).lower())
+    full = (
+        getattr(error, "errno", None) in _DISK_FULL_ERRNOS
+        or (free is not None and free < LOW_SPACE_BYTES)
+        or "write failed" in str(error).lower()
+        or "no space left" in str(error).lower()
+    )
     what = f"{type(error).__name__}: {error}".strip()
     previous = last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
-    message = (f"Saving checkpoint {folder} failed" + (" because the disk is full" if full else "") + f" ({what})"
-               + (f"; {free / 2**20:.0f} MiB free on that disk" if free is not None else "") + ". ")
+    message = (
+        f"Saving checkpoint {folder} failed"
+        + (" because the disk is full" if full else "")
+        + f" ({what})"
+        + (f"; {free / 2**20:.0f} MiB free on that disk" if free is not None else "")
+        + ". "
+    )
     message += "The partial checkpoint was removed. "
-    message += (f"The previous complete checkpoint, {previous}, is intact: " if previous else
-                "No complete checkpoint was saved before it. ")
-    message += ("free some space (or lower --save_total_limit, or use another --output_dir), then rerun the same "
-                "command" + (" to resume from it." if previous else "."))
+    message += (
+        f"The previous complete checkpoint, {previous}, is intact: "
+        if previous
+        else "No complete checkpoint was saved before it. "
+    )
+    message += (
+        "free some space (or lower --save_total_limit, or use another --output_dir), then rerun the same "
+        "command" + (" to resume from it." if previous else ".")
+    )
     return message
 
 

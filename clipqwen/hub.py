@@ -25,8 +25,13 @@ logger = logging.getLogger(__name__)
 
 # files that unpickle when loaded: never uploaded, never loaded
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NEVER_UPLOADED = [*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*.tmp", "*.lock", "checkpoint_complete.json",
-                  "runs/**"]
+NEVER_UPLOADED = [
+    *(f"*{suffix}" for suffix in PICKLE_SUFFIXES),
+    "*.tmp",
+    "*.lock",
+    "checkpoint_complete.json",
+    "runs/**",
+]
 REVISION_PLACEHOLDER = "<commit sha>"
 USAGE_REVISION = re.compile(r'^(revision = ")[^"\n]*"', re.MULTILINE)  # the model card's usage snippet
 
@@ -77,8 +82,12 @@ def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
     reason = hub_unreachable_reason(timeout)
     if reason is None:
         return False
-    logger.warning("The Hugging Face Hub (%s) does not answer (%s): working offline, from the local cache only, "
-                   "for %s.", constants.ENDPOINT, reason, ", ".join(remote))
+    logger.warning(
+        "The Hugging Face Hub (%s) does not answer (%s): working offline, from the local cache only, for %s.",
+        constants.ENDPOINT,
+        reason,
+        ", ".join(remote),
+    )
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
     import datasets.config  # here: the caption CLI and the app import this module and never load a data set (1 s)
@@ -94,8 +103,13 @@ def resolve_dataset_revision(name: str, revision: str | None) -> str | None:
     if is_local(name) or constants.HF_HUB_OFFLINE:
         return revision
     sha = HfApi().dataset_info(name, revision=revision).sha
-    logger.info("Data set %s at revision %s is commit %s (pass --dataset_revision %s to load exactly this again).",
-                name, revision or "main", sha, sha)
+    logger.info(
+        "Data set %s at revision %s is commit %s (pass --dataset_revision %s to load exactly this again).",
+        name,
+        revision or "main",
+        sha,
+        sha,
+    )
     return sha
 
 
@@ -116,8 +130,13 @@ def push_checkpoint(folder, repo_id: str, strategy: str, *, revision=None, token
     folder = Path(folder)
     path_in_repo = folder.name if strategy == "all_checkpoints" else "last-checkpoint"
     commit = HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo, revision=revision,
-        ignore_patterns=NEVER_UPLOADED, commit_message=f"Training in progress, {folder.name}")
+        repo_id=repo_id,
+        folder_path=folder,
+        path_in_repo=path_in_repo,
+        revision=revision,
+        ignore_patterns=NEVER_UPLOADED,
+        commit_message=f"Training in progress, {folder.name}",
+    )
     logger.info("Pushed %s to %s/%s (commit %s)", folder.name, repo_id, path_in_repo, commit.oid)
     return commit.oid
 
@@ -128,16 +147,25 @@ def push_export(folder, repo_id: str, *, revision=None, token=None) -> str:
     commit: the weights and code at the pinned commit are the ones described)."""
     folder = Path(folder)
     api = HfApi(token=token)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                               commit_message="Upload clipqwen captioner",
-                               ignore_patterns=[*NEVER_UPLOADED, "checkpoint-*", "checkpoint-*/**"])
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        revision=revision,
+        commit_message="Upload clipqwen captioner",
+        ignore_patterns=[*NEVER_UPLOADED, "checkpoint-*", "checkpoint-*/**"],
+    )
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8")
     pinned = USAGE_REVISION.sub(rf'\g<1>{commit.oid}"', text)  # the placeholder, or an earlier push's commit
     if pinned != text:
         card.write_text(pinned, encoding="utf-8")
-        api.upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=repo_id, revision=revision,
-                        commit_message=f"Model card: pin the usage snippet to {commit.oid[:10]}")
+        api.upload_file(
+            path_or_fileobj=str(card),
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=f"Model card: pin the usage snippet to {commit.oid[:10]}",
+        )
     logger.info("Pushed %s to %s%s (model commit %s)", folder, repo_id, f"@{revision}" if revision else "", commit.oid)
     return commit.oid
 

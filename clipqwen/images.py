@@ -49,9 +49,28 @@ MAX_DECODE_BYTES = 768_000_000
 # (exif_transpose, convert), composites transparent ones on white through RGBA, and turns 16-bit and float pixels
 # into float64 arrays. Images with a transparent colour key ("transparency") go through RGBA; unknown modes count
 # as the worst.
-LOAD_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 9, "RGB": 12, "RGBX": 12, "CMYK": 12, "YCbCr": 12, "LAB": 12, "HSV": 12,
-                        "RGBA": 32, "RGBa": 32, "LA": 32, "La": 32, "PA": 32,
-                        "I;16": 28, "I;16B": 28, "I;16L": 28, "I;16N": 28, "I": 32, "F": 32}
+LOAD_BYTES_PER_PIXEL = {
+    "1": 6,
+    "L": 6,
+    "P": 9,
+    "RGB": 12,
+    "RGBX": 12,
+    "CMYK": 12,
+    "YCbCr": 12,
+    "LAB": 12,
+    "HSV": 12,
+    "RGBA": 32,
+    "RGBa": 32,
+    "LA": 32,
+    "La": 32,
+    "PA": 32,
+    "I;16": 28,
+    "I;16B": 28,
+    "I;16L": 28,
+    "I;16N": 28,
+    "I": 32,
+    "F": 32,
+}
 
 _REDO = "Re-download or re-export it, or leave it out of the data."
 
@@ -93,11 +112,17 @@ def _load(source, name):
         name = name or (os.fspath(file_name) if isinstance(file_name, (str, os.PathLike)) else "<image file>")
         data = source.read()
         if isinstance(data, str):
-            raise ImageLoadError(name, "the file was opened in text mode, so it reads as text, not bytes",
-                                 "Open it in binary mode: open(path, \"rb\").")
+            raise ImageLoadError(
+                name,
+                "the file was opened in text mode, so it reads as text, not bytes",
+                'Open it in binary mode: open(path, "rb").',
+            )
     elif path is not None and not isinstance(path, (str, os.PathLike)):
-        raise ImageLoadError(name or f"<{type(source).__name__}>", f"a {type(path).__name__} is not an image source",
-                             "Pass a path, the file's bytes, a binary file object or a PIL image.")
+        raise ImageLoadError(
+            name or f"<{type(source).__name__}>",
+            f"a {type(path).__name__} is not an image source",
+            "Pass a path, the file's bytes, a binary file object or a PIL image.",
+        )
     elif isinstance(source, dict):
         data = source.get("bytes")  # datasets keeps "path" as well; when "bytes" is set, it is the content
     else:
@@ -172,8 +197,10 @@ def _check_header(image, name, allow_unknown_format=False):
     if "transparency" in image.info:
         per_pixel = max(per_pixel, LOAD_BYTES_PER_PIXEL["RGBA"])
     if width * height * per_pixel > MAX_DECODE_BYTES:
-        reason = (f"decoding it takes about {width * height * per_pixel / 1e6:,.0f} MB ({width}×{height} pixels × "
-                  f"{per_pixel} bytes for mode {image.mode}), over the budget of {MAX_DECODE_BYTES / 1e6:,.0f} MB")
+        reason = (
+            f"decoding it takes about {width * height * per_pixel / 1e6:,.0f} MB ({width}×{height} pixels × "
+            f"{per_pixel} bytes for mode {image.mode}), over the budget of {MAX_DECODE_BYTES / 1e6:,.0f} MB"
+        )
         raise ImageLoadError(name, reason, _too_large_advice())
 
 
@@ -192,8 +219,11 @@ def regular_file_size(path, name) -> int:
         status = os.stat(path)
     except UnicodeEncodeError:
         shown = name.encode("utf-8", "backslashreplace").decode()  # printable: a lone surrogate cannot be logged
-        raise ImageLoadError(shown, "its name is not valid UTF-8, so it cannot name a file",
-                             "Rename the file, or fix its name where it is listed.") from None
+        raise ImageLoadError(
+            shown,
+            "its name is not valid UTF-8, so it cannot name a file",
+            "Rename the file, or fix its name where it is listed.",
+        ) from None
     except OSError as error:
         if error.errno != errno.ENAMETOOLONG:
             raise  # a missing or forbidden file: _load_error names it
@@ -204,12 +234,21 @@ def regular_file_size(path, name) -> int:
         elif size == len(longest):
             reason = f"the file name is too long for the file system ({size} characters; most allow 255 bytes)"
         else:
-            reason = (f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
-                      "most allow 255 bytes)")
+            reason = (
+                f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
+                "most allow 255 bytes)"
+            )
         raise ImageLoadError(name, reason, "Rename the file, or fix its name where it is listed.") from None
     if not stat.S_ISREG(status.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(status.st_mode) else "a FIFO (named pipe)"
-                if stat.S_ISFIFO(status.st_mode) else "a socket" if stat.S_ISSOCK(status.st_mode) else "a device")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(status.st_mode)
+            else "a FIFO (named pipe)"
+            if stat.S_ISFIFO(status.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(status.st_mode)
+            else "a device"
+        )
         raise ImageLoadError(name, f"it is {kind}, not a regular file", "Give the path of an image file.")
     return status.st_size
 
@@ -263,8 +302,9 @@ class ClipPixels:
     bytes of float pixel values) and the main process normalises them where the vision tower runs.
     """
 
-    def __init__(self, shortest_edge: int, crop_size: tuple[int, int], resample: int, rescale_factor: float,
-                 mean, std):
+    def __init__(
+        self, shortest_edge: int, crop_size: tuple[int, int], resample: int, rescale_factor: float, mean, std
+    ):
         self.shortest_edge, self.crop_size, self.resample = shortest_edge, crop_size, resample
         levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)  # as transformers' rescale
         mean, std = np.asarray(mean, dtype=np.float32)[:, None], np.asarray(std, dtype=np.float32)[:, None]
@@ -284,11 +324,23 @@ class ClipPixels:
         size, crop = _set_fields(setting("size")), _set_fields(setting("crop_size"))
         edge, crop_h, crop_w = size.get("shortest_edge"), crop.get("height"), crop.get("width")
         mean, std = setting("image_mean"), setting("image_std")
-        clip_like = (setting("do_resize") and setting("do_center_crop") and setting("do_rescale")
-                     and setting("do_normalize") and not setting("do_pad") and setting("do_convert_rgb") is not False
-                     and set(size) == {"shortest_edge"} and isinstance(edge, int) and isinstance(crop_h, int)
-                     and isinstance(crop_w, int) and 0 < crop_h <= edge and 0 < crop_w <= edge
-                     and isinstance(setting("resample"), int) and np.shape(mean) == (3,) and np.shape(std) == (3,))
+        clip_like = (
+            setting("do_resize")
+            and setting("do_center_crop")
+            and setting("do_rescale")
+            and setting("do_normalize")
+            and not setting("do_pad")
+            and setting("do_convert_rgb") is not False
+            and set(size) == {"shortest_edge"}
+            and isinstance(edge, int)
+            and isinstance(crop_h, int)
+            and isinstance(crop_w, int)
+            and 0 < crop_h <= edge
+            and 0 < crop_w <= edge
+            and isinstance(setting("resample"), int)
+            and np.shape(mean) == (3,)
+            and np.shape(std) == (3,)
+        )
         if not clip_like:
             return None
         return cls(edge, (crop_h, crop_w), int(setting("resample")), float(setting("rescale_factor")), mean, std)
@@ -310,7 +362,7 @@ class ClipPixels:
             return torch.from_numpy(np.array(image.resize((crop_w, crop_h), self.resample, box=box))).permute(2, 0, 1)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last in memory
         resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
-        return resized[0, :, top:top + crop_h, left:left + crop_w]
+        return resized[0, :, top : top + crop_h, left : left + crop_w]
 
     def crops(self, images: list) -> torch.Tensor:
         """8-bit crops of PIL images, channels first: (n, 3, crop_h, crop_w)."""

@@ -52,8 +52,9 @@ def refuse_pickled_weights(folder) -> None:
 def read_model_type(model: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
     """model_type from the config.json of a local folder or a Hub repository, read as plain JSON."""
     if not model.strip():
-        raise ModelLoadError("No model given: pass a folder saved with `save_pretrained` or a Hub id like "
-                             "`owner/name`.")
+        raise ModelLoadError(
+            "No model given: pass a folder saved with `save_pretrained` or a Hub id like `owner/name`."
+        )
     path = Path(model).expanduser()
     if path.is_dir():
         config_file = path / "config.json"
@@ -69,7 +70,8 @@ def read_model_type(model: str, revision: str | None = None, cache_dir: str | No
         except Exception as error:  # noqa: BLE001 - offline, unknown repo or revision, no access, bad id
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
             raise ModelLoadError(
-                f"Could not fetch config.json of `{model}`" + (f" at revision `{revision}`" if revision else "")
+                f"Could not fetch config.json of `{model}`"
+                + (f" at revision `{revision}`" if revision else "")
                 + f" from the Hugging Face Hub: {reason}. Check the id, the revision and the network, or pass a "
                 "local folder (offline, only models already in the local cache open)."
             ) from error
@@ -87,21 +89,26 @@ def weight_files(model: str, revision: str | None = None, cache_dir: str | None 
         single = cached_file(model, "model.safetensors", **options, _raise_exceptions_for_missing_entries=False)
         if single:
             return [single]
-        index = cached_file(model, "model.safetensors.index.json", **options,
-                            _raise_exceptions_for_missing_entries=False)
+        index = cached_file(
+            model, "model.safetensors.index.json", **options, _raise_exceptions_for_missing_entries=False
+        )
         if index:
             shards = set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values())
             outside = sorted(shard for shard in shards if Path(shard).name != shard)  # "../elsewhere.safetensors"
             if outside:
-                raise ModelLoadError(f"The weights index of `{model}` names files outside the model folder "
-                                     f"({listing(outside)}); it was not loaded.")
+                raise ModelLoadError(
+                    f"The weights index of `{model}` names files outside the model folder "
+                    f"({listing(outside)}); it was not loaded."
+                )
             return get_checkpoint_shard_files(model, index, **options)[0]
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - a broken index, a shard missing, the Hub out of reach, ...
         raise ModelLoadError(f"The weights of `{model}` cannot be read: {one_line(error)}") from error
-    raise ModelLoadError(f"`{model}` has a ClipQwen config.json but no weights (no model.safetensors nor "
-                         "model.safetensors.index.json). Save the model with `save_pretrained`, or copy its weights.")
+    raise ModelLoadError(
+        f"`{model}` has a ClipQwen config.json but no weights (no model.safetensors nor "
+        "model.safetensors.index.json). Save the model with `save_pretrained`, or copy its weights."
+    )
 
 
 def saved_state_dict(model) -> dict:
@@ -121,21 +128,28 @@ def check_weights(model: str, revision: str | None = None, cache_dir: str | None
             with safe_open(file, framework="pt") as weights:  # reads the header only
                 found |= {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
         except Exception as error:  # noqa: BLE001 - truncated, not safetensors, ...
-            raise ModelLoadError(f"`{model}`: {Path(file).name} is not a readable safetensors file "
-                                 f"({one_line(error)}). Re-download or re-export the model.") from error
+            raise ModelLoadError(
+                f"`{model}`: {Path(file).name} is not a readable safetensors file "
+                f"({one_line(error)}). Re-download or re-export the model."
+            ) from error
     # A tied weight (lm_head = embed_tokens) is one tensor under several names; the file holds it under one of them.
     names_of = {}
     for name, tensor in expected.items():
         names_of.setdefault(id(tensor), []).append(name)
     missing = [names[0] for names in names_of.values() if not any(name in found for name in names)]
-    wrong = [f"{name} {list(found[name])} instead of {list(expected[name].shape)}"
-             for name in expected if name in found and found[name] != tuple(expected[name].shape)]
+    wrong = [
+        f"{name} {list(found[name])} instead of {list(expected[name].shape)}"
+        for name in expected
+        if name in found and found[name] != tuple(expected[name].shape)
+    ]
     problems = [f"missing {len(missing)} of the {len(names_of)} tensors it needs ({listing(missing)})"] * bool(missing)
     problems += [f"{len(wrong)} tensor(s) of the wrong shape ({listing(wrong)})"] * bool(wrong)
     if problems:
-        raise ModelLoadError(f"The weights of `{model}` do not match its config: {'; '.join(problems)}. The model "
-                             "would caption with random weights, so it was not loaded. Re-export it with "
-                             "`save_pretrained`, or re-download it.")
+        raise ModelLoadError(
+            f"The weights of `{model}` do not match its config: {'; '.join(problems)}. The model "
+            "would caption with random weights, so it was not loaded. Re-export it with "
+            "`save_pretrained`, or re-download it."
+        )
 
 
 def listing(items: list[str], shown: int = 3) -> str:
@@ -146,8 +160,14 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                  cache_dir: str | None = None, precision: str | None = None):
+def load_clipqwen(
+    model: str,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | None = None,
+    precision: str | None = None,
+):
     """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise.
     `precision` (fp32, bf16, int8: clipqwen.precision) sets the weights' dtype and replaces `dtype`; int8 without
     its library raises PrecisionError before anything is read."""
@@ -157,21 +177,25 @@ def load_clipqwen(model: str, revision: str | None = None, device: str = "cpu", 
     hub.go_offline_if_hub_unreachable([model])  # a Hub out of reach fails at once, not after ~30 s of retries
     model_type = read_model_type(model, revision, cache_dir)
     if model_type != "clipqwen":
-        raise ModelLoadError(f"`{model}` is not a ClipQwen captioner: its config.json says model_type "
-                             f"{json.dumps(model_type)}, not \"clipqwen\". It was not loaded.")
+        raise ModelLoadError(
+            f"`{model}` is not a ClipQwen captioner: its config.json says model_type "
+            f'{json.dumps(model_type)}, not "clipqwen". It was not loaded.'
+        )
     refuse_pickled_weights(model)
     options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False}
     try:
         check_weights(model, revision, cache_dir)
         # The installed classes themselves, so the auto_map that points at the folder's .py files is never consulted.
-        captioner = ClipQwenForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True,
-                                                                     **options)
+        captioner = ClipQwenForConditionalGeneration.from_pretrained(
+            model, dtype=dtype, use_safetensors=True, **options
+        )
         processor = ClipQwenProcessor.from_pretrained(model, **options)
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - a config the classes reject, a broken tokenizer, ...
-        raise ModelLoadError(f"`{model}` is a ClipQwen config but the model did not load: "
-                             f"{one_line(error)}") from error
+        raise ModelLoadError(
+            f"`{model}` is a ClipQwen config but the model did not load: {one_line(error)}"
+        ) from error
     captioner = captioner.to(device).eval()
     if precision is not None:
         apply_precision(captioner, precision)

@@ -68,12 +68,16 @@ Framework versions: {versions}.
 
 
 def phase_table(phases: dict) -> str:
-    rows = "\n".join(f"| {name} | {values['seconds']} | "
-                     + (f"{values['per_second']} {values['unit']}/s |" if "per_second" in values else "– |")
-                     for name, values in phases.items())
-    return ("Where the time went (wall clock, `time_*` in all_results.json; training throughput counts the "
-            "image-caption pairs it trained on; the export and the push came after this card was written):\n\n"
-            "| phase | seconds | throughput |\n|---|---|---|\n" + rows)
+    rows = "\n".join(
+        f"| {name} | {values['seconds']} | "
+        + (f"{values['per_second']} {values['unit']}/s |" if "per_second" in values else "– |")
+        for name, values in phases.items()
+    )
+    return (
+        "Where the time went (wall clock, `time_*` in all_results.json; training throughput counts the "
+        "image-caption pairs it trained on; the export and the push came after this card was written):\n\n"
+        "| phase | seconds | throughput |\n|---|---|---|\n" + rows
+    )
 
 
 def content_sha256(paths) -> str:
@@ -83,8 +87,10 @@ def content_sha256(paths) -> str:
     for path in map(Path, paths):  # named relative to what was given: the same files hash the same anywhere
         files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
         for file in files:
-            digest.update(f"{path.name}/{file.relative_to(path).as_posix() if path.is_dir() else ''} "
-                          f"{sha256_of(file)}\n".encode())
+            digest.update(
+                f"{path.name}/{file.relative_to(path).as_posix() if path.is_dir() else ''} "
+                f"{sha256_of(file)}\n".encode()
+            )
     return digest.hexdigest()
 
 
@@ -92,11 +98,30 @@ def _fmt(value, digits=4):
     return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
 
-def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config, metrics: dict, hyperparameters: dict,
-                     generation_kwargs: dict, trainable: int, total: int, dataset_revision=None, dataset_detail="",
-                     versions: dict | None = None, phases: dict | None = None, curves_png=None, samples_png=None,
-                     revision=REVISION_PLACEHOLDER,
-                     has_demo=False, license="apache-2.0", vision_frozen=True, language_frozen=True) -> ModelCard:
+def build_model_card(
+    *,
+    repo_id,
+    vision_id,
+    text_id,
+    dataset_name,
+    model_config,
+    metrics: dict,
+    hyperparameters: dict,
+    generation_kwargs: dict,
+    trainable: int,
+    total: int,
+    dataset_revision=None,
+    dataset_detail="",
+    versions: dict | None = None,
+    phases: dict | None = None,
+    curves_png=None,
+    samples_png=None,
+    revision=REVISION_PLACEHOLDER,
+    has_demo=False,
+    license="apache-2.0",
+    vision_frozen=True,
+    language_frozen=True,
+) -> ModelCard:
     """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
     `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
     rows = []
@@ -105,15 +130,27 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
             values = [metrics.get(f"{prefix}_{key}") for key in ("num_images", "rougeL", "bleu4", "cider", "loss")]
             rows.append(f"| {name} | " + " | ".join(_fmt(value) for value in values) + " |")
     model_index_results = [
-        {"task": {"type": "image-to-text", "name": "Image captioning"},
-         "dataset": {"name": dataset_name, "type": dataset_name, "split": "test" if prefix == "test" else "validation",
-                     **({"revision": dataset_revision} if dataset_revision else {})},
-         # metric types the Hub knows (its metric ids), with the exact variant in the readable name
-         "metrics": [{"type": hub_type, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
-                     for key, hub_type, label in (("rougeL", "rouge", "ROUGE-L (rouge_score F)"),
-                                                  ("bleu4", "bleu", "BLEU-4"), ("cider", "cider", "CIDEr-D"))
-                     if f"{prefix}_{key}" in metrics]}
-        for prefix in ("eval", "test") if f"{prefix}_rougeL" in metrics
+        {
+            "task": {"type": "image-to-text", "name": "Image captioning"},
+            "dataset": {
+                "name": dataset_name,
+                "type": dataset_name,
+                "split": "test" if prefix == "test" else "validation",
+                **({"revision": dataset_revision} if dataset_revision else {}),
+            },
+            # metric types the Hub knows (its metric ids), with the exact variant in the readable name
+            "metrics": [
+                {"type": hub_type, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
+                for key, hub_type, label in (
+                    ("rougeL", "rouge", "ROUGE-L (rouge_score F)"),
+                    ("bleu4", "bleu", "BLEU-4"),
+                    ("cider", "cider", "CIDEr-D"),
+                )
+                if f"{prefix}_{key}" in metrics
+            ],
+        }
+        for prefix in ("eval", "test")
+        if f"{prefix}_rougeL" in metrics
     ]
     card_data = ModelCardData(
         library_name="transformers",
@@ -133,21 +170,40 @@ def build_model_card(*, repo_id, vision_id, text_id, dataset_name, model_config,
         card_data_yaml += "\n" + yaml.safe_dump(model_index, sort_keys=False).strip()
     figures = (("Loss and metric curves", curves_png), ("Sample captions", samples_png))
     curves = "\n\n".join(f"![{alt}]({png})" for alt, png in figures if png)
-    feature_desc = ("pooled, projected CLIP embedding" if model_config.vision_feature_type == "pooled"
-                    else f"CLIP patch tokens of layer {model_config.vision_feature_layer}")
+    feature_desc = (
+        "pooled, projected CLIP embedding"
+        if model_config.vision_feature_type == "pooled"
+        else f"CLIP patch tokens of layer {model_config.vision_feature_layer}"
+    )
     generation = ", ".join(f"{k}={v}" for k, v in generation_kwargs.items()) or "greedy decoding"
     text = TEMPLATE.format(
-        card_data=card_data_yaml, title=repo_id.split("/")[-1], vision=vision_id, text=text_id,
+        card_data=card_data_yaml,
+        title=repo_id.split("/")[-1],
+        vision=vision_id,
+        text=text_id,
         vision_state="frozen" if vision_frozen else "fine-tuned",
         text_state="frozen" if language_frozen else "fine-tuned",
-        adapter=model_config.adapter_type, feature_desc=feature_desc, num_image_tokens=model_config.num_image_tokens,
-        decoder=model_config.text_config.model_type, dataset=dataset_name, dataset_detail=dataset_detail,
-        generation=generation, split_desc="validation and test splits",
-        metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |", curves=curves, repo_id=repo_id, revision=revision,
-        max_new_tokens=generation_kwargs.get("max_new_tokens", 30), num_beams=generation_kwargs.get("num_beams", 1),
+        adapter=model_config.adapter_type,
+        feature_desc=feature_desc,
+        num_image_tokens=model_config.num_image_tokens,
+        decoder=model_config.text_config.model_type,
+        dataset=dataset_name,
+        dataset_detail=dataset_detail,
+        generation=generation,
+        split_desc="validation and test splits",
+        metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |",
+        curves=curves,
+        repo_id=repo_id,
+        revision=revision,
+        max_new_tokens=generation_kwargs.get("max_new_tokens", 30),
+        num_beams=generation_kwargs.get("num_beams", 1),
         demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
-             f"`python app.py {repo_id}`.\n" if has_demo else "",
-        hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()), trainable=trainable, total=total,
+        f"`python app.py {repo_id}`.\n"
+        if has_demo
+        else "",
+        hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()),
+        trainable=trainable,
+        total=total,
         versions=", ".join(f"{name} {version}" for name, version in (versions or {}).items()) or "not recorded",
         phases=phase_table(phases) if phases else "",
     )

@@ -30,7 +30,7 @@ def _series(log_history, key):
 
 def _centered_mean(values, window):
     half = window // 2
-    return [sum(part) / len(part) for part in (values[max(0, i - half):i + half + 1] for i in range(len(values)))]
+    return [sum(part) / len(part) for part in (values[max(0, i - half) : i + half + 1] for i in range(len(values)))]
 
 
 def plot_training_curves(log_history: list[dict], path, title: str | None = None, metrics: dict = METRICS) -> Path:
@@ -46,22 +46,47 @@ def plot_training_curves(log_history: list[dict], path, title: str | None = None
     loss_axes = figure.add_subplot(1, columns, 1)
     if train_loss:
         smooth = len(train_loss) >= 20
-        loss_axes.plot(train_steps, train_loss, color="tab:blue", lw=1, alpha=0.35 if smooth else 1,
-                       label="train loss" + (" (raw)" if smooth else ""))
+        loss_axes.plot(
+            train_steps,
+            train_loss,
+            color="tab:blue",
+            lw=1,
+            alpha=0.35 if smooth else 1,
+            label="train loss" + (" (raw)" if smooth else ""),
+        )
         if smooth:
             window = max(3, len(train_loss) // 25 | 1)  # odd: centred
-            loss_axes.plot(train_steps, _centered_mean(train_loss, window), color="tab:blue", lw=2,
-                           label=f"train loss (mean of {window} logs)")
+            loss_axes.plot(
+                train_steps,
+                _centered_mean(train_loss, window),
+                color="tab:blue",
+                lw=2,
+                label=f"train loss (mean of {window} logs)",
+            )
     if eval_loss:
         best = min(range(len(eval_loss)), key=eval_loss.__getitem__)
-        loss_axes.plot(eval_steps, eval_loss, "o-", color="tab:orange", lw=2, ms=4,
-                       label=f"eval loss (best {eval_loss[best]:.3f} at step {eval_steps[best]})")
+        loss_axes.plot(
+            eval_steps,
+            eval_loss,
+            "o-",
+            color="tab:orange",
+            lw=2,
+            ms=4,
+            label=f"eval loss (best {eval_loss[best]:.3f} at step {eval_steps[best]})",
+        )
     all_loss = train_loss + eval_loss
     if all_loss and min(all_loss) > 0 and max(all_loss) / min(all_loss) > 5:
         loss_axes.set_yscale("log")  # the first steps (~ln(vocab) = 12) would flatten everything after them
     if not all_loss:
-        loss_axes.text(0.5, 0.5, "no loss values in log_history", ha="center", va="center",
-                       transform=loss_axes.transAxes, color="grey")
+        loss_axes.text(
+            0.5,
+            0.5,
+            "no loss values in log_history",
+            ha="center",
+            va="center",
+            transform=loss_axes.transAxes,
+            color="grey",
+        )
     else:
         loss_axes.legend(fontsize=8)
     loss_axes.set(title="Loss", xlabel="step", ylabel="cross-entropy per caption token")
@@ -112,7 +137,7 @@ def sample_grid_figure(images, predictions, references, columns: int = 4, title:
     text_width = (CELL_WIDTH - PAD) * 72  # points
     cells = [_caption_lines(prediction, refs, text_width) for prediction, refs in zip(predictions, references)]
     text_heights = [
-        max(len(lines) for lines in cells[row * columns:(row + 1) * columns]) * LINE_HEIGHT for row in range(rows)
+        max(len(lines) for lines in cells[row * columns : (row + 1) * columns]) * LINE_HEIGHT for row in range(rows)
     ]
     title_height = 0.45 if title else 0.0
     width = columns * CELL_WIDTH + 2 * MARGIN
@@ -138,8 +163,16 @@ def sample_grid_figure(images, predictions, references, columns: int = 4, title:
         axes.set_gid(f"image-{index}")
         y = top - PAD - IMAGE_HEIGHT - 0.06
         for text, style in lines:
-            figure.text(left / width, y / height, text, va="top", ha="left", fontsize=FONT_SIZE,
-                        gid=f"caption-{index}", **style)
+            figure.text(
+                left / width,
+                y / height,
+                text,
+                va="top",
+                ha="left",
+                fontsize=FONT_SIZE,
+                gid=f"caption-{index}",
+                **style,
+            )
             y -= LINE_HEIGHT
     return figure
 

@@ -79,8 +79,10 @@ def require_quantization_library():
     try:
         quanto = importlib.import_module("optimum.quanto")
     except ImportError as error:
-        raise PrecisionError(f"--precision int8 needs the optimum-quanto library, which is not installed: "
-                             f"{QUANTIZE_INSTALL}. Or use --precision bf16 or fp32.") from error
+        raise PrecisionError(
+            f"--precision int8 needs the optimum-quanto library, which is not installed: "
+            f"{QUANTIZE_INSTALL}. Or use --precision bf16 or fp32."
+        ) from error
     return quanto
 
 

@@ -18,11 +18,14 @@ class PreflightError(ValueError):
 
 
 def check_arguments(data_args, caption_args, training_args) -> None:
-    positive = {"--per_device_train_batch_size": training_args.per_device_train_batch_size,
-                "--per_device_eval_batch_size": training_args.per_device_eval_batch_size,
-                "--gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-                "--max_train_samples": data_args.max_train_samples, "--max_eval_samples": data_args.max_eval_samples,
-                "--max_predict_samples": data_args.max_predict_samples}
+    positive = {
+        "--per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "--per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "--gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "--max_train_samples": data_args.max_train_samples,
+        "--max_eval_samples": data_args.max_eval_samples,
+        "--max_predict_samples": data_args.max_predict_samples,
+    }
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise PreflightError(f"{flag} {value}: use a number >= 1.")
@@ -38,12 +41,16 @@ def check_against_model(data_args, caption_args, config, prompt_tokens: int) -> 
     """Image placeholders + prompt + the longest caption (training) or generation must fit the decoder's context."""
     context = config.text_config.max_position_embeddings
     fixed = config.num_image_tokens + prompt_tokens
-    for flag, length in (("--max_caption_length", data_args.max_caption_length),
-                         ("--max_new_tokens", caption_args.max_new_tokens)):
+    for flag, length in (
+        ("--max_caption_length", data_args.max_caption_length),
+        ("--max_new_tokens", caption_args.max_new_tokens),
+    ):
         if fixed + length > context:
-            raise PreflightError(f"{flag} {length}: with {config.num_image_tokens} image token(s) and a "
-                                 f"{prompt_tokens}-token prompt it exceeds the decoder's {context} positions; use at "
-                                 f"most {context - fixed}.")
+            raise PreflightError(
+                f"{flag} {length}: with {config.num_image_tokens} image token(s) and a "
+                f"{prompt_tokens}-token prompt it exceeds the decoder's {context} positions; use at "
+                f"most {context - fixed}."
+            )
 
 
 def needed_bytes(model) -> int:
@@ -64,13 +71,16 @@ def check_output_dir(folder, required_bytes: int = 0) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise PreflightError(f"--output_dir {folder} is not writable ({error.strerror or error}); choose another "
-                             "folder.") from error
+        raise PreflightError(
+            f"--output_dir {folder} is not writable ({error.strerror or error}); choose another folder."
+        ) from error
     free = shutil.disk_usage(folder).free
     if free < required_bytes:
-        raise PreflightError(f"--output_dir {folder}: {free / 2**20:.0f} MiB free, the run needs about "
-                             f"{required_bytes / 2**20:.0f} MiB for a checkpoint and the exported model. Free some "
-                             "space or choose another folder.")
+        raise PreflightError(
+            f"--output_dir {folder}: {free / 2**20:.0f} MiB free, the run needs about "
+            f"{required_bytes / 2**20:.0f} MiB for a checkpoint and the exported model. Free some "
+            "space or choose another folder."
+        )
 
 
 class OutputFolderLock:
@@ -93,8 +103,10 @@ class OutputFolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise PreflightError(f"--output_dir {self.path.parent} is in use by another run ({holder}). Wait for it, "
-                                 "or choose another --output_dir.") from None
+            raise PreflightError(
+                f"--output_dir {self.path.parent} is in use by another run ({holder}). Wait for it, "
+                "or choose another --output_dir."
+            ) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")

@@ -27,8 +27,16 @@ class CaptionData:
     with_images: dict[str, Dataset]
 
 
-def prepare_data(data_args, training_args, model, processor, timer: PhaseTimer, *, vision_features: bool,
-                 cache_dir: str | None = None) -> CaptionData:
+def prepare_data(
+    data_args,
+    training_args,
+    model,
+    processor,
+    timer: PhaseTimer,
+    *,
+    vision_features: bool,
+    cache_dir: str | None = None,
+) -> CaptionData:
     """Load, limit and clean the splits that `training_args` asks for; with `vision_features` (a frozen CLIP and
     --use_feature_cache), replace their images by cached CLIP features. `model` is the unwrapped ClipQwen model
     (not a peft wrapper); `cache_dir` is where datasets and models are downloaded."""
@@ -47,11 +55,17 @@ def load_and_clean(data_args, training_args, cache_dir: str | None = None, check
     """The wanted splits, limited and cleaned. `check_images=False` leaves the unreadable-image check to the feature
     pass (one decode per image); `--check_images False` turns it off."""
     raw = load_caption_data(data_args, cache_dir=cache_dir)
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
-              "test": data_args.max_predict_samples}
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
     evaluates_during_training = training_args.do_train and training_args.eval_strategy != "no"
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval or evaluates_during_training,
-              "test": training_args.do_predict}
+    wanted = {
+        "train": training_args.do_train,
+        "validation": training_args.do_eval or evaluates_during_training,
+        "test": training_args.do_predict,
+    }
     splits = {}
     for split, dataset in raw.items():
         if not wanted.get(split):
@@ -64,8 +78,10 @@ def load_and_clean(data_args, training_args, cache_dir: str | None = None, check
         splits[split] = dataset
     missing = [split for split, needed in wanted.items() if needed and split not in splits]
     if missing:
-        raise ValueError(f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
-                         "directories, or drop the corresponding --do_* flag.")
+        raise ValueError(
+            f"The data has no {', '.join(missing)} split; it has {list(raw)}. Give the matching files or "
+            "directories, or drop the corresponding --do_* flag."
+        )
     return splits
 
 
@@ -77,12 +93,22 @@ def add_features(splits, data_args, training_args, model, processor):
     barrier = dist.barrier if training_args.world_size > 1 else None
     model.model.vision_tower.to(training_args.device)
     try:
-        return {split: add_vision_features(
-            dataset, model, processor, cache_dir, training_args.per_device_eval_batch_size * 4, split=split,
-            num_workers=data_args.preprocessing_num_workers, drop_unreadable=data_args.check_images,
-            rank=training_args.process_index, world_size=training_args.world_size,
-            local_rank=training_args.local_process_index, barrier=barrier)
-            for split, dataset in splits.items()}
+        return {
+            split: add_vision_features(
+                dataset,
+                model,
+                processor,
+                cache_dir,
+                training_args.per_device_eval_batch_size * 4,
+                split=split,
+                num_workers=data_args.preprocessing_num_workers,
+                drop_unreadable=data_args.check_images,
+                rank=training_args.process_index,
+                world_size=training_args.world_size,
+                local_rank=training_args.local_process_index,
+                barrier=barrier,
+            )
+            for split, dataset in splits.items()
+        }
     finally:
         model.model.vision_tower.to("cpu")  # Trainer moves the whole model later; this keeps its devices consistent
-

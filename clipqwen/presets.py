@@ -27,8 +27,12 @@ BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
 # through a Linear, first): in the same experiment it never used the image.
 DEFAULT_PRESET = "clipcap"
 LAYOUTS = {
-    "clipcap": dict(adapter_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8,
-                    prompt="Image:<|image_pad|>"),
+    "clipcap": dict(
+        adapter_type="mlp2x_gelu",
+        vision_feature_type="pooled",
+        num_pooled_image_tokens=8,
+        prompt="Image:<|image_pad|>",
+    ),
     "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
 }
 
@@ -37,20 +41,41 @@ def layout_config(preset: str) -> dict:
     """A layout's ClipQwenConfig fields: LAYOUTS[preset] without its prompt, which the processor holds."""
     return {name: value for name, value in LAYOUTS[preset].items() if name != "prompt"}
 
+
 TINY_VISION = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    image_size=224, patch_size=32, projection_dim=32,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=32,
+    projection_dim=32,
 )
 # EfficientNet at toy size: stem stride 2 and four stride-2 stages (total stride 32, as the real one), 128-wide final
 # map (width_coefficient 0.1 scales every stage and the 1280-wide head together).
 TINY_EFFICIENTNET = dict(
-    model_type="efficientnet", image_size=224, width_coefficient=0.1, depth_coefficient=1.0, hidden_dim=128,
-    hidden_act="relu6", in_channels=[32, 16, 24, 40], out_channels=[16, 24, 40, 80], kernel_sizes=[3, 3, 5, 3],
-    strides=[2, 2, 2, 2], num_block_repeats=[1, 1, 1, 1], expand_ratios=[1, 2, 2, 2], depthwise_padding=[],
+    model_type="efficientnet",
+    image_size=224,
+    width_coefficient=0.1,
+    depth_coefficient=1.0,
+    hidden_dim=128,
+    hidden_act="relu6",
+    in_channels=[32, 16, 24, 40],
+    out_channels=[16, 24, 40, 80],
+    kernel_sizes=[3, 3, 5, 3],
+    strides=[2, 2, 2, 2],
+    num_block_repeats=[1, 1, 1, 1],
+    expand_ratios=[1, 2, 2, 2],
+    depthwise_padding=[],
 )
 TINY_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
 )
 
 

@@ -53,8 +53,9 @@ class GracefulStopCallback(TrainerCallback):
             os.kill(os.getpid(), signum)
             return
         self.requested = signum
-        logger.warning("Received %s: saving a checkpoint after the current step, then stopping.",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "Received %s: saving a checkpoint after the current step, then stopping.", signal.Signals(signum).name
+        )
 
     def stop_now(self) -> bool:
         flag = self.requested is not None

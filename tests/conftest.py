@@ -42,13 +42,16 @@ def clear_greedy_ids(model, batch, margin: float = 1e-4, **generate_kwargs) -> t
     than `margin` (far above ROUNDING): only then can ids or captions from another process be compared exactly,
     since no rounding there can make it pick another token."""
     with torch.no_grad():
-        out = model.generate(**batch, **generate_kwargs, do_sample=False, num_beams=1, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **batch, **generate_kwargs, do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True
+        )
     for step, scores in enumerate(out.scores):
         best, second = scores.float().topk(2, dim=-1).values.unbind(-1)
         gap = (best - second).min().item()
-        assert gap > margin, (f"greedy step {step}: the two best tokens are {gap:.1e} apart, so close that another "
-                              f"process may pick either; compare on another input or seed")
+        assert gap > margin, (
+            f"greedy step {step}: the two best tokens are {gap:.1e} apart, so close that another "
+            f"process may pick either; compare on another input or seed"
+        )
     return out.sequences
 
 
@@ -65,8 +68,13 @@ def serving_app(tmp_path: Path, *args: str):
     port, log = free_port(), tmp_path / "app.log"
     env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, "app.py", *args, "--host", "127.0.0.1", "--port", str(port)],
-                                  cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "app.py", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -169,8 +177,19 @@ def transformers_common_tests():
     if not (tests / "test_modeling_common.py").is_file():
         archive = cache / f"transformers-{version}.tar.gz"
         if not archive.is_file():
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                       f"transformers=={version}", "--dest", str(cache)]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--quiet",
+                f"transformers=={version}",
+                "--dest",
+                str(cache),
+            ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0 or not archive.is_file():
                 raise RuntimeError(
@@ -192,8 +211,10 @@ def transformers_common_tests():
     try:
         import parameterized  # noqa: F401
     except ImportError as error:
-        raise RuntimeError("transformers' common tests need the `parameterized` package: pip install parameterized "
-                           "(or pip install -e '.[test]').") from error
+        raise RuntimeError(
+            "transformers' common tests need the `parameterized` package: pip install parameterized "
+            "(or pip install -e '.[test]')."
+        ) from error
     package = "transformers_sdist_tests"
     if package not in sys.modules:
         root = types.ModuleType(package)
@@ -213,8 +234,10 @@ def transformers_common_tests():
             stand_in = types.ModuleType(f"{package}.{name}")
             stand_in.__dict__.update(attributes, STAND_IN=True)
             sys.modules[f"{package}.{name}"] = stand_in
-    return (importlib.import_module(f"{package}.test_modeling_common"),
-            importlib.import_module(f"{package}.test_configuration_common"))
+    return (
+        importlib.import_module(f"{package}.test_modeling_common"),
+        importlib.import_module(f"{package}.test_configuration_common"),
+    )
 
 
 def pytest_configure(config):

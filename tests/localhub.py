@@ -79,14 +79,40 @@ NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # The .gitattributes the Hub writes into every new repository (first lines of it). The files this server stores are
 # plain git blobs, never LFS pointers, whatever this file says.
-HUB_GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in (
-    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.gz", "*.h5", "*.joblib", "*.msgpack", "*.npy", "*.npz",
-    "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.safetensors", "*.tar",
-    "*.tflite", "*.zip", "*.zst", "*tfevents*",
-))
+HUB_GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+    for pattern in (
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.safetensors",
+        "*.tar",
+        "*.tflite",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------- git layer
+
 
 class GitError(RuntimeError):
     pass
@@ -94,9 +120,16 @@ class GitError(RuntimeError):
 
 def git(gitdir: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> bytes:
     """Run ``git --git-dir=gitdir args`` with a fixed identity and no user/system config; return stdout."""
-    full_env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
-                "GIT_AUTHOR_NAME": DEFAULT_USER, "GIT_AUTHOR_EMAIL": f"{DEFAULT_USER}@localhub",
-                "GIT_COMMITTER_NAME": "localhub", "GIT_COMMITTER_EMAIL": "localhub@localhub", **(env or {})}
+    full_env = {
+        **os.environ,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_AUTHOR_NAME": DEFAULT_USER,
+        "GIT_AUTHOR_EMAIL": f"{DEFAULT_USER}@localhub",
+        "GIT_COMMITTER_NAME": "localhub",
+        "GIT_COMMITTER_EMAIL": "localhub@localhub",
+        **(env or {}),
+    }
     result = subprocess.run(["git", f"--git-dir={gitdir}", *args], input=input, capture_output=True, env=full_env)
     if result.returncode != 0:
         raise GitError(f"git {' '.join(args)}: {result.stderr.decode(errors='replace').strip()}")
@@ -119,7 +152,7 @@ def ref_map(gitdir: Path) -> dict[str, str]:
     for prefix in ("refs/heads/", "refs/tags/"):  # a branch wins over a tag of the same name
         for name, sha in full.items():
             if name.startswith(prefix):
-                names.setdefault(name[len(prefix):], sha)
+                names.setdefault(name[len(prefix) :], sha)
     return names
 
 
@@ -154,15 +187,27 @@ def entries(gitdir: Path, sha: str, paths: list[str]) -> list[tuple[str, str, in
 def check_path(path: str) -> str:
     """A repository-relative file path, refused if it could escape the tree or confuse git."""
     parts = path.split("/")
-    if (not path or path.startswith("/") or any(p in ("", ".", "..", ".git") for p in parts)
-            or any(c in path for c in "\n\r\0\\")):
+    if (
+        not path
+        or path.startswith("/")
+        or any(p in ("", ".", "..", ".git") for p in parts)
+        or any(c in path for c in "\n\r\0\\")
+    ):
         raise ValueError(f"invalid path in repo: {path!r}")
     return path
 
 
-def commit_files(gitdir: Path, ref: str, files: dict[str, bytes | str | Path] | None = None, *,
-                 delete: list[str] = (), message: str = "Upload files", parent: str | None = "auto",
-                 replace: bool = False, author: str = DEFAULT_USER) -> str:
+def commit_files(
+    gitdir: Path,
+    ref: str,
+    files: dict[str, bytes | str | Path] | None = None,
+    *,
+    delete: list[str] = (),
+    message: str = "Upload files",
+    parent: str | None = "auto",
+    replace: bool = False,
+    author: str = DEFAULT_USER,
+) -> str:
     """Make one git commit on `ref` (a branch name or a full ref such as ``refs/convert/parquet``) and return its sha.
 
     `files` maps repo paths to contents (bytes, str, or a Path to read). `delete` lists files, or folders ending
@@ -178,8 +223,11 @@ def commit_files(gitdir: Path, ref: str, files: dict[str, bytes | str | Path] | 
     if parent == "auto":
         parent = old if old is not None else refs.get("refs/heads/main")
     with tempfile.TemporaryDirectory(prefix="localhub-index-") as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index"), "GIT_AUTHOR_NAME": author,
-               "GIT_AUTHOR_EMAIL": f"{author}@localhub"}
+        env = {
+            "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+            "GIT_AUTHOR_NAME": author,
+            "GIT_AUTHOR_EMAIL": f"{author}@localhub",
+        }
         if parent is not None and not replace:
             git(gitdir, "read-tree", parent, env=env)
         else:
@@ -247,6 +295,7 @@ def _now() -> str:
 
 # -------------------------------------------------------------------------------------------------- front server
 
+
 class HubError(Exception):
     def __init__(self, status: int, code: str | None, message: str):
         super().__init__(message)
@@ -265,9 +314,22 @@ def _entry_not_found(path: str) -> HubError:
     return HubError(404, "EntryNotFound", f"Entry not found: {path}")
 
 
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-                "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "range", "date",
-                "server"}
+_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "range",
+    "date",
+    "server",
+}
 
 
 class FrontHandler(BaseHTTPRequestHandler):
@@ -304,8 +366,9 @@ class FrontHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] = (),
-              head_length: int | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes = b"", headers: list[tuple[str, str]] = (), head_length: int | None = None
+    ) -> None:
         self.send_response(status)
         for key, value in headers:
             if key.lower() not in _HOP_HEADERS:
@@ -323,8 +386,9 @@ class FrontHandler(BaseHTTPRequestHandler):
         headers = [("X-Error-Message", err.message)] + ([("X-Error-Code", err.code)] if err.code else [])
         self._json({"error": err.message}, err.status, headers)
 
-    def _forward(self, path: str, body: bytes | None = None, method: str | None = None
-                 ) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _forward(
+        self, path: str, body: bytes | None = None, method: str | None = None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send the request (same method, headers, body unless given) to olah; return status, headers, body."""
         method = method or self.command
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -335,8 +399,10 @@ class FrontHandler(BaseHTTPRequestHandler):
             response = conn.getresponse()
             data = response.read()
             olah = f"127.0.0.1:{self.server.olah_port}"
-            out = [(k, v.replace(olah, self.endpoint.split("//", 1)[1]) if k.lower() == "location" else v)
-                   for k, v in response.getheaders()]
+            out = [
+                (k, v.replace(olah, self.endpoint.split("//", 1)[1]) if k.lower() == "location" else v)
+                for k, v in response.getheaders()
+            ]
             return response.status, out, data
         finally:
             conn.close()
@@ -422,8 +488,12 @@ class FrontHandler(BaseHTTPRequestHandler):
             self._relay(status, headers, data)
             return
         headers = [(k, v) for k, v in headers if k.lower() not in ("x-repo-commit", "etag", "content-type")]
-        headers += [("X-Repo-Commit", sha), ("ETag", f'"{oid}"'), ("Accept-Ranges", "bytes"),
-                    ("Content-Type", "application/octet-stream")]
+        headers += [
+            ("X-Repo-Commit", sha),
+            ("ETag", f'"{oid}"'),
+            ("Accept-Ranges", "bytes"),
+            ("Content-Type", "application/octet-stream"),
+        ]
         byte_range = self.headers.get("Range")
         if byte_range and self.command == "GET":
             match = re.fullmatch(r"bytes=(\d*)-(\d*)", byte_range.strip())
@@ -437,7 +507,7 @@ class FrontHandler(BaseHTTPRequestHandler):
             if first > last:
                 self._send(416, b"", [("Content-Range", f"bytes */{size}")])
                 return
-            self._send(206, data[first:last + 1], headers + [("Content-Range", f"bytes {first}-{last}/{size}")])
+            self._send(206, data[first : last + 1], headers + [("Content-Range", f"bytes {first}-{last}/{size}")])
             return
         self._send(200, data, headers, head_length=size)
 
@@ -445,9 +515,16 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def _api(self, segs: list[str]) -> None:
         if segs == ["whoami-v2"]:
-            self._json({"type": "user", "id": "localhub-user", "name": DEFAULT_USER, "fullname": DEFAULT_USER,
-                        "orgs": [], "auth": {"type": "access_token",
-                                             "accessToken": {"displayName": "localhub", "role": "write"}}})
+            self._json(
+                {
+                    "type": "user",
+                    "id": "localhub-user",
+                    "name": DEFAULT_USER,
+                    "fullname": DEFAULT_USER,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "localhub", "role": "write"}},
+                }
+            )
         elif segs == ["validate-yaml"] and self.command == "POST":
             self._validate_yaml()
         elif segs == ["repos", "create"] and self.command == "POST":
@@ -582,10 +659,20 @@ class FrontHandler(BaseHTTPRequestHandler):
         files = json.loads(self.body or b"{}").get("files", [])
         found = entries(gitdir, sha, [f["path"] for f in files if "\n" not in f["path"]])
         existing = dict(zip([f["path"] for f in files if "\n" not in f["path"]], found))
-        self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                               "oid": existing[f["path"]][0] if existing.get(f["path"]) else None}
-                              for f in files],
-                    "commitOid": sha})
+        self._json(
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": existing[f["path"]][0] if existing.get(f["path"]) else None,
+                    }
+                    for f in files
+                ],
+                "commitOid": sha,
+            }
+        )
 
     def _commit(self, gitdir: Path, type_plural: str, repo_id: str, rest: list[str]) -> None:
         revision = unquote("/".join(rest))
@@ -618,12 +705,17 @@ class FrontHandler(BaseHTTPRequestHandler):
         with self.server.write_lock:
             head = ref_map(gitdir)[ref]
             if header.get("parentCommit") and not head.startswith(header["parentCommit"]):
-                raise HubError(412, None, f"A commit has happened since. Please refresh and try again "
-                                          f"(head is {head}, parentCommit {header['parentCommit']})")
+                raise HubError(
+                    412,
+                    None,
+                    f"A commit has happened since. Please refresh and try again "
+                    f"(head is {head}, parentCommit {header['parentCommit']})",
+                )
             pr_num = None
             if create_pr:
-                pr_num = self._new_discussion(gitdir, type_plural, repo_id, message.split("\n")[0],
-                                              header.get("description", ""), True, base=ref)
+                pr_num = self._new_discussion(
+                    gitdir, type_plural, repo_id, message.split("\n")[0], header.get("description", ""), True, base=ref
+                )
                 ref, head = f"refs/pr/{pr_num}", ref_map(gitdir)[f"refs/pr/{pr_num}"]
             try:
                 sha = commit_files(gitdir, ref, files, delete=delete, message=message, parent=head)
@@ -632,16 +724,23 @@ class FrontHandler(BaseHTTPRequestHandler):
             except ValueError as err:
                 raise HubError(400, None, str(err)) from None
         prefix = "" if type_plural == "models" else f"{type_plural}/"
-        answer = {"success": True, "commitOid": sha, "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{sha}",
-                  "hookOutput": ""}
+        answer = {
+            "success": True,
+            "commitOid": sha,
+            "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{sha}",
+            "hookOutput": "",
+        }
         if pr_num is not None:
             answer["pullRequestUrl"] = f"{self.endpoint}/{prefix}{repo_id}/discussions/{pr_num}"
         self._json(answer)
 
     def _branch(self, gitdir: Path, branch: str) -> None:
         ref = f"refs/heads/{branch}"
-        if (not branch or branch.startswith("refs/")
-                or subprocess.run(["git", "check-ref-format", ref], capture_output=True).returncode != 0):
+        if (
+            not branch
+            or branch.startswith("refs/")
+            or subprocess.run(["git", "check-ref-format", ref], capture_output=True).returncode != 0
+        ):
             raise HubError(400, None, f"Invalid reference for a branch: {branch}")
         with self.server.write_lock:
             names = ref_map(gitdir)
@@ -687,8 +786,16 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------- discussions
 
-    def _new_discussion(self, gitdir: Path, type_plural: str, repo_id: str, title: str, description: str,
-                        pull_request: bool, base: str = "refs/heads/main") -> int:
+    def _new_discussion(
+        self,
+        gitdir: Path,
+        type_plural: str,
+        repo_id: str,
+        title: str,
+        description: str,
+        pull_request: bool,
+        base: str = "refs/heads/main",
+    ) -> int:
         """Record a discussion (and for a PR, create refs/pr/N at `base`'s head); caller holds the write lock."""
         meta = read_meta(gitdir)
         names = ref_map(gitdir)
@@ -696,8 +803,18 @@ class FrontHandler(BaseHTTPRequestHandler):
         num = max(used, default=0) + 1
         if pull_request:
             git(gitdir, "update-ref", f"refs/pr/{num}", names[base], "0" * 40)
-        meta["discussions"].append(dict(num=num, title=title, description=description, author=DEFAULT_USER,
-                                        isPullRequest=pull_request, status="open", createdAt=_now(), base=base))
+        meta["discussions"].append(
+            dict(
+                num=num,
+                title=title,
+                description=description,
+                author=DEFAULT_USER,
+                isPullRequest=pull_request,
+                status="open",
+                createdAt=_now(),
+                base=base,
+            )
+        )
         write_meta(gitdir, meta)
         return num
 
@@ -705,33 +822,64 @@ class FrontHandler(BaseHTTPRequestHandler):
         singular = {v: k for k, v in REPO_TYPES.items()}[type_plural]
 
         def public(d: dict) -> dict:
-            return {"num": d["num"], "title": d["title"], "status": d["status"], "isPullRequest": d["isPullRequest"],
-                    "createdAt": d["createdAt"], "author": {"name": d["author"]}, "pinned": False,
-                    "numComments": 1, "topReactions": [], "repo": {"name": repo_id, "type": singular}}
+            return {
+                "num": d["num"],
+                "title": d["title"],
+                "status": d["status"],
+                "isPullRequest": d["isPullRequest"],
+                "createdAt": d["createdAt"],
+                "author": {"name": d["author"]},
+                "pinned": False,
+                "numComments": 1,
+                "topReactions": [],
+                "repo": {"name": repo_id, "type": singular},
+            }
 
         if not rest and self.command == "POST":
             payload = json.loads(self.body or b"{}")
             with self.server.write_lock:
-                num = self._new_discussion(gitdir, type_plural, repo_id, payload.get("title", ""),
-                                           payload.get("description", ""), bool(payload.get("pullRequest")))
+                num = self._new_discussion(
+                    gitdir,
+                    type_plural,
+                    repo_id,
+                    payload.get("title", ""),
+                    payload.get("description", ""),
+                    bool(payload.get("pullRequest")),
+                )
             self._json({"num": num, "url": f"{self.endpoint}/{repo_id}/discussions/{num}"})
         elif not rest and self.command == "GET":
             wanted_type = self.query.get("type", ["all"])[0]
             wanted_status = self.query.get("status", ["all"])[0]
             wanted_author = self.query.get("author", [None])[0]
-            found = [public(d) for d in sorted(read_meta(gitdir)["discussions"], key=lambda d: -d["num"])
-                     if (wanted_type == "all" or d["isPullRequest"] == (wanted_type == "pull_request"))
-                     and (wanted_status == "all" or d["status"] == wanted_status)
-                     and (wanted_author is None or d["author"] == wanted_author)]
+            found = [
+                public(d)
+                for d in sorted(read_meta(gitdir)["discussions"], key=lambda d: -d["num"])
+                if (wanted_type == "all" or d["isPullRequest"] == (wanted_type == "pull_request"))
+                and (wanted_status == "all" or d["status"] == wanted_status)
+                and (wanted_author is None or d["author"] == wanted_author)
+            ]
             page = int(self.query.get("p", ["0"])[0])
-            self._json({"discussions": found if page == 0 else [], "count": len(found), "start": 0 if page == 0
-                        else len(found), "numClosedDiscussions": 0})
+            self._json(
+                {
+                    "discussions": found if page == 0 else [],
+                    "count": len(found),
+                    "start": 0 if page == 0 else len(found),
+                    "numClosedDiscussions": 0,
+                }
+            )
         elif len(rest) == 1 and rest[0].isdigit() and self.command == "GET":
             d = next((d for d in read_meta(gitdir)["discussions"] if d["num"] == int(rest[0])), None)
             if d is None:
                 raise HubError(404, None, "Discussion not found")
-            self._json({**public(d), "events": [], "filesWithConflicts": [], "diff": "",
-                        "changes": {"base": d.get("base", "refs/heads/main")}})
+            self._json(
+                {
+                    **public(d),
+                    "events": [],
+                    "filesWithConflicts": [],
+                    "diff": "",
+                    "changes": {"base": d.get("base", "refs/heads/main")},
+                }
+            )
         else:
             raise HubError(405, None, "localhub: discussion comments, merges and status changes are not served")
 
@@ -778,6 +926,7 @@ def serve(mirrors: Path, olah_port: int, port_file: Path, parent_pid: int | None
 
 # ----------------------------------------------------------------------------------------------------- LocalHub
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -823,14 +972,32 @@ class LocalHub:
         )
         self._olah = subprocess.Popen(
             [sys.executable, "-m", "olah.server", "--config", str(config), "--log-path", str(self.logs)],
-            stdout=open(self.logs / "olah.out", "ab"), stderr=subprocess.STDOUT, cwd=self.root)
+            stdout=open(self.logs / "olah.out", "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
         port_file = self.root / "front.port"
         port_file.unlink(missing_ok=True)
         self._front = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "serve", "--mirrors", str(self.mirrors),
-             "--olah-port", str(olah_port), "--port-file", str(port_file), "--parent-pid", str(os.getpid()),
-             "--olah-pid", str(self._olah.pid)],
-            stdout=open(self.logs / "front.log", "ab"), stderr=subprocess.STDOUT, cwd=self.root)
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "serve",
+                "--mirrors",
+                str(self.mirrors),
+                "--olah-port",
+                str(olah_port),
+                "--port-file",
+                str(port_file),
+                "--parent-pid",
+                str(os.getpid()),
+                "--olah-pid",
+                str(self._olah.pid),
+            ],
+            stdout=open(self.logs / "front.log", "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
         deadline = time.monotonic() + timeout
         while not (port_file.exists() and _port_open(olah_port)):  # olah answers 500 on GET /: poll the port
             for proc, log in ((self._olah, "olah.out"), (self._front, "front.log")):
@@ -865,11 +1032,20 @@ class LocalHub:
 
     def env(self, hf_home: Path | str | None = None, **extra: str) -> dict[str, str]:
         """os.environ for a child process that talks to this hub: online, no token, its own HF_HOME."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE")}
-        env.update(HF_ENDPOINT=self.endpoint, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0",
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_IMPLICIT_TOKEN="1",
-                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE")
+        }
+        env.update(
+            HF_ENDPOINT=self.endpoint,
+            HF_HUB_OFFLINE="0",
+            HF_DATASETS_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_IMPLICIT_TOKEN="1",
+            NO_PROXY="127.0.0.1,localhost",
+            no_proxy="127.0.0.1,localhost",
+        )
         if hf_home is not None:
             env["HF_HOME"] = str(hf_home)
         env.update(extra)
@@ -897,23 +1073,51 @@ class LocalHub:
                 raise
             return self.repo_path(repo_type, repo_id)
 
-    def commit(self, repo_type: str, repo_id: str, files: dict[str, bytes | str | Path], *, ref: str = "main",
-               message: str = "Upload files", delete: list[str] = (), parent: str | None = "auto",
-               replace: bool = False, author: str = DEFAULT_USER) -> str:
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        files: dict[str, bytes | str | Path],
+        *,
+        ref: str = "main",
+        message: str = "Upload files",
+        delete: list[str] = (),
+        parent: str | None = "auto",
+        replace: bool = False,
+        author: str = DEFAULT_USER,
+    ) -> str:
         """One real git commit on `ref` (branch name or full ref: ``refs/convert/parquet``, ``refs/pr/66``); the
         repo is created if missing. See `commit_files` for `parent` / `replace`. Returns the commit sha."""
         self.create_repo(repo_type, repo_id, exist_ok=True)
-        return commit_files(self.repo_path(repo_type, repo_id), ref, files, delete=delete, message=message,
-                            parent=parent, replace=replace, author=author)
+        return commit_files(
+            self.repo_path(repo_type, repo_id),
+            ref,
+            files,
+            delete=delete,
+            message=message,
+            parent=parent,
+            replace=replace,
+            author=author,
+        )
 
-    def add_pull_request(self, repo_type: str, repo_id: str, num: int, title: str, author: str,
-                         status: str = "open") -> None:
+    def add_pull_request(
+        self, repo_type: str, repo_id: str, num: int, title: str, author: str, status: str = "open"
+    ) -> None:
         """Record PR `num` (its ref ``refs/pr/<num>`` made by `commit`) so the discussions API lists it."""
         gitdir = self.repo_path(repo_type, repo_id)
         meta = read_meta(gitdir)
-        meta["discussions"] = [d for d in meta["discussions"] if d["num"] != num] + [dict(
-            num=num, title=title, description="", author=author, isPullRequest=True, status=status,
-            createdAt=_now(), base="refs/heads/main")]
+        meta["discussions"] = [d for d in meta["discussions"] if d["num"] != num] + [
+            dict(
+                num=num,
+                title=title,
+                description="",
+                author=author,
+                isPullRequest=True,
+                status=status,
+                createdAt=_now(),
+                base="refs/heads/main",
+            )
+        ]
         write_meta(gitdir, meta)
 
 
@@ -928,10 +1132,15 @@ SAFETENSORS_PR_TITLE = "Adding `safetensors` variant of this model"  # what tran
 # The real file of openai/clip-vit-base-patch32 (legacy keys: "size"/"crop_size" as ints; transformers reads them as
 # shortest_edge 224 / crop 224x224; do_convert_rgb is the class default, True).
 CLIP_PREPROCESSOR_CONFIG = {
-    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
     "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3, "size": 224,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
 }
 
 FLICKR_README = """---
@@ -990,8 +1199,11 @@ def build_clip_repo(hub: LocalHub, repo_id: str = CLIP_ID, seed: int = 0) -> dic
     from transformers import CLIPConfig, CLIPModel
 
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-    config = CLIPConfig(text_config=dict(tiny, vocab_size=49408, max_position_embeddings=77),
-                        vision_config=dict(tiny, image_size=224, patch_size=32), projection_dim=32)
+    config = CLIPConfig(
+        text_config=dict(tiny, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(tiny, image_size=224, patch_size=32),
+        projection_dim=32,
+    )
     config.architectures = ["CLIPModel"]
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
@@ -1002,16 +1214,29 @@ def build_clip_repo(hub: LocalHub, repo_id: str = CLIP_ID, seed: int = 0) -> dic
     weights = io.BytesIO()
     torch.save(state_dict, weights)
     hub.create_repo("model", repo_id, exist_ok=True)
-    main = hub.commit("model", repo_id, {
-        "README.md": "---\ntags:\n- vision\nwidget: []\n---\n\n# CLIP (tiny random stand-in for tests)\n",
-        "config.json": config_json,
-        "preprocessor_config.json": json.dumps(CLIP_PREPROCESSOR_CONFIG, indent=2) + "\n",
-        "pytorch_model.bin": weights.getvalue(),
-    }, message="Upload tiny random CLIPModel")
+    main = hub.commit(
+        "model",
+        repo_id,
+        {
+            "README.md": "---\ntags:\n- vision\nwidget: []\n---\n\n# CLIP (tiny random stand-in for tests)\n",
+            "config.json": config_json,
+            "preprocessor_config.json": json.dumps(CLIP_PREPROCESSOR_CONFIG, indent=2) + "\n",
+            "pytorch_model.bin": weights.getvalue(),
+        },
+        message="Upload tiny random CLIPModel",
+    )
     pr_ref = f"refs/pr/{SAFETENSORS_PR}"
-    pr = hub.commit("model", repo_id, {
-        "model.safetensors": safetensors.torch.save(state_dict, metadata={"format": "pt"}),
-    }, ref=pr_ref, parent=main, message=SAFETENSORS_PR_TITLE, author="SFconvertbot")
+    pr = hub.commit(
+        "model",
+        repo_id,
+        {
+            "model.safetensors": safetensors.torch.save(state_dict, metadata={"format": "pt"}),
+        },
+        ref=pr_ref,
+        parent=main,
+        message=SAFETENSORS_PR_TITLE,
+        author="SFconvertbot",
+    )
     hub.add_pull_request("model", repo_id, SAFETENSORS_PR, SAFETENSORS_PR_TITLE, author="SFconvertbot")
     return {"main": main, pr_ref: pr}
 
@@ -1042,21 +1267,36 @@ def build_qwen_repo(hub: LocalHub, repo_id: str = QWEN_ID, seed: int = 0) -> str
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=32768, max_window_layers=2, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
-        use_sliding_window=False, sliding_window=None, architectures=["Qwen3ForCausalLM"])
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=32768,
+        max_window_layers=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151643,
+        use_sliding_window=False,
+        sliding_window=None,
+        architectures=["Qwen3ForCausalLM"],
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
-    generation_config = {"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643,
-                         "max_new_tokens": 2048}
+    generation_config = {"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643, "max_new_tokens": 2048}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         files = {name: Path(tmp, name).read_bytes() for name in ("config.json", "model.safetensors")}
     files["generation_config.json"] = json.dumps(generation_config, indent=2) + "\n"
     files.update(qwen_tokenizer_files())
-    files["README.md"] = ("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n"
-                          "# Qwen3-0.6B-Base (tiny random stand-in for tests)\n")
+    files["README.md"] = (
+        "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n"
+        "# Qwen3-0.6B-Base (tiny random stand-in for tests)\n"
+    )
     hub.create_repo("model", repo_id, exist_ok=True)
     return hub.commit("model", repo_id, files, message="Upload tiny random Qwen3ForCausalLM")
 
@@ -1072,8 +1312,11 @@ def flickr30k_rows(n_images: int = 300, *, image_size: int = 256, seed: int = 0)
     n_val = n_test = max(1, round(n_images * 0.1))
     n_train = n_images - n_val - n_test
     examples = []
-    for split, embedded_split, n in (("train", "train", n_train), ("val", "validation", n_val),
-                                     ("test", "test", n_test)):
+    for split, embedded_split, n in (
+        ("train", "train", n_train),
+        ("val", "validation", n_val),
+        ("test", "test", n_test),
+    ):
         examples += [(split, e) for e in generate_split(embedded_split, n, seed=seed, image_size=image_size)]
     order = np.random.default_rng(seed).permutation(len(examples)).tolist()
     columns: dict[str, list] = {k: [] for k in ("image", "caption", "sentids", "split", "img_id", "filename")}
@@ -1090,43 +1333,70 @@ def flickr30k_rows(n_images: int = 300, *, image_size: int = 256, seed: int = 0)
     return columns
 
 
-def build_flickr30k_repo(hub: LocalHub, n_images: int = 300, *, rows_per_shard: int = 100, image_size: int = 256,
-                         seed: int = 0, repo_id: str = FLICKR_ID) -> dict[str, str]:
+def build_flickr30k_repo(
+    hub: LocalHub,
+    n_images: int = 300,
+    *,
+    rows_per_shard: int = 100,
+    image_size: int = 256,
+    seed: int = 0,
+    repo_id: str = FLICKR_ID,
+) -> dict[str, str]:
     """The dataset repo: main holds README.md and the loading script flickr30k.py (which datasets >= 4 refuses, as
     with the real repo); ``refs/convert/parquet`` holds ``TEST/test/0000.parquet``, ``0001.parquet``, ... with
     columns image (Image), caption (list of 5), sentids (list of 5), split, img_id, filename and the datasets
     features in the parquet metadata. Returns {"main": sha, "refs/convert/parquet": sha}."""
     import datasets
 
-    features = datasets.Features({
-        "image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
-        "sentids": datasets.List(datasets.Value("string")), "split": datasets.Value("string"),
-        "img_id": datasets.Value("string"), "filename": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "sentids": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+        }
+    )
     columns = flickr30k_rows(n_images, image_size=image_size, seed=seed)
     shards = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shard, start in enumerate(range(0, n_images, rows_per_shard)):
-            chunk = {k: v[start:start + rows_per_shard] for k, v in columns.items()}
+            chunk = {k: v[start : start + rows_per_shard] for k, v in columns.items()}
             path = Path(tmp, f"{shard:04d}.parquet")
             datasets.Dataset.from_dict(chunk, features=features).to_parquet(str(path))
             shards[f"TEST/test/{shard:04d}.parquet"] = path.read_bytes()
     hub.create_repo("dataset", repo_id, exist_ok=True)
-    main = hub.commit("dataset", repo_id, {"README.md": FLICKR_README, "flickr30k.py": FLICKR_SCRIPT},
-                      message="Add loading script and card")
-    parquet = hub.commit("dataset", repo_id, {".gitattributes": HUB_GITATTRIBUTES, **shards},
-                         ref="refs/convert/parquet", parent=main, replace=True, message="Update parquet files",
-                         author="parquet-converter")
+    main = hub.commit(
+        "dataset",
+        repo_id,
+        {"README.md": FLICKR_README, "flickr30k.py": FLICKR_SCRIPT},
+        message="Add loading script and card",
+    )
+    parquet = hub.commit(
+        "dataset",
+        repo_id,
+        {".gitattributes": HUB_GITATTRIBUTES, **shards},
+        ref="refs/convert/parquet",
+        parent=main,
+        replace=True,
+        message="Update parquet files",
+        author="parquet-converter",
+    )
     return {"main": main, "refs/convert/parquet": parquet}
 
 
 def build_all(hub: LocalHub, n_images: int = 300) -> dict[str, dict[str, str]]:
     """The three repositories the project reads from the Hub; returns their shas by repo id and ref."""
-    return {CLIP_ID: build_clip_repo(hub), QWEN_ID: {"main": build_qwen_repo(hub)},
-            FLICKR_ID: build_flickr30k_repo(hub, n_images)}
+    return {
+        CLIP_ID: build_clip_repo(hub),
+        QWEN_ID: {"main": build_qwen_repo(hub)},
+        FLICKR_ID: build_flickr30k_repo(hub, n_images),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

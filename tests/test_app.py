@@ -14,8 +14,14 @@ from conftest import PHOTOS, ROOT, clear_greedy_ids, serving_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 PHOTO = PHOTOS / "000000159269.jpg"  # its tiny-model caption is Latin text, which the machine's fonts render
@@ -62,8 +68,9 @@ def served_app(make_model, processor, tmp_path):
     (other / "evil.py").write_text("")
     plant_marker(other, marker)
 
-    with serving_app(tmp_path, str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}",
-                     "--max_images", str(MAX_IMAGES)) as (url, _):
+    with serving_app(
+        tmp_path, str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}", "--max_images", str(MAX_IMAGES)
+    ) as (url, _):
         yield url, model, folder, other, marker
 
 
@@ -71,7 +78,9 @@ def served_app(make_model, processor, tmp_path):
 def page(tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
-            tmp_path / "chromium-profile", executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS,
+            tmp_path / "chromium-profile",
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_FLAGS,
             viewport={"width": 1280, "height": 900},
         )
         browser.set_default_timeout(90_000)  # two shared CPU cores: the first click also loads the model

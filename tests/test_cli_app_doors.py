@@ -54,7 +54,7 @@ def eos_first_model(tmp_path_factory):
         hook.remove()
         model.lm_head.weight[eos] = last[0] * (50 / last[0].dot(last[0]))
         ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert ids[0, inputs["input_ids"].shape[1]:].tolist() == [eos]  # the control: without the fix, an empty caption
+    assert ids[0, inputs["input_ids"].shape[1] :].tolist() == [eos]  # the control: without the fix, an empty caption
     folder = tmp_path_factory.mktemp("model") / "eos-first"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -74,11 +74,20 @@ def cli(capsys, *args):
 
 
 # ---- the caption CLI -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flag, value", [
-    ("--batch_size", "0"), ("--num_beams", "0"), ("--num_beams", "65"), ("--max_new_tokens", "0"),
-    ("--max_new_tokens", "513"), ("--max_new_tokens", "1e9"), ("--top_p", "0"), ("--temperature", "0"),
-    ("--temperature", "nan"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--batch_size", "0"),
+        ("--num_beams", "0"),
+        ("--num_beams", "65"),
+        ("--max_new_tokens", "0"),
+        ("--max_new_tokens", "513"),
+        ("--max_new_tokens", "1e9"),
+        ("--top_p", "0"),
+        ("--temperature", "0"),
+        ("--temperature", "nan"),
+    ],
+)
 def test_cli_refuses_out_of_range_flags_at_parse_time_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         caption_cli.parse_args(["some/model", str(PHOTO), flag, value])
@@ -115,14 +124,17 @@ def test_cli_refuses_an_output_that_is_one_of_its_input_images(alias, saved_mode
     assert photo.read_bytes() == PHOTO.read_bytes()  # untouched
 
 
-@pytest.mark.parametrize("case, message", [
-    ("a fifo", "is not a regular file"),
-    ("an empty folder", "No image files in"),
-    ("a folder as --output", "not a file in an existing folder"),
-    ("--output in a missing folder", "not a file in an existing folder"),
-    ("no readable image", "none of the 1 file(s) could be read as an image"),
-    ("a model that is a file", "is a file, not a model folder"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("a fifo", "is not a regular file"),
+        ("an empty folder", "No image files in"),
+        ("a folder as --output", "not a file in an existing folder"),
+        ("--output in a missing folder", "not a file in an existing folder"),
+        ("no readable image", "none of the 1 file(s) could be read as an image"),
+        ("a model that is a file", "is a file, not a model folder"),
+    ],
+)
 def test_cli_refuses_odd_inputs_in_one_line(case, message, saved_model, tmp_path, capsys):
     """Each one used to end in a traceback, a misleading message, or exit status 0 with nothing captioned."""
     model, inputs, flags = saved_model, [PHOTO], []
@@ -209,8 +221,11 @@ def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, un
     start = time.monotonic()
     status, out, err = cli(capsys, "someone/clipqwen-flickr30k", PHOTO, *QUICK)
     assert time.monotonic() - start < 10
-    assert status == 1 and len(err) == 1 and err[0].startswith(
-        "clipqwen-caption: error: Could not fetch config.json of `someone/clipqwen-flickr30k`"), err
+    assert (
+        status == 1
+        and len(err) == 1
+        and err[0].startswith("clipqwen-caption: error: Could not fetch config.json of `someone/clipqwen-flickr30k`")
+    ), err
     assert "does not answer" in caplog.text and "working offline" in caplog.text
 
 
@@ -230,13 +245,23 @@ def reshape_adapter(state):
     return state | {"adapter.layers.0.weight": torch.zeros(3, 3)}
 
 
-@pytest.mark.parametrize("damage, message", [
-    (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
-    (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
-    (drop_adapter, r"missing 4 of the 68 tensors it needs \(adapter.layers.0.bias, adapter.layers.0.weight, "
-                   r"adapter.layers.2.bias and 1 more\)"),
-    (reshape_adapter, r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)"),
-], ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
+        (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
+        (
+            drop_adapter,
+            r"missing 4 of the 68 tensors it needs \(adapter.layers.0.bias, adapter.layers.0.weight, "
+            r"adapter.layers.2.bias and 1 more\)",
+        ),
+        (
+            reshape_adapter,
+            r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)",
+        ),
+    ],
+    ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"],
+)
 def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):
     folder = copy_model(saved_model, tmp_path)
     weights = folder / "model.safetensors"
@@ -288,9 +313,20 @@ def test_app_serves_only_its_models_and_answers_alike_for_existing_and_missing_o
     not_clipqwen = tmp_path / "bert"
     not_clipqwen.mkdir()
     (not_clipqwen / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    answers = {name: run_app(app, [str(PHOTO)], name, served)[1:] for name in (
-        str(other), str(not_clipqwen), str(tmp_path / "missing"), str(tmp_path), "/etc/passwd", "someone/clipqwen",
-        "someone/clipqwen@main", "", "../" + saved_model.name)}
+    answers = {
+        name: run_app(app, [str(PHOTO)], name, served)[1:]
+        for name in (
+            str(other),
+            str(not_clipqwen),
+            str(tmp_path / "missing"),
+            str(tmp_path),
+            "/etc/passwd",
+            "someone/clipqwen",
+            "someone/clipqwen@main",
+            "",
+            "../" + saved_model.name,
+        )
+    }
     assert len(set(answers.values())) == 1, answers
     text, status = answers[str(other)]
     assert text == "" and status.startswith("⚠️ This demo serves only") and str(saved_model) in status
@@ -301,8 +337,12 @@ def test_app_serves_only_its_models_and_answers_alike_for_existing_and_missing_o
 
 def test_app_served_models_pin_revisions(app, saved_model):
     served = app.served_models("you/clipqwen", "abc123", [str(saved_model), "you/other@v2", "you/third"])
-    assert served == {"you/clipqwen@abc123": ("you/clipqwen", "abc123"), str(saved_model): (str(saved_model), None),
-                      "you/other@v2": ("you/other", "v2"), "you/third": ("you/third", None)}
+    assert served == {
+        "you/clipqwen@abc123": ("you/clipqwen", "abc123"),
+        str(saved_model): (str(saved_model), None),
+        "you/other@v2": ("you/other", "v2"),
+        "you/third": ("you/third", None),
+    }
 
 
 def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model, tmp_path, monkeypatch):
@@ -325,8 +365,9 @@ def test_app_refuses_a_prompt_prefix_over_its_cap(app, saved_model):
     served = app.served_models(str(saved_model), "", [])
     long = "a photo of " * 1000
     gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, long, served=served)
-    assert gallery == [] and status == (f"⚠️ The prompt prefix has {len(long):,} characters; "
-                                        f"at most {app.MAX_PREFIX_CHARS} are allowed.")
+    assert gallery == [] and status == (
+        f"⚠️ The prompt prefix has {len(long):,} characters; at most {app.MAX_PREFIX_CHARS} are allowed."
+    )
 
 
 def test_app_never_shows_an_empty_caption(app, eos_first_model):
@@ -366,17 +407,21 @@ def test_cli_int8_without_its_library_names_the_extra_before_loading(saved_model
 
 def test_app_captions_in_the_operators_precision(app, saved_model):
     served = app.served_models(str(saved_model), "", [])
-    gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, "", served=served,
-                                        precision="bf16")
+    gallery, text, status = app.caption(
+        [str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, "", served=served, precision="bf16"
+    )
     assert status.startswith("Captioned 1 image") and "(bf16)" in status and gallery[0][1].strip()
     model, _ = app.get_model(str(saved_model), served, "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("precision, message", [
-    ("int4", "argument --precision: invalid choice: 'int4'"),
-    ("int8", 'needs the optimum-quanto library, which is not installed: pip install "clipqwen[quantize]"'),
-])
+@pytest.mark.parametrize(
+    "precision, message",
+    [
+        ("int4", "argument --precision: invalid choice: 'int4'"),
+        ("int8", 'needs the optimum-quanto library, which is not installed: pip install "clipqwen[quantize]"'),
+    ],
+)
 def test_app_refuses_a_precision_it_cannot_run_at_startup(precision, message, app, saved_model, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optimum.quanto", None)
     monkeypatch.setattr(app, "build_demo", lambda *args, **kwargs: pytest.fail("the demo was built"))

@@ -32,7 +32,10 @@ def test_a_saved_config_names_its_layout_so_changed_defaults_never_reread_it(tmp
     ClipQwenConfig(adapter_type="linear", num_pooled_image_tokens=1).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {key: saved[key] for key in ("adapter_type", "vision_feature_type", "num_pooled_image_tokens")} == {
-        "adapter_type": "linear", "vision_feature_type": "pooled", "num_pooled_image_tokens": 1}
+        "adapter_type": "linear",
+        "vision_feature_type": "pooled",
+        "num_pooled_image_tokens": 1,
+    }
     ClipQwenConfig().save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["adapter_type"] == "mlp2x_gelu"  # defaults written too
     assert ClipQwenConfig.from_pretrained(tmp_path).num_image_tokens == 8
@@ -46,8 +49,16 @@ def test_partial_text_config_is_merged_over_qwen3_0_6b_not_class_defaults():
 
 
 def test_any_causal_lm_text_config_by_model_type_with_its_own_defaults(tmp_path):
-    config = ClipQwenConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                                         "vocab_size": 300, "tie_word_embeddings": False}, image_token_id=None)
+    config = ClipQwenConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "vocab_size": 300,
+            "tie_word_embeddings": False,
+        },
+        image_token_id=None,
+    )
     assert type(config.text_config) is LlamaConfig and config.image_token_id is None
     # Llama's defaults, not Qwen3-0.6B's
     assert config.text_config.num_hidden_layers == LlamaConfig().num_hidden_layers

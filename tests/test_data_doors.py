@@ -30,8 +30,19 @@ from clipqwen.images import ImageLoadError, load_image, pixel_values
 from conftest import PHOTOS
 
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
-        "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--disable_tqdm",
+    "True",
+]
 FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))})
 
 
@@ -80,15 +91,35 @@ def load_parquet_folder(folder):
 def test_a_parquet_row_with_only_a_path_outside_its_folder_is_refused_before_training(tmp_path):
     secret = tmp_path / "elsewhere.png"
     Image.new("RGB", (8, 8), "red").save(secret)
-    folder = write_parquet(tmp_path / "parquet",
-                           {"image": [{"bytes": photo_bytes(i), "path": f"{i}.jpg"} for i in range(3)],
-                                                  "caption": [["a photo"]] * 3})
-    write_parquet(folder, {"image": [{"bytes": photo_bytes(3), "path": "3.jpg"}, {"bytes": None, "path": str(secret)}],
-                           "caption": [["a photo"]] * 2}, split="test")  # would be trained on and drawn in the grid
+    folder = write_parquet(
+        tmp_path / "parquet",
+        {"image": [{"bytes": photo_bytes(i), "path": f"{i}.jpg"} for i in range(3)], "caption": [["a photo"]] * 3},
+    )
+    write_parquet(
+        folder,
+        {
+            "image": [{"bytes": photo_bytes(3), "path": "3.jpg"}, {"bytes": None, "path": str(secret)}],
+            "caption": [["a photo"]] * 2,
+        },
+        split="test",
+    )  # would be trained on and drawn in the grid
     refused = rf"{folder}, test split, row 1: image path '{secret}' leads outside {folder}"
     with pytest.raises(ValueError, match=refused):
-        run(tmp_path / "out", "--do_train", "--do_predict", "--max_steps", "1", "--dataset_name", str(folder),
-            "--dataset_revision", "None", "--split_column", "", "--caption_column", "caption")
+        run(
+            tmp_path / "out",
+            "--do_train",
+            "--do_predict",
+            "--max_steps",
+            "1",
+            "--dataset_name",
+            str(folder),
+            "--dataset_revision",
+            "None",
+            "--split_column",
+            "",
+            "--caption_column",
+            "caption",
+        )
     assert not (tmp_path / "out" / "sample_captions.png").exists()
 
 
@@ -96,12 +127,15 @@ def test_parquet_path_entries_resolve_inside_the_data_set_folder(tmp_path):
     folder = tmp_path / "parquet"
     (folder / "images").mkdir(parents=True)
     (folder / "images" / "inside.jpg").write_bytes(photo_bytes(1))
-    entries = [{"bytes": photo_bytes(0), "path": "/etc/never-read.jpg"},  # shipped bytes: the path is only a name
-               {"bytes": None, "path": "images/inside.jpg"}]  # relative to the data set's folder, not to the cwd
+    entries = [
+        {"bytes": photo_bytes(0), "path": "/etc/never-read.jpg"},  # shipped bytes: the path is only a name
+        {"bytes": None, "path": "images/inside.jpg"},
+    ]  # relative to the data set's folder, not to the cwd
     write_parquet(folder, {"image": entries, "caption": [["a"], ["b"]]})
     train = load_parquet_folder(folder)["train"]
-    assert [row["image"].size for row in train] == [Image.open(PHOTOS / p.name).size
-                                                   for p in sorted(PHOTOS.glob("*.jpg"))[:2]]
+    assert [row["image"].size for row in train] == [
+        Image.open(PHOTOS / p.name).size for p in sorted(PHOTOS.glob("*.jpg"))[:2]
+    ]
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "symlink", "url"])
@@ -111,8 +145,13 @@ def test_parquet_path_entries_leading_out_of_the_folder_are_refused(tmp_path, ki
     secret.write_bytes(photo_bytes(0))
     (folder / "link.jpg").symlink_to(secret)
     path = {"dotdot": "../secret.jpg", "symlink": "link.jpg", "url": "https://example.com/secret.jpg"}[kind]
-    write_parquet(folder, {"image": [{"bytes": photo_bytes(1), "path": "ok.jpg"}, {"bytes": None, "path": path}],
-                           "caption": [["a"], ["b"]]})
+    write_parquet(
+        folder,
+        {
+            "image": [{"bytes": photo_bytes(1), "path": "ok.jpg"}, {"bytes": None, "path": path}],
+            "caption": [["a"], ["b"]],
+        },
+    )
     with pytest.raises(ValueError, match=r"train split, row 1: .*refused"):
         load_parquet_folder(folder)
 
@@ -158,11 +197,14 @@ def test_an_absolute_annotation_path_inside_its_folder_is_accepted(tmp_path):
 
 
 # ---- splits from the flag, never from file names ------------------------------------------------------------------
-@pytest.mark.parametrize("flag, names", [
-    ("train_dir", [f"validation_{i:05d}.jpg" for i in range(8)]),  # datasets finds only a validation split
-    ("train_dir", [f"test_{i}.jpg" if i < 3 else f"photo_{i}.jpg" for i in range(8)]),  # datasets cuts it in two
-    ("validation_dir", [f"train_{i}.jpg" for i in range(8)]),
-])
+@pytest.mark.parametrize(
+    "flag, names",
+    [
+        ("train_dir", [f"validation_{i:05d}.jpg" for i in range(8)]),  # datasets finds only a validation split
+        ("train_dir", [f"test_{i}.jpg" if i < 3 else f"photo_{i}.jpg" for i in range(8)]),  # datasets cuts it in two
+        ("validation_dir", [f"train_{i}.jpg" for i in range(8)]),
+    ],
+)
 def test_imagefolder_files_named_after_another_split_stay_in_the_flags_split(tmp_path, flag, names):
     rows = image_folder(tmp_path / "photos", names)
     loaded = load_caption_data(data_args(**{flag: str(tmp_path / "photos")}, caption_column="captions"))
@@ -178,31 +220,46 @@ def annotation_file(tmp_path, second_row: str, name="train.jsonl") -> Path:
     return tmp_path / name
 
 
-@pytest.mark.parametrize("captions, what", [
-    ({"en": "a dog"}, "a dict"), ([["a dog", "a cat"]], "caption 0 is a list"), (3, "a number"),
-    (["a dog", None], "caption 1 is None"), (True, "a bool"), ([1.5], "caption 0 is a number"),
-])
+@pytest.mark.parametrize(
+    "captions, what",
+    [
+        ({"en": "a dog"}, "a dict"),
+        ([["a dog", "a cat"]], "caption 0 is a list"),
+        (3, "a number"),
+        (["a dog", None], "caption 1 is None"),
+        (True, "a bool"),
+        ([1.5], "caption 0 is a number"),
+    ],
+)
 def test_captions_that_are_not_strings_are_refused_naming_the_row(tmp_path, captions, what):
     path = annotation_file(tmp_path, json.dumps({"image": "a.jpg", "caption": captions}))
     with pytest.raises(ValueError, match=rf"train\.jsonl, row 2: .*{what}.*a string or a list of strings"):
         read_annotation_file(str(path), "image", "caption", None)
 
 
-@pytest.mark.parametrize("row, what", [
-    ('["a.jpg", "a dog"]', "a JSON array, not an object"), ('"a dog"', "a string, not an object"),
-    ("3", "a number, not an object"), ("null", "None, not an object"),
-])
+@pytest.mark.parametrize(
+    "row, what",
+    [
+        ('["a.jpg", "a dog"]', "a JSON array, not an object"),
+        ('"a dog"', "a string, not an object"),
+        ("3", "a number, not an object"),
+        ("null", "None, not an object"),
+    ],
+)
 def test_rows_that_are_not_json_objects_are_refused_naming_the_row(tmp_path, row, what):
     path = annotation_file(tmp_path, row)
     with pytest.raises(ValueError, match=rf"train\.jsonl, row 2: {what}"):
         read_annotation_file(str(path), "image", "caption", None)
 
 
-@pytest.mark.parametrize("second, what", [
-    ({"image": "b.jpg", "caption": "a dog"}, "no value"),
-    ({"image": "b.jpg", "caption": "a dog", "id": None}, "no value"),
-    ({"image": "b.jpg", "caption": "a dog", "id": " "}, "an empty value"),
-])
+@pytest.mark.parametrize(
+    "second, what",
+    [
+        ({"image": "b.jpg", "caption": "a dog"}, "no value"),
+        ({"image": "b.jpg", "caption": "a dog", "id": None}, "no value"),
+        ({"image": "b.jpg", "caption": "a dog", "id": " "}, "an empty value"),
+    ],
+)
 def test_an_id_missing_from_a_later_row_is_refused_naming_the_row(tmp_path, second, what):
     for name in ("a.jpg", "b.jpg"):
         shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / name)
@@ -226,10 +283,14 @@ def test_an_image_name_that_is_not_valid_utf8_is_refused_naming_the_row(tmp_path
     shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], tmp_path / "a.jpg")
     shutil.copy(sorted(PHOTOS.glob("*.jpg"))[0], os.fsencode(tmp_path) + b"/caf\xe9.jpg")  # a real non-UTF-8 name
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"image": "a.jpg", "caption": "a photo"}) + '\n{"image": "' + escaped
-                    + '", "caption": "a dog"}\n')
-    with pytest.raises(ValueError, match=r"train\.jsonl, row 2: image path 'caf\\ud[8c][0e][09]\.jpg' is not valid "
-                                         r"UTF-8.*Rename the file"):
+    path.write_text(
+        json.dumps({"image": "a.jpg", "caption": "a photo"}) + '\n{"image": "' + escaped + '", "caption": "a dog"}\n'
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"train\.jsonl, row 2: image path 'caf\\ud[8c][0e][09]\.jpg' is not valid "
+        r"UTF-8.*Rename the file",
+    ):
         read_annotation_file(str(path), "image", "caption", None)
 
 
@@ -242,15 +303,21 @@ def test_an_annotation_naming_a_fifo_or_a_directory_is_refused_before_anything_o
         (tmp_path / "b.jpg").mkdir()
     path = annotation_file(tmp_path, json.dumps({"image": "b.jpg", "caption": "a dog"}))
     expected = "a FIFO \\(named pipe\\)" if kind == "fifo" else "a directory"
-    with pytest.raises(ValueError, match=rf"train\.jsonl, row 2: image path 'b\.jpg': it is {expected}, not a regular "
-                                         r"file"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train\.jsonl, row 2: image path 'b\.jpg': it is {expected}, not a regular "
+        r"file",
+    ):
         read_annotation_file(str(path), "image", "caption", None)
 
 
 def test_an_annotation_naming_a_file_too_long_for_the_file_system_says_so(tmp_path):
     path = annotation_file(tmp_path, json.dumps({"image": "x" * 296 + ".jpg", "caption": "a dog"}))
-    with pytest.raises(ValueError, match=r"train\.jsonl, row 2: .*the file name is too long for the file system "
-                                         r"\(300 characters"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.jsonl, row 2: .*the file name is too long for the file system "
+        r"\(300 characters",
+    ):
         read_annotation_file(str(path), "image", "caption", None)
 
 
@@ -260,8 +327,11 @@ def test_images_with_one_base_name_in_two_folders_get_two_ids_their_paths_in_the
     for folder, photo in (("beach", photos[0]), ("park/2024", photos[1])):
         (tmp_path / folder).mkdir(parents=True)
         shutil.copy(photo, tmp_path / folder / "photo.jpg")
-    rows = [{"image": "beach/photo.jpg", "caption": "a beach"}, {"image": "park/2024/photo.jpg", "caption": "a park"},
-            {"image": str(tmp_path / "beach" / "photo.jpg"), "caption": "sand"}]  # absolute: the same image
+    rows = [
+        {"image": "beach/photo.jpg", "caption": "a beach"},
+        {"image": "park/2024/photo.jpg", "caption": "a park"},
+        {"image": str(tmp_path / "beach" / "photo.jpg"), "caption": "sand"},
+    ]  # absolute: the same image
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     loaded = load_caption_data(data_args(train_file=str(tmp_path / "train.jsonl")))["train"]
     assert list(loaded["image_id"]) == ["beach/photo.jpg", "park/2024/photo.jpg"]
@@ -272,11 +342,17 @@ def test_one_id_for_two_images_in_the_id_column_is_refused_naming_both_rows(tmp_
     photos = sorted(PHOTOS.glob("*.jpg"))
     shutil.copy(photos[0], tmp_path / "a.jpg")
     shutil.copy(photos[1], tmp_path / "b.jpg")
-    rows = [{"image": "a.jpg", "caption": "one", "id": "x"}, {"image": "a.jpg", "caption": "two", "id": "x"},
-            {"image": "b.jpg", "caption": "three", "id": "x"}]  # rows 1 and 2 are one image: one id is right
+    rows = [
+        {"image": "a.jpg", "caption": "one", "id": "x"},
+        {"image": "a.jpg", "caption": "two", "id": "x"},
+        {"image": "b.jpg", "caption": "three", "id": "x"},
+    ]  # rows 1 and 2 are one image: one id is right
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    with pytest.raises(ValueError, match=r"train\.jsonl, row 3: id 'x' \(--id_column id\) is already the id of "
-                                         r"another image \(row 1, a\.jpg\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.jsonl, row 3: id 'x' \(--id_column id\) is already the id of "
+        r"another image \(row 1, a\.jpg\)",
+    ):
         read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", "id")
 
 
@@ -289,12 +365,19 @@ def test_two_ids_for_one_image_in_the_id_column_are_refused_naming_the_row(tmp_p
 
 
 def test_a_parquet_id_column_naming_two_images_alike_is_refused(tmp_path):
-    folder = write_parquet(tmp_path / "photos", {"image": [{"bytes": photo_bytes(i), "path": None} for i in range(3)],
-                                                 "caption": [["a"], ["b"], ["c"]], "name": ["p1", "p2", "p1"]},
-                           features=datasets.Features({**FEATURES, "name": datasets.Value("string")}))
+    folder = write_parquet(
+        tmp_path / "photos",
+        {
+            "image": [{"bytes": photo_bytes(i), "path": None} for i in range(3)],
+            "caption": [["a"], ["b"], ["c"]],
+            "name": ["p1", "p2", "p1"],
+        },
+        features=datasets.Features({**FEATURES, "name": datasets.Value("string")}),
+    )
     with pytest.raises(ValueError, match=r"train split: id 'p1' \(--id_column name\) names rows 0 and 2"):
-        load_caption_data(data_args(dataset_name=str(folder), dataset_revision=None, split_column=None,
-                                    id_column="name"))
+        load_caption_data(
+            data_args(dataset_name=str(folder), dataset_revision=None, split_column=None, id_column="name")
+        )
 
 
 @pytest.mark.parametrize("indent", [None, 2])
@@ -315,12 +398,19 @@ def test_non_string_captions_in_imagefolder_metadata_are_refused_naming_the_row(
         load_caption_data(data_args(train_dir=str(folder), caption_column="captions"))
 
 
-@pytest.mark.parametrize("captions, feature, what", [
-    ([[["a", "b"]], [["c"]]], datasets.List(datasets.List(datasets.Value("string"))), "row 0: caption 0 is a list"),
-    ([{"en": "a"}, {"en": "b"}], {"en": datasets.Value("string")}, "row 0: the captions are a dict"),
-    ([1, 2], datasets.Value("int64"), "row 0: the captions are a number"),
-    ([["a"], ["b", None]], datasets.List(datasets.Value("string")), "row 1: caption 1 is None"),
-])
+@pytest.mark.parametrize(
+    "captions, feature, what",
+    [
+        (
+            [[["a", "b"]], [["c"]]],
+            datasets.List(datasets.List(datasets.Value("string"))),
+            "row 0: caption 0 is a list",
+        ),
+        ([{"en": "a"}, {"en": "b"}], {"en": datasets.Value("string")}, "row 0: the captions are a dict"),
+        ([1, 2], datasets.Value("int64"), "row 0: the captions are a number"),
+        ([["a"], ["b", None]], datasets.List(datasets.Value("string")), "row 1: caption 1 is None"),
+    ],
+)
 def test_non_string_captions_in_a_parquet_data_set_are_refused_naming_the_row(tmp_path, captions, feature, what):
     entries = [{"bytes": photo_bytes(i), "path": f"{i}.jpg"} for i in range(2)]
     features = datasets.Features({"image": datasets.Image(), "caption": feature})
@@ -346,8 +436,17 @@ def test_a_split_left_without_readable_images_stops_the_run_before_training(tmp_
             (folder / "broken" / f"{i}.jpg").write_text("<html>404 Not Found</html>")
             file.write(json.dumps({"image": f"broken/{i}.jpg", "caption": "a photo"}) + "\n")
     with pytest.raises(ValueError, match=r"The validation split has no image left: all 3 are unreadable"):
-        run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1",
-            "--train_file", str(folder / "train.jsonl"), "--validation_file", str(folder / "validation.jsonl"))
+        run(
+            tmp_path / "out",
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "1",
+            "--train_file",
+            str(folder / "train.jsonl"),
+            "--validation_file",
+            str(folder / "validation.jsonl"),
+        )
     assert not (tmp_path / "out" / "train_results.json").exists()
 
 
@@ -362,8 +461,14 @@ def test_a_row_whose_image_is_null_is_dropped_by_the_up_front_check_naming_its_i
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     dataset = datasets.Dataset.from_dict(
         {"image_id": ["kept", "empty"], "image": [str(photo), None], "captions": [["a photo"], ["nothing"]]},
-        features=datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                    "captions": datasets.List(datasets.Value("string"))}))
+        features=datasets.Features(
+            {
+                "image_id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "captions": datasets.List(datasets.Value("string")),
+            }
+        ),
+    )
     checked = drop_unreadable_images(dataset, "train")
     assert checked.with_format(None)["image_id"] == ["kept"]
     assert "Cannot load image empty" in caplog.text
@@ -373,22 +478,30 @@ def test_a_row_whose_image_is_null_is_dropped_by_the_up_front_check_naming_its_i
 def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, processor, tmp_path):
     folder = tmp_path / "photos"
     image_folder(folder)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"photos/{row['file_name']}", "caption": "x"})
-                                                  + "\n"
-                                                  for row in photo_rows()))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"image": f"photos/{row['file_name']}", "caption": "x"}) + "\n" for row in photo_rows())
+    )
     model = make_model()
     calls = counting(model)
-    first = add_vision_features(read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", None), model,
-                                processor, tmp_path / "cache")
+    first = add_vision_features(
+        read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", None),
+        model,
+        processor,
+        tmp_path / "cache",
+    )
     target = folder / photo_rows()[0]["file_name"]
     stat = target.stat()
     replaced = bytearray(target.read_bytes())
-    replaced[len(replaced) // 2: len(replaced) // 2 + 64] = bytes(64)  # other pixels, same size
+    replaced[len(replaced) // 2 : len(replaced) // 2 + 64] = bytes(64)  # other pixels, same size
     target.write_bytes(bytes(replaced))
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old modification time, as `cp -p` keeps it
     calls.clear()
-    again = add_vision_features(read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", None), model,
-                                processor, tmp_path / "cache")
+    again = add_vision_features(
+        read_annotation_file(str(tmp_path / "train.jsonl"), "image", "caption", None),
+        model,
+        processor,
+        tmp_path / "cache",
+    )
     assert sum(calls) == 8 and again.cache_files != first.cache_files
     expected = model.get_vision_embeds(pixel_values([load_image(target)], processor))  # the cache's image path
     torch.testing.assert_close(torch.as_tensor(again[0]["vision_embeds"])[None], expected)
@@ -412,7 +525,7 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(make_model, processor, tmp
     cache = Path(first.cache_files[0]["filename"])
     content = bytearray(cache.read_bytes())
     if damage == "truncated":
-        del content[len(content) * 2 // 3:]
+        del content[len(content) * 2 // 3 :]
     else:
         content[len(content) // 2] ^= 0xFF
     del first
@@ -428,6 +541,7 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(make_model, processor, tmp
 # ---- the decode budget --------------------------------------------------------------------------------------------
 def write_png16(path, width, height):
     """A black 16-bit greyscale PNG of any size, streamed through zlib (no pixel buffer)."""
+
     def chunk(tag, body):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
@@ -441,8 +555,11 @@ def write_png16(path, width, height):
 def test_a_small_16bit_png_declaring_64_megapixels_is_refused_before_decoding(tmp_path):
     path = write_png16(tmp_path / "grey16.png", 8000, 7999)  # under the 64 MP cap, ~1.8 GB through decode + RGB
     assert path.stat().st_size < 200_000 and Image.open(path).mode == "I;16"
-    with pytest.raises(ImageLoadError, match=r"grey16\.png: decoding it takes about 1,792 MB \(8000×7999 pixels × 28 "
-                                             r"bytes for mode I;16\), over the budget of 768 MB"):
+    with pytest.raises(
+        ImageLoadError,
+        match=r"grey16\.png: decoding it takes about 1,792 MB \(8000×7999 pixels × 28 "
+        r"bytes for mode I;16\), over the budget of 768 MB",
+    ):
         load_image(path)
 
 
@@ -486,9 +603,23 @@ def test_an_image_deleted_during_a_run_is_left_out_named_and_counted(tmp_path, m
     delete_after_the_check(monkeypatch, gone)
     folder = str(tmp_path / "photos")
     # one image a step: the step of the lost one has no row left, and trains nothing
-    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "8", "--per_device_train_batch_size",
-                  "1", "--train_dir", folder, "--validation_dir", folder, "--caption_column", "captions",
-                  "--use_feature_cache", "False")
+    metrics = run(
+        tmp_path / "out",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "8",
+        "--per_device_train_batch_size",
+        "1",
+        "--train_dir",
+        folder,
+        "--validation_dir",
+        folder,
+        "--caption_column",
+        "captions",
+        "--use_feature_cache",
+        "False",
+    )
     # 1 of 8 images: within the tolerated share (at least one image); every pass reads it and leaves it out
     assert metrics["train_lost_images"] == metrics["eval_lost_images"] == 1
     assert metrics["eval_num_images"] == 8
@@ -504,10 +635,25 @@ def test_past_the_tolerated_share_of_lost_images_the_run_stops_with_a_checkpoint
     # two of eight: past the share; the run stops when it meets the second, with a checkpoint of the steps before
     gone = [tmp_path / "photos" / rows[i]["file_name"] for i in (6, 7)]
     delete_after_the_check(monkeypatch, *gone)
-    flags = ("--do_train", "--max_steps", "4", "--train_dir", str(tmp_path / "photos"), "--caption_column",
-             "captions", "--use_feature_cache", "False", "--save_strategy", "steps", "--save_steps", "10")
-    stopped = (r"2 training image\(s\) .*: more than the run tolerates, 1% of its images and at least one \(1\).* "
-               r"after step \d, whose checkpoint is saved in .*checkpoint-\d\. Rerun the same command to resume")
+    flags = (
+        "--do_train",
+        "--max_steps",
+        "4",
+        "--train_dir",
+        str(tmp_path / "photos"),
+        "--caption_column",
+        "captions",
+        "--use_feature_cache",
+        "False",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "10",
+    )
+    stopped = (
+        r"2 training image\(s\) .*: more than the run tolerates, 1% of its images and at least one \(1\).* "
+        r"after step \d, whose checkpoint is saved in .*checkpoint-\d\. Rerun the same command to resume"
+    )
     with pytest.raises(SystemExit, match=stopped):
         run(tmp_path / "out", *flags)
     saved = checkpoints.last_complete_checkpoint(tmp_path / "out")
@@ -522,9 +668,12 @@ def test_past_the_tolerated_share_of_lost_images_the_run_stops_with_a_checkpoint
 def test_the_collator_loads_undecoded_entries_through_the_same_checks(processor, tmp_path, caplog):
     collator = CaptionCollator(processor)
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
-    batch = collator([{"image_id": "a", "image": {"bytes": None, "path": str(photo)}, "captions": ["a photo"]},
-                      {"image_id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.jpg")},
-                       "captions": ["x"]}])
+    batch = collator(
+        [
+            {"image_id": "a", "image": {"bytes": None, "path": str(photo)}, "captions": ["a photo"]},
+            {"image_id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.jpg")}, "captions": ["x"]},
+        ]
+    )
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
     assert batch["lost_images"] == ["b"]
     assert f"{tmp_path / 'gone.jpg'}: the file cannot be read" in caplog.text

@@ -12,13 +12,20 @@ from conftest import ROOT
 
 
 # the project's own modules: root files and folders, and the scripts that import their neighbours
-OWN = {p.stem for folder in (ROOT, ROOT / "tests", ROOT / "benchmarks") for p in folder.iterdir()
-       if p.suffix == ".py" or (p.is_dir() and not p.name.startswith("."))}
+OWN = {
+    p.stem
+    for folder in (ROOT, ROOT / "tests", ROOT / "benchmarks")
+    for p in folder.iterdir()
+    if p.suffix == ".py" or (p.is_dir() and not p.name.startswith("."))
+}
 
 
 def requirement_names(text: str) -> set[str]:
-    return {re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
-            for line in text.splitlines() if line.strip() and not line.strip().startswith("#")}
+    return {
+        re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    }
 
 
 def declared() -> dict[str, set[str]]:
@@ -65,8 +72,9 @@ def imported_modules(path) -> set[str]:
 def files_and_their_install():
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT).parts
-        if (any(part.startswith(".") or part in ("build", "dist", "outputs") for part in parts)
-                or parts == ("setup.py",)):
+        if any(part.startswith(".") or part in ("build", "dist", "outputs") for part in parts) or parts == (
+            "setup.py",
+        ):
             continue
         extra = {"tests": "test", "app.py": "demo"}.get(parts[0], "runtime")
         yield path, extra
@@ -81,5 +89,6 @@ def test_every_third_party_import_is_declared_in_setup_cfg():
             names = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
             if not names & requirements[extra]:
                 undeclared.append(
-                    f"{path.relative_to(ROOT)}: {module} (distribution {sorted(names)}, install {extra!r})")
+                    f"{path.relative_to(ROOT)}: {module} (distribution {sorted(names)}, install {extra!r})"
+                )
     assert not undeclared, "imported but not declared in setup.cfg:\n" + "\n".join(undeclared)

@@ -16,13 +16,45 @@ from conftest import ROOT, free_port
 def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     out = tmp_path / "ddp"
     command = [  # torchrun: `accelerate launch --cpu --num_processes 2` starts one process (see below)
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--freeze_language_model", "False",
-        "--dataset_name", "embedded", "--max_train_samples", "16",
-        "--max_eval_samples", "7", "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "2", "--max_new_tokens", "4", "--report_to", "none", "--save_strategy", "no",
-        "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"),
-        "--dataloader_pin_memory", "False",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "run_captioning.py",
+        "--use_cpu",
+        "True",
+        "--tiny_model",
+        "--freeze_language_model",
+        "False",
+        "--dataset_name",
+        "embedded",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "7",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--output_dir",
+        str(out),
+        "--feature_cache_dir",
+        str(tmp_path / "features"),
+        "--dataloader_pin_memory",
+        "False",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -36,9 +68,14 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
 
 
-@pytest.mark.parametrize("name, distributed, machines", [("one_gpu_bf16.yaml", "NO", 1),
-                                                         ("multi_gpu_bf16.yaml", "MULTI_GPU", 1),
-                                                         ("multi_node_bf16.yaml", "MULTI_GPU", 2)])
+@pytest.mark.parametrize(
+    "name, distributed, machines",
+    [
+        ("one_gpu_bf16.yaml", "NO", 1),
+        ("multi_gpu_bf16.yaml", "MULTI_GPU", 1),
+        ("multi_node_bf16.yaml", "MULTI_GPU", 2),
+    ],
+)
 def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, distributed, machines):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -49,11 +86,37 @@ def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, dis
 
 
 # ---- several machines, as two "nodes" on 127.0.0.1 ------------------------------------------------------------------
-TRAIN = ["run_captioning.py", "--use_cpu", "True", "--tiny_model", "--freeze_language_model", "False",
-         "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train", "--max_steps", "3",
-         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--report_to", "none",
-         "--save_strategy", "no", "--dataloader_pin_memory", "False", "--log_level", "info",
-         "--log_level_replica", "info", "--seed", "7"]
+TRAIN = [
+    "run_captioning.py",
+    "--use_cpu",
+    "True",
+    "--tiny_model",
+    "--freeze_language_model",
+    "False",
+    "--dataset_name",
+    "embedded",
+    "--max_train_samples",
+    "16",
+    "--do_train",
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "2",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--log_level",
+    "info",
+    "--log_level_replica",
+    "info",
+    "--seed",
+    "7",
+]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -67,9 +130,20 @@ def trained_weights(folder):
 def one_node(tmp_path_factory):
     """The 2-process single-machine run the two-node runs must match."""
     root = tmp_path_factory.mktemp("one-node")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), *TRAIN, "--output_dir", str(root / "out"),
-               "--feature_cache_dir", str(root / "features")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *TRAIN,
+        "--output_dir",
+        str(root / "out"),
+        "--feature_cache_dir",
+        str(root / "features"),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return trained_weights(root / "out")
@@ -87,9 +161,26 @@ def test_two_nodes_train_the_same_weights_as_two_processes_on_one_machine(one_no
     for node in range(2):
         folder = tmp_path / f"node{node}"
         cache = tmp_path / "shared-features" if shared_cache else folder / "features"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                   "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "clipqwen-two-nodes", *TRAIN,
-                   "--output_dir", str(folder / "out"), "--feature_cache_dir", str(cache)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            endpoint,
+            "--rdzv_id",
+            "clipqwen-two-nodes",
+            *TRAIN,
+            "--output_dir",
+            str(folder / "out"),
+            "--feature_cache_dir",
+            str(cache),
+        ]
         folder.mkdir()
         log = open(folder / "log.txt", "w")
         nodes.append((folder, subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)))
@@ -114,8 +205,6 @@ def test_two_nodes_train_the_same_weights_as_two_processes_on_one_machine(one_no
         assert ("encoding it here too" in log) is not shared_cache, log[-4000:]
 
 
-
-
 @pytest.mark.slow
 def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_all_of_it(tmp_path):
     """Issue 11: no rank waits while another builds the whole cache; the merged cache is the full split."""
@@ -123,13 +212,44 @@ def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_al
     command = [
         # torchrun: two real processes on the CPU (gloo); `accelerate launch --cpu` starts one process, whatever
         # --num_processes says, unless it is given an MPI host file
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "run_captioning.py", "--use_cpu", "True", "--tiny_model", "--dataset_name", "embedded",
-        "--max_train_samples", "16", "--do_train", "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--report_to", "none",
-        "--save_strategy", "no", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features"),
-        "--dataloader_pin_memory", "False", "--log_level", "info", "--log_level_replica", "info",
-        "--preprocessing_num_workers", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "run_captioning.py",
+        "--use_cpu",
+        "True",
+        "--tiny_model",
+        "--dataset_name",
+        "embedded",
+        "--max_train_samples",
+        "16",
+        "--do_train",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--output_dir",
+        str(out),
+        "--feature_cache_dir",
+        str(tmp_path / "features"),
+        "--dataloader_pin_memory",
+        "False",
+        "--log_level",
+        "info",
+        "--log_level_replica",
+        "info",
+        "--preprocessing_num_workers",
+        "1",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -23,8 +23,15 @@ from clipqwen.presets import clip_image_processor
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "coco-cc-by"
 # (kernel, stride, repeats, expand ratio, output channels) of each stage; stem 32 channels, head 1280
-STAGES = [(3, 1, 1, 1, 16), (3, 2, 2, 6, 24), (5, 2, 2, 6, 40), (3, 2, 3, 6, 80), (5, 1, 3, 6, 112),
-          (5, 2, 4, 6, 192), (3, 1, 1, 6, 320)]
+STAGES = [
+    (3, 1, 1, 1, 16),
+    (3, 2, 2, 6, 24),
+    (5, 2, 2, 6, 40),
+    (3, 2, 3, 6, 80),
+    (5, 1, 3, 6, 112),
+    (5, 2, 4, 6, 192),
+    (3, 1, 1, 6, 320),
+]
 
 
 def random_lukemelas_state_dict(seed=0):
@@ -78,8 +85,15 @@ def reference_forward(sd, pixels):
         return F.conv2d(F.pad(x, pads), weight, stride=stride, groups=groups)
 
     def bn(x, name):
-        return F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                            sd[f"{name}.bias"], training=False, eps=1e-3)
+        return F.batch_norm(
+            x,
+            sd[f"{name}.running_mean"],
+            sd[f"{name}.running_var"],
+            sd[f"{name}.weight"],
+            sd[f"{name}.bias"],
+            training=False,
+            eps=1e-3,
+        )
 
     x = F.relu6(bn(conv(pixels, "_conv_stem", stride=2), "_bn0"))
     index = 0

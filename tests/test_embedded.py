@@ -118,11 +118,14 @@ def test_without_positions_and_other_image_size():
 
 def test_caption_facts():
     assert caption_facts("An orange square on the left of a black background.") == dict(
-        colour="orange", shape="square", position="left", background="black")
+        colour="orange", shape="square", position="left", background="black"
+    )
     assert caption_facts("a white background with a blue circle on the right side.") == dict(
-        colour="blue", shape="circle", position="right", background="white")
+        colour="blue", shape="circle", position="right", background="white"
+    )
     assert caption_facts("A green triangle on white.") == dict(
-        colour="green", shape="triangle", position=None, background="white")
+        colour="green", shape="triangle", position=None, background="white"
+    )
     assert caption_facts("a dog") == dict(colour=None, shape=None, position=None, background=None)
 
 

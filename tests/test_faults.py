@@ -32,10 +32,34 @@ from conftest import ROOT, ROUNDING
 
 
 MAX_STEPS = 8
-FLAGS = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-         "--dataloader_pin_memory", "False", "--dataset_name", "embedded", "--max_train_samples", "16", "--do_train",
-         "--lr_scheduler_type", "constant", "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "2",
-         "--max_steps", str(MAX_STEPS), "--disable_tqdm", "True"]
+FLAGS = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--dataloader_pin_memory",
+    "False",
+    "--dataset_name",
+    "embedded",
+    "--max_train_samples",
+    "16",
+    "--do_train",
+    "--lr_scheduler_type",
+    "constant",
+    "--learning_rate",
+    "1e-2",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--max_steps",
+    str(MAX_STEPS),
+    "--disable_tqdm",
+    "True",
+]
 
 
 def args_for(out: Path) -> list[str]:
@@ -79,9 +103,13 @@ CHILD = textwrap.dedent("""
 
 def start_child(out: Path, **env) -> subprocess.Popen:
     with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-c", CHILD, *args_for(out)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, **{key: str(value) for key, value in env.items()}})
+        return subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args_for(out)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **{key: str(value) for key, value in env.items()}},
+        )
 
 
 def child_log(out: Path) -> str:
@@ -110,8 +138,10 @@ def killed_runs(tmp_path_factory):
     "torn" SIGKILLs itself halfway through writing checkpoint-6."""
     base = tmp_path_factory.mktemp("killed")
     mid, torn = base / "mid-epoch", base / "torn"
-    children = {"mid-epoch": (mid, start_child(mid, SLOW_STEP=0.3)),
-                "torn": (torn, start_child(torn, KILL_IN_SAVE_AT=6))}
+    children = {
+        "mid-epoch": (mid, start_child(mid, SLOW_STEP=0.3)),
+        "torn": (torn, start_child(torn, KILL_IN_SAVE_AT=6)),
+    }
 
     def kill_mid_epoch():
         marker, child = mid / "checkpoint-6" / checkpoints.MARKER, children["mid-epoch"][1]
@@ -146,12 +176,16 @@ def assert_matches_straight(out: Path, straight: Path, *, killed_in_a_child: boo
     resumed, expected = weights(out / f"checkpoint-{MAX_STEPS}"), weights(straight / f"checkpoint-{MAX_STEPS}")
     assert resumed.keys() == expected.keys()
     for name, tensor in resumed.items():
-        torch.testing.assert_close(tensor, expected[name], **tolerance,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            tensor, expected[name], **tolerance, msg=lambda message, name=name: f"{name}: {message}"
+        )
     resumed_losses, expected_losses = losses(out), losses(straight)
     assert resumed_losses.keys() == expected_losses.keys()  # every step, including those before the fault
-    torch.testing.assert_close(torch.tensor(list(resumed_losses.values()), dtype=torch.float64),
-                               torch.tensor(list(expected_losses.values()), dtype=torch.float64), **tolerance)
+    torch.testing.assert_close(
+        torch.tensor(list(resumed_losses.values()), dtype=torch.float64),
+        torch.tensor(list(expected_losses.values()), dtype=torch.float64),
+        **tolerance,
+    )
 
 
 # ---- SIGKILL ---------------------------------------------------------------------------------------------------
@@ -206,8 +240,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(strai
 
 
 def test_a_disk_full_error_from_torch_writer_is_recognised(tmp_path):
-    error = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
-                         "file write failed")
+    error = RuntimeError(
+        "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
     message = checkpoints.describe_save_failure(tmp_path / "checkpoint-8", tmp_path, error)
     assert "because the disk is full" in message and "No complete checkpoint was saved before it" in message
 
@@ -302,8 +337,9 @@ def test_truncated_corrupted_or_unmarked_checkpoints_are_skipped(tmp_path):
     assert "SHA-256" in checkpoints.checkpoint_problem(corrupted)
     assert "save did not finish" in checkpoints.checkpoint_problem(unmarked)
     assert checkpoints.last_complete_checkpoint(tmp_path) == str(good)
-    with pytest.raises(checkpoints.IncompleteCheckpointError,
-                       match=rf"not a complete checkpoint.*newest complete one is {good}"):
+    with pytest.raises(
+        checkpoints.IncompleteCheckpointError, match=rf"not a complete checkpoint.*newest complete one is {good}"
+    ):
         checkpoints.check_resume_checkpoint(unmarked)
 
 
@@ -365,8 +401,11 @@ def test_an_optimizer_state_of_other_shapes_is_refused_before_it_reaches_the_opt
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
     shutil.copy(other / "checkpoint-2" / "optimizer.pt", out / "checkpoint-8" / "optimizer.pt")
     checkpoints.mark_complete(out / "checkpoint-8", step=8)
-    with pytest.raises(SystemExit, match=r"optimizer's exp_avg of parameter 1 has shape \(128, 64\), "
-                                         r"the model's parameter \(512, 64\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"optimizer's exp_avg of parameter 1 has shape \(128, 64\), "
+        r"the model's parameter \(512, 64\)",
+    ):
         run(out, "--max_steps", "10")
 
 
@@ -380,8 +419,9 @@ def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ClipQwenProcessor, "save_pretrained", disk_full)
-    with pytest.raises(SystemExit,
-                       match=r"exporting .* failed .*No space left on device.*checkpoint-8.*rerun the same command"):
+    with pytest.raises(
+        SystemExit, match=r"exporting .* failed .*No space left on device.*checkpoint-8.*rerun the same command"
+    ):
         run(out, "--save_steps", "3")  # steps 3 and 6 by --save_steps, 8 because it is the last
     assert not (out / "config.json").exists() and not list(out.glob(".export-*"))  # nothing half-written stays
     assert checkpoints.last_complete_checkpoint(out) == str(out / "checkpoint-8")
@@ -391,6 +431,8 @@ def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports
     assert (out / "model.safetensors").exists() and (out / "run_complete.json").exists()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     exported = load_file(out / "model.safetensors")
-    assert torch.equal(exported["adapter.layers.0.weight"],
-                       weights(straight / "checkpoint-8")["model.multi_modal_projector.layers.0.weight"])
+    assert torch.equal(
+        exported["adapter.layers.0.weight"],
+        weights(straight / "checkpoint-8")["model.multi_modal_projector.layers.0.weight"],
+    )
     assert "train_samples" in metrics

@@ -57,12 +57,19 @@ def test_cached_features_use_the_processors_image_path(make_model, processor, tm
     from PIL import Image
 
     gradient = np.linspace(0, 255, 600)[:, None].repeat(12, 1)  # along the long side
-    strip = Image.fromarray(np.stack([gradient] * 3 + [np.full((600, 12), 128.0)], -1).astype(np.uint8),
-                            "RGBA")  # half transparent
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                  "captions": datasets.List(datasets.Value("string"))})
-    data = datasets.Dataset.from_dict({"image_id": ["strip"], "image": [strip], "captions": [["a green strip"]]},
-                                      features=features)
+    strip = Image.fromarray(
+        np.stack([gradient] * 3 + [np.full((600, 12), 128.0)], -1).astype(np.uint8), "RGBA"
+    )  # half transparent
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
+    data = datasets.Dataset.from_dict(
+        {"image_id": ["strip"], "image": [strip], "captions": [["a green strip"]]}, features=features
+    )
     model = make_model()
     cached = add_vision_features(data, model, processor, tmp_path)
     expected = model.get_vision_embeds(processor(images=[strip])["pixel_values"])

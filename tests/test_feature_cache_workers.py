@@ -20,8 +20,19 @@ from clipqwen.images import load_image, pixel_values
 from conftest import PHOTOS
 
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no",
-        "--dataloader_pin_memory", "False", "--disable_tqdm", "True"]
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--disable_tqdm",
+    "True",
+]
 
 
 def photo_set(folder, broken=("broken-0.jpg",)):
@@ -35,8 +46,9 @@ def photo_set(folder, broken=("broken-0.jpg",)):
     for name in broken:
         (folder / name).write_text("<html>404 Not Found</html>")
     names[3:3] = list(broken)
-    (folder / "train.jsonl").write_text("".join(json.dumps({"image": name, "caption": f"photo {name}"}) + "\n"
-                                                for name in names))
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"image": name, "caption": f"photo {name}"}) + "\n" for name in names)
+    )
     return folder / "train.jsonl", names
 
 
@@ -70,14 +82,16 @@ def count_pixel_decodes(monkeypatch, log):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_the_feature_pass_decodes_each_readable_image_exactly_once(make_model, processor, tmp_path, monkeypatch,
-                                                                    workers):
+def test_the_feature_pass_decodes_each_readable_image_exactly_once(
+    make_model, processor, tmp_path, monkeypatch, workers
+):
     annotations, names = photo_set(tmp_path / "data")
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     calls = count_decodes(monkeypatch, tmp_path / "calls.txt")
     decodes = count_pixel_decodes(monkeypatch, tmp_path / "decodes.txt")
-    features = add_vision_features(dataset, make_model(), processor, tmp_path / "cache", batch_size=4,
-                                   num_workers=workers)
+    features = add_vision_features(
+        dataset, make_model(), processor, tmp_path / "cache", batch_size=4, num_workers=workers
+    )
     readable = [name for name in names if name != "broken-0.jpg"]
     assert decodes() == Counter({str(tmp_path / "data" / name): 1 for name in readable})
     assert calls() == Counter({str(tmp_path / "data" / name): 1 for name in names})  # the check is the same pass
@@ -89,8 +103,18 @@ def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, mon
     annotations, names = photo_set(tmp_path / "data")
     decodes = count_decodes(monkeypatch, tmp_path / "decodes.txt")
     pixel_decodes = count_pixel_decodes(monkeypatch, tmp_path / "pixel-decodes.txt")
-    flags = [*TINY, "--do_train", "--max_steps", "1", "--train_file", str(annotations), "--preprocessing_num_workers",
-             workers, "--feature_cache_dir", str(tmp_path / "features")]
+    flags = [
+        *TINY,
+        "--do_train",
+        "--max_steps",
+        "1",
+        "--train_file",
+        str(annotations),
+        "--preprocessing_num_workers",
+        workers,
+        "--feature_cache_dir",
+        str(tmp_path / "features"),
+    ]
     with caplog.at_level(logging.WARNING):
         run_captioning.main(run_captioning.parse_args([*flags, "--output_dir", str(tmp_path / "first")]))
     counts = decodes()
@@ -112,38 +136,54 @@ def test_the_first_run_decodes_each_image_once_and_the_second_none(tmp_path, mon
 
 
 @pytest.mark.parametrize("batch_size, chunk", [(5, 16), (12, 5)])  # (12, 5): batches of 12 and 4, cut in 5 5 2 | 4
-def test_features_with_two_workers_equal_features_with_one(make_model, processor, tmp_path, monkeypatch, batch_size,
-                                                           chunk):
+def test_features_with_two_workers_equal_features_with_one(
+    make_model, processor, tmp_path, monkeypatch, batch_size, chunk
+):
     monkeypatch.setattr(feature_cache, "DECODE_CHUNK", chunk)  # images a worker decodes at a time
     annotations, names = photo_set(tmp_path / "data", broken=())
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()
-    runs = {workers: add_vision_features(dataset, model, processor, tmp_path / f"cache-{workers}",
-                                         batch_size=batch_size, num_workers=workers) for workers in (0, 1, 2)}
+    runs = {
+        workers: add_vision_features(
+            dataset, model, processor, tmp_path / f"cache-{workers}", batch_size=batch_size, num_workers=workers
+        )
+        for workers in (0, 1, 2)
+    }
     stacked = {workers: torch.as_tensor(np.stack(run["vision_embeds"])) for workers, run in runs.items()}
     assert torch.equal(stacked[1], stacked[2]) and torch.equal(stacked[0], stacked[2])
-    names_of = {workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files]
-                for workers, run in runs.items()}
+    names_of = {
+        workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files] for workers, run in runs.items()
+    }
     assert names_of[0] == names_of[1] == names_of[2]  # the key does not depend on the number of workers
     # the same as one process doing it by hand: load_image, pixel_values, the vision tower, batch by batch (how far
     # pixel_values may differ from processor.preprocess_images: tests/test_images.py)
     with torch.no_grad():
-        expected = torch.cat([model.get_vision_embeds(pixel_values(
-            [load_image(str(tmp_path / "data" / name)) for name in names[start:start + batch_size]], processor))
-            for start in range(0, 16, batch_size)])
+        expected = torch.cat(
+            [
+                model.get_vision_embeds(
+                    pixel_values(
+                        [load_image(str(tmp_path / "data" / name)) for name in names[start : start + batch_size]],
+                        processor,
+                    )
+                )
+                for start in range(0, 16, batch_size)
+            ]
+        )
     assert torch.equal(stacked[2], expected)
     assert list(runs[2]["image_id"]) == names and "image" not in runs[2].column_names
 
 
-def test_unreadable_images_are_dropped_and_named_and_an_empty_split_is_an_error(make_model, processor, tmp_path,
-                                                                                 caplog):
+def test_unreadable_images_are_dropped_and_named_and_an_empty_split_is_an_error(
+    make_model, processor, tmp_path, caplog
+):
     annotations, names = photo_set(tmp_path / "data", broken=("broken-0.jpg", "empty.jpg"))
     (tmp_path / "data" / "empty.jpg").write_bytes(b"")
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()
     with caplog.at_level(logging.WARNING):
-        features = add_vision_features(dataset, model, processor, tmp_path / "cache", batch_size=4, num_workers=2,
-                                       split="validation")
+        features = add_vision_features(
+            dataset, model, processor, tmp_path / "cache", batch_size=4, num_workers=2, split="validation"
+        )
     assert "validation: skipping 2 unreadable image(s) of 18:" in caplog.text
     assert f"Cannot load image {tmp_path / 'data' / 'empty.jpg'}: the file is empty (0 bytes)" in caplog.text
     assert list(features["image_id"]) == [name for name in names if name not in ("broken-0.jpg", "empty.jpg")]
@@ -164,6 +204,7 @@ def test_shards_are_merged_in_order_and_reused_by_any_number_of_processes(make_m
     dataset = read_annotation_file(str(annotations), "image", "caption", None)
     model = make_model()
     single = add_vision_features(dataset, model, processor, tmp_path / "one", batch_size=4)
+
     class Built(Exception):
         pass
 
@@ -172,10 +213,12 @@ def test_shards_are_merged_in_order_and_reused_by_any_number_of_processes(make_m
 
     for rank in (0, 1):
         with pytest.raises(Built):
-            add_vision_features(dataset, model, processor, tmp_path / "three", batch_size=4, rank=rank, world_size=3,
-                                barrier=stop_here)
-    last = add_vision_features(dataset, model, processor, tmp_path / "three", batch_size=4, rank=2, world_size=3,
-                               barrier=lambda: None)
+            add_vision_features(
+                dataset, model, processor, tmp_path / "three", batch_size=4, rank=rank, world_size=3, barrier=stop_here
+            )
+    last = add_vision_features(
+        dataset, model, processor, tmp_path / "three", batch_size=4, rank=2, world_size=3, barrier=lambda: None
+    )
     assert list(last["image_id"]) == list(single["image_id"])
     shards = sorted(path.name for path in (tmp_path / "three").glob("*.arrow"))
     assert len(shards) == 3 and all("-of-3.arrow" in name for name in shards)
@@ -194,8 +237,20 @@ def test_evaluation_without_the_cache_decodes_each_image_once_per_pass(tmp_path,
     # format, each of those reads decoded the image again (4 decodes per image)
     annotations, names = photo_set(tmp_path / "data", broken=())
     pixel_decodes = count_pixel_decodes(monkeypatch, tmp_path / "pixel-decodes.txt")
-    flags = [*TINY, "--do_predict", "--test_file", str(annotations), "--use_feature_cache", "False",
-             "--check_images", "False", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "out")]
+    flags = [
+        *TINY,
+        "--do_predict",
+        "--test_file",
+        str(annotations),
+        "--use_feature_cache",
+        "False",
+        "--check_images",
+        "False",
+        "--max_new_tokens",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     monkeypatch.setattr(run_captioning, "plot_samples", lambda *args, **kwargs: None)  # the grid decodes 8 more
     metrics = run_captioning.main(run_captioning.parse_args(flags))
     assert metrics["test_num_images"] == len(names)

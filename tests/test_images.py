@@ -118,9 +118,14 @@ def test_missing_file_is_rejected(tmp_path):
     assert_rejected(path, "cannot be read (No such file or directory)", "Check the path")
 
 
-@pytest.mark.parametrize("head", [b'<svg xmlns="http://www.w3.org/2000/svg"/>',
-                                  b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN">\n<svg/>'],
-                         ids=["bare", "xml-declaration"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+        b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN">\n<svg/>',
+    ],
+    ids=["bare", "xml-declaration"],
+)
 def test_an_svg_is_called_an_svg_not_an_error_page(tmp_path, head):
     path = tmp_path / "logo.jpg"
     path.write_bytes(head)
@@ -279,8 +284,13 @@ def test_allowed_format_loads_whatever_the_extension(tmp_path, format):
 
 def test_load_image_accepts_bytes_and_datasets_entries(tmp_path):
     path = saved(tmp_path / "red.png", Image.new("RGB", (4, 4), "red"))
-    for source in (path, str(path), path.read_bytes(), {"path": str(path), "bytes": None},
-                   {"path": "elsewhere.png", "bytes": path.read_bytes()}):
+    for source in (
+        path,
+        str(path),
+        path.read_bytes(),
+        {"path": str(path), "bytes": None},
+        {"path": "elsewhere.png", "bytes": path.read_bytes()},
+    ):
         assert load_image(source).getpixel((0, 0)) == (255, 0, 0)
 
 
@@ -312,8 +322,9 @@ def test_an_image_is_converted_once_from_file_to_pixel_values(tmp_path, monkeypa
     palette_file = saved(tmp_path / "palette.png", Image.new("RGB", (40, 30), "red").convert("P"))
     conversions = []
     convert = Image.Image.convert
-    monkeypatch.setattr(Image.Image, "convert", lambda image, *a, **k: conversions.append(image.mode) or
-                        convert(image, *a, **k))
+    monkeypatch.setattr(
+        Image.Image, "convert", lambda image, *a, **k: conversions.append(image.mode) or convert(image, *a, **k)
+    )
     photo = load_image(sorted(PHOTOS.glob("*.jpg"))[0])  # an RGB JPEG: nothing to convert at all
     palette = load_image(palette_file)
     assert conversions == ["P"] and photo.mode == palette.mode == "RGB"
@@ -335,8 +346,19 @@ def parity_images():
     modes to_rgb handles."""
     rng = np.random.default_rng(0)
     photos = [load_image(path) for path in sorted(PHOTOS.glob("*.jpg"))]
-    sizes = [(500, 375), (375, 500), (333, 500), (500, 281), (225, 300), (224, 224), (100, 50), (8, 8), (231, 999),
-             (1001, 223), (12, 600)]
+    sizes = [
+        (500, 375),
+        (375, 500),
+        (333, 500),
+        (500, 281),
+        (225, 300),
+        (224, 224),
+        (100, 50),
+        (8, 8),
+        (231, 999),
+        (1001, 223),
+        (12, 600),
+    ]
     made = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     modes = [made[0].convert("L"), made[1].convert("RGBA"), made[2].convert("P")]
     return photos + made + modes
@@ -428,9 +450,13 @@ def test_load_image_on_datasets_entries(tmp_path):
     import datasets
 
     good, cut = saved(tmp_path / "good.png", Image.new("RGB", (8, 8))), truncated_jpeg(tmp_path / "cut.jpg")
-    rows = [{"path": str(good), "bytes": None}, {"path": str(cut), "bytes": None},
-            {"path": "page.jpg", "bytes": html_page(tmp_path / "page.jpg").read_bytes()},
-            {"path": None, "bytes": b""}, {"path": None, "bytes": good.read_bytes()}]
+    rows = [
+        {"path": str(good), "bytes": None},
+        {"path": str(cut), "bytes": None},
+        {"path": "page.jpg", "bytes": html_page(tmp_path / "page.jpg").read_bytes()},
+        {"path": None, "bytes": b""},
+        {"path": None, "bytes": good.read_bytes()},
+    ]
     column = datasets.Dataset.from_list([{"image": row} for row in rows]).cast_column(
         "image", datasets.Image(decode=False)
     )["image"]

@@ -34,10 +34,12 @@ def hub(tmp_path_factory):
 
 def run_child(hub: LocalHub, tmp_path, code: str, **env) -> dict:
     env = hub.env(hf_home=tmp_path / "hf-home", TRANSFORMERS_VERBOSITY="error", **env)
-    result = subprocess.run([sys.executable, "-c", code], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stderr[-6000:]}\n--- front.log:\n" + \
-        (hub.logs / "front.log").read_text()[-3000:]
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (
+        f"{result.stderr[-6000:]}\n--- front.log:\n" + (hub.logs / "front.log").read_text()[-3000:]
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -66,8 +68,9 @@ def test_http_contract(hub):
     assert (status, headers["X-Error-Code"]) == (404, "RevisionNotFound")
     status, headers, _ = request(f"{hub.endpoint}/api/models/nobody/nothing")
     assert (status, headers["X-Error-Code"]) == (401, "RepoNotFound")
-    status, headers, body = request(f"{hub.endpoint}/{CLIP_ID}/resolve/refs/pr/66/model.safetensors",
-                                    headers={"Range": "bytes=8-9"})
+    status, headers, body = request(
+        f"{hub.endpoint}/{CLIP_ID}/resolve/refs/pr/66/model.safetensors", headers={"Range": "bytes=8-9"}
+    )
     assert (status, headers["Content-Range"].split("/")[0], body) == (206, "bytes 8-9", b'{"')
     status, _, body = request(f"{hub.endpoint}/api/models/{CLIP_ID}")
     assert (status, json.loads(body)["sha"], json.loads(body)["private"]) == (200, hub.sha("model", CLIP_ID), False)
@@ -141,9 +144,16 @@ def test_read_models_and_data(hub, tmp_path):
     assert (out["parquet_sha"], out["flickr_main_sha"]) == (parquet_sha, hub.sha("dataset", FLICKR_ID))
     assert out["converts"] == ["refs/convert/parquet"]
     for revision in (parquet_sha, "refs/convert/parquet"):
-        assert out[revision] == dict(splits=["test"], rows=N_IMAGES, columns=COLUMNS, image_feature="Image",
-                                     image=["RGB", 256, 256], captions=5, sentids=5,
-                                     split_values=["test", "train", "val"]), revision
+        assert out[revision] == dict(
+            splits=["test"],
+            rows=N_IMAGES,
+            columns=COLUMNS,
+            image_feature="Image",
+            image=["RGB", 256, 256],
+            captions=5,
+            sentids=5,
+            split_values=["test", "train", "val"],
+        ), revision
     assert out["bin_weights_only"] and all(flag is True for flag in out["bin_weights_only"])
     assert out["pr_equals_bin"] and out["auto_conversion_equals_bin"]
     assert out["conversion_disabled"] == "OSError"
@@ -198,6 +208,10 @@ def test_upload_and_read_back(hub, tmp_path):
     assert out["dev"] == [oid, True]
     assert out["branches"] == [["dev", oid], ["main", hub.sha("model", "you/test-model")]]
     assert out["dev_history"]
-    git_log = subprocess.run(["git", f"--git-dir={hub.repo_path('model', 'you/test-model')}", "log", "--format=%s",
-                              "dev"], capture_output=True, text=True, check=True).stdout.split("\n")
+    git_log = subprocess.run(
+        ["git", f"--git-dir={hub.repo_path('model', 'you/test-model')}", "log", "--format=%s", "dev"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     assert git_log[:3] == ["Add card", "Add model", "initial commit"]

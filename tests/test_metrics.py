@@ -99,8 +99,11 @@ def test_the_evaluate_module_loads_offline_and_gives_the_trainers_scores():
     from clipqwen.metrics import CAPTION_METRIC_PATH, load_caption_metric
 
     predictions = ["a dog runs on the grass", "a red car", "two people talk"]
-    references = [["a dog is running on grass", "a brown dog runs"], ["a red car parked"],
-                  ["two men talking", "people talk"]]
+    references = [
+        ["a dog is running on grass", "a brown dog runs"],
+        ["a red car parked"],
+        ["two men talking", "people talk"],
+    ]
     # HF_HUB_OFFLINE=1
     scores = evaluate.load(CAPTION_METRIC_PATH).compute(predictions=predictions, references=references)
     assert scores == compute_caption_metrics(predictions, references)

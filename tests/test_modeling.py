@@ -150,9 +150,13 @@ def test_beam_search_static_cache_and_sampling_run(make_model, processor, photos
         static = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
         beams = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=2)
         sampled = model.generate(**batch, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.7)
-        from_cache = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    vision_embeds=model.get_vision_embeds(batch["pixel_values"]), max_new_tokens=5,
-                                    min_new_tokens=5)
+        from_cache = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            vision_embeds=model.get_vision_embeds(batch["pixel_values"]),
+            max_new_tokens=5,
+            min_new_tokens=5,
+        )
     assert torch.equal(greedy, static) and torch.equal(greedy, from_cache)
     assert beams.shape[0] == 4 and sampled.shape[0] == 2
 
@@ -182,9 +186,7 @@ def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
     qwen = Qwen3ForCausalLM(config.text_config)
     clip.save_pretrained(tmp_path / "clip")
     qwen.save_pretrained(tmp_path / "qwen")
-    model = from_pretrained_backbones(
-        str(tmp_path / "clip"), str(tmp_path / "qwen"), adapter_type="mlp2x_gelu"
-    )
+    model = from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "qwen"), adapter_type="mlp2x_gelu")
     for name, tensor in clip.state_dict().items():
         assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
     for name, tensor in qwen.model.state_dict().items():
@@ -227,8 +229,13 @@ def test_generation_never_writes_the_image_placeholder(make_model, processor, ph
     model = make_model()
     assert model.generation_config.suppress_tokens == [151655]
     with torch.no_grad():
-        out = model.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **processor(images=photos[:1]),
+            max_new_tokens=3,
+            min_new_tokens=3,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert all(torch.isinf(scores[:, 151655]).all() for scores in out.scores)
 
 
@@ -313,10 +320,12 @@ def test_a_folder_saved_before_the_base_head_split_loads_unchanged(tmp_path):
 
     model, info = ClipQwenForConditionalGeneration.from_pretrained(BEFORE_SPLIT, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched key
-    old_names = {"adapter.layers.0.weight": model.model.multi_modal_projector.layers[0].weight,
-                 "language_model.lm_head.weight": model.lm_head.weight,
-                 "language_model.model.norm.weight": model.model.language_model.norm.weight,
-                 "vision_model.visual_projection.weight": model.model.vision_tower.visual_projection.weight}
+    old_names = {
+        "adapter.layers.0.weight": model.model.multi_modal_projector.layers[0].weight,
+        "language_model.lm_head.weight": model.lm_head.weight,
+        "language_model.model.norm.weight": model.model.language_model.norm.weight,
+        "vision_model.visual_projection.weight": model.model.vision_tower.visual_projection.weight,
+    }
     with safe_open(BEFORE_SPLIT / "model.safetensors", framework="pt") as saved:
         for name, parameter in old_names.items():
             assert torch.equal(saved.get_tensor(name), parameter), name
@@ -343,8 +352,9 @@ def test_images_with_inputs_embeds_go_where_the_placeholder_embeddings_are(make_
     embeds = model.get_input_embeddings()(batch["input_ids"])
     with torch.no_grad():
         from_ids = model(**batch).logits
-        from_embeds = model(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
-                            attention_mask=batch["attention_mask"]).logits
+        from_embeds = model(
+            inputs_embeds=embeds, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        ).logits
         text_only = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(from_embeds, from_ids, rtol=0, atol=0)
     assert not torch.allclose(text_only, from_ids)

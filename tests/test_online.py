@@ -46,10 +46,13 @@ print(json.dumps({"module": type(model).__module__, "caption": captions[0], "loc
 def readme_commands() -> list[list[str]]:
     """The `accelerate launch run_captioning.py …` commands of the README's Flickr30K section, as printed."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Train on Flickr30K"):]
+    section = text[text.index("## Train on Flickr30K") :]
     block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
-    lines = [line for line in block.replace("\\\n", " ").splitlines()
-             if line.startswith("accelerate launch run_captioning.py")]
+    lines = [
+        line
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("accelerate launch run_captioning.py")
+    ]
     return [shlex.split(line) for line in lines]
 
 
@@ -64,16 +67,26 @@ def hub(tmp_path_factory):
 
 
 def run_child(hub, python, args, cwd, hf_home, timeout=900):
-    result = subprocess.run([python, *args], cwd=cwd, env=hub.env(hf_home=hf_home, PYTHONUNBUFFERED="1"),
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [python, *args],
+        cwd=cwd,
+        env=hub.env(hf_home=hf_home, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, f"{args[:3]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
 
 
 def pushed_files(hub, repo_id, sha) -> list[str]:
     gitdir = hub.repo_path("model", repo_id)
-    return subprocess.run(["git", "--git-dir", str(gitdir), "ls-tree", "-r", "--name-only", sha], check=True,
-                          capture_output=True, text=True).stdout.split()
+    return subprocess.run(
+        ["git", "--git-dir", str(gitdir), "ls-tree", "-r", "--name-only", sha],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
 
 
 def test_readme_has_both_flickr30k_presets():
@@ -90,8 +103,14 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
     command = readme_commands()[preset]
     accelerate = str(Path(runtime_python).with_name("accelerate"))
     (tmp_path / "run_captioning.py").symlink_to(ROOT / "run_captioning.py")  # outputs/ lands in tmp_path
-    result = subprocess.run([accelerate, *command[1:], *QUICK], cwd=tmp_path, capture_output=True, text=True,
-                            env=hub.env(hf_home=tmp_path / "hf-home", PYTHONUNBUFFERED="1"), timeout=1200)
+    result = subprocess.run(
+        [accelerate, *command[1:], *QUICK],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=hub.env(hf_home=tmp_path / "hf-home", PYTHONUNBUFFERED="1"),
+        timeout=1200,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-8000:]
     out = tmp_path / command[command.index("--output_dir") + 1]
@@ -117,22 +136,34 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
     files = pushed_files(hub, repo_id, sha)
     print(f"\n{repo_id}@{sha} holds:\n  " + "\n  ".join(files))
     assert not [name for name in files if PICKLES.search(name)], files
-    assert {"model.safetensors", "config.json", "generation_config.json", "modeling_clipqwen.py",
-            "processor_config.json", "README.md", "predictions_test.jsonl",
-            "last-checkpoint/trainable_weights.safetensors"} <= set(files)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "modeling_clipqwen.py",
+        "processor_config.json",
+        "README.md",
+        "predictions_test.jsonl",
+        "last-checkpoint/trainable_weights.safetensors",
+    } <= set(files)
     assert not any(name.startswith("checkpoint-") or name.startswith("lora/README") for name in files)
     # an fp32 run computes in fp32, whatever the Hub checkpoints' dtypes (the stand-in Qwen3 is bf16, as the real one)
     with safe_open(out / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
     head = hub.sha("model", repo_id, "main")
-    card_on_hub = subprocess.run(["git", "--git-dir", str(hub.repo_path("model", repo_id)), "show",
-                                  f"{head}:README.md"], capture_output=True, text=True, check=True).stdout
+    card_on_hub = subprocess.run(
+        ["git", "--git-dir", str(hub.repo_path("model", repo_id)), "show", f"{head}:README.md"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f'revision = "{sha}"' in card_on_hub
 
     # a fresh process elsewhere loads the pushed commit by id and sha, with the repository's own code
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
-    child = run_child(hub, runtime_python, ["-c", LOAD_BACK, repo_id, sha, str(out), str(photo)], tmp_path,
-                      tmp_path / "hf-home-2").stdout
+    child = run_child(
+        hub, runtime_python, ["-c", LOAD_BACK, repo_id, sha, str(out), str(photo)], tmp_path, tmp_path / "hf-home-2"
+    ).stdout
     loaded = json.loads(child.strip().splitlines()[-1])
     print(f"caption by {repo_id}@{sha[:10]}: {loaded['caption']!r}")
     assert loaded["module"].startswith("transformers_modules") and loaded["same_weights"]
@@ -146,13 +177,26 @@ def test_push_to_a_private_branch_pins_that_branchs_commit(hub, runtime_python, 
     processor.save_pretrained(folder)
     (folder / "README.md").write_text('revision = "<commit sha>"\n')
     (folder / "training_args.bin").write_bytes(b"a pickle that must stay home")
-    run_child(hub, runtime_python, ["-m", "clipqwen.hub", str(folder), "you/clipqwen-dev", "--revision", "dev",
-                                    "--private"], ROOT, tmp_path / "hf-home")
+    run_child(
+        hub,
+        runtime_python,
+        ["-m", "clipqwen.hub", str(folder), "you/clipqwen-dev", "--revision", "dev", "--private"],
+        ROOT,
+        tmp_path / "hf-home",
+    )
     sha = re.search(r'revision = "([0-9a-f]{40})"', (folder / "README.md").read_text()).group(1)
     assert "training_args.bin" not in pushed_files(hub, "you/clipqwen-dev", sha)
-    info = run_child(hub, runtime_python, ["-c", "from huggingface_hub import model_info; i = model_info("
-                                           "'you/clipqwen-dev', revision='dev'); print(i.private, i.sha)"],
-                     ROOT, tmp_path / "hf-home").stdout.split()
+    info = run_child(
+        hub,
+        runtime_python,
+        [
+            "-c",
+            "from huggingface_hub import model_info; i = model_info("
+            "'you/clipqwen-dev', revision='dev'); print(i.private, i.sha)",
+        ],
+        ROOT,
+        tmp_path / "hf-home",
+    ).stdout.split()
     # the card commit follows
     assert info[0] == "True" and info[1] == hub.sha("model", "you/clipqwen-dev", "dev") != sha
 
@@ -162,8 +206,9 @@ def test_readme_backbone_block_assembles_from_the_hub(hub, runtime_python, tmp_p
     from test_readme import readme_blocks
 
     code = "\n".join(code for needs_hub, code in readme_blocks() if needs_hub)
-    code += ("\nprint(type(model.model.vision_tower).__name__, model.config.adapter_type, "
-             "model.config.vision_feature_type)")
+    code += (
+        "\nprint(type(model.model.vision_tower).__name__, model.config.adapter_type, model.config.vision_feature_type)"
+    )
     result = run_child(hub, runtime_python, ["-c", code], tmp_path, tmp_path / "hf-home")
     assert result.stdout.split()[-3:] == ["CLIPVisionModelWithProjection", "mlp2x_gelu", "patch"]
     assert "no safetensors weights" in result.stdout + result.stderr and CLIP_ID in result.stdout + result.stderr

@@ -41,8 +41,9 @@ def test_processor_adds_a_placeholder_and_the_model_grows_one_frozen_row(llama):
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     # the new row is frozen with the rest of the decoder: only the adapter trains
-    assert ({n for n, p in model.named_parameters() if p.requires_grad}
-            == {n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")})
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")
+    }
     # generation ends on the caption end token the labels supervise, and never writes the placeholder
     assert model.generation_config.eos_token_id == 0 and model.generation_config.suppress_tokens == [300]
     # a special token: dropped from decoded captions; literal text that spells it stays text
@@ -57,15 +58,17 @@ def test_loss_is_cross_entropy_and_logits_equal_plain_llama(llama, photos):
     assert (batch["input_ids"][:, 0] == 300).all()
     with torch.no_grad():
         loss = model(**batch).loss
-        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                       attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        ).logits
         text_embeds = model.get_input_embeddings()(batch["input_ids"])
         features = model.get_image_features(batch["pixel_values"]).pooler_output
         mask = model.model.get_placeholder_mask(batch["input_ids"], text_embeds, features)
         embeds = text_embeds.masked_scatter(mask, features)
     keep = batch["labels"][:, 1:].reshape(-1) != -100
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1])[keep],
-                                                 batch["labels"][:, 1:].reshape(-1)[keep])
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1])[keep], batch["labels"][:, 1:].reshape(-1)[keep]
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
     llama = LlamaForCausalLM(model.config.text_config).eval()
@@ -94,8 +97,9 @@ def test_generation_uses_the_cache_and_never_writes_the_placeholder(llama, photo
     model, processor = llama
     batch = processor(images=photos[:2], text=["", "A photo of"])
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **batch, max_new_tokens=6, min_new_tokens=6, output_scores=True, return_dict_in_generate=True
+        )
         ids, mask = batch["input_ids"], batch["attention_mask"]
         for _ in range(6):  # the course project's loop: no cache, the whole sequence every step
             step = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits[:, -1]
@@ -106,7 +110,7 @@ def test_generation_uses_the_cache_and_never_writes_the_placeholder(llama, photo
         beams = model.generate(**batch, max_new_tokens=4, num_beams=3)
     assert torch.equal(out.sequences, ids)
     assert all(torch.isinf(scores[:, 300]).all() for scores in out.scores)  # suppressed at every step
-    assert (out.sequences[:, batch["input_ids"].shape[1]:] != 300).all() and beams.shape[0] == 2
+    assert (out.sequences[:, batch["input_ids"].shape[1] :] != 300).all() and beams.shape[0] == 2
 
 
 def test_saved_llama_captioner_loads_in_a_fresh_process_with_identical_outputs(tmp_path):
@@ -121,8 +125,7 @@ def test_saved_llama_captioner_loads_in_a_fresh_process_with_identical_outputs(t
 
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
-    assert (child["decoder"] == "LlamaModel"
-            and child["image_token_id"] == child["processor_image_token_id"] == 300)
+    assert child["decoder"] == "LlamaModel" and child["image_token_id"] == child["processor_image_token_id"] == 300
 
 
 def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_path, photos):
@@ -135,8 +138,11 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
     tokenizer.save_pretrained(tmp_path / "llama")
 
     assembled = from_pretrained_backbones(
-        str(tmp_path / "clip"), str(tmp_path / "llama"), text_kwargs={"dtype": torch.bfloat16},
-        adapter_type="mlp2x_gelu")
+        str(tmp_path / "clip"),
+        str(tmp_path / "llama"),
+        text_kwargs={"dtype": torch.bfloat16},
+        adapter_type="mlp2x_gelu",
+    )
     assert assembled.get_decoder().dtype == torch.bfloat16 and assembled.model.vision_tower.dtype == torch.float32
     projector = assembled.model.multi_modal_projector
     assert {p.dtype for p in projector.parameters()} == {torch.float32}  # new weights, trained: fp32
@@ -148,8 +154,9 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
 
     from clipqwen.presets import clip_image_processor
 
-    processor = ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"),
-                                  caption_end_token=None)
+    processor = ClipQwenProcessor(
+        clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"), caption_end_token=None
+    )
     assert processor.caption_end_token == END  # None: the tokenizer's EOS
     match_processor(assembled, processor)
     for name, tensor in llama.state_dict().items():
@@ -157,8 +164,9 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
             decoder_name = name.removeprefix("model.")
             assert torch.equal(assembled.get_decoder().state_dict()[decoder_name], tensor.to(torch.bfloat16)), name
     embeddings = assembled.get_input_embeddings().weight
-    assert embeddings.shape[0] == 301 and torch.equal(embeddings[:300],
-                                                      llama.get_input_embeddings().weight.to(torch.bfloat16))
+    assert embeddings.shape[0] == 301 and torch.equal(
+        embeddings[:300], llama.get_input_embeddings().weight.to(torch.bfloat16)
+    )
     with torch.no_grad():
         out = assembled.generate(**processor(images=photos[:1]), max_new_tokens=3, min_new_tokens=3)
     image_tokens = processor.num_image_tokens
@@ -166,7 +174,8 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
 
     with pytest.raises(ValueError, match="'revision' is given twice"):
         from_pretrained_backbones(
-            str(tmp_path / "clip"), str(tmp_path / "llama"), text_revision="main", text_kwargs={"revision": "v2"})
+            str(tmp_path / "clip"), str(tmp_path / "llama"), text_revision="main", text_kwargs={"revision": "v2"}
+        )
 
 
 def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
@@ -182,8 +191,9 @@ def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
     clip_image_processor().save_pretrained(tmp_path / "clip")
     LlamaForCausalLM(tiny_llama_config(vocab_size=300).text_config).save_pretrained(tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
-    args = run_captioning.ModelArguments(vision_model_name_or_path=str(tmp_path / "clip"),
-                                         text_model_name_or_path=str(tmp_path / "llama"), lora_r=4)
+    args = run_captioning.ModelArguments(
+        vision_model_name_or_path=str(tmp_path / "clip"), text_model_name_or_path=str(tmp_path / "llama"), lora_r=4
+    )
     model, _ = run_captioning.build_model_and_processor(args)
     wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     layers = model.config.text_config.num_hidden_layers

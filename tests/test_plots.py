@@ -24,11 +24,19 @@ def fake_log_history(steps=3000, logging_steps=25, eval_steps=500):
         history.append({"loss": loss, "grad_norm": 1.3, "learning_rate": lr, "epoch": step / 1000, "step": step})
         if step % eval_steps == 0:
             progress = 1 - math.exp(-step / 900)
-            history.append({
-                "eval_loss": 2.6 + 0.8 * math.exp(-step / 1200), "eval_rougeL": 0.30 + 0.2 * progress,
-                "eval_bleu4": 0.08 + 0.15 * progress, "eval_cider": 0.25 + 0.6 * progress, "eval_gen_len": 10.2,
-                "eval_runtime": 31.0, "eval_samples_per_second": 16.1, "epoch": step / 1000, "step": step,
-            })
+            history.append(
+                {
+                    "eval_loss": 2.6 + 0.8 * math.exp(-step / 1200),
+                    "eval_rougeL": 0.30 + 0.2 * progress,
+                    "eval_bleu4": 0.08 + 0.15 * progress,
+                    "eval_cider": 0.25 + 0.6 * progress,
+                    "eval_gen_len": 10.2,
+                    "eval_runtime": 31.0,
+                    "eval_samples_per_second": 16.1,
+                    "epoch": step / 1000,
+                    "step": step,
+                }
+            )
     history.append({"train_runtime": 3600.0, "train_loss": 2.9, "epoch": steps / 1000, "step": steps})
     return history
 

@@ -32,9 +32,17 @@ ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
 
 
-@pytest.mark.parametrize("cpuinfo, native", [
-    (XEON_AMX, True), (EPYC_AVX512_BF16, True), (ARM_BF16, True), (XEON_NO_BF16, False), (ARM_OLD, False), ("", False),
-])
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        (XEON_AMX, True),
+        (EPYC_AVX512_BF16, True),
+        (ARM_BF16, True),
+        (XEON_NO_BF16, False),
+        (ARM_OLD, False),
+        ("", False),
+    ],
+)
 def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native, tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)

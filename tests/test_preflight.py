@@ -14,11 +14,31 @@ import run_captioning
 from clipqwen import preflight
 
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
-        "8",
-        "--max_new_tokens", "4", "--save_strategy", "no", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
-        "--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "4",
-        "--max_predict_samples", "4"]
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_new_tokens",
+    "4",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--disable_tqdm",
+    "True",
+    "--dataset_name",
+    "embedded",
+    "--max_train_samples",
+    "16",
+    "--max_eval_samples",
+    "4",
+    "--max_predict_samples",
+    "4",
+]
 
 
 def run(out, *flags):
@@ -26,16 +46,21 @@ def run(out, *flags):
     return run_captioning.main(run_captioning.parse_args(args))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max_new_tokens", "0"], "--max_new_tokens 0: use 1 to 512"),
-    (["--num_beams", "200000"], "--num_beams 200000: use 1 to 64"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: use a number >= 1"),
-    (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1: use a number >= 1"),
-    (["--max_train_samples", "0"], "--max_train_samples 0: use a number >= 1"),
-    (["--max_caption_length", "600"],
-     "--max_caption_length 600: with 8 image token\\(s\\) and a 2-token prompt it exceeds the decoder's 512 "
-     "positions; use at most 502"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_new_tokens", "0"], "--max_new_tokens 0: use 1 to 512"),
+        (["--num_beams", "200000"], "--num_beams 200000: use 1 to 64"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: use a number >= 1"),
+        (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1: use a number >= 1"),
+        (["--max_train_samples", "0"], "--max_train_samples 0: use a number >= 1"),
+        (
+            ["--max_caption_length", "600"],
+            "--max_caption_length 600: with 8 image token\\(s\\) and a 2-token prompt it exceeds the decoder's 512 "
+            "positions; use at most 502",
+        ),
+    ],
+)
 def test_bad_values_fail_before_training_naming_the_flag(flags, message, tmp_path):
     start = time.monotonic()
     with pytest.raises(preflight.PreflightError, match=message):
@@ -73,8 +98,9 @@ def test_rerunning_a_finished_run_evaluates_and_exports_without_training(tmp_pat
     run(out, "--do_train", "--do_eval", "--max_steps", "3", "--freeze_language_model", "False")
     trained = load_file(out / "model.safetensors")
     state = json.loads((out / "trainer_state.json").read_text())
-    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
-                  "--freeze_language_model", "False")
+    metrics = run(
+        out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3", "--freeze_language_model", "False"
+    )
     assert "train_loss" not in metrics and "test_rougeL" in metrics
     again = load_file(out / "model.safetensors")
     assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)

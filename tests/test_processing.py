@@ -69,7 +69,9 @@ def test_text_only_inputs_for_cached_features(processor):
     # for generation from cached features: the processor's prompt, or a prompt with the placeholder
     n = processor.num_image_tokens
     assert processor(text=["", "<|image_pad|>A"])["input_ids"].tolist() == [
-        [ENDOFTEXT] + [IMAGE_PAD] * n, [IMAGE_PAD] * n + processor.tokenizer.encode("A")]
+        [ENDOFTEXT] + [IMAGE_PAD] * n,
+        [IMAGE_PAD] * n + processor.tokenizer.encode("A"),
+    ]
 
 
 def test_real_photos_go_through_clip_preprocessing(processor, photos):
@@ -178,8 +180,14 @@ def test_the_installed_class_loads_a_saved_model_folder_without_a_remote_code_pr
 
     make_model().save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    result = subprocess.run([sys.executable, "-c", CHILD_LOAD, str(tmp_path)], cwd=ROOT, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD_LOAD, str(tmp_path)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["Qwen2Tokenizer", str(IMAGE_PAD)]
     assert "custom code" not in result.stderr and "model of type" not in result.stderr, result.stderr[-2000:]
@@ -192,8 +200,10 @@ def test_padding_is_the_tokenizers_own_and_model_input_names_are_the_base_ones(p
     assert reference["attention_mask"] == [[1, 1], [1, 0]]
     assert training["attention_mask"][0, -1] == 0 and inference["attention_mask"][0, 0] == 0  # right / left
     assert set(training) == {"input_ids", "attention_mask", "labels", "pixel_values"}
-    assert processor.model_input_names == [*processor.image_processor.model_input_names,
-                                           *processor.tokenizer.model_input_names]
+    assert processor.model_input_names == [
+        *processor.image_processor.model_input_names,
+        *processor.tokenizer.model_input_names,
+    ]
 
 
 def test_a_prompt_without_placeholder_goes_after_the_processors_image_prompt(processor, photos):

@@ -30,7 +30,8 @@ def test_readme_python_blocks_run_offline(make_model, processor, tmp_path):
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     script = "\n\n".join(code for hub, code in readme_blocks() if not hub)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generated_text" in result.stdout  # the pipeline block printed its result

@@ -83,7 +83,7 @@ def assert_fresh_process_matches(model, processor, folder, photo, workdir):
     ids = clear_greedy_ids(model, batch, max_new_tokens=6, min_new_tokens=6)
     assert child["ids"] == ids.tolist()
     # the caption alone: the pipeline, like a user, leaves out the prompt the processor wrote before it
-    caption = processor.batch_decode(ids[:, batch["input_ids"].shape[1]:])[0]
+    caption = processor.batch_decode(ids[:, batch["input_ids"].shape[1] :])[0]
     assert child["pipeline"].strip() == child["decoded"] == caption
     return child
 

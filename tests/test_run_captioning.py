@@ -20,13 +20,39 @@ from clipqwen.trainer import TRAINABLE_WEIGHTS
 from conftest import PHOTOS, ROOT
 
 
-TINY = ["--tiny_model", "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
-        "8", "--max_new_tokens", "6", "--logging_steps", "1", "--save_strategy", "no", "--dataloader_pin_memory",
-        "False"]
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_new_tokens",
+    "6",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+]
 
 
-def run(output_dir, *flags, data=("--dataset_name", "embedded", "--max_train_samples", "16", "--max_eval_samples", "8",
-                                  "--max_predict_samples", "8")):
+def run(
+    output_dir,
+    *flags,
+    data=(
+        "--dataset_name",
+        "embedded",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--max_predict_samples",
+        "8",
+    ),
+):
     features = Path(output_dir).parent / "features"
     args = [*TINY, *data, "--output_dir", str(output_dir), "--feature_cache_dir", str(features), *flags]
     return run_captioning.main(run_captioning.parse_args(args))
@@ -40,15 +66,32 @@ def photo_rows():
 def trained(tmp_path_factory):
     """One short embedded run with train, eval and predict, shared by the output tests."""
     out = tmp_path_factory.mktemp("run") / "embedded"
-    metrics = run(out, "--do_train", "--do_eval", "--do_predict", "--max_steps", "4",
-                  "--train_sampling_strategy", "group_by_length")
+    metrics = run(
+        out,
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        "4",
+        "--train_sampling_strategy",
+        "group_by_length",
+    )
     return out, metrics
 
 
 def test_export_is_a_complete_model_folder_with_predictions_and_card(trained):
     out, metrics = trained
-    for name in ("model.safetensors", "config.json", "modeling_clipqwen.py", "processor_config.json", "README.md",
-                 "predictions_validation.jsonl", "predictions_test.jsonl", "training_curves.png", "all_results.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "modeling_clipqwen.py",
+        "processor_config.json",
+        "README.md",
+        "predictions_validation.jsonl",
+        "predictions_test.jsonl",
+        "training_curves.png",
+        "all_results.json",
+    ):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"image_id", "caption", "references"} <= set(rows[0]) and len(rows[0]["references"]) == 5
@@ -107,10 +150,15 @@ def assert_card_figures_trace_to_results(out: Path):
     per_device, accumulation = flags["--per_device_train_batch_size"], flags["--gradient_accumulation_steps"]
     total_batch = per_device * int(rows["devices"][0]) * accumulation
     expected = {
-        "learning rate": flags["--learning_rate"], "weight decay": flags["--weight_decay"],
-        "optimizer steps": state["global_step"], "epochs": round(state["epoch"], 2),
-        "batch size per device": per_device, "gradient accumulation": accumulation, "total batch size": total_batch,
-        "max caption tokens": flags["--max_caption_length"], "seed": flags["--seed"],
+        "learning rate": flags["--learning_rate"],
+        "weight decay": flags["--weight_decay"],
+        "optimizer steps": state["global_step"],
+        "epochs": round(state["epoch"], 2),
+        "batch size per device": per_device,
+        "gradient accumulation": accumulation,
+        "total batch size": total_batch,
+        "max caption tokens": flags["--max_caption_length"],
+        "seed": flags["--seed"],
     }
     for name, value in expected.items():
         assert rows.pop(name) == [str(value)], name
@@ -154,8 +202,9 @@ def test_a_card_of_local_data_names_its_files_content_hash(tmp_path):
     folder.mkdir()
     for row in photo_rows()[:4]:
         Image.open(PHOTOS / row["file_name"]).save(folder / row["file_name"])
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "captions": r["captions"]})
-                                                   + "\n" for r in photo_rows()[:4]))
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": r["file_name"], "captions": r["captions"]}) + "\n" for r in photo_rows()[:4])
+    )
     out = tmp_path / "local"
     run(out, "--do_train", "--max_steps", "1", data=("--train_dir", str(folder), "--caption_column", "captions"))
     from clipqwen.model_card import content_sha256
@@ -173,8 +222,15 @@ def test_a_card_of_local_data_names_its_files_content_hash(tmp_path):
 def test_phase_timings_are_in_all_results_and_the_card(trained):
     out, metrics = trained
     results = json.loads((out / "all_results.json").read_text())
-    for phase in ("model_loading", "data_preparation", "feature_cache", "training", "evaluation_validation",
-                  "evaluation_test", "export"):
+    for phase in (
+        "model_loading",
+        "data_preparation",
+        "feature_cache",
+        "training",
+        "evaluation_validation",
+        "evaluation_test",
+        "export",
+    ):
         assert results[f"time_{phase}_seconds"] >= 0 and metrics[f"time_{phase}_seconds"] >= 0, phase
     assert results["time_feature_cache_per_second"] > 0 and results["time_evaluation_test_per_second"] > 0
     card = (out / "README.md").read_text()
@@ -224,8 +280,9 @@ def test_what_trains_is_fp32_and_what_is_frozen_takes_the_runs_dtype(unfrozen, l
     model_args = run_captioning.parse_args([*TINY, "--output_dir", "unused", *flags])[0]
     model, _ = run_captioning.build_model_and_processor(model_args, torch.bfloat16)
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    frozen = {name: p.dtype for name, p in model.named_parameters()
-              if not p.requires_grad and "original_module" not in name}  # peft's untouched copy of the adapter
+    frozen = {
+        name: p.dtype for name, p in model.named_parameters() if not p.requires_grad and "original_module" not in name
+    }  # peft's untouched copy of the adapter
     assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
     assert any("multi_modal_projector" in name for name in trainable)
     assert any("language_model" in name or "lm_head" in name for name in trainable) == (unfrozen or lora)
@@ -244,10 +301,17 @@ def test_model_card_lists_both_base_model_ids():
     from clipqwen.presets import tiny_config
 
     card = build_model_card(
-        repo_id="you/clipqwen-flickr30k", vision_id="openai/clip-vit-base-patch32", text_id="Qwen/Qwen3-0.6B-Base",
-        dataset_name="nlphuji/flickr30k", model_config=tiny_config(),
+        repo_id="you/clipqwen-flickr30k",
+        vision_id="openai/clip-vit-base-patch32",
+        text_id="Qwen/Qwen3-0.6B-Base",
+        dataset_name="nlphuji/flickr30k",
+        model_config=tiny_config(),
         metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
-        hyperparameters={"learning rate": 1e-3}, generation_kwargs={"num_beams": 3}, trainable=1, total=2)
+        hyperparameters={"learning rate": 1e-3},
+        generation_kwargs={"num_beams": 3},
+        trainable=1,
+        total=2,
+    )
     reloaded = ModelCard(str(card))
     assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]
     assert reloaded.data.datasets == ["nlphuji/flickr30k"] and "0.5123" in str(card)
@@ -267,24 +331,56 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp_path / "qwen")
     out = tmp_path / "out"
     args = [a for a in TINY if a != "--tiny_model"]
-    metrics = run_captioning.main(run_captioning.parse_args([
-        *args, "--vision_model_name_or_path", str(tmp_path / "clip"),
-        "--text_model_name_or_path", str(tmp_path / "qwen"),
-        "--dataset_name", "embedded", "--max_train_samples", "8", "--max_eval_samples", "4", "--do_train", "--do_eval",
-        "--max_steps", "1", "--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features")]))
+    metrics = run_captioning.main(
+        run_captioning.parse_args(
+            [
+                *args,
+                "--vision_model_name_or_path",
+                str(tmp_path / "clip"),
+                "--text_model_name_or_path",
+                str(tmp_path / "qwen"),
+                "--dataset_name",
+                "embedded",
+                "--max_train_samples",
+                "8",
+                "--max_eval_samples",
+                "4",
+                "--do_train",
+                "--do_eval",
+                "--max_steps",
+                "1",
+                "--output_dir",
+                str(out),
+                "--feature_cache_dir",
+                str(tmp_path / "features"),
+            ]
+        )
+    )
     assert "eval_rougeL" in metrics
     from modeling_clipqwen import ClipQwenForConditionalGeneration
 
     exported = ClipQwenForConditionalGeneration.from_pretrained(out)
-    assert torch.equal(exported.model.language_model.layers[0].mlp.up_proj.weight,
-                       qwen.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(
+        exported.model.language_model.layers[0].mlp.up_proj.weight, qwen.model.layers[0].mlp.up_proj.weight
+    )
     card = (out / "README.md").read_text()
     assert str(tmp_path / "clip") in card and str(tmp_path / "qwen") in card
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    flags = ["--do_train", "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "3",
-             "--freeze_language_model", "False", "--learning_rate", "1e-3"]
+    flags = [
+        "--do_train",
+        "--lr_scheduler_type",
+        "constant",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--freeze_language_model",
+        "False",
+        "--learning_rate",
+        "1e-3",
+    ]
     run(tmp_path / "straight", *flags, "--max_steps", "6")
     run(tmp_path / "resumed", *flags, "--max_steps", "3")
     assert (tmp_path / "resumed" / "checkpoint-3" / TRAINABLE_WEIGHTS).exists()
@@ -306,8 +402,9 @@ def test_a_run_trains_with_the_prompt_it_saves_and_a_given_model_keeps_its_own(t
 
     seen = []
     collate = CaptionCollator.__call__
-    monkeypatch.setattr(CaptionCollator, "__call__", lambda self, rows: seen.append(self.processor.prompt)
-                        or collate(self, rows))
+    monkeypatch.setattr(
+        CaptionCollator, "__call__", lambda self, rows: seen.append(self.processor.prompt) or collate(self, rows)
+    )
     out = trained[0]
     assert saved_prompt(out) == "Image:<|image_pad|>"  # the default preset's (clipcap)
     run(tmp_path / "further", "--model_name_or_path", str(out), "--do_train", "--max_steps", "1")
@@ -327,8 +424,9 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path):
     assert not (checkpoint / "model.safetensors").exists()  # nobody can load it as a complete model by mistake
     weights = load_file(checkpoint / TRAINABLE_WEIGHTS)
     # the MLP, named as the model's parameters (the exported folder uses the saved layout)
-    assert set(weights) == {f"model.multi_modal_projector.layers.{i}.{kind}"
-                            for i in (0, 2) for kind in ("weight", "bias")}
+    assert set(weights) == {
+        f"model.multi_modal_projector.layers.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")
+    }
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
 
 
@@ -362,8 +460,10 @@ def test_lora_train_save_reload_merge_gives_the_same_captions(tmp_path):
         a = merged.generate(**batch, max_new_tokens=6, min_new_tokens=6)
         b = with_lora.generate(**batch, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(a, b)
-    assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight,
-                           base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.equal(
+        merged.model.language_model.layers[0].self_attn.q_proj.weight,
+        base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight,
+    )
 
 
 def write_jsonl_and_csv(tmp_path):
@@ -387,9 +487,23 @@ def write_jsonl_and_csv(tmp_path):
 
 def test_jsonl_and_csv_with_custom_column_names(tmp_path):
     rows = write_jsonl_and_csv(tmp_path)
-    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2", data=(
-        "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "val.csv"),
-        "--image_column", "picture", "--caption_column", "descriptions"))
+    metrics = run(
+        tmp_path / "out",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        data=(
+            "--train_file",
+            str(tmp_path / "train.jsonl"),
+            "--validation_file",
+            str(tmp_path / "val.csv"),
+            "--image_column",
+            "picture",
+            "--caption_column",
+            "descriptions",
+        ),
+    )
     assert metrics["eval_num_images"] == 3 and metrics["train_samples"] == len(rows)
     lines = (tmp_path / "out" / "predictions_validation.jsonl").read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
@@ -404,16 +518,27 @@ def test_imagefolder_with_custom_caption_column(tmp_path):
         for row in photo_rows():
             (folder / row["file_name"]).write_bytes((PHOTOS / row["file_name"]).read_bytes())
             file.write(json.dumps({"file_name": row["file_name"], "sentences": row["captions"]}) + "\n")
-    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1", data=(
-        "--train_dir", str(folder), "--validation_dir", str(folder), "--caption_column", "sentences"))
+    metrics = run(
+        tmp_path / "out",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "1",
+        data=("--train_dir", str(folder), "--validation_dir", str(folder), "--caption_column", "sentences"),
+    )
     assert metrics["eval_num_images"] == 8
 
 
 def test_a_missing_column_is_a_clear_error(tmp_path):
     write_jsonl_and_csv(tmp_path)
     with pytest.raises(ValueError, match=r"no column 'caption'.*--image_column/--caption_column"):
-        run(tmp_path / "out", "--do_train", "--max_steps", "1",
-            data=("--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture"))
+        run(
+            tmp_path / "out",
+            "--do_train",
+            "--max_steps",
+            "1",
+            data=("--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture"),
+        )
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path, caplog):
@@ -422,9 +547,20 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path, c
     truncated = (PHOTOS / rows[2]["file_name"]).read_bytes()
     (tmp_path / "photos" / rows[2]["file_name"]).write_bytes(truncated[: len(truncated) // 3])
     with caplog.at_level("WARNING"):
-        metrics = run(tmp_path / "out", "--do_train", "--max_steps", "2", data=(
-            "--train_file", str(tmp_path / "train.jsonl"), "--image_column", "picture",
-            "--caption_column", "descriptions"))
+        metrics = run(
+            tmp_path / "out",
+            "--do_train",
+            "--max_steps",
+            "2",
+            data=(
+                "--train_file",
+                str(tmp_path / "train.jsonl"),
+                "--image_column",
+                "picture",
+                "--caption_column",
+                "descriptions",
+            ),
+        )
     assert metrics["train_samples"] == len(rows) - 2
     log = caplog.text
     assert "skipping 2 unreadable image(s) of 8" in log
@@ -445,15 +581,28 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
         "img_id": [str(i) for i in range(len(rows))],
         "filename": [r["file_name"] for r in rows],
     }
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
-                                  "sentids": datasets.List(datasets.Value("string")),
-                                  "split": datasets.Value("string"),
-                                  "img_id": datasets.Value("string"), "filename": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "sentids": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+        }
+    )
     folder = tmp_path / "flickr30k" / "TEST"
     folder.mkdir(parents=True)
     datasets.Dataset.from_dict(table, features=features).to_parquet(folder / "0000.parquet")
-    metrics = run(tmp_path / "out", "--do_train", "--do_eval", "--do_predict", "--max_steps", "1", data=(
-        "--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None"))  # ids default to `filename`
+    metrics = run(
+        tmp_path / "out",
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        "1",
+        data=("--dataset_name", str(tmp_path / "flickr30k"), "--dataset_revision", "None"),
+    )  # ids default to `filename`
     assert metrics["train_samples"] == 4 and metrics["eval_num_images"] == 2 and metrics["test_num_images"] == 2
     lines = (tmp_path / "out" / "predictions_test.jsonl").read_text().splitlines()
     ids = {json.loads(line)["image_id"] for line in lines}
@@ -463,10 +612,25 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
 def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
     out, _ = trained
     result = subprocess.run(
-        [sys.executable, "-m", "clipqwen.caption_cli", str(out), str(PHOTOS), "--num_beams", "2",
-         "--max_new_tokens", "5",
-         "--output", str(tmp_path / "captions.jsonl")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "clipqwen.caption_cli",
+            str(out),
+            str(PHOTOS),
+            "--num_beams",
+            "2",
+            "--max_new_tokens",
+            "5",
+            "--output",
+            str(tmp_path / "captions.jsonl"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     assert sorted(Path(line["file"]).name for line in lines) == sorted(p.name for p in PHOTOS.glob("*.jpg"))

@@ -149,4 +149,3 @@ class ClipQwenForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestC
     )
     def test_generation_tester_mixin_inheritance(self):
         pass
-

@@ -24,11 +24,16 @@ def coco_rows(count: int = 8):
 
 def prompt_completion(rows):
     """TRL's conversational prompt-completion format: the image in the user turn, the caption as the answer."""
-    return Dataset.from_list([{
-        "images": [image],
-        "prompt": [{"role": "user", "content": [{"type": "image"}]}],
-        "completion": [{"role": "assistant", "content": [{"type": "text", "text": caption}]}],
-    } for image, caption in rows])
+    return Dataset.from_list(
+        [
+            {
+                "images": [image],
+                "prompt": [{"role": "user", "content": [{"type": "image"}]}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": caption}]}],
+            }
+            for image, caption in rows
+        ]
+    )
 
 
 @pytest.fixture
@@ -39,9 +44,19 @@ def model_and_processor(make_model):
 
 
 def sft_trainer(model, processor, dataset, tmp_path, **options):
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, learning_rate=1e-2,
-                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=True, bf16=False, seed=0, **options)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        **options,
+    )
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
 
 
@@ -85,8 +100,10 @@ def test_sft_trainer_trains_saves_and_reloads(model_and_processor, tmp_path, pho
 
 def test_chat_messages_render_the_training_layout(model_and_processor):
     _, processor = model_and_processor
-    messages = [{"role": "user", "content": [{"type": "image"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
+    ]
     assert processor.apply_chat_template(messages, tokenize=False) == "Image:<|image_pad|>A dog.<|endoftext|>"
     prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     assert prompt == "Image:<|image_pad|>"  # what the image-text-to-text pipeline prompts with

@@ -72,7 +72,8 @@ def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path):
     reference.model.vision_tower.save_pretrained(tmp_path / "efficientnet")
     Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
     model = from_pretrained_backbones(
-        str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), adapter_type="mlp2x_gelu", num_pooled_image_tokens=2)
+        str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), adapter_type="mlp2x_gelu", num_pooled_image_tokens=2
+    )
     assert isinstance(model.model.vision_tower, EfficientNetModel)
     assert type(AutoModel.from_pretrained(tmp_path / "efficientnet")) is EfficientNetModel
     for name, tensor in reference.model.vision_tower.state_dict().items():
@@ -112,8 +113,12 @@ def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_i
     for index, photo in enumerate(photos[:2]):
         photo.save(tmp_path / f"{index}.png")
     dataset = datasets.Dataset.from_dict(
-        {"image_id": ["0", "1"], "image": [str(tmp_path / "0.png"), str(tmp_path / "1.png")],
-         "captions": [["a photo"], ["another"]]}).cast_column("image", datasets.Image())
+        {
+            "image_id": ["0", "1"],
+            "image": [str(tmp_path / "0.png"), str(tmp_path / "1.png")],
+            "captions": [["a photo"], ["another"]],
+        }
+    ).cast_column("image", datasets.Image())
     cached = add_vision_features(dataset, model, processor, tmp_path / "features", batch_size=2)
     assert model.model.vision_tower.training  # given back in the mode it came in
     with torch.no_grad():

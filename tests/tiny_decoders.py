@@ -17,8 +17,12 @@ from processing_clipqwen import ClipQwenProcessor
 
 
 TEXTS = [
-    "a red circle on the left of a white background.", "A dog runs on the beach.", "two cats on a mat.",
-    "a blue square on the right.", "an orange triangle against a black background.", "A photo of a bus in the city.",
+    "a red circle on the left of a white background.",
+    "A dog runs on the beach.",
+    "two cats on a mat.",
+    "a blue square on the right.",
+    "an orange triangle against a black background.",
+    "A photo of a bus in the city.",
 ]
 END = "<|endoftext|>"
 
@@ -28,8 +32,12 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(TEXTS * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END)
 
@@ -37,8 +45,14 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 def tiny_llama_config(vocab_size: int, tie_word_embeddings: bool = True, **overrides):
     """clipqwen's tiny preset with a Llama text tower (GQA, explicit head_dim) of `vocab_size` rows. The
     placeholder id is unknown until the processor adds its token."""
-    text = dict(model_type="llama", vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
-                bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    text = dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     return tiny_config(text_config=text, image_token_id=None, **overrides)
 
 

@@ -90,10 +90,13 @@ class CaptionMetrics(evaluate.Metric):
             description=__doc__,
             citation="Lin 2004 (ROUGE); Papineni et al. 2002 (BLEU); Vedantam et al. 2015 (CIDEr)",
             inputs_description="predictions: list of str; references: list of lists of str (all references per image)",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Sequence(datasets.Value("string"))}),
-            reference_urls=["https://github.com/google-research/google-research/tree/master/rouge",
-                            "https://github.com/salaniz/pycocoevalcap"],
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+            ),
+            reference_urls=[
+                "https://github.com/google-research/google-research/tree/master/rouge",
+                "https://github.com/salaniz/pycocoevalcap",
+            ],
         )
 
     def _compute(self, predictions, references):

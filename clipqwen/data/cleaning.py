@@ -35,8 +35,10 @@ def resolve_inside(root: Path, value, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # JSON's "\udce9" (a Latin-1 name as Python spells it) or a lone surrogate
-        raise ValueError(f"{where}: image path {value!r} is not valid UTF-8, which data sets store names in. Rename "
-                         "the file to a UTF-8 name and list it under that name.") from None
+        raise ValueError(
+            f"{where}: image path {value!r} is not valid UTF-8, which data sets store names in. Rename "
+            "the file to a UTF-8 name and list it under that name."
+        ) from None
     resolved = (root / value).resolve()  # an absolute value replaces root; symlinks followed, so a link out is caught
     if not resolved.is_relative_to(root):
         raise ValueError(f"{where}: image path {value!r} leads outside {root}; refused.")
@@ -60,8 +62,9 @@ def check_image_references(dataset: Dataset, root: Path | None, source: str, spl
             continue
         where = f"{source}, {split} split, row {row}"
         if root is None:
-            raise ValueError(f"{where}: image {path!r} is a path, not bytes; {source} has no folder to read it "
-                             "from. Refused.")
+            raise ValueError(
+                f"{where}: image {path!r} is a path, not bytes; {source} has no folder to read it from. Refused."
+            )
         resolved = resolve_inside(root, path, where)
         if resolved != path:
             repointed[row] = resolved
@@ -72,8 +75,9 @@ def check_image_references(dataset: Dataset, root: Path | None, source: str, spl
         return {"image": {"bytes": entry["bytes"], "path": repointed.get(row, entry["path"])}}
 
     plain = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
-    return (plain.map(repoint, input_columns="image", with_indices=True, desc=f"resolving {split} image paths")
-            .cast_column("image", datasets.Image()))
+    return plain.map(
+        repoint, input_columns="image", with_indices=True, desc=f"resolving {split} image paths"
+    ).cast_column("image", datasets.Image())
 
 
 def image_entries(dataset: Dataset):
@@ -134,8 +138,10 @@ def _checked_like(result: Dataset, source: Dataset) -> Dataset:
 def require_images(dataset: Dataset, split: str, why: str) -> Dataset:
     """A split that cleaning left empty stops the run here, before training, not after it in an evaluation."""
     if len(dataset) == 0:
-        raise ValueError(f"The {split} split has no image left: {why}. Fix its data (the log above names what was "
-                         "dropped), or leave out the --do_* flag that needs it.")
+        raise ValueError(
+            f"The {split} split has no image left: {why}. Fix its data (the log above names what was "
+            "dropped), or leave out the --do_* flag that needs it."
+        )
     return dataset
 
 
@@ -154,8 +160,11 @@ def drop_unreadable_images(dataset: Dataset, split: str, num_proc: int | None = 
     no readable image left is an error (`require_images`)."""
 
     def reasons(batch):
-        return {"unreadable": [load_or_reason(entry, image_id)[1]
-                               for entry, image_id in zip(batch["image"], batch["image_id"])]}
+        return {
+            "unreadable": [
+                load_or_reason(entry, image_id)[1] for entry, image_id in zip(batch["image"], batch["image_id"])
+            ]
+        }
 
     raw = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     checked = raw.map(reasons, batched=True, batch_size=64, num_proc=num_proc, desc=f"checking {split} images")
@@ -167,8 +176,13 @@ def skip_unreadable(dataset: Dataset, reasons: list[str], split: str) -> Dataset
     with nothing left is an error (`require_images`)."""
     bad = [(i, reason) for i, reason in enumerate(reasons) if reason]
     if bad:
-        logger.warning("%s: skipping %d unreadable image(s) of %d:\n%s", split, len(bad), len(dataset),
-                       "\n".join(f"  {reason}" for _, reason in bad))
+        logger.warning(
+            "%s: skipping %d unreadable image(s) of %d:\n%s",
+            split,
+            len(bad),
+            len(dataset),
+            "\n".join(f"  {reason}" for _, reason in bad),
+        )
         dataset = dataset.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
     return require_images(dataset, split, f"all {len(bad)} are unreadable" if bad else "it is empty")
 
@@ -176,9 +190,14 @@ def skip_unreadable(dataset: Dataset, reasons: list[str], split: str) -> Dataset
 def remove_empty_captions(dataset: Dataset, split: str) -> Dataset:
     """Blank captions teach nothing (and would be an EOS-only target); images left with none are dropped. A split
     with no captioned image left is an error (`require_images`)."""
+
     def clean(batch):  # NUL bytes and surrounding whitespace are never part of a caption
-        return {"captions": [[c.replace("\x00", "").strip() for c in caps or [] if c and c.replace("\x00", "").strip()]
-                             for caps in batch["captions"]]}
+        return {
+            "captions": [
+                [c.replace("\x00", "").strip() for c in caps or [] if c and c.replace("\x00", "").strip()]
+                for caps in batch["captions"]
+            ]
+        }
 
     cleaned = dataset.with_format(None).map(clean, batched=True, desc=f"cleaning {split} captions")
     empty = sum(1 for caps in cleaned["captions"] if not caps)
@@ -191,6 +210,7 @@ def remove_empty_captions(dataset: Dataset, split: str) -> Dataset:
 
 def expand_captions(dataset: Dataset) -> Dataset:
     """One row per (image, caption): the 'all captions' mode, and deterministic validation losses."""
+
     def expand(batch):
         out = {key: [] for key in batch}
         out["caption"] = []
@@ -207,6 +227,7 @@ def expand_captions(dataset: Dataset) -> Dataset:
 def add_caption_lengths(dataset: Dataset, tokenizer) -> Dataset:
     """A `length` column for Trainer's `--train_sampling_strategy group_by_length`: batches of similar caption
     lengths pad less. Per pair its caption's tokens; per image (random-caption mode) the mean of its captions."""
+
     def lengths(batch):
         texts = batch["caption"] if "caption" in batch else [c for row in batch["captions"] for c in row]
         texts = [str(text) for text in texts]
@@ -215,7 +236,7 @@ def add_caption_lengths(dataset: Dataset, tokenizer) -> Dataset:
             return {"length": counts}
         out, start = [], 0
         for row in batch["captions"]:
-            out.append(round(sum(counts[start:start + len(row)]) / len(row)))
+            out.append(round(sum(counts[start : start + len(row)]) / len(row)))
             start += len(row)
         return {"length": out}
 

@@ -22,8 +22,7 @@ class CaptionCollator:
     every row holds only that. Pixel values come from `images.pixel_values`, as the feature cache's do: one image
     path whether training reads features or pixels."""
 
-    def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False,
-                 seed: int = 0):
+    def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False, seed: int = 0):
         self.processor = processor
         self.max_caption_length = max_caption_length
         self.for_generation = for_generation

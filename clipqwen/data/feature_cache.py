@@ -59,9 +59,21 @@ def image_content_key(dataset: Dataset) -> str:
 _CACHE_LAYOUT = "features+unreadable/2"
 
 
-def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Path, batch_size: int = 64, *,
-                        split: str = "train", num_workers: int | None = None, drop_unreadable: bool = True,
-                        rank: int = 0, world_size: int = 1, local_rank: int = 0, barrier=None) -> Dataset:
+def add_vision_features(
+    dataset: Dataset,
+    model,
+    processor,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    *,
+    split: str = "train",
+    num_workers: int | None = None,
+    drop_unreadable: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    barrier=None,
+) -> Dataset:
     """Replace the `image` column by the frozen CLIP output (`vision_embeds`), computed once per image and
     stored in an Arrow file keyed by the vision weights, the preprocessing, the rows (datasets' fingerprint: ids,
     captions, paths) and the images' content (`image_content_key`). Training from it never decodes an image again,
@@ -86,8 +98,7 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
     not shared between machines, the first process of each machine (`local_rank` 0) then encodes the shards its
     disk lacks. Any complete set of valid files for the key (one file, or all shards of an earlier run with another
     number of processes) is reused as it is."""
-    key = (f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:"
-           f"{_CACHE_LAYOUT}")
+    key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:{_CACHE_LAYOUT}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +113,16 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
         discard_damaged_cache(target)
         if not target.exists():
             if world_size > 1:
-                logger.info("%s: rank %d of %d encodes rows %d to %d (%d images) into %s", split, rank, world_size,
-                            start, stop - 1, stop - start, target.name)
+                logger.info(
+                    "%s: rank %d of %d encodes rows %d to %d (%d images) into %s",
+                    split,
+                    rank,
+                    world_size,
+                    start,
+                    stop - 1,
+                    stop - start,
+                    target.name,
+                )
             _encode_to_file(dataset, range(start, stop), model, processor, target, batch_size, num_workers, split)
             if world_size == 1:
                 files = [target]  # just written and recorded in its manifest: no need to read it again
@@ -116,26 +135,46 @@ def add_vision_features(dataset: Dataset, model, processor, cache_dir: str | Pat
             for other in range(world_size):
                 shard = _shard_file(cache_dir, fingerprint, other, world_size)
                 if not _is_valid(shard):
-                    logger.info("%s: %s is not in %s (a folder not shared with the other machines); encoding it "
-                                "here too", split, shard.name, cache_dir)
+                    logger.info(
+                        "%s: %s is not in %s (a folder not shared with the other machines); encoding it here too",
+                        split,
+                        shard.name,
+                        cache_dir,
+                    )
                     discard_damaged_cache(shard)
-                    _encode_to_file(dataset, range(*_shard_bounds(len(dataset), other, world_size, batch_size)),
-                                    model, processor, shard, batch_size, num_workers, split)
+                    _encode_to_file(
+                        dataset,
+                        range(*_shard_bounds(len(dataset), other, world_size, batch_size)),
+                        model,
+                        processor,
+                        shard,
+                        batch_size,
+                        num_workers,
+                        split,
+                    )
         barrier()
     if files is None:
         files = _complete_cache(cache_dir, fingerprint, world_size)
         if files is None:
-            raise RuntimeError(f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
-                               f"process wrote its part (key {fingerprint}). Give every process of a machine the "
-                               "same --feature_cache_dir.")
+            raise RuntimeError(
+                f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
+                f"process wrote its part (key {fingerprint}). Give every process of a machine the "
+                "same --feature_cache_dir."
+            )
     parts = [Dataset.from_file(str(file)) for file in files]
     # a shard may be empty
     features = datasets.concatenate_datasets([part for part in parts if len(part)] or parts[:1])
     if len(features) != len(dataset):
         raise RuntimeError(f"The feature cache {files[0]} has {len(features)} rows for {len(dataset)} images.")
     if world_size > 1:
-        logger.info("%s: rank %d of %d reads the feature cache: %d images from %d file(s)", split, rank, world_size,
-                    len(features), len(files))
+        logger.info(
+            "%s: rank %d of %d reads the feature cache: %d images from %d file(s)",
+            split,
+            rank,
+            world_size,
+            len(features),
+            len(files),
+        )
 
     rest = dataset.with_format(None).remove_columns("image")
     if rest._indices is not None:
@@ -171,8 +210,10 @@ def _complete_cache(cache_dir: Path, fingerprint: str, prefer: int | None = None
     whole = cache_dir / f"vision-features-{fingerprint}.arrow"
     if _is_valid(whole):
         return [whole]
-    counts = {int(path.name.rsplit("-of-", 1)[1].split(".")[0])
-              for path in cache_dir.glob(f"vision-features-{fingerprint}-shard-*-of-*.arrow")}
+    counts = {
+        int(path.name.rsplit("-of-", 1)[1].split(".")[0])
+        for path in cache_dir.glob(f"vision-features-{fingerprint}-shard-*-of-*.arrow")
+    }
     for count in sorted(counts, key=lambda n: n != prefer):
         shards = [_shard_file(cache_dir, fingerprint, i, count) for i in range(count)]
         if all(_is_valid(shard) for shard in shards):
@@ -214,8 +255,10 @@ class _DecodedChunks(torch.utils.data.Dataset):
         self.chunks = []
         for batch, start in enumerate(range(rows.start, rows.stop, batch_size)):
             stop = min(start + batch_size, rows.stop)
-            self.chunks += [(batch, range(first, min(first + chunk, stop)), first + chunk >= stop)
-                            for first in range(start, stop, chunk)]
+            self.chunks += [
+                (batch, range(first, min(first + chunk, stop)), first + chunk >= stop)
+                for first in range(start, stop, chunk)
+            ]
         self.batches = -(-len(rows) // batch_size)
 
     def __len__(self):
@@ -223,7 +266,7 @@ class _DecodedChunks(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         batch, rows, last = self.chunks[index]
-        block = self.raw[rows.start:rows.stop]
+        block = self.raw[rows.start : rows.stop]
         loaded = [load_or_reason(entry, image_id) for entry, image_id in zip(block["image"], block["image_id"])]
         images = [image for image, _ in loaded if image is not None]
         reasons = [reason for _, reason in loaded]
@@ -247,15 +290,30 @@ def _decoding_loader(dataset: Dataset, processor, rows: range, batch_size: int, 
     raw = raw.cast_column("image", datasets.Image(decode=False))
     chunks = _DecodedChunks(raw, processor, rows, batch_size)
     workers = max(0, num_workers or 0)
-    loader = torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        chunks,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_is,
+        worker_init_fn=_one_thread if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     return chunks, loader
 
 
 @torch.no_grad()
-def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file: Path, batch_size: int,
-                    num_workers: int | None, split: str = "train") -> None:
+def _encode_to_file(
+    dataset: Dataset,
+    rows: range,
+    model,
+    processor,
+    cache_file: Path,
+    batch_size: int,
+    num_workers: int | None,
+    split: str = "train",
+) -> None:
     """Encode `rows` of `dataset` into `cache_file` (columns `vision_embeds`, zeros for an unreadable image, and
     `unreadable`, its reason or ""), written under a temporary name and renamed, then its manifest."""
     from datasets.arrow_writer import ArrowWriter
@@ -269,14 +327,16 @@ def _encode_to_file(dataset: Dataset, rows: range, model, processor, cache_file:
     was_training = tower.training
     tower.eval()  # the cache holds inference features: a BatchNorm tower in training mode uses batch statistics
     try:
-        empty = datasets.Features({"vision_embeds": datasets.List(datasets.Value("float32")),
-                                   "unreadable": datasets.Value("string")})
+        empty = datasets.Features(
+            {"vision_embeds": datasets.List(datasets.Value("float32")), "unreadable": datasets.Value("string")}
+        )
         with ArrowWriter(path=str(temporary), features=None if len(rows) else empty) as writer:
             # a bar updated by hand: tqdm wrapped around a DataLoader with workers starts it twice (every image decoded
             # twice, torch 2.13 / tqdm 4)
             workers = loader.num_workers or "no"
-            progress = datasets.utils.tqdm(total=batches.batches, unit="batch",
-                                           desc=f"image features, {split} ({workers} decoding worker(s))")
+            progress = datasets.utils.tqdm(
+                total=batches.batches, unit="batch", desc=f"image features, {split} ({workers} decoding worker(s))"
+            )
             pixels, reasons = [], []
             for _, last, chunk_pixels, chunk_reasons in loader:  # in row order whatever the number of workers
                 pixels += [chunk_pixels] if chunk_pixels is not None else []

@@ -18,8 +18,14 @@ logger = logging.getLogger(__name__)
 
 # Karpathy's split of Flickr30K (images per split), as nlphuji/flickr30k's `split` column holds it.
 KARPATHY_FLICKR30K = {"train": 29000, "validation": 1014, "test": 1000}
-SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
-                 "dev": "validation", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 
 
 def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
@@ -34,25 +40,61 @@ def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
 
         loaded = {split: (dataset, "embedded", None) for split, dataset in load_embedded_dataset().items()}
     elif any(files.values()):
-        loaded = {split: (read_annotation_file(path, args.image_column, args.caption_column, args.id_column), path,
-                          Path(path).parent) for split, path in files.items() if path}
+        loaded = {
+            split: (
+                read_annotation_file(path, args.image_column, args.caption_column, args.id_column),
+                path,
+                Path(path).parent,
+            )
+            for split, path in files.items()
+            if path
+        }
     elif any(dirs.values()):
-        loaded = {split: (standardise(load_image_folder(path, args.caption_column, cache_dir), args.image_column,
-                                      args.caption_column, args.id_column, source=path, split=split), path, Path(path))
-                  for split, path in dirs.items() if path}
+        loaded = {
+            split: (
+                standardise(
+                    load_image_folder(path, args.caption_column, cache_dir),
+                    args.image_column,
+                    args.caption_column,
+                    args.id_column,
+                    source=path,
+                    split=split,
+                ),
+                path,
+                Path(path),
+            )
+            for split, path in dirs.items()
+            if path
+        }
     else:
-        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_revision, cache_dir,
-                               one_split=bool(args.split_column))
+        raw = load_hub_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.dataset_revision,
+            cache_dir,
+            one_split=bool(args.split_column),
+        )
         if args.split_column:
             raw = split_by_column(raw, args.split_column, args.dataset_name)
             if args.dataset_name == "nlphuji/flickr30k":
                 check_split_sizes(raw, KARPATHY_FLICKR30K, f"{args.dataset_name}@{args.dataset_revision}")
         root = dataset_root(args.dataset_name)
-        loaded = {split: (standardise(ds, args.image_column, args.caption_column, args.id_column,
-                                      source=args.dataset_name, split=split), args.dataset_name, root)
-                  for split, ds in raw.items()}
-    return DatasetDict({split: with_checked_images(check_image_references(dataset, root, source, split))
-                        for split, (dataset, source, root) in loaded.items()})
+        loaded = {
+            split: (
+                standardise(
+                    ds, args.image_column, args.caption_column, args.id_column, source=args.dataset_name, split=split
+                ),
+                args.dataset_name,
+                root,
+            )
+            for split, ds in raw.items()
+        }
+    return DatasetDict(
+        {
+            split: with_checked_images(check_image_references(dataset, root, source, split))
+            for split, (dataset, source, root) in loaded.items()
+        }
+    )
 
 
 def dataset_root(name: str) -> Path:
@@ -113,14 +155,18 @@ def split_by_column(raw: DatasetDict, column: str, source: str) -> DatasetDict:
     values = everything.unique(column)
     unknown = [value for value in values if value not in SPLIT_ALIASES]
     if unknown:
-        raise ValueError(f"{source}: column {column!r} holds {unknown}; expected split names among "
-                         f"{sorted(SPLIT_ALIASES)}.")
+        raise ValueError(
+            f"{source}: column {column!r} holds {unknown}; expected split names among {sorted(SPLIT_ALIASES)}."
+        )
     labels = everything[column]
-    return DatasetDict({
-        SPLIT_ALIASES[value]: everything.select([i for i, label in enumerate(labels) if label == value])
-        .remove_columns(column)
-        for value in values
-    })
+    return DatasetDict(
+        {
+            SPLIT_ALIASES[value]: everything.select(
+                [i for i, label in enumerate(labels) if label == value]
+            ).remove_columns(column)
+            for value in values
+        }
+    )
 
 
 def check_split_sizes(raw: DatasetDict, expected: dict[str, int], source: str) -> None:
@@ -128,9 +174,14 @@ def check_split_sizes(raw: DatasetDict, expected: dict[str, int], source: str) -
     changed the data, and scores are then not comparable with published ones."""
     found = {split: len(dataset) for split, dataset in raw.items()}
     if found != expected:
-        logger.warning("%s has splits of %s images, not the Karpathy split's %s: the data differ from the published "
-                       "split, so scores are not comparable with published ones. Pin --dataset_revision to a commit "
-                       "whose data you checked.", source, found, expected)
+        logger.warning(
+            "%s has splits of %s images, not the Karpathy split's %s: the data differ from the published "
+            "split, so scores are not comparable with published ones. Pin --dataset_revision to a commit "
+            "whose data you checked.",
+            source,
+            found,
+            expected,
+        )
 
 
 def check_columns(available: list[str], columns, source, flag: str = "--image_column/--caption_column"):
@@ -142,8 +193,9 @@ def check_columns(available: list[str], columns, source, flag: str = "--image_co
         )
 
 
-def standardise(dataset: Dataset, image_column: str, caption_column: str, id_column: str | None, source: str,
-                split: str = "train") -> Dataset:
+def standardise(
+    dataset: Dataset, image_column: str, caption_column: str, id_column: str | None, source: str, split: str = "train"
+) -> Dataset:
     """Rename to image / captions / image_id; a single caption string becomes a one-element list. Captions that are
     not strings are refused, naming the row."""
     if caption_column not in dataset.column_names and caption_column == "captions" and "text" in dataset.column_names:
@@ -159,9 +211,11 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
         first = {}
         for row, image_id in enumerate(dataset["image_id"]):
             if first.setdefault(image_id, row) != row:
-                raise ValueError(f"{source}, {split} split: id {image_id!r} (--id_column {id_column}) names rows "
-                                 f"{first[image_id]} and {row}, two images; name a column of unique ids, or give "
-                                 "one row per image holding all its captions.")
+                raise ValueError(
+                    f"{source}, {split} split: id {image_id!r} (--id_column {id_column}) names rows "
+                    f"{first[image_id]} and {row}, two images; name a column of unique ids, or give "
+                    "one row per image holding all its captions."
+                )
     for row, value in enumerate(dataset["captions"]):
         caption_list(value, f"{source}, {split} split, row {row}")
     if "image_id" not in dataset.column_names:
@@ -171,8 +225,12 @@ def standardise(dataset: Dataset, image_column: str, caption_column: str, id_col
 
     if isinstance(dataset.features["captions"], datasets.Value):  # one caption per image: make it a list
         as_lists = datasets.Features({**dataset.features, "captions": datasets.List(datasets.Value("string"))})
-        dataset = dataset.map(lambda caption: {"captions": [] if caption is None else [caption]},
-                              input_columns="captions", desc="captions as lists", features=as_lists)
+        dataset = dataset.map(
+            lambda caption: {"captions": [] if caption is None else [caption]},
+            input_columns="captions",
+            desc="captions as lists",
+            features=as_lists,
+        )
     if not isinstance(dataset.features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image())
     return dataset
@@ -192,7 +250,6 @@ def caption_list(value, where: str) -> list[str]:
         if not isinstance(caption, str):
             raise ValueError(f"{where}: caption {index} is {kind_of(caption)}; give a string or a list of strings.")
     return value
-
 
 
 def read_annotation_file(path: str, image_column: str, caption_column: str, id_column: str | None) -> Dataset:
@@ -215,15 +272,24 @@ def read_annotation_file(path: str, image_column: str, caption_column: str, id_c
         image_id = _row_id(row, id_column, f"{path}, row {line}") if id_column else relative
         other_line, other = first_row.setdefault(image_id, (line, relative))
         if other != relative:
-            raise ValueError(f"{path}, row {line}: id {image_id!r} (--id_column {id_column}) is already the id of "
-                             f"another image (row {other_line}, {other}); give each image its own id.")
+            raise ValueError(
+                f"{path}, row {line}: id {image_id!r} (--id_column {id_column}) is already the id of "
+                f"another image (row {other_line}, {other}); give each image its own id."
+            )
         entry = grouped.setdefault(image, {"image_id": image_id, "image": image, "captions": []})
         if entry["image_id"] != image_id:
-            raise ValueError(f"{path}, row {line}: image {relative} has the id {image_id!r} here and "
-                             f"{entry['image_id']!r} above (--id_column {id_column}); give an image one id.")
+            raise ValueError(
+                f"{path}, row {line}: image {relative} has the id {image_id!r} here and "
+                f"{entry['image_id']!r} above (--id_column {id_column}); give an image one id."
+            )
         entry["captions"].extend(captions)
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                  "captions": datasets.List(datasets.Value("string"))})
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
     return Dataset.from_list(list(grouped.values()), features=features)
 
 
@@ -233,8 +299,10 @@ def _row_id(row: dict, id_column: str, where: str) -> str:
     value = row.get(id_column)
     if value is None or not str(value).strip():
         what = "no value" if value is None else "an empty value"
-        raise ValueError(f"{where}: {what} in the id column {id_column!r} (--id_column); give every row an id, or "
-                         "leave --id_column out to use the image paths.")
+        raise ValueError(
+            f"{where}: {what} in the id column {id_column!r} (--id_column); give every row an id, or "
+            "leave --id_column out to use the image paths."
+        )
     return str(value)
 
 
@@ -246,8 +314,9 @@ def _read_rows(path: Path):
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             line = data[: error.start].count(b"\n") + 1
-            raise ValueError(f"{path}, line {line}: not valid UTF-8 ({error.reason}). "
-                             "Re-save the file as UTF-8.") from None
+            raise ValueError(
+                f"{path}, line {line}: not valid UTF-8 ({error.reason}). Re-save the file as UTF-8."
+            ) from None
         for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
             yield number, row
         return
@@ -258,12 +327,14 @@ def _read_rows(path: Path):
         try:
             row = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path}, row {number}: not valid UTF-8 ({error.reason}). "
-                             "Re-save the file as UTF-8.") from None
+            raise ValueError(
+                f"{path}, row {number}: not valid UTF-8 ({error.reason}). Re-save the file as UTF-8."
+            ) from None
         except json.JSONDecodeError as error:
             if raw.strip().startswith(b"["):  # a pretty-printed JSON array: its first line is "["
                 raise ValueError(
-                    f"{path}, row {number}: the file is a JSON array, not JSONL; {one_per_line}.") from None
+                    f"{path}, row {number}: the file is a JSON array, not JSONL; {one_per_line}."
+                ) from None
             raise ValueError(f"{path}, row {number}: not valid JSON ({error.msg}).") from None
         if not isinstance(row, dict):
             kind = "a JSON array" if isinstance(row, list) else kind_of(row).split(" (")[0]
