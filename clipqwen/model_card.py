@@ -1,6 +1,7 @@
 """The model card (README.md of the exported folder), written from the run's real values, never by hand."""
 
 import hashlib
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -208,3 +209,69 @@ def build_model_card(
         phases=phase_table(phases) if phases else "",
     )
     return ModelCard(text)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """What trained, of the whole model while it trained (with LoRA: before merging)."""
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def describe_data(data_args) -> str:
+    """Which version of the data: the Hub commit, or for local data the content hash of the files and folders given
+    (an annotation file's, not the images it names); the generated set (`embedded`) has neither."""
+    local = data_args.local_data
+    if local:
+        version = f" (SHA-256 of {', '.join(Path(path).name for path in local)}: `{content_sha256(local)}`)"
+    elif data_args.on_hub and data_args.dataset_revision:
+        version = f" at commit `{data_args.dataset_revision}`"
+    else:
+        version = ""
+    splits = (
+        f", splits from its `{data_args.split_column}` column (train / val / test → train / validation / test)"
+        if data_args.split_column and not data_args.local_files
+        else ""
+    )
+    return version + splits
+
+
+def describe_training(trainer, model_args, data_args) -> dict:
+    """The hyper-parameters as they ran: real steps and epochs, the precision Accelerate used, the total batch."""
+    args, state = trainer.args, trainer.state
+    warmup = args.warmup_steps
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    optimizer = getattr(args.optim, "value", args.optim)
+    return {
+        "learning rate": args.learning_rate,
+        "optimizer": f"{optimizer} (betas {args.adam_beta1}, {args.adam_beta2}; eps {args.adam_epsilon})",
+        "weight decay": args.weight_decay,
+        "scheduler": scheduler,
+        "warm-up": f"{warmup:.0%} of the steps" if 0 < warmup < 1 else f"{int(warmup)} steps",
+        "optimizer steps": state.global_step,
+        "epochs": round(state.epoch or 0, 2),
+        "batch size per device": args.per_device_train_batch_size,
+        "devices": args.world_size,
+        "gradient accumulation": args.gradient_accumulation_steps,
+        "total batch size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
+        "caption mode": data_args.caption_mode,
+        "max caption tokens": data_args.max_caption_length,
+        "LoRA": (
+            f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}"
+            if model_args.lora_r
+            else "off"
+        ),
+        "seed": args.seed,
+    }
+
+
+def framework_versions() -> dict:
+    versions = {}
+    for name in ("clipqwen", "transformers", "torch", "accelerate", "datasets", "peft", "evaluate", "huggingface_hub"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
