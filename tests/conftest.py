@@ -30,6 +30,20 @@ from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
 
 PHOTOS = ROOT / "examples" / "coco-cc-by"
+# run_captioning.py flags of a quick run on the tiny test model, for the tests that run the script in-process
+TINY = [
+    "--tiny_model",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--save_strategy",
+    "no",
+    "--dataloader_pin_memory",
+    "False",
+    "--disable_tqdm",
+    "True",
+]
 
 # Identical weights can give outputs a few units in the last place apart: oneDNN/BLAS pick kernels per process,
 # thread count and tensor alignment (weights read from a safetensors file sit at other offsets), and they round

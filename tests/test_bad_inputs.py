@@ -19,22 +19,9 @@ from clipqwen.data.sources import read_annotation_file
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
 
-from conftest import PHOTOS, ROOT
+from conftest import PHOTOS, ROOT, TINY
 
 
-TINY = [
-    "--tiny_model",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
-    "--disable_tqdm",
-    "True",
-]
 EMBEDDED = ("--dataset_name", "embedded", "--max_train_samples", "16")
 
 

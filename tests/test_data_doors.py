@@ -27,22 +27,9 @@ from clipqwen.data.sources import load_caption_data, read_annotation_file
 from clipqwen.embedded import load_embedded_dataset
 from clipqwen.images import ImageLoadError, load_image, pixel_values
 
-from conftest import PHOTOS
+from conftest import PHOTOS, TINY
 
 
-TINY = [
-    "--tiny_model",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
-    "--disable_tqdm",
-    "True",
-]
 FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))})
 
 

@@ -17,22 +17,7 @@ from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import read_annotation_file
 from clipqwen.images import load_image, pixel_values
 
-from conftest import PHOTOS
-
-
-TINY = [
-    "--tiny_model",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
-    "--disable_tqdm",
-    "True",
-]
+from conftest import PHOTOS, TINY
 
 
 def photo_set(folder, broken=("broken-0.jpg",)):
