@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers import AddedToken, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers.processing_utils import MultiModalData
 from transformers.utils import logging
 
 
@@ -26,13 +27,16 @@ logger = logging.get_logger(__name__)
 
 # Chat-style calls (the image-text-to-text pipeline, TRL's SFTTrainer) render to exactly the layout the model is
 # trained on: an image as the processor's `image_prompt` ("Image:<|image_pad|>", say), text as it is, and an
-# assistant turn (a caption) closed by the caption end token, as the training labels are. The tokenizer's Qwen chat
+# assistant turn (a caption) closed by the caption end token, as the training labels are; the assistant turn is
+# marked as generated, for `return_assistant_tokens_mask` (TRL's assistant_only_loss). The tokenizer's Qwen chat
 # template would wrap prompts in <|im_start|> markup the captioner never saw.
 CAPTION_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ image_prompt }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ caption_end_token }}{% endif %}{% endfor %}"
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' %}{{ image_prompt }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endmacro %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render(message['content']) }}{{ caption_end_token }}{% endgeneration %}"
+    "{% else %}{{ render(message['content']) }}{% endif %}{% endfor %}"
 )
 
 
@@ -87,15 +91,8 @@ def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
     return image.crop((left, top, left + keep_w, top + keep_h))
 
 
-# what callers such as TRL's collator and transformers' pipelines pass on to the tokenizer
-TOKENIZER_OPTIONS = {
-    "padding",
-    "truncation",
-    "max_length",
-    "pad_to_multiple_of",
-    "add_special_tokens",
-    "return_attention_mask",
-}
+# with captions (`suffix`), what applies to the whole sequence rather than to the prompt
+SEQUENCE_OPTIONS = ("padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of", "return_tensors")
 
 
 class ClipQwenProcessor(ProcessorMixin):
@@ -115,6 +112,11 @@ class ClipQwenProcessor(ProcessorMixin):
             example `"Image:<|image_pad|>"`: a word before the image keeps the image tokens out of the decoder's
             first position, which a pretrained decoder uses as an attention sink (docs/evidence.md).
     """
+
+    # Defaults under whatever a call passes (ProcessorMixin merges them): prompts are left-padded for batched
+    # generate(), and this processor writes every token of the layout, so the tokenizer adds no special token.
+    text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False, "return_tensors": "pt"}
+    images_kwargs = {"do_convert_rgb": False}  # `to_rgb` has converted the PIL images already
 
     def __init__(
         self,
@@ -202,8 +204,6 @@ class ClipQwenProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         suffix: str | list[str] | None = None,
         max_caption_length: int | None = None,
-        return_tensors: str | None = "pt",
-        padding_side: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Build model inputs, one image per sample.
@@ -218,56 +218,95 @@ class ClipQwenProcessor(ProcessorMixin):
           cached image features (`vision_embeds`).
         - any other `text` alone: its tokens, no image positions added (a completion, as TRL's collator sends it).
 
-        `images` may also be one-image lists (the chat format); `padding_side` overrides the side chosen above, and
-        `truncation` with `max_length` (TRL's collator) cuts sequences on the right.
+        Other keywords are ProcessorMixin's (`padding_side`, `truncation`, `max_length`, `return_tensors`,
+        `return_offsets_mapping`, `images_kwargs`, ...); `images` may be one-image lists (the chat format).
         """
-        if unknown := sorted(set(kwargs) - TOKENIZER_OPTIONS):  # a misspelt suffix= would silently drop the labels
-            raise TypeError(f"ClipQwenProcessor got unexpected keyword argument(s) {', '.join(unknown)}.")
+        if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:  # chat calls pass None
+            raise ValueError("ClipQwen captions images: it takes no videos or audio.")
+        self._refuse_unknown_keywords(kwargs)
+        images = self._one_image_per_sample(images)
         texts = [text] if isinstance(text, str) else text
         suffixes = [suffix] if isinstance(suffix, str) else suffix
-        images = self._one_image_per_sample(images)
         batch_size = len(images) if images is not None else len(suffixes if suffixes is not None else texts or [])
         if batch_size == 0:
             raise ValueError("ClipQwenProcessor needs images, suffix (captions) or text.")
         for name, values in (("prompts (text)", texts), ("captions (suffix)", suffixes)):
             if values is not None and len(values) != batch_size:
                 raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size}: pass one per image.")
+        with_image = images is not None or suffixes is not None
+        texts = [
+            self._with_image(text) if with_image or not text or self.image_token in text else text
+            for text in texts or [""] * batch_size
+        ]
+        if suffixes is None:
+            return super().__call__(images=images, text=texts, **kwargs)
 
+        # Training: the prompts as ProcessorMixin tokenizes them, then each caption and its end token; padding,
+        # truncation and tensors apply to the whole sequence.
+        whole = {key: kwargs.pop(key) for key in SEQUENCE_OPTIONS if key in kwargs}
+        prompts = super().__call__(images=images, text=texts, padding=False, return_tensors=None, **kwargs)
+        captions = self.tokenizer(suffixes, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        keep = None if max_caption_length is None else max(max_caption_length - 1, 0)
+        max_length = whole.get("max_length") if whole.get("truncation") else None
         features = []
-        for i in range(batch_size):
-            text = texts[i] if texts is not None else ""
-            if images is None and suffixes is None and text and self.image_token not in text:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # a completion, say
-            else:
-                ids = self._prompt_ids(text)
+        for prompt_ids, caption_ids in zip(prompts["input_ids"], captions):
+            # split_special_tokens: a caption that spells "<|endoftext|>" or "<|image_pad|>" stays text, so it can
+            # neither end early nor create an image position
+            caption_ids = caption_ids[:keep] + [self.caption_end_token_id]
             # token_type_ids marks the supervised part (1), as PaliGemma's processor does
-            token_type_ids = [0] * len(ids)
-            if suffixes is not None:
-                caption_ids = self._encode_caption(suffixes[i])
-                if max_caption_length is not None:
-                    caption_ids = caption_ids[: max(max_caption_length - 1, 0)]
-                caption_ids = caption_ids + [self.caption_end_token_id]
-                ids, token_type_ids = ids + caption_ids, token_type_ids + [1] * len(caption_ids)
-            if kwargs.get("truncation") and kwargs.get("max_length"):
-                ids, token_type_ids = ids[: kwargs["max_length"]], token_type_ids[: kwargs["max_length"]]
-            features.append({"input_ids": ids, "token_type_ids": token_type_ids})
-
-        # Pad to the longest sequence: on the right for training, on the left for generate().
+            token_type_ids = [0] * len(prompt_ids) + [1] * len(caption_ids)
+            features.append(
+                {"input_ids": (prompt_ids + caption_ids)[:max_length], "token_type_ids": token_type_ids[:max_length]}
+            )
         data = self.tokenizer.pad(
             features,
-            padding_side=padding_side or ("left" if suffixes is None else "right"),
-            pad_to_multiple_of=kwargs.get("pad_to_multiple_of"),
+            padding=whole.get("padding", True),
+            max_length=whole.get("max_length") if whole.get("padding") == "max_length" else None,
+            padding_side=whole.get("padding_side", "right"),
+            pad_to_multiple_of=whole.get("pad_to_multiple_of"),
             return_attention_mask=True,
         )
-        token_type_ids = data.pop("token_type_ids")
-        if suffixes is not None:
-            data["labels"] = [
-                [token if supervised else -100 for token, supervised in zip(ids, types)]
-                for ids, types in zip(data["input_ids"], token_type_ids)
-            ]
-        if images is not None:
-            data["pixel_values"] = self.preprocess_images(images)
-        return BatchFeature(dict(data), tensor_type=return_tensors)
+        # Labels from the supervised mask, never from pad ids: Qwen3-Base pads with the very EOS it must learn.
+        data["labels"] = [
+            [token if supervised else -100 for token, supervised in zip(ids, mask)]
+            for ids, mask in zip(data["input_ids"], data.pop("token_type_ids"))
+        ]
+        if "pixel_values" in prompts:
+            data["pixel_values"] = prompts["pixel_values"]
+        return BatchFeature(dict(data), tensor_type=whole.get("return_tensors", "pt"))
+
+    def _refuse_unknown_keywords(self, kwargs: dict) -> None:
+        # ProcessorMixin warns and ignores a keyword it does not know; a misspelt suffix= would drop the labels
+        known = set(self.valid_processor_kwargs.__annotations__)
+        for options in self.valid_processor_kwargs.__annotations__.values():
+            known |= set(getattr(options, "__annotations__", {}))
+        known |= set(getattr(self.image_processor.valid_kwargs, "__annotations__", {}))
+        if unknown := sorted(set(kwargs) - known):
+            raise TypeError(f"ClipQwenProcessor got unexpected keyword argument(s) {', '.join(unknown)}.")
+
+    def validate_inputs(self, images=None, text=None, **kwargs):
+        if text is not None and (crowded := [sample for sample in text if sample.count(self.image_token) > 1]):
+            raise ValueError(
+                f"The prompt {crowded[0]!r} holds {crowded[0].count(self.image_token)} image placeholders; "
+                "ClipQwen captions one image per sample: write the placeholder once."
+            )
+        if images is not None:  # without images, the placeholders stand for cached image features (`vision_embeds`)
+            super().validate_inputs(images=images, text=text, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict | None = None, image_idx: int = 0, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def get_text_with_replacements(self, text, images_replacements=(), *others):
+        if not images_replacements:  # cached image features: their placeholders expand as an image's would
+            images_replacements = [self.replace_image_token()] * sum(sample.count(self.image_token) for sample in text)
+        return super().get_text_with_replacements(text, images_replacements, *others)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     @staticmethod
     def _one_image_per_sample(images) -> list | None:
@@ -284,35 +323,22 @@ class ClipQwenProcessor(ProcessorMixin):
             samples.append(image)
         return samples
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's tokens with the image's placeholders where the prompt's placeholder is (after
-        `image_prompt` when it has none). Special tokens in it count as such: a chat template writes them."""
+    def _with_image(self, prompt: str) -> str:
+        """The prompt (the processor's own if empty), its placeholder after `image_prompt` if it has none."""
         prompt = prompt or self.prompt
-        if self.image_token not in prompt:
-            prompt = self.image_prompt + prompt
-        before, _, after = prompt.partition(self.image_token)
-        if self.image_token in after:
-            raise ValueError(
-                f"The prompt {prompt!r} holds {prompt.count(self.image_token)} image placeholders; "
-                "ClipQwen captions one image per sample: write the placeholder once."
-            )
-        encode = self.tokenizer.encode
-        return (
-            encode(before, add_special_tokens=False)
-            + [self.image_token_id] * self.num_image_tokens
-            + encode(after, add_special_tokens=False)
-        )
+        return prompt if self.image_token in prompt else self.image_prompt + prompt
 
-    def _encode_caption(self, caption: str) -> list[int]:
-        # split_special_tokens: a caption that contains "<|endoftext|>" or "<|image_pad|>" as text stays text — it
-        # can neither end a caption early nor create an image position.
-        return self.tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    def _process_images(self, images, **kwargs):
+        return super()._process_images(self._to_clip_input(images), **kwargs)
 
     def preprocess_images(self, images: list) -> torch.Tensor:
         """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""
-        images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
-        # PIL images are RGB now: the image processor's own conversion would only copy them again
-        return self.image_processor(images, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
+        images = self._to_clip_input(images)
+        return self.image_processor(images, return_tensors="pt", **self.images_kwargs)["pixel_values"]
+
+    @staticmethod
+    def _to_clip_input(images: list) -> list:
+        return [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated ids to captions (placeholders and the end token are special and dropped)."""

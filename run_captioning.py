@@ -702,7 +702,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         processor.prompt = caption_args.prompt
     elif not model_args.model_name_or_path:
         processor.prompt = LAYOUTS[model_args.preset]["prompt"]
-    prompt_tokens = len(processor._prompt_ids(processor.prompt)) - processor.num_image_tokens
+    prompt_tokens = len(processor(text=[""], return_tensors=None)["input_ids"][0]) - processor.num_image_tokens
     preflight.check_against_model(data_args, caption_args, base.config, prompt_tokens)
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))

@@ -126,7 +126,8 @@ def parse_args(argv=None):
 def caption_token_counts(processor, captions):
     """Supervised tokens per caption as clipqwen counts them (caption + one end-of-text); used for both
     variants so that tokens/s compare the same work."""
-    return [len(processor._encode_caption(caption)) + 1 for caption in captions]
+    labels = processor(suffix=captions, return_tensors=None)["labels"]
+    return [sum(token != -100 for token in row) for row in labels]
 
 
 # ---- the course pipeline -------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def length_grouped_batches(pairs, processor, batch_size, max_batch_tokens, num_i
     `max_batch_tokens` padded positions (0 = no token limit), then shuffle the batch order (fixed seed).
     Padding then costs little, and a batch's activation memory (∝ pairs × padded length) is bounded.
     With `max_batch_tokens=0`: batches of `batch_size` pairs of similar length."""
-    lengths = [num_image_tokens + len(processor._encode_caption(caption)) + 1 for _, _, caption in pairs]
+    lengths = [num_image_tokens + count for count in caption_token_counts(processor, [c for _, _, c in pairs])]
     order = sorted(range(len(pairs)), key=lengths.__getitem__)
     batches, current = [], []
     for i in order:

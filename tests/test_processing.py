@@ -228,3 +228,21 @@ def test_chat_format_inputs_one_image_per_sample_and_text_alone(processor, photo
     # text alone (a completion, as TRL's collator sends it): its own tokens, special ones included, no image
     completion = processor(text=["a dog.<|endoftext|>"])
     assert completion["input_ids"][0].tolist() == processor.tokenizer.encode("a dog.") + [ENDOFTEXT]
+
+
+def test_processor_mixin_options_act_on_the_whole_training_sequence(processor, photos):
+    n, encode = processor.num_image_tokens, processor.tokenizer.encode
+    padded = processor(images=photos[:2], suffix=["a dog.", "hi"], padding="max_length", max_length=n + 12)
+    assert padded["input_ids"].shape == (2, n + 12) and padded["attention_mask"][0].sum() == n + 4
+    cut = processor(images=photos[:1], suffix=["a dog and a cat on a bus"], truncation=True, max_length=n + 3)
+    assert cut["labels"][0].tolist() == [-100] * n + encode("a dog and")  # cut on the right, after the image
+    types = processor(images=photos[:1], return_mm_token_type_ids=True)["mm_token_type_ids"]
+    assert types[0].tolist() == [1] * n  # what vLLM-style callers read to find the image positions
+
+
+def test_images_may_be_paths_as_in_other_transformers_processors(processor):
+    from conftest import PHOTOS
+
+    path = sorted(PHOTOS.glob("*.jpg"))[0]
+    from_path = processor(images=[str(path)])["pixel_values"]
+    torch.testing.assert_close(from_path, processor(images=[Image.open(path)])["pixel_values"], rtol=0, atol=0)

@@ -109,3 +109,28 @@ def test_chat_messages_render_the_training_layout(model_and_processor):
     assert prompt == "Image:<|image_pad|>"  # what the image-text-to-text pipeline prompts with
     processor.prompt = "Photo:<|image_pad|>"  # as run_captioning sets it: the template follows
     assert processor.apply_chat_template(messages[:1], tokenize=False) == "Photo:<|image_pad|>"
+
+
+def test_messages_with_assistant_only_loss_supervise_what_the_processor_supervises(model_and_processor, tmp_path):
+    """TRL's `messages` format with assistant_only_loss: the mask comes from the template's generation markers and
+    the processor's offsets (through ProcessorMixin's placeholder expansion), and covers the caption and its end
+    token only — the same labels as processor(images, suffix=captions)."""
+    model, processor = model_and_processor
+    rows = coco_rows(4)
+    dataset = Dataset.from_list(
+        [
+            {
+                "images": [image],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+                ],
+            }
+            for image, caption in rows
+        ]
+    )
+    trainer = sft_trainer(model, processor, dataset, tmp_path, max_steps=1, assistant_only_loss=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ours = processor(images=[image for image, _ in rows], suffix=[caption for _, caption in rows])
+    for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
+        torch.testing.assert_close(batch[key], ours[key], rtol=0, atol=0, msg=key)
