@@ -12,7 +12,6 @@ manifest or whose files do not match it, and takes the newest one that checks ou
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 MARKER = "checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

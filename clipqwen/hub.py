@@ -12,16 +12,16 @@ trainable weights and the trainer state; exact resumption uses the local checkpo
 """
 
 import argparse
-import logging
 import os
 import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
+from transformers.utils import logging
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # files that unpickle when loaded: never uploaded, never loaded
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -185,5 +185,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    import logging as python_logging  # clipqwen's loggers propagate to Python's root: show their progress here
+
+    python_logging.basicConfig(level=python_logging.INFO)
     main()

@@ -2,15 +2,15 @@
 a checkpoint instead of losing the steps since the last one. CaptionTrainer installs the callback while `train()`
 runs; run_captioning.py then exits with status 0, and the same command resumes."""
 
-import logging
 import os
 import signal
 import threading
 
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 class GracefulStopCallback(TrainerCallback):

@@ -1,12 +1,13 @@
 """Where a run's wall-clock time goes: seconds and items/s per phase (data preparation, feature cache, training,
 each evaluation, export, push), for the log, all_results.json and the model card."""
 
-import logging
 import time
 from contextlib import contextmanager
 
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+
+logger = logging.get_logger(__name__)
 
 
 class PhaseTimer:

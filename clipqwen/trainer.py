@@ -17,7 +17,6 @@
   of the last step (`LostImagesError`).
 """
 
-import logging
 import math
 import os
 import shutil
@@ -30,13 +29,14 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from . import checkpoints, hub
 from .metrics import load_caption_metric
 from .signals import GracefulStopCallback
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 # Images lost mid-run (deleted, replaced) are left out of their batches up to this share of the training images (at

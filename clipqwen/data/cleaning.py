@@ -1,16 +1,16 @@
 """Path safety, image reading and the cleaning every split goes through."""
 
-import logging
 from pathlib import Path
 
 import datasets
 import numpy as np
 from datasets import Dataset
+from transformers.utils import logging
 
 from ..images import ImageLoadError, load_image, regular_file_size
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def kind_of(value) -> str:

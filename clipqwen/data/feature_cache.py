@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -11,13 +10,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image as PILImage
+from transformers.utils import logging
 
 from ..checkpoints import file_problem, file_record
 from ..images import ClipPixels, pixel_values
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def vision_cache_key(model, processor) -> str:

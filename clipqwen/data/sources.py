@@ -4,16 +4,16 @@ import csv
 import glob
 import io
 import json
-import logging
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict
+from transformers.utils import logging
 
 from .cleaning import check_image_references, kind_of, resolve_inside, with_checked_images
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 # Karpathy's split of Flickr30K (images per split), as nlphuji/flickr30k's `split` column holds it.
