@@ -13,12 +13,18 @@ which refuses anything that is not a clipqwen model and builds it from this repo
 the .py files shipped beside the weights. A request reads at most --max_images images and --max_request_mb
 megabytes; nothing beyond that is decoded. One request is captioned at a time and at most --max_queue wait: more
 are refused with a message.
+
+Decoding: the controls start from the served model's generation_config.json (what its scores were measured with;
+clipqwen.presets.CAPTION_GENERATION where it says nothing). The page is built before any model loads (a Space must
+answer at once; a model takes seconds to minutes), so opening the page or picking a model loads it, as the first
+Caption click would, and sets the controls from it.
 """
 
 import argparse
 import functools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ import torch
 from clipqwen.images import ImageLoadError, load_image
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
+from clipqwen.presets import CAPTION_GENERATION, caption_generation_config
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +53,8 @@ MAX_PREFIX_CHARS = 200  # a prompt prefix is a few words; a long one only makes 
 # One request is captioned at a time (it takes every core); up to this many wait, and more are refused at once with
 # "the queue is full" rather than held until they time out, each holding its uploads in memory.
 MAX_QUEUE = 16
+# The decoding sliders' ranges; a model's own setting outside one widens it.
+BEAMS, TEMPERATURE, TOP_P, NEW_TOKENS = (1, 8), (0.1, 2.0), (0.05, 1.0), (1, 64)
 
 
 def photo_credits() -> str:
@@ -72,6 +81,7 @@ def served_models(model: str, revision: str | None, allowed: list[str]) -> dict[
 
 
 _MODELS: dict[tuple, tuple] = {}  # (model, revision, precision) -> (model, processor), the last two loaded
+_LOADING = threading.Lock()  # a page opening (model_decoding) and a caption request may ask for a model at once
 
 
 def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto"):
@@ -83,12 +93,13 @@ def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision:
             f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
         )
     key = (*served[choice], resolve_precision(precision, DEVICE))
-    if key not in _MODELS:
-        loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
-        while len(_MODELS) >= 2:
-            _MODELS.pop(next(iter(_MODELS)))
-        _MODELS[key] = loaded
-    return _MODELS[key]
+    with _LOADING:
+        if key not in _MODELS:
+            loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
+            while len(_MODELS) >= 2:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key] = loaded
+        return _MODELS[key]
 
 
 def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[list[str], str | None]:
@@ -113,14 +124,52 @@ def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[li
     )
 
 
-def generation_options(decoding, num_beams, temperature, top_p, max_new_tokens) -> dict:
+def decoding_values(generation_config=None) -> dict:
+    """What the decoding controls show for a model's generation_config (None: a model that sets nothing)."""
+    config = caption_generation_config(generation_config)
+    return {
+        "decoding": SAMPLING if config.do_sample else BEAM,
+        "num_beams": config.num_beams,
+        # unset: 1, which leaves the model's distribution as it is (what generate() does)
+        "temperature": 1.0 if config.temperature is None else config.temperature,
+        "top_p": 1.0 if config.top_p is None else config.top_p,
+        # a model that caps the length with max_length (prompt included) instead: the project's cap
+        "max_new_tokens": config.max_new_tokens or CAPTION_GENERATION["max_new_tokens"],
+    }
+
+
+def widened(value, bounds: tuple) -> dict:
+    """A slider's value and a range (`bounds`, widened) that holds it."""
+    return {"value": value, "minimum": min(bounds[0], value), "maximum": max(bounds[1], value)}
+
+
+def model_decoding(choice: str, *, served, precision="auto") -> list:
+    """Updates of (decoding, num_beams, temperature, top_p, max_new_tokens, status) for the model picked: the controls
+    start from its generation_config. It is loaded to read it (reused by the first Caption click); a model that does
+    not load leaves the controls as they are and says why."""
+    try:
+        captioner, _ = get_model(choice, served, precision)
+    except (ModelLoadError, PrecisionError) as error:
+        return [gr.update()] * 5 + [f"⚠️ {error}"]
+    values = decoding_values(captioner.generation_config)
+    sampling = values["decoding"] == SAMPLING
+    return [
+        gr.update(value=values["decoding"]),
+        gr.update(**widened(values["num_beams"], BEAMS), visible=not sampling),
+        gr.update(**widened(values["temperature"], TEMPERATURE), visible=sampling),
+        gr.update(**widened(values["top_p"], TOP_P), visible=sampling),
+        gr.update(**widened(values["max_new_tokens"], NEW_TOKENS)),
+        "",
+    ]
+
+
+def generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens):
+    """The model's generation_config with the demo's controls (sampling: one beam)."""
     if decoding == SAMPLING:
-        options = {"do_sample": True, "num_beams": 1, "temperature": float(temperature), "top_p": float(top_p)}
+        controls = {"do_sample": True, "num_beams": 1, "temperature": float(temperature), "top_p": float(top_p)}
     else:
-        options = {"do_sample": False, "num_beams": int(num_beams)}
-    # min_new_tokens=1: a model whose first greedy token is end-of-text (seen after adapter-only training) would
-    # otherwise show an empty caption.
-    return options | {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1}
+        controls = {"do_sample": False, "num_beams": int(num_beams)}
+    return caption_generation_config(captioner.generation_config, **controls, max_new_tokens=int(max_new_tokens))
 
 
 def caption(
@@ -166,9 +215,9 @@ def caption(
     started = time.perf_counter()
     try:
         batch = processor(images=images, text=[prefix] * len(images) if prefix else None).to(DEVICE)
-        options = generation_options(decoding, num_beams, temperature, top_p, max_new_tokens)
+        generation = generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens)
         with torch.inference_mode():
-            ids = captioner.generate(**batch, **options)
+            ids = captioner.generate(**batch, generation_config=generation)
     except Exception as error:  # noqa: BLE001 - out of memory, an option the model rejects, ...
         return [], "", "\n\n".join([f"⚠️ Captioning failed: {type(error).__name__}: {error}"] + problems)
     captions = processor.batch_decode(ids)
@@ -219,14 +268,34 @@ def build_demo(
                     examples.select(add_example, inputs=files, outputs=files)
                     gr.Markdown(ATTRIBUTION, elem_id="attribution")
                 with gr.Accordion("Generation options"):
-                    decoding = gr.Radio([BEAM, SAMPLING], value=BEAM, label="Decoding", elem_id="decoding")
-                    num_beams = gr.Slider(1, 8, value=3, step=1, label="Beams (1 = greedy)", elem_id="num-beams")
-                    temperature = gr.Slider(
-                        0.1, 2, value=0.7, step=0.05, label="Temperature", visible=False, elem_id="temperature"
+                    # what a model that sets nothing gets, until the page's load event reads the model's own
+                    start = decoding_values()
+                    sampling = start["decoding"] == SAMPLING
+                    decoding = gr.Radio(
+                        [BEAM, SAMPLING], value=start["decoding"], label="Decoding", elem_id="decoding"
                     )
-                    top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", visible=False, elem_id="top-p")
+                    num_beams = gr.Slider(
+                        **widened(start["num_beams"], BEAMS),
+                        step=1,
+                        label="Beams (1 = greedy)",
+                        visible=not sampling,
+                        elem_id="num-beams",
+                    )
+                    temperature = gr.Slider(
+                        **widened(start["temperature"], TEMPERATURE),
+                        step=0.05,
+                        label="Temperature",
+                        visible=sampling,
+                        elem_id="temperature",
+                    )
+                    top_p = gr.Slider(
+                        **widened(start["top_p"], TOP_P), step=0.05, label="Top-p", visible=sampling, elem_id="top-p"
+                    )
                     max_new_tokens = gr.Slider(
-                        1, 64, value=30, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                        **widened(start["max_new_tokens"], NEW_TOKENS),
+                        step=1,
+                        label="Max new tokens",
+                        elem_id="max-new-tokens",
                     )
                     prefix = gr.Textbox(
                         label="Prompt prefix (optional; the caption continues it)",
@@ -250,6 +319,16 @@ def build_demo(
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
         limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
+        # outside the queue: opening the page never waits behind captioning, nor is refused by a full queue
+        from_model = dict(
+            fn=functools.partial(model_decoding, served=served, precision=precision),
+            inputs=model,
+            outputs=[decoding, num_beams, temperature, top_p, max_new_tokens, status],
+            queue=False,
+            api_visibility="private",
+        )
+        demo.load(**from_model)
+        model.change(**from_model)
         button.click(
             functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status], api_name="caption"
         )

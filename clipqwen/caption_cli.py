@@ -2,7 +2,9 @@
 
     clipqwen-caption MODEL photos/ "more/*.png" --num_beams 3 --output captions.jsonl
 
-MODEL is a clipqwen folder or Hub id (pinned with --revision). Unreadable files are reported and skipped;
+MODEL is a clipqwen folder or Hub id (pinned with --revision). Captions are decoded as the model's
+generation_config.json says (what the training run evaluated with); a decoding flag overrides that one setting.
+Unreadable files are reported and skipped;
 the others are captioned in batches, with a progress bar, and each batch is written as soon as it is done.
 Errors are one line on stderr: exit status 2 for a wrong argument or input, 1 when loading or captioning fails.
 """
@@ -22,6 +24,7 @@ from .images import ImageLoadError, load_image
 from .loading import ModelLoadError, load_clipqwen, one_line
 from .precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
 from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
+from .presets import CAPTION_GENERATION, caption_generation_config
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -131,13 +134,21 @@ def parse_args(argv=None):
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--revision", default=None, help="Hub revision (commit sha) to pin")
     parser.add_argument("--batch_size", type=in_range(int, 1, MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"), default=16)
-    parser.add_argument("--num_beams", type=in_range(int, 1, MAX_NUM_BEAMS, f"1 to {MAX_NUM_BEAMS}"), default=1)
-    parser.add_argument(
-        "--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"), default=30
+    fallback = ", ".join(f"{name}={value}" for name, value in CAPTION_GENERATION.items())
+    decoding = parser.add_argument_group(
+        "decoding",
+        "Each defaults to the model's generation_config.json (the decoding its scores were measured with);\n"
+        f"where that says nothing, to {fallback}.\nA flag given overrides that one setting.",
     )
-    parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=in_range(float, 1e-3, 100.0, "0.001 to 100"), default=1.0)
-    parser.add_argument("--top_p", type=in_range(float, 1e-3, 1.0, "0.001 to 1"), default=1.0)
+    decoding.add_argument("--num_beams", type=in_range(int, 1, MAX_NUM_BEAMS, f"1 to {MAX_NUM_BEAMS}"))
+    decoding.add_argument("--max_new_tokens", type=in_range(int, 1, MAX_NEW_TOKENS, f"1 to {MAX_NEW_TOKENS}"))
+    decoding.add_argument(
+        "--do_sample",
+        action=argparse.BooleanOptionalAction,
+        help="sample (with one beam unless --num_beams says otherwise), or not (--no-do_sample)",
+    )
+    decoding.add_argument("--temperature", type=in_range(float, 1e-3, 100.0, "0.001 to 100"), help="when sampling")
+    decoding.add_argument("--top_p", type=in_range(float, 1e-3, 1.0, "0.001 to 1"), help="when sampling")
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,15 +162,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def generation_options(args) -> dict:
-    # min_new_tokens=1: a model whose first greedy token is end-of-text (seen after adapter-only training) would
-    # otherwise give an empty caption.
-    options = dict(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=1, num_beams=args.num_beams, do_sample=args.do_sample
-    )
-    if args.do_sample:
-        options.update(temperature=args.temperature, top_p=args.top_p)
-    return options
+def generation_config(args, model_generation_config):
+    """The model's generation_config with the decoding flags the user gave (None: not given)."""
+    flags = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample and args.num_beams is None:
+        flags["num_beams"] = 1  # --do_sample alone samples, as it always did: not beam sampling with the model's beams
+    config = caption_generation_config(model_generation_config, **flags)
+    if config.do_sample:  # a temperature or top-p changes nothing in greedy or beam search: given then, it is ignored
+        config = caption_generation_config(config, temperature=args.temperature, top_p=args.top_p)
+    return config
 
 
 def caption_files(args) -> int:
@@ -169,7 +180,7 @@ def caption_files(args) -> int:
     precision = resolve_precision(args.precision, args.device)
     check_precision_available(precision)  # a missing library is said before the model loads
     model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device, precision=precision)
-    generation = generation_options(args)
+    generation = generation_config(args, model.generation_config)
 
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     skipped = 0
@@ -187,7 +198,7 @@ def caption_files(args) -> int:
                 continue
             inputs = processor(images=images, text=[args.prompt] * len(images)).to(args.device)
             with torch.no_grad():
-                ids = model.generate(**inputs, **generation)
+                ids = model.generate(**inputs, generation_config=generation)
             for name, caption in zip(names, processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :])):
                 if args.output:
                     out.write(jsonl_line({"file": name, "caption": caption}) + "\n")

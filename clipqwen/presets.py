@@ -1,16 +1,18 @@
-"""Ready-made configurations and the bundled tokenizer, for the offline demo, the tests and the benchmarks.
+"""Ready-made configurations and the bundled tokenizer, for the offline demo, the tests and the benchmarks, and the
+decoding a caption falls back on where a model's generation_config is silent.
 
 The tiny preset mirrors the real structure at a size a CPU trains in minutes: CLIP with a 7×7 patch grid
 plus CLS (like B/32's 224/32), Qwen3 with grouped-query attention (2 KV heads for 4 query heads), an
 explicit head_dim and tied embeddings, and the real 151,936-row vocabulary so the real tokenizer fits.
 """
 
+import copy
 import gzip
 import os
 import shutil
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 # The three model files live at the repository root, which is also the shape of the Hub repository.
 from configuration_clipqwen import ClipQwenConfig
@@ -35,6 +37,30 @@ LAYOUTS = {
     ),
     "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
 }
+
+
+# How a caption is decoded where the model's generation_config says nothing. run_captioning writes its --num_beams /
+# --max_new_tokens and min_new_tokens into every exported generation_config.json, so this applies only to folders saved
+# another way (a Trainer checkpoint, a model built in code): without it transformers stops at a length of its own
+# (20 tokens, with a warning) and an untrained model whose first greedy token is end-of-text gives an empty caption.
+CAPTION_GENERATION = {"max_new_tokens": 30, "min_new_tokens": 1, "num_beams": 1}
+
+
+def caption_generation_config(generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """The decoding of a caption: a copy of the model's `generation_config` (the single source, which the caption CLI
+    and the demo read), with CAPTION_GENERATION for what it leaves unset (a length it caps with `max_length` /
+    `min_length` counts as set), then every override that is not None (a flag or a control the user set)."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    counts_as = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}
+    unset = {
+        name: value
+        for name, value in CAPTION_GENERATION.items()
+        if getattr(config, name) is None and getattr(config, counts_as.get(name, name)) is None
+    }
+    unknown = config.update(**(unset | {name: value for name, value in overrides.items() if value is not None}))
+    if unknown:
+        raise TypeError(f"Not generation settings: {', '.join(unknown)}")
+    return config
 
 
 def layout_config(preset: str) -> dict:

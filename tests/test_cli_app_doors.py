@@ -1,7 +1,9 @@
 """The caption CLI, the demo's request handler and model folders get the same guards as training: bad flags and
 inputs are refused up front in one line, model folders with missing weights are refused, uploads are capped, the
-demo serves only the operator's models (with no hint of which other folders exist), and no caption is empty."""
+demo serves only the operator's models (with no hint of which other folders exist), and no caption is empty. Both
+decode as the model's generation_config says, unless the user sets a flag or a control."""
 
+import copy
 import json
 import os
 import re
@@ -13,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
 
 from clipqwen import caption_cli
 from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import bundled_processor, tiny_config
+from clipqwen.presets import CAPTION_GENERATION, bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS
@@ -63,6 +66,45 @@ def eos_first_model(tmp_path_factory):
 
 def copy_model(folder, tmp_path, name="copy"):
     return shutil.copytree(folder, tmp_path / name)
+
+
+def with_decoding(folder, tmp_path, name, **settings):
+    """A copy of a model folder whose generation_config.json also holds `settings`, as run_captioning exports them."""
+    folder = copy_model(folder, tmp_path, name)
+    config = GenerationConfig.from_pretrained(folder)
+    config.update(**settings)
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_beam_model(saved_model, tmp_path_factory):
+    return with_decoding(saved_model, tmp_path_factory.mktemp("model"), "two-beams", num_beams=2, max_new_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def sampling_model(saved_model, tmp_path_factory):
+    settings = dict(do_sample=True, temperature=0.5, top_p=0.8, max_new_tokens=4)
+    return with_decoding(saved_model, tmp_path_factory.mktemp("model"), "sampling", **settings)
+
+
+DECODING = ("num_beams", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p")
+
+
+def decoding_asked_for(model, kwargs) -> dict:
+    """The decoding a generate() call asked for: its generation_config (else the model's) and keyword settings."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{name: value for name, value in kwargs.items() if name in DECODING})
+    return {name: getattr(config, name) for name in DECODING}
+
+
+def spy_on_generate(model, monkeypatch) -> list[dict]:
+    """The decoding of each later generate() call of `model`, in order."""
+    asked, generate = [], model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda **kwargs: asked.append(decoding_asked_for(model, kwargs)) or generate(**kwargs)
+    )
+    return asked
 
 
 def cli(capsys, *args):
@@ -236,6 +278,53 @@ def test_cli_never_writes_an_empty_caption(eos_first_model, tmp_path, capsys):
     assert caption.strip(), out
 
 
+def cli_decoding(capsys, monkeypatch, folder, *flags) -> dict:
+    """The decoding clipqwen-caption asks generate() for when it captions one photo with `folder`'s model."""
+    asked = []
+
+    def load(*args, **kwargs):
+        model, processor = load_clipqwen(*args, **kwargs)
+        asked.append(spy_on_generate(model, monkeypatch))
+        return model, processor
+
+    monkeypatch.setattr(caption_cli, "load_clipqwen", load)
+    status, out, err = cli(capsys, folder, PHOTO, *flags)
+    assert status == 0 and len(out.splitlines()) == 1, err
+    return asked[0][0]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], dict(num_beams=2, max_new_tokens=5)),
+        (["--num_beams", "1"], dict(num_beams=1, max_new_tokens=5)),
+        (["--max_new_tokens", "3"], dict(num_beams=2, max_new_tokens=3)),
+        (["--do_sample", "--top_p", "0.5"], dict(num_beams=1, do_sample=True, top_p=0.5, temperature=None)),
+        (["--temperature", "0.5"], dict(num_beams=2, do_sample=None, temperature=None)),  # greedy: no temperature
+    ],
+)
+def test_cli_decodes_as_the_models_generation_config_unless_a_flag_says_otherwise(
+    flags, expected, two_beam_model, capsys, monkeypatch
+):
+    decoding = cli_decoding(capsys, monkeypatch, two_beam_model, *flags)
+    assert {name: decoding[name] for name in expected} == expected
+    assert decoding["min_new_tokens"] == CAPTION_GENERATION["min_new_tokens"]  # never an empty caption
+
+
+def test_cli_sampling_model_keeps_its_settings_and_no_do_sample_turns_it_off(sampling_model, capsys, monkeypatch):
+    decoding = cli_decoding(capsys, monkeypatch, sampling_model)
+    assert decoding == dict(
+        num_beams=1, max_new_tokens=4, min_new_tokens=1, do_sample=True, temperature=0.5, top_p=0.8
+    )
+    assert cli_decoding(capsys, monkeypatch, sampling_model, "--no-do_sample")["do_sample"] is False
+
+
+def test_cli_falls_back_on_the_project_decoding_for_a_model_that_sets_none(saved_model, capsys, monkeypatch):
+    assert GenerationConfig.from_pretrained(saved_model).max_new_tokens is None  # saved in code, not by the script
+    decoding = cli_decoding(capsys, monkeypatch, saved_model)
+    assert {name: decoding[name] for name in CAPTION_GENERATION} == CAPTION_GENERATION
+
+
 # ---- model folders -------------------------------------------------------------------------------------------------
 def drop_adapter(state):
     return {key: value for key, value in state.items() if not key.startswith("adapter.")}
@@ -374,6 +463,45 @@ def test_app_never_shows_an_empty_caption(app, eos_first_model):
     served = app.served_models(str(eos_first_model), "", [])
     gallery, text, status = run_app(app, [str(PHOTO)], str(eos_first_model), served)
     assert status.startswith("Captioned") and gallery[0][1].strip(), (text, status)
+
+
+def test_app_controls_start_from_the_models_generation_config(app, two_beam_model, sampling_model, saved_model):
+    served = app.served_models(str(two_beam_model), "", [str(sampling_model), str(saved_model)])
+    demo = app.build_demo(served)
+    # built before any model loads: the project's decoding, until the page's load event reads the model's
+    start = {c["props"].get("elem_id"): c["props"].get("value") for c in demo.config["components"] if "props" in c}
+    assert start["num-beams"] == CAPTION_GENERATION["num_beams"] and start["decoding"] == app.BEAM
+    assert start["max-new-tokens"] == CAPTION_GENERATION["max_new_tokens"]
+    triggers = [trigger for dependency in demo.config["dependencies"] for _, trigger in dependency["targets"]]
+    assert "load" in triggers
+
+    def controls(folder):
+        updates = app.model_decoding(str(folder), served=served)
+        names = ("decoding", "num_beams", "temperature", "top_p", "max_new_tokens")
+        return {name: update.get("value") for name, update in zip(names, updates)}, updates[-1]
+
+    neutral = dict(temperature=1.0, top_p=1.0)  # the model sets none: its distribution as it is
+    assert controls(two_beam_model) == (dict(decoding=app.BEAM, num_beams=2, max_new_tokens=5) | neutral, "")
+    assert controls(sampling_model)[0] == dict(
+        decoding=app.SAMPLING, num_beams=1, temperature=0.5, top_p=0.8, max_new_tokens=4
+    )
+    fallback = dict(decoding=app.BEAM, num_beams=1, max_new_tokens=CAPTION_GENERATION["max_new_tokens"]) | neutral
+    assert controls(saved_model) == (fallback, "")
+    unchanged, status = app.model_decoding("/etc", served=served)[:5], app.model_decoding("/etc", served=served)[5]
+    assert unchanged == [{"__type__": "update"}] * 5 and status.startswith("⚠️ This demo serves only")
+
+
+def test_app_captions_with_its_controls_over_the_models_settings(app, two_beam_model, monkeypatch):
+    served = app.served_models(str(two_beam_model), "", [])
+    model, _ = app.get_model(str(two_beam_model), served)
+    asked = spy_on_generate(model, monkeypatch)
+    app.caption([str(PHOTO)], str(two_beam_model), app.BEAM, 3, 0.7, 0.9, 4, "", served=served)
+    app.caption([str(PHOTO)], str(two_beam_model), app.SAMPLING, 3, 0.7, 0.9, 4, "", served=served)
+    assert [(a["num_beams"], a["max_new_tokens"], a["do_sample"], a["min_new_tokens"]) for a in asked] == [
+        (3, 4, False, 1),
+        (1, 4, True, 1),
+    ]
+    assert (asked[1]["temperature"], asked[1]["top_p"]) == (0.7, 0.9)
 
 
 # ---- precision: fp32, bf16, int8 weight-only (clipqwen.precision) ------------------------------------------------
