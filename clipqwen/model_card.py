@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from transformers import GenerationConfig
 
 from .checkpoints import sha256_of
 from .hub import REVISION_PLACEHOLDER, is_hub_id
@@ -23,8 +24,8 @@ Trained with clipqwen's `run_captioning.py` on **{dataset}**{dataset_detail}.
 
 ## Results
 
-Captions generated with {generation} (also this repository's `generation_config.json`, so a bare `generate()`
-or the pipeline decodes the same way) on the {split_desc}, scored against all references with clipqwen's
+Captions generated with {generation} (this repository's `generation_config.json`, so a bare `generate()` or the
+pipeline decodes the same way) on the {split_desc}, scored against all references with clipqwen's
 `evaluate` module `caption_metrics` (`evaluate.load("clipqwen/caption_metrics")` from the clipqwen repository).
 ROUGE-L is `rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-4 and
 CIDEr-D are pycocoevalcap's scorers on lower-cased, punctuation-free tokens.
@@ -47,7 +48,8 @@ model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True, revision=revision)
 
 inputs = processor(images=[Image.open("photo.jpg")])
-ids = model.generate(**inputs, max_new_tokens={max_new_tokens}, num_beams={num_beams})
+# decodes as generation_config.json says ({generation}); keyword arguments override it
+ids = model.generate(**inputs)
 print(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:]))
 ```
 
@@ -95,6 +97,30 @@ def content_sha256(paths) -> str:
     return digest.hexdigest()
 
 
+# The generation_config fields that decide how a caption is decoded (the others are token ids and output switches).
+DECODING_FIELDS = (
+    "do_sample",
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "max_length",
+    "min_length",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "early_stopping",
+)
+
+
+def decoding_settings(generation_config: GenerationConfig) -> str:
+    """The decoding a generation_config sets, as keyword arguments ("greedy decoding" when it sets none)."""
+    settings = [(name, getattr(generation_config, name, None)) for name in DECODING_FIELDS]
+    return ", ".join(f"{name}={value}" for name, value in settings if value is not None) or "greedy decoding"
+
+
 def _fmt(value, digits=4):
     return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
@@ -108,9 +134,10 @@ def build_model_card(
     model_config,
     metrics: dict,
     hyperparameters: dict,
-    generation_kwargs: dict,
     trainable: int,
     total: int,
+    generation_config: GenerationConfig | None = None,
+    generation_kwargs: dict | None = None,
     dataset_revision=None,
     dataset_detail="",
     versions: dict | None = None,
@@ -124,7 +151,11 @@ def build_model_card(
     language_frozen=True,
 ) -> ModelCard:
     """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
+    generation_config: the model's, as saved beside the card (generation_config.json): the decoding the card names and
+    its usage snippet come from it alone. `generation_kwargs` (the settings run_captioning put into it) stands in.
     `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
+    if generation_config is None:
+        generation_config = GenerationConfig(**(generation_kwargs or {}))
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:
@@ -176,7 +207,7 @@ def build_model_card(
         if model_config.vision_feature_type == "pooled"
         else f"CLIP patch tokens of layer {model_config.vision_feature_layer}"
     )
-    generation = ", ".join(f"{k}={v}" for k, v in generation_kwargs.items()) or "greedy decoding"
+    generation = decoding_settings(generation_config)
     text = TEMPLATE.format(
         card_data=card_data_yaml,
         title=repo_id.split("/")[-1],
@@ -196,8 +227,6 @@ def build_model_card(
         curves=curves,
         repo_id=repo_id,
         revision=revision,
-        max_new_tokens=generation_kwargs.get("max_new_tokens", 30),
-        num_beams=generation_kwargs.get("num_beams", 1),
         demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
         f"`python app.py {repo_id}`.\n"
         if has_demo

@@ -1,0 +1,38 @@
+"""The model card states the decoding of the generation_config saved beside it, and no other."""
+
+from transformers import GenerationConfig
+
+from clipqwen.model_card import build_model_card
+from clipqwen.presets import tiny_config
+
+
+def card(generation_config) -> str:
+    return str(
+        build_model_card(
+            repo_id="you/clipqwen-flickr30k",
+            vision_id="openai/clip-vit-base-patch32",
+            text_id="Qwen/Qwen3-0.6B-Base",
+            dataset_name="nlphuji/flickr30k",
+            model_config=tiny_config(),
+            metrics={"test_rougeL": 0.5},
+            hyperparameters={"learning rate": 1e-3},
+            generation_config=generation_config,
+            trainable=1,
+            total=2,
+        )
+    )
+
+
+def test_the_card_names_the_saved_decoding_in_its_text_and_its_usage_snippet():
+    text = card(GenerationConfig(num_beams=3, max_new_tokens=7, min_new_tokens=1, bos_token_id=0))
+    decoding = "num_beams=3, max_new_tokens=7, min_new_tokens=1"
+    assert f"Captions generated with {decoding} (this repository's `generation_config.json`" in text
+    assert f"# decodes as generation_config.json says ({decoding}); keyword arguments override it" in text
+    assert "ids = model.generate(**inputs)\n" in text
+    assert "bos_token_id" not in text  # token ids are not decoding settings
+
+
+def test_a_generation_config_without_settings_gives_no_made_up_numbers():
+    text = card(GenerationConfig())
+    assert "Captions generated with greedy decoding" in text
+    assert "max_new_tokens" not in text and "num_beams" not in text
