@@ -50,13 +50,16 @@ def plant_marker(folder: Path, marker: Path):
 
 MISSING_HUB_ID = "nobody-here/clipqwen-missing"
 MAX_IMAGES = 2
+MODEL_DECODING = {"num_beams": 2, "max_new_tokens": 5}  # what the demo's controls must start from
 
 
 @pytest.fixture
 def served_app(make_model, processor, tmp_path):
-    """(url, model, folder, other, marker): the app serving a tiny saved model whose bundled code must never run,
-    plus (allowed by the operator) a folder of another model type and a Hub id that cannot be reached."""
+    """(url, model, folder, other, marker): the app serving a tiny saved model whose bundled code must never run and
+    whose generation_config decodes with MODEL_DECODING, plus (allowed by the operator) a folder of another model type
+    and a Hub id that cannot be reached."""
     model = make_model()
+    model.generation_config.update(**MODEL_DECODING)
     folder = tmp_path / "clipqwen-tiny"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -108,6 +111,9 @@ def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, pro
     options = [text.removeprefix("✓").strip() for text in page.get_by_role("option").all_inner_texts()]
     assert options == [str(folder), str(other), MISSING_HUB_ID]
     page.keyboard.press("Escape")
+    # the decoding controls start from the model's generation_config (the page's load event reads it)
+    expect(page.locator("#num-beams input[type=number]")).to_have_value(str(MODEL_DECODING["num_beams"]))
+    expect(page.locator("#max-new-tokens input[type=number]")).to_have_value(str(MODEL_DECODING["max_new_tokens"]))
     page.locator("#images input[type=file]").set_input_files(PHOTO)
     page.locator(f'#images td.filename[aria-label="{PHOTO.name}"]').wait_for()  # uploaded
     for slider, value in (("#num-beams", "1"), ("#max-new-tokens", "8")):  # greedy, 8 tokens
