@@ -15,8 +15,6 @@ processor, predictions, curves and a model card → optionally push it to the Hu
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +32,11 @@ from clipqwen import checkpoints, hub, preflight
 from clipqwen.backbones import from_pretrained_backbones, match_processor
 from clipqwen.data.cleaning import add_caption_lengths, expand_captions
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
+from clipqwen.export import RUN_COMPLETE, exit_if_export_fails, export, push_to_hub
 from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.model_card import (
-    build_model_card,
-    describe_data,
-    describe_training,
-    framework_versions,
-    parameter_counts,
-)
-from clipqwen.plots import plot_sample_grid, plot_training_curves
-from clipqwen.prepare import CaptionData, prepare_data
+from clipqwen.model_card import parameter_counts
+from clipqwen.prepare import prepare_data
 from clipqwen.presets import (
     DEFAULT_PRESET,
     LAYOUTS,
@@ -63,7 +55,6 @@ from processing_clipqwen import ClipQwenProcessor
 logger = logging.getLogger("run_captioning")
 
 FLICKR30K = "nlphuji/flickr30k"
-RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folder holds a finished run
 
 
 @dataclass
@@ -495,140 +486,6 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
     return model, processor
 
 
-def describe_backbones(args: ModelArguments, config) -> tuple[str, str]:
-    """Where the vision and text weights came from, for the model card."""
-    if args.tiny_model:
-        return "tiny random CLIP (test size)", "tiny random Qwen3 (test size)"
-    return (
-        getattr(config.vision_config, "_name_or_path", "") or args.vision_model_name_or_path,
-        getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path,
-    )
-
-
-# ---- export ----------------------------------------------------------------------------------------------
-def export(
-    trainer,
-    processor,
-    data: CaptionData,
-    predictions: dict[str, list[dict]],
-    metrics: dict,
-    generation_kwargs: dict,
-    timer: PhaseTimer,
-    model_args,
-    data_args,
-    training_args,
-) -> Path:
-    """The folder that is published: complete model, processor, predictions, figures and model card."""
-    final = Path(training_args.output_dir)
-    # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
-    # last checkpoint and no half export, and the same command then resumes and exports again.
-    staging = final / f".export-{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model = save_model(trainer, processor, staging, model_args.merge_lora, generation_kwargs)
-        for split, rows in predictions.items():
-            write_jsonl(staging / f"predictions_{split}.jsonl", rows)
-        curves = plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
-        samples = plot_samples(data, predictions, staging / "sample_captions.png")
-        card = model_card(
-            trainer,
-            model,
-            model_args,
-            data_args,
-            training_args,
-            metrics,
-            generation_kwargs,
-            timer,
-            curves_png=curves and curves.name,
-            samples_png=samples and samples.name,
-        )
-        card.save(staging / "README.md")
-        publish(staging, final, step=trainer.state.global_step)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
-    """The complete model (LoRA merged into it unless --merge_lora False; the LoRA adapter alone in lora/) and the
-    processor. Returns the model as saved."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):  # LoRA
-        model.save_pretrained(folder / "lora")
-        (folder / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
-        if merge_lora:
-            model = model.merge_and_unload()
-    # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
-    model.generation_config.update(**generation_kwargs)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as file:
-        for row in rows:
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, count: int = 8) -> Path | None:
-    """The first `count` predicted images of the test split (else validation) with their caption and references.
-    Only these images are decoded (a second time with the feature cache); unreadable ones were never predicted."""
-    split = "test" if predictions.get("test") else "validation"
-    if not predictions.get(split) or split not in data.with_images:
-        return None
-    by_id = {row["image_id"]: row for row in predictions[split]}
-    dataset = data.with_images[split]
-    # without its format (the image-decoding transform), reading the ids decodes no image
-    indices = [i for i, image_id in enumerate(dataset.with_format(None)["image_id"]) if image_id in by_id][:count]
-    if not indices:
-        return None
-    shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices) if row["image"] is not None]
-    return plot_sample_grid(
-        [image for image, _ in shown],
-        [row["caption"] for _, row in shown],
-        [row["references"] for _, row in shown],
-        path,
-    )
-
-
-def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
-    """The model card, from the run's real values."""
-    vision_id, text_id = describe_backbones(model_args, model.config)
-    return build_model_card(
-        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
-        vision_id=vision_id,
-        text_id=text_id,
-        dataset_name="local data" if data_args.local_files else data_args.dataset_name,
-        dataset_revision=data_args.dataset_revision if data_args.on_hub else None,
-        dataset_detail=describe_data(data_args),
-        model_config=model.config,
-        metrics=metrics,
-        hyperparameters=describe_training(trainer, model_args, data_args),
-        generation_kwargs=generation_kwargs,
-        phases=timer.phases,
-        versions=framework_versions(),
-        **parameter_counts(trainer.model),
-        has_demo=Path(__file__).with_name("app.py").exists(),
-        vision_frozen=model_args.freeze_vision_model,
-        language_frozen=model_args.freeze_language_model,
-        **figures,
-    )
-
-
-def publish(staging: Path, final: Path, step: int) -> None:
-    """Move the staged export into the output folder, config.json last (without it the folder is not a model),
-    then mark the run complete."""
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        target = final / path.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    marker = final / f"{RUN_COMPLETE}.tmp"
-    marker.write_text(json.dumps({"global_step": step}))
-    os.replace(marker, final / RUN_COMPLETE)
-
-
 # ---- main ------------------------------------------------------------------------------------------------
 def main(args=None):
     # 1. Arguments: flags, or one JSON file followed by flags that override it
@@ -806,45 +663,24 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # 9. Export (rank 0), then push
     if not training_args.should_save:
         return metrics | timer.metrics()
-    try:
-        with timer.phase("export"):
-            trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
-            folder = export(
-                trainer,
-                processor,
-                data,
-                predictions,
-                metrics,
-                generation_kwargs,
-                timer,
-                model_args,
-                data_args,
-                training_args,
-            )
-    except OSError as error:  # a full disk, a vanished folder: what training produced is in the last checkpoint
-        checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
-        raise SystemExit(
-            f"error: exporting to {out} failed ({error}). "
-            + (
-                f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
-                "same command to export it without training again."
-                if checkpoint
-                else "No checkpoint was saved (--save_strategy no): free some space and rerun."
-            )
-        ) from error
+    with exit_if_export_fails(out), timer.phase("export"):
+        trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
+        folder = export(
+            trainer,
+            processor,
+            data,
+            predictions,
+            metrics,
+            generation_kwargs,
+            timer,
+            model_args,
+            data_args,
+            training_args,
+        )
     logger.info("Model, processor, metrics, predictions and model card in %s", folder)
     if training_args.push_to_hub:
-        try:
-            with timer.phase("push"):
-                metrics["hub_commit"] = hub.push_export(
-                    folder, trainer.hub_model_id, revision=training_args.hub_revision, token=training_args.hub_token
-                )
-        except Exception as error:  # noqa: BLE001 - network, permissions, quota: the run itself is complete
-            raise SystemExit(
-                f"error: pushing {folder} to {trainer.hub_model_id} failed ({type(error).__name__}: "
-                f"{error}). Everything is saved in {folder}; push it again with "
-                f"`python -m clipqwen.hub {folder} {trainer.hub_model_id}`."
-            ) from error
+        with timer.phase("push"):
+            metrics["hub_commit"] = push_to_hub(folder, trainer.hub_model_id, training_args)
     trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
     return metrics | timer.metrics()
 

@@ -12,6 +12,7 @@ import torch
 from PIL import ImageFile
 
 import run_captioning
+from clipqwen import export
 from clipqwen.data import cleaning, feature_cache
 from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import read_annotation_file
@@ -236,7 +237,7 @@ def test_evaluation_without_the_cache_decodes_each_image_once_per_pass(tmp_path,
         "--output_dir",
         str(tmp_path / "out"),
     ]
-    monkeypatch.setattr(run_captioning, "plot_samples", lambda *args, **kwargs: None)  # the grid decodes 8 more
+    monkeypatch.setattr(export, "plot_samples", lambda *args, **kwargs: None)  # the grid decodes 8 more
     metrics = run_captioning.main(run_captioning.parse_args(flags))
     assert metrics["test_num_images"] == len(names)
     assert pixel_decodes() == Counter({str(tmp_path / "data" / name): 2 for name in names})

@@ -1,0 +1,185 @@
+"""The folder a run publishes: the complete model (LoRA merged unless --merge_lora False) with its processor,
+predictions, figures and a model card from the run's real values. It is staged and moved into place, and
+`run_complete.json`, written last, marks the output folder as holding a finished run."""
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import checkpoints, hub
+from .model_card import build_model_card, describe_data, describe_training, framework_versions, parameter_counts
+from .plots import plot_sample_grid, plot_training_curves
+from .prepare import CaptionData
+from .timing import PhaseTimer
+
+
+RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folder holds a finished run
+# The demo sits beside the package in a checkout (not in an installed wheel); the card mentions it only then.
+DEMO_APP = Path(__file__).parent.parent / "app.py"
+
+
+def describe_backbones(args, config) -> tuple[str, str]:
+    """Where the vision and text weights came from, for the model card."""
+    if args.tiny_model:
+        return "tiny random CLIP (test size)", "tiny random Qwen3 (test size)"
+    return (
+        getattr(config.vision_config, "_name_or_path", "") or args.vision_model_name_or_path,
+        getattr(config.text_config, "_name_or_path", "") or args.text_model_name_or_path,
+    )
+
+
+def export(
+    trainer,
+    processor,
+    data: CaptionData,
+    predictions: dict[str, list[dict]],
+    metrics: dict,
+    generation_kwargs: dict,
+    timer: PhaseTimer,
+    model_args,
+    data_args,
+    training_args,
+) -> Path:
+    """The folder that is published: complete model, processor, predictions, figures and model card."""
+    final = Path(training_args.output_dir)
+    # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
+    # last checkpoint and no half export, and the same command then resumes and exports again.
+    staging = final / f".export-{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = save_model(trainer, processor, staging, model_args.merge_lora, generation_kwargs)
+        for split, rows in predictions.items():
+            write_jsonl(staging / f"predictions_{split}.jsonl", rows)
+        curves = plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
+        samples = plot_samples(data, predictions, staging / "sample_captions.png")
+        card = model_card(
+            trainer,
+            model,
+            model_args,
+            data_args,
+            training_args,
+            metrics,
+            generation_kwargs,
+            timer,
+            curves_png=curves and curves.name,
+            samples_png=samples and samples.name,
+        )
+        card.save(staging / "README.md")
+        publish(staging, final, step=trainer.state.global_step)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
+    """The complete model (LoRA merged into it unless --merge_lora False; the LoRA adapter alone in lora/) and the
+    processor. Returns the model as saved."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # LoRA
+        model.save_pretrained(folder / "lora")
+        (folder / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
+        if merge_lora:
+            model = model.merge_and_unload()
+    # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
+    model.generation_config.update(**generation_kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, count: int = 8) -> Path | None:
+    """The first `count` predicted images of the test split (else validation) with their caption and references.
+    Only these images are decoded (a second time with the feature cache); unreadable ones were never predicted."""
+    split = "test" if predictions.get("test") else "validation"
+    if not predictions.get(split) or split not in data.with_images:
+        return None
+    by_id = {row["image_id"]: row for row in predictions[split]}
+    dataset = data.with_images[split]
+    # without its format (the image-decoding transform), reading the ids decodes no image
+    indices = [i for i, image_id in enumerate(dataset.with_format(None)["image_id"]) if image_id in by_id][:count]
+    if not indices:
+        return None
+    shown = [(row["image"], by_id[row["image_id"]]) for row in dataset.select(indices) if row["image"] is not None]
+    return plot_sample_grid(
+        [image for image, _ in shown],
+        [row["caption"] for _, row in shown],
+        [row["references"] for _, row in shown],
+        path,
+    )
+
+
+def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
+    """The model card, from the run's real values."""
+    vision_id, text_id = describe_backbones(model_args, model.config)
+    return build_model_card(
+        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
+        vision_id=vision_id,
+        text_id=text_id,
+        dataset_name="local data" if data_args.local_files else data_args.dataset_name,
+        dataset_revision=data_args.dataset_revision if data_args.on_hub else None,
+        dataset_detail=describe_data(data_args),
+        model_config=model.config,
+        metrics=metrics,
+        hyperparameters=describe_training(trainer, model_args, data_args),
+        generation_kwargs=generation_kwargs,
+        phases=timer.phases,
+        versions=framework_versions(),
+        **parameter_counts(trainer.model),
+        has_demo=DEMO_APP.exists(),
+        vision_frozen=model_args.freeze_vision_model,
+        language_frozen=model_args.freeze_language_model,
+        **figures,
+    )
+
+
+def publish(staging: Path, final: Path, step: int) -> None:
+    """Move the staged export into the output folder, config.json last (without it the folder is not a model),
+    then mark the run complete."""
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        target = final / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    marker = final / f"{RUN_COMPLETE}.tmp"
+    marker.write_text(json.dumps({"global_step": step}))
+    os.replace(marker, final / RUN_COMPLETE)
+
+
+@contextmanager
+def exit_if_export_fails(out: Path):
+    """A failed export (a full disk, a vanished folder) exits naming the last complete checkpoint: what training
+    produced is there, and the same command exports it again without training."""
+    try:
+        yield
+    except OSError as error:
+        checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
+        raise SystemExit(
+            f"error: exporting to {out} failed ({error}). "
+            + (
+                f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
+                "same command to export it without training again."
+                if checkpoint
+                else "No checkpoint was saved (--save_strategy no): free some space and rerun."
+            )
+        ) from error
+
+
+def push_to_hub(folder: Path, repo_id: str, training_args) -> str:
+    """Push the exported folder (clipqwen.hub.push_export) and return the commit. A failure (network, permissions,
+    quota) exits saying how to push the saved folder again: the run itself is complete."""
+    try:
+        return hub.push_export(folder, repo_id, revision=training_args.hub_revision, token=training_args.hub_token)
+    except Exception as error:  # noqa: BLE001 - whatever went wrong, the folder is complete and can be pushed again
+        raise SystemExit(
+            f"error: pushing {folder} to {repo_id} failed ({type(error).__name__}: "
+            f"{error}). Everything is saved in {folder}; push it again with "
+            f"`python -m clipqwen.hub {folder} {repo_id}`."
+        ) from error
