@@ -12,13 +12,11 @@ evaluation (ROUGE-L, BLEU-4, CIDEr-D) on validation and test → export a self-c
 processor, predictions, curves and a model card → optionally push it to the Hub.
 """
 
-import dataclasses
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args, get_type_hints
+from typing import Literal
 
 import datasets
 import torch
@@ -26,7 +24,6 @@ import transformers
 from huggingface_hub.errors import StrictDataclassError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
-from transformers.utils import is_torch_bf16_gpu_available
 
 from clipqwen import checkpoints, hub, preflight
 from clipqwen.backbones import from_pretrained_backbones, match_processor
@@ -36,6 +33,7 @@ from clipqwen.export import exit_if_export_fails, export, push_to_hub
 from clipqwen.freezing import freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import parameter_counts
+from clipqwen.precision import choose_precision
 from clipqwen.prepare import prepare_data
 from clipqwen.presets import (
     DEFAULT_PRESET,
@@ -348,7 +346,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".json"):
         # The file's values (JSON-typed, as parse_json_file reads them) become the defaults; the flags after it win.
-        parser.set_defaults(**read_argument_file(argv[0], parser))
+        parser.set_defaults(**preflight.read_argument_file(argv[0], parser))
         argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.ddp_find_unused_parameters is None:
@@ -357,59 +355,6 @@ def parse_args(argv=None):
         # tower has layers past --vision_feature_layer that never do.
         training_args.ddp_find_unused_parameters = not model_args.freeze_vision_model
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
-
-
-def read_argument_file(path: str, parser: HfArgumentParser) -> dict:
-    """The arguments of a JSON file, refused in one sentence when they cannot be used: a missing or unreadable file,
-    invalid JSON, anything but one object, unknown names, or null for a field that cannot be None."""
-    try:
-        values = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; give the path of a JSON file of arguments.") from None
-    except OSError as error:
-        raise ValueError(f"{path}: cannot be read ({error.strerror}).") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8."
-        ) from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}).") from None
-    if not isinstance(values, dict):
-        kind = "a JSON array" if isinstance(values, list) else f"the JSON value {json.dumps(values)[:40]}"
-        raise ValueError(
-            f"{path}: holds {kind}; it must hold one JSON object of arguments, "
-            '{"output_dir": "...", "do_train": true, ...}.'
-        )
-    hints = {name: hint for kind in parser.dataclass_types for name, hint in get_type_hints(kind).items()}
-    fields = {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
-    # null would reach the code as None where a number or a flag is expected, and fail far from the file
-    nulls = sorted(
-        name for name, value in values.items() if value is None and type(None) not in get_args(hints.get(name))
-    )
-    if nulls:
-        raise ValueError(
-            f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its default."
-        )
-    return values
-
-
-def choose_precision(model_args, training_args: TrainingArguments) -> TrainingArguments:
-    """bf16 on CUDA GPUs that support it, unless --fp16/--bf16/--use_cpu/--auto_bf16 False says otherwise; fp32 on
-    CPUs, also on those with native bf16 (clipqwen.precision.cpu_has_native_bf16): there bf16 trained the Flickr8k
-    recipe ~1.4× faster but scored lower on val, mean of 3 seeds each BLEU-4 0.097 vs 0.109, CIDEr 0.243 vs 0.254
-    (docs/flickr8k.md), so bf16 training on a CPU stays opt-in (--bf16 True --use_cpu True).
-    TrainingArguments fixes Accelerate's mixed precision when it is built, so the choice is made by building them
-    again, not by setting `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
-    if (
-        model_args.auto_bf16
-        and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
-        and is_torch_bf16_gpu_available()
-    ):
-        training_args = dataclasses.replace(training_args, bf16=True)
-    return training_args
 
 
 # ---- model -----------------------------------------------------------------------------------------------

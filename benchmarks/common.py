@@ -34,7 +34,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from clipqwen.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
-from clipqwen.precision import apply_precision, cpu_flags, cpu_has_native_bf16, default_precision  # noqa: E402
+from clipqwen.precision import (  # noqa: E402
+    apply_precision,
+    choose_precision,
+    cpu_flags,
+    cpu_has_native_bf16,
+    default_precision,
+)
 from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
@@ -85,14 +91,13 @@ def resolve_weights(device: torch.device, weights: str) -> str:
 
 
 def training_precision(device: torch.device) -> str:
-    """run_captioning.py's own choice (choose_precision), asked rather than restated so the two cannot drift: bf16 on
-    CUDA GPUs with bf16, fp32 on every CPU (bf16 training scored lower on Flickr8k val, docs/flickr8k.md)."""
+    """run_captioning.py's own choice (clipqwen.precision.choose_precision), asked rather than restated so the two
+    cannot drift: bf16 on CUDA GPUs with bf16, fp32 on every CPU (bf16 training scored lower on Flickr8k val,
+    docs/flickr8k.md)."""
     from transformers import TrainingArguments
 
-    import run_captioning
-
     args = TrainingArguments(output_dir=tempfile.gettempdir(), report_to="none", use_cpu=device.type != "cuda")
-    return "bf16" if run_captioning.choose_precision(SimpleNamespace(auto_bf16=True), args).bf16 else "fp32"
+    return "bf16" if choose_precision(SimpleNamespace(auto_bf16=True), args).bf16 else "fp32"
 
 
 def configure_threads(threads: int | None):

@@ -11,10 +11,12 @@ bf16 activations (optimum-quanto, which uses torch's `_weight_int8pack_mm` kerne
 activations' dtype on every call, which was slower than fp32 here; quanto's kernel reads the int8 bytes directly.
 """
 
+import dataclasses
 import importlib
 from pathlib import Path
 
 import torch
+from transformers.utils import is_torch_bf16_gpu_available
 
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -51,13 +53,28 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
 def default_precision(device: str | torch.device = "cpu", flags: frozenset[str] | None = None) -> str:
     """For captioning: bf16 on CUDA GPUs that support it and on CPUs with native bf16, fp32 elsewhere. A trained
     model's captions in bf16 scored like fp32's (docs/benchmarks.md); training on a CPU stays fp32 by default
-    (run_captioning.choose_precision), since a bf16-trained run scored lower there."""
+    (choose_precision), since a bf16-trained run scored lower there."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16(flags) else "fp32"
     return "fp32"
+
+
+def choose_precision(model_args, training_args):
+    """The TrainingArguments of a run in its precision: bf16 on CUDA GPUs that support it, unless
+    --fp16/--bf16/--use_cpu/--auto_bf16 False says otherwise; fp32 on CPUs, also on those with native bf16, where
+    bf16 training scored lower (docs/flickr8k.md), so on a CPU it stays opt-in (--bf16 True --use_cpu True).
+    TrainingArguments fixes Accelerate's mixed precision when it is built, so the choice is made by building them
+    again, not by setting `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
+    if (
+        model_args.auto_bf16
+        and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
+        and is_torch_bf16_gpu_available()
+    ):
+        training_args = dataclasses.replace(training_args, bf16=True)
+    return training_args
 
 
 def resolve_precision(precision: str | None, device: str | torch.device = "cpu") -> str:

@@ -1,11 +1,15 @@
 """Checks that run before the first training step, so that a bad value fails in seconds, naming the flag, instead
-of after hours of training: argument ranges (static, then against the model's context length), an output folder
-that is writable and has room for a checkpoint and the export, and one run at a time per output folder."""
+of after hours of training: a JSON file of arguments that can be used, argument ranges (static, then against the
+model's context length), an output folder that is writable and has room for a checkpoint and the export, and one
+run at a time per output folder."""
 
+import dataclasses
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 
 # Generous for a 0.6B captioner; beyond them a typo (200,000 beams tried to allocate 112 GiB) is likelier than intent.
@@ -15,6 +19,44 @@ MAX_NEW_TOKENS = 512
 
 class PreflightError(ValueError):
     """A value or a folder that would fail the run later; the message names the flag and what to do."""
+
+
+def read_argument_file(path: str, parser) -> dict:
+    """The arguments of a JSON file for `parser` (an HfArgumentParser), refused in one sentence when they cannot be
+    used: a missing or unreadable file, invalid JSON, anything but one object, unknown names, or null for a field
+    that cannot be None."""
+    try:
+        values = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; give the path of a JSON file of arguments.") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror}).") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8."
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(values, dict):
+        kind = "a JSON array" if isinstance(values, list) else f"the JSON value {json.dumps(values)[:40]}"
+        raise ValueError(
+            f"{path}: holds {kind}; it must hold one JSON object of arguments, "
+            '{"output_dir": "...", "do_train": true, ...}.'
+        )
+    hints = {name: hint for kind in parser.dataclass_types for name, hint in get_type_hints(kind).items()}
+    fields = {f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
+    # null would reach the code as None where a number or a flag is expected, and fail far from the file
+    nulls = sorted(
+        name for name, value in values.items() if value is None and type(None) not in get_args(hints.get(name))
+    )
+    if nulls:
+        raise ValueError(
+            f"{path}: {', '.join(nulls)} cannot be null; give a value, or leave the field out for its default."
+        )
+    return values
 
 
 def check_arguments(data_args, caption_args, training_args) -> None:

@@ -116,17 +116,16 @@ def test_int8_without_its_library_names_the_extra_before_touching_the_model(tiny
     assert {p.dtype for p in copy.parameters()} == {torch.float32}  # refused before any cast
 
 
-# ---- run_captioning.choose_precision -------------------------------------------------------------------------------
+# ---- choose_precision ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def choose(monkeypatch, tmp_path):
     """choose_precision on a machine without CUDA whose CPU has (or lacks) native bf16, as the flags say."""
-    run_captioning = pytest.importorskip("run_captioning")
-    monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(precision, "is_torch_bf16_gpu_available", lambda: False)
 
     def choose(native: bool, **flags):
         monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **flags)
-        return run_captioning.choose_precision(types.SimpleNamespace(auto_bf16=True), args)
+        return precision.choose_precision(types.SimpleNamespace(auto_bf16=True), args)
 
     return choose
 

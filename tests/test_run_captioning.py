@@ -251,9 +251,10 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     autocast runs on the CPU too), fp32 on the CPU. Checked on the Accelerator itself, then in the card."""
     import transformers.training_args
 
+    from clipqwen import precision
     from clipqwen.trainer import CaptionTrainer
 
-    monkeypatch.setattr(run_captioning, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
+    monkeypatch.setattr(precision, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     seen, dtypes, train = [], [], CaptionTrainer.train
 
