@@ -22,19 +22,18 @@ import datasets
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
-from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
-from clipqwen import checkpoints, hub, preflight
+from clipqwen import hub, preflight
 from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.data.cleaning import add_caption_lengths, expand_captions
+from clipqwen.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
 from clipqwen.export import exit_if_export_fails, export, push_to_hub
-from clipqwen.freezing import freeze_backbones, set_training_dtypes
+from clipqwen.freezing import add_lora, freeze_backbones, set_training_dtypes
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.model_card import parameter_counts
 from clipqwen.precision import choose_precision
-from clipqwen.prepare import prepare_data
+from clipqwen.prepare import prepare_data, trainer_datasets
 from clipqwen.presets import (
     DEFAULT_PRESET,
     LAYOUTS,
@@ -61,41 +60,33 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": (
-                "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is "
-                "assembled from the "
-                "two backbones below."
-            )
+            "help": "A trained clipqwen model (folder or Hub id) to continue from. Without it the model is assembled "
+            "from the two backbones below."
         },
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
     vision_model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32",
         metadata={
-            "help": "Image model (Hub id or folder; CLIP by default, any Auto vision model) for the vision "
-            "tower and image processor."
+            "help": "Image model (Hub id or folder; CLIP by default, any Auto vision model) for the vision tower and "
+            "image processor."
         },
     )
     vision_model_revision: str = field(
-        default="main",
-        metadata={"help": "Branch, tag or commit of --vision_model_name_or_path."},
+        default="main", metadata={"help": "Branch, tag or commit of --vision_model_name_or_path."}
     )
     text_model_name_or_path: str = field(
         default="Qwen/Qwen3-0.6B-Base",
         metadata={"help": "Causal language model (Hub id or folder; Qwen3 by default) for the decoder and tokenizer."},
     )
     text_model_revision: str = field(
-        default="main",
-        metadata={"help": "Branch, tag or commit of --text_model_name_or_path."},
+        default="main", metadata={"help": "Branch, tag or commit of --text_model_name_or_path."}
     )
     tiny_model: bool = field(
         default=False,
         metadata={
-            "help": (
-                "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, "
-                "tests) instead "
-                "of loading backbones."
-            )
+            "help": "Build a tiny randomly initialised model with the bundled Qwen3 tokenizer (offline demo, tests) "
+            "instead of loading backbones."
         },
     )
     # The config's own Literal types: argparse offers and checks their choices; the config checks every field again
@@ -103,13 +94,11 @@ class ModelArguments:
     preset: Literal[tuple(LAYOUTS)] = field(
         default=DEFAULT_PRESET,
         metadata={
-            "help": (
-                "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and --prompt "
-                "override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the prompt "
-                "'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the course "
-                "project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
-                "pretrained decoder it did not learn to use the image."
-            )
+            "help": "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and "
+            "--prompt override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the "
+            "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the "
+            "course project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
+            "pretrained decoder it did not learn to use the image."
         },
     )
     adapter_type: AdapterType | None = field(
@@ -119,10 +108,8 @@ class ModelArguments:
     vision_feature_type: VisionFeatureType | None = field(
         default=None,
         metadata={
-            "help": (
-                "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: "
-                "the preset's."
-            )
+            "help": "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: the "
+            "preset's."
         },
     )
     num_pooled_image_tokens: int | None = field(
@@ -130,15 +117,13 @@ class ModelArguments:
         metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
     )
     vision_feature_layer: int = field(
-        default=-2,
-        metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."},
+        default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."}
     )
     freeze_vision_model: bool = field(
         default=True, metadata={"help": "Keep the vision tower frozen (enables the feature cache)."}
     )
     freeze_language_model: bool = field(
-        default=True,
-        metadata={"help": "Keep the language model frozen (LoRA still trains its own weights)."},
+        default=True, metadata={"help": "Keep the language model frozen (LoRA still trains its own weights)."}
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model; 0 turns LoRA off."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -150,16 +135,14 @@ class ModelArguments:
     merge_lora: bool = field(
         default=True,
         metadata={
-            "help": (
-                "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in "
-                "<output_dir>/lora."
-            )
+            "help": "Merge LoRA into the exported model (self-contained folder); the LoRA adapter is also saved in "
+            "<output_dir>/lora."
         },
     )
     auto_bf16: bool = field(
         default=True,
         metadata={
-            "help": ("On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given.")
+            "help": "On a CUDA GPU with bf16 support, train and evaluate in bf16 unless --fp16/--bf16 is given."
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
@@ -186,29 +169,24 @@ class DataTrainingArguments:
     dataset_name: str = field(
         default=FLICKR30K,
         metadata={
-            "help": (
-                "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data set."
-            )
+            "help": "Hub data set or local folder of parquet/json files; 'embedded' for the generated offline data "
+            "set."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Data set configuration."})
     dataset_revision: str | None = field(
         default="refs/convert/parquet",
         metadata={
-            "help": (
-                "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref "
-                "that moves when "
-                "the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the model card; "
-                "pass that sha to load exactly the same data."
-            )
+            "help": "Data set revision; Flickr30K's parquet conversion lives on refs/convert/parquet, a ref that "
+            "moves when the Hub re-converts: the run resolves it to a commit sha, logs it and writes it into the "
+            "model card; pass that sha to load exactly the same data."
         },
     )
     split_column: str | None = field(
         default="split",
         metadata={
-            "help": (
-                "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own splits."
-            )
+            "help": "Column with split names (Flickr30K: Karpathy train/val/test); empty to use the data set's own "
+            "splits."
         },
     )
     train_file: str | None = field(
@@ -218,8 +196,7 @@ class DataTrainingArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
     test_file: str | None = field(default=None, metadata={"help": "Like --train_file."})
     train_dir: str | None = field(
-        default=None,
-        metadata={"help": "imagefolder with metadata.jsonl (file_name + captions)."},
+        default=None, metadata={"help": "imagefolder with metadata.jsonl (file_name + captions)."}
     )
     validation_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
     test_dir: str | None = field(default=None, metadata={"help": "Like --train_dir."})
@@ -228,11 +205,9 @@ class DataTrainingArguments:
     id_column: str | None = field(
         default=None,
         metadata={
-            "help": (
-                "Column with an image id used in predictions (default: the `filename` column if there is one, as in "
-                "Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
-                "with one id are refused."
-            )
+            "help": "Column with an image id used in predictions (default: the `filename` column if there is one, as "
+            "in Flickr30K, else the image's path inside the annotation file's folder, or the row number). Two images "
+            "with one id are refused."
         },
     )
     caption_mode: Literal["random", "all"] = field(
@@ -240,19 +215,16 @@ class DataTrainingArguments:
         metadata={"help": "'random': one random caption per image per epoch; 'all': every caption is its own pair."},
     )
     max_caption_length: int = field(
-        default=64,
-        metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."},
+        default=64, metadata={"help": "Caption tokens kept (including the end token); longer ones are truncated."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
     use_feature_cache: bool = field(
-        default=True,
-        metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."},
+        default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."}
     )
     feature_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."},
+        default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."}
     )
     check_images: bool = field(
         default=True,
@@ -261,12 +233,9 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": (
-                "Processes that decode and preprocess images: for the CLIP feature cache (decode once, "
-                "check and encode; "
-                "the vision tower runs in the main process on their batches) or, without it, for the unreadable-image "
-                "check. Default: none, the main process does it."
-            )
+            "help": "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and "
+            "encode; the vision tower runs in the main process on their batches) or, without it, for the "
+            "unreadable-image check. Default: none, the main process does it."
         },
     )
 
@@ -290,18 +259,9 @@ class DataTrainingArguments:
     @property
     def local_files(self) -> list[str]:
         """The annotation files and image folders given: they replace --dataset_name."""
-        return [
-            path
-            for path in (
-                self.train_file,
-                self.validation_file,
-                self.test_file,
-                self.train_dir,
-                self.validation_dir,
-                self.test_dir,
-            )
-            if path
-        ]
+        files = (self.train_file, self.validation_file, self.test_file)
+        folders = (self.train_dir, self.validation_dir, self.test_dir)
+        return [path for path in files + folders if path]
 
     @property
     def local_data(self) -> list[str]:
@@ -322,20 +282,14 @@ class CaptioningArguments:
     prompt: str | None = field(
         default=None,
         metadata={
-            "help": (
-                "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image "
-                "goes (else the "
-                "image comes first; '' for no prompt). Saved with the processor, which uses it whenever a "
-                "caller passes "
-                "no text. Default: the prompt saved with --model_name_or_path's processor, or the "
-                "--preset's for a new "
-                "model."
-            )
+            "help": "Text around the image, before the caption; a '<|image_pad|>' in it marks where the image goes "
+            "(else the image comes first; '' for no prompt). Saved with the processor, which uses it whenever a "
+            "caller passes no text. Default: the prompt saved with --model_name_or_path's processor, or the "
+            "--preset's for a new model."
         },
     )
     overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow training into an output folder that holds a finished run."},
+        default=False, metadata={"help": "Allow training into an output folder that holds a finished run."}
     )
 
 
@@ -418,17 +372,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
     freeze_backbones(model, vision=args.freeze_vision_model, language=args.freeze_language_model)
     set_training_dtypes(model, frozen_dtype)
     if args.lora_r:
-        targets = "|".join(name.strip() for name in args.lora_target_modules.split(","))
-        lora = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            # a regex inside the decoder, whatever its module tree, so that CLIP's q_proj/v_proj
-            # are never wrapped
-            target_modules=rf"model\.language_model\..*\.({targets})",
-            modules_to_save=["multi_modal_projector"],
-        )
-        model = get_peft_model(model, lora)
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     return model, processor
 
 
@@ -509,25 +453,11 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
+    features = data_args.use_feature_cache and model_args.freeze_vision_model
     data = prepare_data(
-        data_args,
-        training_args,
-        base,
-        processor,
-        timer,
-        cache_dir=model_args.cache_dir,
-        vision_features=data_args.use_feature_cache and model_args.freeze_vision_model,
+        data_args, training_args, base, processor, timer, cache_dir=model_args.cache_dir, vision_features=features
     )
-    train_dataset = None
-    if training_args.do_train:
-        train = data.splits["train"]
-        train_dataset = expand_captions(train) if data_args.caption_mode == "all" else train
-    eval_pairs = {
-        split: expand_captions(data.splits[split]) for split in ("validation", "test") if split in data.splits
-    }
-    if training_args.train_sampling_strategy == "group_by_length":  # Trainer groups evaluation batches too
-        train_dataset = add_caption_lengths(train_dataset, processor.tokenizer) if train_dataset is not None else None
-        eval_pairs = {split: add_caption_lengths(pairs, processor.tokenizer) for split, pairs in eval_pairs.items()}
+    train_dataset, eval_pairs = trainer_datasets(data, data_args, training_args, processor.tokenizer)
 
     # 6. Trainer
     collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)
@@ -558,12 +488,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
             with timer.phase("training", unit="pairs") as phase:
                 result = trainer.train(resume_from_checkpoint=last_checkpoint)
                 phase["items"] = result.metrics["train_pairs"]
-        except (
-            NonFiniteLossError,
-            LostImagesError,
-            checkpoints.CheckpointSaveError,
-            checkpoints.IncompatibleCheckpointError,
-        ) as error:
+        except (NonFiniteLossError, LostImagesError, CheckpointSaveError, IncompatibleCheckpointError) as error:
             logger.error("%s", error)
             raise SystemExit(f"error: {error}") from error
         if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends

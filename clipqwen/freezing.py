@@ -13,9 +13,12 @@ require grad double the backward cost and memory, and the feature cache relies o
 away most small updates) and what is frozen in the dtype the run computes in: bf16 for a bf16 run, which halves
 the bytes of the frozen decoder (the course kept its Qwen3 in bf16 too) and computes exactly what autocast computes
 from fp32 weights (it rounds them to bf16 for every matmul).
+
+`add_lora` last: LoRA on the decoder's linear layers, the adapter trained in full beside it.
 """
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 
 def freeze_backbones(model, vision: bool = True, language: bool = True):
@@ -44,3 +47,18 @@ def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
         trains = any(parameter.requires_grad for parameter in part.parameters())
         part.to(torch.float32 if trains else frozen_dtype)
     return model
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
+    """LoRA of rank `r` on the decoder's modules named in `target_modules` (comma-separated), as a regex inside the
+    decoder, whatever its module tree, so that CLIP's q_proj/v_proj are never wrapped; the adapter trains in full.
+    Call after `freeze_backbones` and `set_training_dtypes`. Returns the peft model."""
+    targets = "|".join(name.strip() for name in target_modules.split(","))
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=rf"model\.language_model\..*\.({targets})",
+        modules_to_save=["multi_modal_projector"],
+    )
+    return get_peft_model(model, lora)

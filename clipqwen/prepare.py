@@ -3,8 +3,9 @@ tower, its features computed once per image. clipqwen.data does each step; this 
 takes, in which order, on which device, and under which process coordination (DDP).
 
     data = prepare_data(data_args, training_args, model, processor, timer, vision_features=True)
-    data.splits["train"]       # what Trainer reads: CLIP features (`vision_embeds`) with the cache, else images
+    data.splits["train"]       # one row per image: CLIP features (`vision_embeds`) with the cache, else images
     data.with_images["test"]   # the same rows with their images, never decoded here (for the sample-caption figure)
+    train, pairs = trainer_datasets(data, data_args, training_args, processor.tokenizer)  # the rows Trainer reads
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from datasets import Dataset
 
-from .data.cleaning import drop_unreadable_images, remove_empty_captions
+from .data.cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
 from .data.feature_cache import add_vision_features
 from .data.sources import load_caption_data
 from .presets import clipqwen_cache_dir
@@ -49,6 +50,22 @@ def prepare_data(
         with timer.phase("feature cache", items=phase["items"]):
             splits = add_features(splits, data_args, training_args, model, processor)
     return CaptionData(splits=splits, with_images=with_images)
+
+
+def trainer_datasets(data: CaptionData, data_args, training_args, tokenizer):
+    """(train, {"validation": ..., "test": ...}) as Trainer reads them: the training split one row per image (a
+    random caption each epoch), or per caption with --caption_mode all; the others one row per caption, for the
+    validation loss. With --train_sampling_strategy group_by_length every row gets its caption's length (Trainer
+    groups evaluation batches too)."""
+    train = None
+    if training_args.do_train:
+        train = data.splits["train"]
+        train = expand_captions(train) if data_args.caption_mode == "all" else train
+    pairs = {split: expand_captions(data.splits[split]) for split in ("validation", "test") if split in data.splits}
+    if training_args.train_sampling_strategy == "group_by_length":
+        train = add_caption_lengths(train, tokenizer) if train is not None else None
+        pairs = {split: add_caption_lengths(rows, tokenizer) for split, rows in pairs.items()}
+    return train, pairs
 
 
 def load_and_clean(data_args, training_args, cache_dir: str | None = None, check_images: bool = True):
