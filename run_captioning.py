@@ -35,6 +35,7 @@ from clipqwen.model_card import parameter_counts
 from clipqwen.precision import choose_precision
 from clipqwen.prepare import prepare_data, trainer_datasets
 from clipqwen.presets import (
+    CAPTION_GENERATION,
     DEFAULT_PRESET,
     LAYOUTS,
     bundled_processor,
@@ -277,8 +278,12 @@ class DataTrainingArguments:
 
 @dataclass
 class CaptioningArguments:
-    num_beams: int = field(default=1, metadata={"help": "Beams for evaluation and prediction captions."})
-    max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption, in tokens."})
+    num_beams: int = field(
+        default=CAPTION_GENERATION["num_beams"], metadata={"help": "Beams for evaluation and prediction captions."}
+    )
+    max_new_tokens: int = field(
+        default=CAPTION_GENERATION["max_new_tokens"], metadata={"help": "Longest generated caption, in tokens."}
+    )
     prompt: str | None = field(
         default=None,
         metadata={
@@ -461,10 +466,9 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
 
     # 6. Trainer
     collator = CaptionCollator(processor, data_args.max_caption_length, seed=training_args.seed)
-    # min_new_tokens: a captioner never answers with nothing (an untrained model's first greedy token is often the end)
-    generation_kwargs = {
+    # written into the exported generation_config.json: what the scores were measured with
+    generation_kwargs = CAPTION_GENERATION | {
         "max_new_tokens": caption_args.max_new_tokens,
-        "min_new_tokens": 1,
         "num_beams": caption_args.num_beams,
     }
     trainer = CaptionTrainer(

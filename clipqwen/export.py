@@ -61,7 +61,6 @@ def export(
             data_args,
             training_args,
             metrics,
-            generation_kwargs,
             timer,
             curves_png=curves and curves.name,
             samples_png=samples and samples.name,
@@ -116,7 +115,7 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
     )
 
 
-def model_card(trainer, model, model_args, data_args, training_args, metrics, generation_kwargs, timer, **figures):
+def model_card(trainer, model, model_args, data_args, training_args, metrics, timer, **figures):
     """The model card, from the run's real values."""
     vision_id, text_id = describe_backbones(model_args, model.config)
     return build_model_card(
@@ -129,7 +128,7 @@ def model_card(trainer, model, model_args, data_args, training_args, metrics, ge
         model_config=model.config,
         metrics=metrics,
         hyperparameters=describe_training(trainer, model_args, data_args),
-        generation_kwargs=generation_kwargs,
+        generation_config=model.generation_config,  # as saved: the decoding the scores were measured with
         phases=timer.phases,
         versions=framework_versions(),
         **parameter_counts(trainer.model),

@@ -136,8 +136,7 @@ def build_model_card(
     hyperparameters: dict,
     trainable: int,
     total: int,
-    generation_config: GenerationConfig | None = None,
-    generation_kwargs: dict | None = None,
+    generation_config: GenerationConfig,
     dataset_revision=None,
     dataset_detail="",
     versions: dict | None = None,
@@ -152,10 +151,8 @@ def build_model_card(
 ) -> ModelCard:
     """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
     generation_config: the model's, as saved beside the card (generation_config.json): the decoding the card names and
-    its usage snippet come from it alone. `generation_kwargs` (the settings run_captioning put into it) stands in.
+    its usage snippet come from it alone.
     `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
-    if generation_config is None:
-        generation_config = GenerationConfig(**(generation_kwargs or {}))
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:

@@ -297,6 +297,7 @@ def test_lora_with_an_unfrozen_vision_tower_is_refused_before_anything_loads(tmp
 
 def test_model_card_lists_both_base_model_ids():
     from huggingface_hub import ModelCard
+    from transformers import GenerationConfig
 
     from clipqwen.model_card import build_model_card
     from clipqwen.presets import tiny_config
@@ -309,7 +310,7 @@ def test_model_card_lists_both_base_model_ids():
         model_config=tiny_config(),
         metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
         hyperparameters={"learning rate": 1e-3},
-        generation_kwargs={"num_beams": 3},
+        generation_config=GenerationConfig(num_beams=3),
         trainable=1,
         total=2,
     )
