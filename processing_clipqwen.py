@@ -1,17 +1,11 @@
-"""ClipQwenProcessor: CLIP image preprocessing + the decoder's tokenizer (Qwen3's by default), laid out the way
-the model reads them.
+"""ClipQwenProcessor: CLIP image preprocessing and the decoder's tokenizer, in the model's layout.
 
-Sequence layout (one image per sequence):
-    training:   [prompt before]  <|image_pad|> × N   [prompt after]   caption   <|endoftext|>     right-padded
-    inference:  [prompt before]  <|image_pad|> × N   [prompt after]                               left-padded
-The prompt is the `text` of a call, or else the processor's own `prompt` (saved with it, so that a trained model is
-prompted the way it was trained); a placeholder in it marks where the image goes, otherwise the image comes first.
-The caption is the `suffix` (PaliGemma's name). Labels mark the suffix tokens, never pad ids: in Qwen3-Base
-pad == EOS == <|endoftext|>, and masking every pad id would hide the one EOS the model must learn to stop on.
+    training:   [prompt]  <|image_pad|> × N  [prompt]  caption  <|endoftext|>   right-padded
+    inference:  [prompt]  <|image_pad|> × N  [prompt]                           left-padded
 
-A tokenizer without the placeholder token (Llama's, SmolLM2's) gets it added as a special token; the model then
-needs `clipqwen.backbones.match_processor(model, processor)` (one more embedding row, the placeholder id,
-generation settings).
+The prompt is a call's `text`, else the processor's saved `prompt`, so a trained model is prompted as
+it was trained. The caption is the `suffix` (PaliGemma's name); labels come from it, never from pad
+ids, because Qwen3-Base pads with the very EOS the model must learn to stop on.
 """
 
 import numpy as np
@@ -25,11 +19,9 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-# Chat-style calls (the image-text-to-text pipeline, TRL's SFTTrainer) render to exactly the layout the model is
-# trained on: an image as the processor's `image_prompt` ("Image:<|image_pad|>", say), text as it is, and an
-# assistant turn (a caption) closed by the caption end token, as the training labels are; the assistant turn is
-# marked as generated, for `return_assistant_tokens_mask` (TRL's assistant_only_loss). The tokenizer's Qwen chat
-# template would wrap prompts in <|im_start|> markup the captioner never saw.
+# Chat calls (the image-text-to-text pipeline, TRL) render the training layout: an image as the
+# processor's `image_prompt`, an assistant turn closed by the caption end token and marked as generated
+# (`return_assistant_tokens_mask`). Qwen's own template would add <|im_start|> markup never trained on.
 CAPTION_CHAT_TEMPLATE = (
     "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' %}{{ image_prompt }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
@@ -43,10 +35,8 @@ CAPTION_CHAT_TEMPLATE = (
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image → an 8-bit RGB image that looks like the original.
 
-    Pillow's own `convert("RGB")` clips 16-bit and float images (a 16-bit photo comes out white), paints
-    transparent pixels black, and ignores the EXIF orientation that phone photos rely on. An image with nothing to
-    convert (8-bit RGB, no transparent colour key, upright) comes back as it is, not copied, so that converting twice
-    (a loader, then `preprocess_images`) costs nothing.
+    Unlike `convert("RGB")`, 16-bit and float images keep their range, transparency becomes white, and
+    the EXIF orientation is applied. An image with nothing to convert is returned as it is, not copied.
     """
     if image.mode == "RGB" and "transparency" not in image.info and _upright(image):
         return image
@@ -80,9 +70,8 @@ def _upright(image: Image.Image) -> bool:
 
 
 def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
-    """Centre-crop the long side to at most `max_ratio` × the short side. CLIP resizes the short side to 224
-    and centre-crops 224×224, so the crop changes nothing the model sees, but a 1×10000 strip would otherwise
-    be resized to 224×2,240,000 pixels first (gigabytes)."""
+    """Centre-crop the long side to at most `max_ratio` × the short side. CLIP's resize and centre crop
+    see the same pixels, but a 1×10000 strip is no longer resized to 224×2,240,000 first."""
     width, height = image.size
     if max(width, height) <= max_ratio * min(width, height):
         return image
@@ -99,22 +88,19 @@ class ClipQwenProcessor(ProcessorMixin):
     r"""
     Args:
         image_processor (`CLIPImageProcessor`): CLIP preprocessing (224 px, bicubic, OpenAI mean/std).
-        tokenizer: the decoder's tokenizer (the Qwen3 tokenizer by default).
-        num_image_tokens (`int`, defaults to 8): placeholders per image; must equal the model config's
-            `num_image_tokens` (8 for the default ClipCap layout, 1 for the course's seed layout, 50 for CLIP-B/32
-            patch tokens).
-        image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder token. Added to the tokenizer as a
-            special token when it is not one of its tokens (then call `clipqwen.backbones.match_processor`).
-        caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): the token that ends every caption —
-            what Qwen3-Base generates as EOS (its tokenizer config says `<|im_end|>`, which the base model never
-            ends on). `None`: the tokenizer's EOS token.
-        prompt (`str`, defaults to `""`): the prompt used when a call passes no `text` (or an empty one), for
-            example `"Image:<|image_pad|>"`: a word before the image keeps the image tokens out of the decoder's
-            first position, which a pretrained decoder uses as an attention sink (docs/evidence.md).
+        tokenizer: the decoder's tokenizer (Qwen3's by default).
+        num_image_tokens (`int`, defaults to 8): placeholders per image, the model config's
+            `num_image_tokens`.
+        image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder. A tokenizer without it gets it
+            as a special token; then call `clipqwen.backbones.match_processor(model, processor)`.
+        caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): ends every caption (Qwen3-Base's
+            real EOS; its tokenizer names `<|im_end|>`). `None`: the tokenizer's EOS.
+        prompt (`str`, defaults to `""`): used when a call passes no `text`, e.g. `"Image:<|image_pad|>"`
+            (a word first keeps the image out of the decoder's attention-sink position, docs/evidence.md).
     """
 
-    # Defaults under whatever a call passes (ProcessorMixin merges them): prompts are left-padded for batched
-    # generate(), and this processor writes every token of the layout, so the tokenizer adds no special token.
+    # ProcessorMixin's defaults for a call: left padding for batched generate(), and no special tokens
+    # from the tokenizer (this processor writes every token of the layout).
     text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False, "return_tensors": "pt"}
     images_kwargs = {"do_convert_rgb": False}  # `to_rgb` has converted the PIL images already
 
@@ -142,31 +128,25 @@ class ClipQwenProcessor(ProcessorMixin):
         self.image_token_id = self._single_token_id(image_token, "image_token")
         self.caption_end_token_id = self._single_token_id(caption_end_token, "caption_end_token")
         if self.tokenizer.pad_token is None:
-            # A tokenizer without a pad token (Llama's, SmolLM2's) pads with the caption end token, as Qwen3-Base pads
-            # with its EOS. Labels are built from the suffix mask, never from pad ids, so the supervised end token
-            # is never mistaken for padding.
+            # pad with the caption end token, as Qwen3-Base pads with its EOS (labels never read pad ids)
             self.tokenizer.pad_token = caption_end_token
-        # The tokenizer's EOS is what a caption ends with (Qwen3-Base's tokenizer names <|im_end|>, a chat token the
-        # base model never writes): Trainer aligns the model's generation EOS with it.
+        # Trainer aligns the model's generation EOS with the tokenizer's: make it the caption end token
         self.tokenizer.eos_token = caption_end_token
 
     @classmethod
     def _load_tokenizer_from_pretrained(
         cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
     ):
-        # AutoTokenizer reads the folder's config.json first, to fall back on the model type. A saved ClipQwen
-        # folder's config.json is this model's (auto_map: remote code), so loading it would ask whether to run the
-        # folder's code and then warn about a model of type ``. The tokenizer needs none of it:
-        # tokenizer_config.json names its class.
+        # AutoTokenizer would read the folder's config.json (this model's, with remote code) and ask to
+        # run it; tokenizer_config.json names the tokenizer's class, which is all it needs.
         kwargs.setdefault("config", PreTrainedConfig())
         return super()._load_tokenizer_from_pretrained(
             sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
 
     def add_image_token(self) -> bool:
-        """Add the placeholder to a tokenizer that lacks it, as a special token: never split, dropped by
-        `skip_special_tokens` decoding, and only ever written by this processor (text that spells it stays text).
-        Returns whether it was added; the model must then grow its vocabulary (`match_processor`)."""
+        """Add the placeholder to a tokenizer that lacks it, as a special token (never split, dropped when
+        decoding). Returns whether it was added: the model must then grow its vocabulary (`match_processor`)."""
         if self.image_token in self.tokenizer.get_vocab():
             return False
         self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
@@ -193,8 +173,8 @@ class ClipQwenProcessor(ProcessorMixin):
 
     @property
     def image_prompt(self) -> str:
-        """The prompt up to and including the image placeholder (the whole placeholder if the prompt has none):
-        what a text without a placeholder of its own, or a chat message's image, is placed after."""
+        """The prompt up to and including its placeholder (the placeholder alone if it has none): what a
+        chat message's image, or a prompt without a placeholder, is written as / after."""
         before, _, _ = self.prompt.partition(self.image_token)
         return before + self.image_token if self.image_token in self.prompt else self.image_token
 
@@ -206,20 +186,18 @@ class ClipQwenProcessor(ProcessorMixin):
         max_caption_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Build model inputs, one image per sample.
+        """Model inputs, one image per sample.
 
-        - `images` (optionally `text`, a prompt per image; default the processor's `prompt`): inference inputs for
-          `generate()`, left-padded, no end token. A prompt without the placeholder goes after `image_prompt`.
-        - `images` + `suffix` (the captions, as PaliGemma's processor takes its targets): training inputs with
-          `labels` (suffix tokens and one closing end token supervised; placeholders, prompt and padding -100),
-          right-padded. Captions longer than `max_caption_length` tokens are truncated before the end token,
-          which stays supervised.
-        - `suffix` without `images`, or `text` alone that is empty or holds the placeholder: the same inputs, for
-          cached image features (`vision_embeds`).
-        - any other `text` alone: its tokens, no image positions added (a completion, as TRL's collator sends it).
+        - `images` (and optionally `text`, a prompt each): inputs for `generate()`, left-padded. A prompt
+          without the placeholder goes after `image_prompt`.
+        - `images` + `suffix` (captions): training inputs, right-padded, whose `labels` supervise each
+          caption (cut to `max_caption_length` tokens) and one end token.
+        - `suffix` without `images`, or `text` alone that is empty or holds the placeholder: the same,
+          for cached image features (`vision_embeds`).
+        - any other `text` alone: its tokens only (a completion, as TRL's collator sends it).
 
         Other keywords are ProcessorMixin's (`padding_side`, `truncation`, `max_length`, `return_tensors`,
-        `return_offsets_mapping`, `images_kwargs`, ...); `images` may be one-image lists (the chat format).
+        ...). `images` may be one-image lists (the chat format), paths or URLs.
         """
         if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:  # chat calls pass None
             raise ValueError("ClipQwen captions images: it takes no videos or audio.")
@@ -241,17 +219,20 @@ class ClipQwenProcessor(ProcessorMixin):
         if suffixes is None:
             return super().__call__(images=images, text=texts, **kwargs)
 
-        # Training: the prompts as ProcessorMixin tokenizes them, then each caption and its end token; padding,
-        # truncation and tensors apply to the whole sequence.
+        # training: padding, truncation and tensors apply to the whole sequence, prompt and caption
         whole = {key: kwargs.pop(key) for key in SEQUENCE_OPTIONS if key in kwargs}
         prompts = super().__call__(images=images, text=texts, padding=False, return_tensors=None, **kwargs)
+        return self._with_captions(prompts, suffixes, max_caption_length, **whole)
+
+    def _with_captions(self, prompts: BatchFeature, suffixes: list[str], max_caption_length=None, **whole):
+        """The prompts' tokens, then each caption and its end token, with labels for the captions."""
+        # split_special_tokens: a caption that spells "<|endoftext|>" or "<|image_pad|>" stays text, so it
+        # can neither end early nor create an image position
         captions = self.tokenizer(suffixes, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         keep = None if max_caption_length is None else max(max_caption_length - 1, 0)
         max_length = whole.get("max_length") if whole.get("truncation") else None
         features = []
         for prompt_ids, caption_ids in zip(prompts["input_ids"], captions):
-            # split_special_tokens: a caption that spells "<|endoftext|>" or "<|image_pad|>" stays text, so it can
-            # neither end early nor create an image position
             caption_ids = caption_ids[:keep] + [self.caption_end_token_id]
             # token_type_ids marks the supervised part (1), as PaliGemma's processor does
             token_type_ids = [0] * len(prompt_ids) + [1] * len(caption_ids)
@@ -266,7 +247,6 @@ class ClipQwenProcessor(ProcessorMixin):
             pad_to_multiple_of=whole.get("pad_to_multiple_of"),
             return_attention_mask=True,
         )
-        # Labels from the supervised mask, never from pad ids: Qwen3-Base pads with the very EOS it must learn.
         data["labels"] = [
             [token if supervised else -100 for token, supervised in zip(ids, mask)]
             for ids, mask in zip(data["input_ids"], data.pop("token_type_ids"))
