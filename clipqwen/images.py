@@ -1,13 +1,9 @@
 """Safe loading of untrusted image files: training data, the caption CLI and the demo.
 
-`load_image` either returns an 8-bit RGB image that is fully decoded, or raises `ImageLoadError`, whose
-message names the file, says what is wrong and what to do. Decoding happens here, inside the checks, so a
-truncated or corrupt file fails before training starts, not in a dataloader worker mid-epoch (the up-front
-passes over a data set are `clipqwen.data.cleaning.drop_unreadable_images` and the feature cache's).
-
-One image path: whatever the caller (the feature cache, whose pass is also the unreadable-image check; training
-without the cache; the caption CLI and the demo), an image is decoded once and converted to RGB once, here, and
-turned into CLIP's pixel values by `pixel_values`, which reads the processor's settings and does not convert again.
+`load_image` returns a fully decoded 8-bit RGB image or raises `ImageLoadError`, whose message names
+the file, what is wrong and what to do; decoding inside the checks makes a corrupt file fail before
+training, not mid-epoch. Every caller decodes and converts an image once, here; `pixel_values` then
+makes CLIP's inputs from it without converting again.
 """
 
 import errno
@@ -25,30 +21,23 @@ from PIL import Image, UnidentifiedImageError
 from processing_clipqwen import bound_aspect_ratio, to_rgb
 
 
-# Checked against the format Pillow detects from the file's content; the extension is not trusted. Pillow can
-# open ~40 more formats (EPS runs Ghostscript, PSD, ICO, PCX, ...) whose decoders we have no reason to expose
-# to untrusted files. MPO is how Pillow reports the JPEGs many cameras and phones write (JPEG + extra frames).
+# Checked against the format Pillow detects from the content, not the extension: Pillow opens ~40
+# more (EPS runs Ghostscript) that untrusted files need not reach. MPO: many cameras' JPEGs.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
-# Images over this many pixels are rejected, not downscaled (only JPEG could be downscaled while decoding).
-# 64 MP = 8000×8000: above every common camera (61 MP full frame, 50 MP phone modes), and the model sees 224×224
-# anyway; MAX_DECODE_BYTES below bounds the memory a decode takes. It is kept below Pillow's
-# decompression-bomb warning (PIL.Image.MAX_IMAGE_PIXELS, 89,478,485) so this check is the one that applies.
+# Larger images are refused, not downscaled: 64 MP (8000×8000) is above every common camera, and
+# below Pillow's bomb warning (89,478,485) so that this check is the one that applies.
 # Read at call time: set `clipqwen.images.MAX_PIXELS = ...` to raise it.
 MAX_PIXELS = 64_000_000
 
-# Memory one image may take while `load_image` decodes it and converts it to 8-bit RGB, checked from the header
-# before decoding: pixels × LOAD_BYTES_PER_PIXEL[mode]. The pixel count alone misses what the mode costs: a 121 kB
-# 16-bit PNG of 8000×7999 pixels is under MAX_PIXELS and takes 1.8 GB. 768 MB is what the largest photo
-# MAX_PIXELS admits (64 MP of 8-bit RGB) takes, so no ordinary photo is refused; modes that cost more per pixel get
-# fewer pixels. Read at call time, like MAX_PIXELS.
+# Memory one decode to 8-bit RGB may take: pixels × LOAD_BYTES_PER_PIXEL[mode], checked from the
+# header, since pixels alone miss costly modes (16-bit PNGs, docs/reliability.md). 768 MB is the
+# largest RGB photo MAX_PIXELS admits, so no ordinary photo is refused. Read at call time.
 MAX_DECODE_BYTES = 768_000_000
 
-# Peak bytes per pixel through Pillow's decoder and `processing_clipqwen.to_rgb`, measured (ru_maxrss, 4000×4000
-# images, Pillow 12.3) and rounded up: Pillow keeps 3- and 4-band pixels in 4 bytes; to_rgb copies the image
-# (exif_transpose, convert), composites transparent ones on white through RGBA, and turns 16-bit and float pixels
-# into float64 arrays. Images with a transparent colour key ("transparency") go through RGBA; unknown modes count
-# as the worst.
+# Peak bytes per pixel through Pillow's decoder and `to_rgb`, measured and rounded up (see
+# docs/reliability.md): 3-4 bands take 4 bytes, transparency goes through RGBA, 16-bit and float
+# through float64. A transparent colour key counts as RGBA; unknown modes as the worst.
 LOAD_BYTES_PER_PIXEL = {
     "1": 6,
     "L": 6,
@@ -84,13 +73,10 @@ class ImageLoadError(ValueError):
 
 
 def load_image(source, name: str | None = None) -> Image.Image:
-    """Open, check and fully decode one image; return it as 8-bit RGB (see `processing_clipqwen.to_rgb`).
+    """Open, check and fully decode one image; return it as 8-bit RGB or raise `ImageLoadError`.
 
-    `source` is a path, the file's bytes, a binary file object (read whole), a `datasets` `Image(decode=False)`
-    entry ({"path", "bytes"}), or a PIL image (what `datasets` decodes, or what a caller opened itself: checked
-    against the same budgets, decoded if it is not yet). `name` is what error messages call it (default: the path,
-    or the file object's name). An image that is already 8-bit RGB and upright comes back as it is, not copied:
-    converting once is enough. Raises `ImageLoadError`.
+    `source`: a path, bytes, a binary file object, a `datasets` `Image(decode=False)` entry or a PIL
+    image (same checks). `name` names it in errors (default: its path). Upright RGB is not copied.
     """
     return _load(source, name)
 
@@ -133,17 +119,15 @@ def _load(source, name):
             raise ImageLoadError(name, "the entry has neither a path nor bytes", "Fix the dataset entry.")
         if (len(data) if data is not None else regular_file_size(path, name)) == 0:
             raise ImageLoadError(name, "the file is empty (0 bytes)")
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make it an error like the rest. (catch_warnings
-        # is not thread-safe, but a lost filter changes nothing while MAX_PIXELS is below Pillow's limit.)
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that: an error here. (Not
+        # thread-safe, but a lost filter changes nothing while MAX_PIXELS is below Pillow's limit.)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data) if data is not None else path) as image:  # reads the header only
                 _check_header(image, name)
-                # Decode every pixel now: truncation and corrupt data raise here (unless something has set
-                # PIL.ImageFile.LOAD_TRUNCATED_IMAGES, which makes Pillow pad truncated files with grey).
+                # Decode now: corrupt data raise here (unless LOAD_TRUNCATED_IMAGES pads with grey).
                 image.load()
-                # Independent of the file closed on leaving `with`: its pixels are in memory (or converted to a
-                # copy), unless Pillow memory-mapped an uncompressed file, which a later write to it would change.
+                # Copy a memory-mapped file's pixels: a later write to it would change them.
                 rgb = to_rgb(image)
                 return rgb.copy() if rgb is image and getattr(image, "map", None) is not None else rgb
     except ImageLoadError:
@@ -153,8 +137,8 @@ def _load(source, name):
 
 
 def _load_pil(image, name):
-    """`load_image` for a PIL image: the same header checks (format only if it came from a file), then its pixels
-    decoded (a lazily opened image reads them now) and converted once."""
+    """`load_image` for a PIL image: the same header checks (format only for one from a file), then
+    its pixels decoded and converted once."""
     try:
         _check_header(image, name, allow_unknown_format=True)
         with warnings.catch_warnings():
@@ -213,8 +197,8 @@ def _too_large_advice():
 
 
 def regular_file_size(path, name) -> int:
-    """The size of the file at `path`, refused unless it is a regular file. os.stat opens nothing: a FIFO named
-    `*.jpg` would block an open() until some writer came, and a device could be read forever."""
+    """The size of the file at `path`, refused unless it is a regular file. os.stat opens nothing:
+    opening a FIFO named `*.jpg` would block, and a device could be read forever."""
     try:
         status = os.stat(path)
     except UnicodeEncodeError:
@@ -268,38 +252,25 @@ def _not_an_image(data, path) -> tuple[str, str]:
 
 # ---- pixel values -------------------------------------------------------------------------------------------
 def pixel_values(images: list, processor) -> torch.Tensor:
-    """CLIP pixel values for PIL images: `processor.preprocess_images(images)`, faster where the processor is
-    CLIP's own recipe (`ClipPixels.for_processor`), otherwise that very call. See `ClipPixels` for what differs."""
+    """CLIP pixel values for PIL images: `processor.preprocess_images(images)`, computed by
+    `ClipPixels` where the processor is CLIP's own recipe."""
     fast = ClipPixels.for_processor(processor)
     if fast is None or not all(isinstance(image, Image.Image) for image in images):
         return processor.preprocess_images(images)
     return fast(images)
 
 
-# PIL filters that torch's antialiased interpolation reproduces (a = -0.5 bicubic, as PIL's; support scaled when
-# shrinking) within one level of 255.
+# PIL filters that torch's antialiased interpolation reproduces within one level of 255.
 TORCH_FILTERS = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
 class ClipPixels:
-    """CLIP's preprocessing as `CLIPImageProcessorPil` does it (shortest edge resized to `size`, centre crop, rescale,
-    normalise) and as `processor.preprocess_images` calls it (`to_rgb`, `bound_aspect_ratio` first), in fewer steps:
+    """CLIP's preprocessing as `processor.preprocess_images` does it, in fewer steps.
 
-    - no second RGB conversion (`to_rgb` returns an RGB image as it is) and no round trips between PIL and NumPy
-      (the processor converts every image to an array and back to resize it);
-    - the resize, the largest cost, is torch's antialiased bicubic (or bilinear) on the 8-bit image, which was written
-      to reproduce PIL's filters and has a vectorised uint8 kernel for channels-last images: 0.55 CPU ms for a
-      500×375 photo against PIL's 1.9 (1.45 for PIL resizing only the crop's box). Its float rounding differs from
-      PIL's fixed point by one level of 255 in 0.3-0.5 % of the values of the real photos of examples/coco-cc-by and
-      of Flickr30K-sized images (benchmarks/bench_cache.py measures the effect on features). Other PIL filters
-      (nearest, Lanczos, ...) are resized by PIL, on the crop's box only;
-    - rescale and normalise as the processor computes them (float64 rescale rounded to float32, then float32
-      normalise), precomputed for the 256 values of an 8-bit pixel: bit-identical to it for the same 8-bit pixels,
-      and a table look-up per value instead of five passes in float64 and float32.
-
-    `crops(images)` gives the 8-bit (n, 3, crop_h, crop_w) tensor, `normalise(crops)` the float pixel values on the
-    crops' device; calling the object does both. The feature cache's workers hand over 8-bit crops (a quarter of the
-    bytes of float pixel values) and the main process normalises them where the vision tower runs.
+    No second RGB conversion, no PIL/NumPy round trips. The resize is torch's antialiased uint8
+    kernel, within one 8-bit level of PIL's (other filters stay PIL's); rescale and normalise are a
+    table, bit-identical to the processor's (docs/benchmarks.md). `crops` gives 8-bit crops (what
+    the cache's workers hand over), `normalise` finishes them on their device; calling does both.
     """
 
     def __init__(
@@ -312,8 +283,8 @@ class ClipPixels:
 
     @classmethod
     def for_processor(cls, processor) -> "ClipPixels | None":
-        """The fast path for `processor` if its image processor is a PIL-backend one set up as CLIP's (resize of the
-        shortest edge, a centre crop no larger than it, rescale, normalise, no padding), else None."""
+        """The fast path for `processor` if its image processor is a PIL one set up as CLIP's
+        (shortest-edge resize, a centre crop within it, rescale, normalise, no pad), else None."""
         image_processor = getattr(processor, "image_processor", None)
         if getattr(image_processor, "backend", None) != "pil":
             return None
@@ -370,7 +341,7 @@ class ClipPixels:
 
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
         """8-bit crops (n, 3, h, w) → float32 pixel values, by table look-up, on the crops' device."""
-        if crops.device.type == "cpu":  # NumPy's take: a third faster than torch's indexing here, same values
+        if crops.device.type == "cpu":  # NumPy's take: faster than torch's indexing, same values
             values = crops.numpy()
             out = np.empty(values.shape, dtype=np.float32)
             for channel in range(3):

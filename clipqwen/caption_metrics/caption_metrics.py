@@ -1,26 +1,16 @@
 """Caption metrics: ROUGE-L, BLEU-4 and CIDEr-D of generated captions against all references of each image.
 
-An `evaluate` metric module, self-contained (regex, rouge-score, pycocoevalcap), so anyone can score captions
-exactly as clipqwen's model cards do:
+A self-contained `evaluate` module, so anyone can score captions as clipqwen's model cards do:
 
     import evaluate
     metric = evaluate.load("path/to/clipqwen/caption_metrics")   # this folder; works offline
     metric.compute(predictions=["a dog runs"], references=[["a dog is running", "a brown dog runs"]])
 
-Where each number comes from:
-
-- ``rougeL``: ``rouge_score``'s ROUGE-L **F-measure** (beta=1) of each prediction against its *best-matching*
-  reference (``RougeScorer.score_multi``), averaged over images. This is not COCO's ROUGE-L
-  (``pycocoevalcap.rouge``), which uses beta=1.2 and the LCS against all references, so the two differ.
-- ``bleu4``: corpus BLEU-4 from ``pycocoevalcap.bleu.Bleu(4)`` (the COCO caption scorer, "closest" reference length).
-- ``cider``: ``pycocoevalcap.cider.Cider``, i.e. CIDEr-D as the COCO evaluation reports it (clipped, length
-  penalty, x10). Its idf comes from the references of the corpus being scored, so it is only meaningful over
-  many images: a one-image corpus always scores 0.
-- ``gen_len``: mean number of tokens per prediction (tokens as below).
-
-All three scorers see the same tokens from :func:`tokenize_caption`, not pycocoevalcap's PTBTokenizer (it needs
-Java) and not rouge_score's default tokenizer (it drops every non-ASCII character, so a Cyrillic or Chinese
-caption would score 0).
+``rougeL`` is ``rouge_score``'s F-measure (beta=1) against the best-matching reference, not COCO's
+ROUGE-L (beta=1.2, all references). ``bleu4`` and ``cider`` (CIDEr-D; idf from the scored corpus, so
+one image alone scores 0) are pycocoevalcap's; ``gen_len`` is tokens per prediction. All share
+:func:`tokenize_caption`: unlike PTBTokenizer it needs no Java, unlike rouge_score's it keeps
+non-ASCII scripts.
 """
 
 import unicodedata
@@ -41,7 +31,10 @@ _TOKEN = regex.compile(r"[\p{L}\p{M}\p{N}]+|\p{Extended_Pictographic}")
 
 
 def tokenize_caption(text: str) -> list[str]:
-    """Lowercased word tokens of a caption in any script, e.g. "A cat, 在桌子上! 🐱" -> [a, cat, 在, 桌, 子, 上, 🐱]."""  # noqa: E501
+    """Lowercased word tokens of a caption in any script.
+
+    "A cat, 在桌子上! 🐱" -> [a, cat, 在, 桌, 子, 上, 🐱]
+    """
     # NFKC folds full-width letters and composed/decomposed accents into one spelling before comparing.
     text = unicodedata.normalize("NFKC", text).lower()
     return _TOKEN.findall(_CJK.sub(r" \g<0> ", text))

@@ -1,18 +1,8 @@
-"""Captioning data: load any source into one layout, drop unreadable images up front, cache CLIP features.
+"""Captioning data: one layout for every source, unreadable images dropped, CLIP features cached.
 
-Every source becomes a `DatasetDict` with the splits it has (`train`, `validation`, `test`) and three columns:
-`image_id` (str), `image` (datasets `Image()`), `captions` (list of str, all references of that image).
-
-Sources:
-- a Hub data set (`dataset_name`), e.g. Flickr30K's parquet conversion; a column holding the Karpathy split
-  (`train` / `val` / `test`) partitions it (datasets >= 4 cannot run the old loading scripts);
-- `embedded`: the generated shapes data set that ships with the project (clipqwen.embedded);
-- JSONL or CSV annotation files with an image-path column (paths relative to the file, kept inside it);
-  rows with one caption each are grouped per image;
-- imagefolder directories with a `metadata.jsonl` (`file_name` + captions).
-
-Whatever the source, the same guards apply (docs/reliability.md): every image reference goes through one resolver
-(`resolve_inside`: inside the source's root, symlinks resolved), captions must be strings (`caption_list`), a split
-left without images is an error (`require_images`), and images are decoded only by `clipqwen.images.load_image`
-(`with_checked_images`), also when the collator reads them during training.
+A Hub data set (a column may hold Karpathy's split), `embedded`, JSONL/CSV files or an imagefolder
+becomes a `DatasetDict` of its splits with `image_id` (str), `image` (datasets `Image()`) and
+`captions` (list of str). Every source goes through the same guards (docs/reliability.md):
+`resolve_inside` for image paths, `caption_list` for captions, `require_images` for emptied splits,
+and `clipqwen.images.load_image` for every decode, the collator's included.
 """

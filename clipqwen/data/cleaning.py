@@ -50,11 +50,9 @@ def resolve_inside(root: Path, value, where: str) -> str:
 
 
 def check_image_references(dataset: Dataset, root: Path | None, source: str, split: str) -> Dataset:
-    """Every row's image through `resolve_inside`. An entry with bytes is the data set's own content and passes as
-    is (its path is only a name, never read). An entry with only a path must lie inside `root`: the annotation
-    file's or imagefolder's folder, a local data set's folder, a Hub data set's downloaded files; with no root
-    (the embedded data set) it is refused. Refusal raises before training, naming source, split, row and path.
-    Paths are rewritten to the resolved file, so what is read later is what was checked."""
+    """Every path-only image entry through `resolve_inside`, rewritten to the resolved file so that
+    what is read later is what was checked (with no `root` a path is refused); bytes entries pass.
+    Refusal raises before training, naming source, split, row and path."""
     root = root.resolve() if root is not None else None
     repointed = {}
     for row, (data, path) in enumerate(image_entries(dataset)):
@@ -81,8 +79,8 @@ def check_image_references(dataset: Dataset, root: Path | None, source: str, spl
 
 
 def image_entries(dataset: Dataset):
-    """(bytes as a zero-copy buffer or None, path or None) for each row's image, in the dataset's order, read from
-    the Arrow table: nothing is decoded or copied, so this is cheap even for Flickr30K's 4 GB of JPEGs."""
+    """(bytes as a zero-copy buffer or None, path or None) for each row's image, in the dataset's
+    order, from the Arrow table: nothing is decoded or copied, so it is cheap even for Flickr30K."""
     column = dataset.data.column("image")  # struct<bytes: binary, path: string>, datasets' Image() storage
     starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
     rows = range(len(column)) if dataset._indices is None else dataset._indices.column(0).to_pylist()
@@ -98,11 +96,9 @@ def image_entries(dataset: Dataset):
 
 # ---- reading images ------------------------------------------------------------------------------------------
 def read_image(entry):
-    """A dataset image entry (bytes/path dict, path or PIL image) as an RGB image, through `load_image`; None for one
-    that can no longer be read. Rows are read after the up-front check: a file deleted or replaced since is named in
-    one warning, and the collator leaves its row out (CaptionTrainer counts it and stops the run past its stated
-    share). An image `load_image` has already returned passes through unchanged (it is RGB: nothing to convert
-    again); one decoded by `datasets` itself gets the same checks and conversion as a file."""
+    """A dataset image entry (bytes/path dict, path or PIL image) as RGB through `load_image`, or
+    None with a warning for a file lost since the up-front check (the collator leaves its row out
+    and CaptionTrainer counts it). An image `load_image` already returned passes unchanged."""
     if entry is None:  # lost when the row was read (warned then)
         return None
     try:
@@ -118,11 +114,9 @@ def _decode_images(batch: dict) -> dict:
 
 
 def with_checked_images(dataset: Dataset) -> Dataset:
-    """The dataset with its images decoded by `load_image` whenever rows are read (the collator, the sample grid,
-    anything), instead of by datasets' plain `PIL.Image.open`: the same checks as the up-front pass (format
-    allow-list, pixel and decode budgets), and a clear error for a file that changed or disappeared since.
-    To read another column without decoding, go through the plain table: `dataset.with_format(None)["captions"]`.
-    Iterating `dataset["captions"]` decodes every image (datasets >= 4 returns a lazy column that formats rows)."""
+    """The dataset with its images decoded by `load_image` whenever rows are read, not by datasets'
+    plain `PIL.Image.open`. Read other columns from the plain table: `dataset["captions"]` decodes
+    every image, `dataset.with_format(None)["captions"]` none."""
     plain = dataset.with_format(None).cast_column("image", datasets.Image(decode=False))
     return plain.with_transform(_decode_images, columns=["image"], output_all_columns=True)
 

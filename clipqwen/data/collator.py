@@ -11,16 +11,11 @@ from .cleaning import read_image
 
 
 class CaptionCollator:
-    """Rows → model inputs. A row with `caption` (expanded mode) uses it; otherwise one of its `captions` is
-    drawn at random each time the row is seen: a fresh caption per image per epoch. The draw depends only on
-    (seed, epoch, image id) — not on a global RNG, which data-loader prefetching advances ahead of the step a
-    checkpoint records — so a resumed run draws exactly what an uninterrupted one would. `CaptionEpochCallback`
-    keeps `epoch` current. Without captions (`for_generation`) it builds left-padded prompts for `generate()`. The
-    text around the image is the processor's `prompt`, the one saved with it.
-    Images come through `read_image`: a row whose image can no longer be read (deleted or replaced since the
-    up-front check) is left out, its id in the batch's `lost_images` for CaptionTrainer to count; a batch that lost
-    every row holds only that. Pixel values come from `images.pixel_values`, as the feature cache's do: one image
-    path whether training reads features or pixels."""
+    """Rows → model inputs: a row's `caption` (expanded mode), or one of its `captions` drawn from
+    (seed, epoch, image id), not a global RNG that prefetching advances, so a resumed run draws what
+    an uninterrupted one would (`CaptionEpochCallback` keeps `epoch` current). `for_generation`
+    makes left-padded prompts. A row whose image is lost is left out, its id in the batch's
+    `lost_images` for CaptionTrainer. Pixels come from `images.pixel_values`, as the cache's."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False, seed: int = 0):
         self.processor = processor

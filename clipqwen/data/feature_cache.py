@@ -21,8 +21,7 @@ logger = logging.get_logger(__name__)
 
 
 def vision_cache_key(model, processor) -> str:
-    """Changes whenever the cached features would: the vision weights, which features are taken, and the
-    image preprocessing. Hashing CLIP-B/32's 88 M weights takes about a second."""
+    """Changes whenever the cached features would: vision weights, features taken, preprocessing."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.model.vision_tower.state_dict().items()):
         digest.update(name.encode())
@@ -34,11 +33,9 @@ def vision_cache_key(model, processor) -> str:
 
 
 def image_content_key(dataset: Dataset) -> str:
-    """A digest of the images themselves, row by row, so that a photo replaced under the same name gets new
-    features: the SHA-256 of the bytes where a row carries them (parquet, Hub, embedded data); for a row that holds
-    only a path (annotation files, imagefolders), the resolved file's path, size, modification time and inode change
-    time, not its content, which would cost a read of every file. A replacement changes at least the change time,
-    which, unlike the modification time, no copy tool (`cp -p`, `rsync -t`) can set back."""
+    """A digest of the images row by row, so that a photo replaced under the same name gets new
+    features: the SHA-256 of a row's bytes, or of a path-only row's path, size, mtime and ctime (not
+    its content, which would read every file; unlike mtime, no copy tool can set ctime back)."""
     digest = hashlib.sha256()
     for data, path in image_entries(dataset):
         if data is not None:
@@ -54,8 +51,7 @@ def image_content_key(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-# Bumped when the cache file's layout or meaning changes, so that an old file is never read as a new one. /2: before
-# it, a BatchNorm tower loaded with --model_name_or_path encoded in training mode (batch statistics).
+# Bumped when the cache file's layout or meaning changes, so an old file is never read as a new one.
 _CACHE_LAYOUT = "features+unreadable/2"
 
 
@@ -74,30 +70,16 @@ def add_vision_features(
     local_rank: int = 0,
     barrier=None,
 ) -> Dataset:
-    """Replace the `image` column by the frozen CLIP output (`vision_embeds`), computed once per image and
-    stored in an Arrow file keyed by the vision weights, the preprocessing, the rows (datasets' fingerprint: ids,
-    captions, paths) and the images' content (`image_content_key`). Training from it never decodes an image again,
-    and each image is encoded once however many captions or epochs it has. A cache file is used only if it matches
-    the manifest written beside it (size and SHA-256, so a truncated or damaged file is caught and rebuilt; checking
-    reads the file once, about a second per GB).
+    """Replace the `image` column by frozen CLIP features (`vision_embeds`), one encoding per image.
 
-    Decode once: each image is decoded exactly once, by `load_image`, in the same pass that encodes it, which is
-    also the unreadable-image check: an image `load_image` refuses is dropped and logged by name, as
-    `drop_unreadable_images` does (`drop_unreadable=False`: the first one stops the run instead), and a split left
-    empty is an error (`require_images`). The reasons are stored in the cache, so a rerun logs the same lines
-    without decoding anything.
-
-    Parallel: `num_workers` processes (a torch DataLoader) decode and preprocess batches of `batch_size` images
-    with `images.pixel_values` (the processor's recipe), while the main process runs the vision tower on them, batch by
-    batch in row order. The batches are the same whatever the number of workers, so the features are bit-identical,
-    and the cache key does not depend on it.
-
-    Distributed (`world_size` > 1, `barrier` a callable that waits for every rank): rank r encodes its contiguous
-    shard of the rows (whole batches, `_shard_bounds`) into its own file (`...-shard-r-of-n.arrow`, with its
-    manifest), all ranks wait, then every rank reads all shard files in order: the full cache. Where `cache_dir` is
-    not shared between machines, the first process of each machine (`local_rank` 0) then encodes the shards its
-    disk lacks. Any complete set of valid files for the key (one file, or all shards of an earlier run with another
-    number of processes) is reused as it is."""
+    The Arrow file is keyed by the vision weights, the preprocessing, the rows (datasets'
+    fingerprint) and the images' content, and used only if it matches its manifest (size, SHA-256).
+    Its pass is the unreadable-image check: a refused image is dropped and logged as
+    `drop_unreadable_images` does (`drop_unreadable=False`: it stops the run), its reason cached so
+    that reruns log it too. `num_workers` DataLoader processes decode while this one runs the tower;
+    the features do not depend on their number. With `world_size` > 1 (`barrier` waits for every
+    rank) each rank encodes its shard of whole batches into its own file and reads all shards; where
+    `cache_dir` is not shared, `local_rank` 0 encodes the shards its disk lacks."""
     key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:{_CACHE_LAYOUT}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
@@ -189,10 +171,9 @@ def add_vision_features(
 
 
 def _shard_bounds(rows: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
-    """Rows [start, stop) of `rank`'s contiguous shard: the batches of `batch_size` rows shared out as
-    `Dataset.shard(world_size, rank, contiguous=True)` shares rows. Whole batches, so that every image is encoded
-    in the same batch whatever the number of processes: the vision tower's output can differ in the last bits with
-    the batch it is computed in, and the merged cache is then bit-identical to a one-process one."""
+    """Rows [start, stop) of `rank`'s shard: whole batches, dealt as contiguous `Dataset.shard`
+    deals rows, so that each image is encoded in the same batch whatever the number of processes
+    (the tower's last bits can depend on the batch) and the merged cache is bit-identical."""
     batches = -(-rows // batch_size)
     size, extra = divmod(batches, world_size)
     start = rank * size + min(rank, extra)
@@ -234,19 +215,16 @@ def _cache_problem(cache_file: Path) -> str | None:
     return file_problem(cache_file, record)
 
 
-# Images one worker decodes and preprocesses at a time: small enough to share a batch of the vision tower among
-# the workers, large enough that the hand-over costs nothing (a chunk of 16 is 9.6 MB of pixel values).
+# Images one worker decodes at a time: small enough for workers to share a tower batch, large enough
+# that handing chunks over costs little.
 DECODE_CHUNK = 16
 
 
 class _DecodedChunks(torch.utils.data.Dataset):
-    """Chunk i of the rows: (batch it belongs to, last chunk of it?, pixel values of its readable images or None,
-    reasons per row, "" if readable). The rows are cut into batches of `batch_size` for the vision tower, each
-    batch into chunks of at most `DECODE_CHUNK` for the workers. Each image is decoded once, by `load_image`, and
-    preprocessed as `images.pixel_values` does it (the processor's CLIP recipe, each image on its own): the same
-    code whether it runs here or in a DataLoader worker, and the same as training without the cache. With CLIP's
-    recipe the pixel values come as 8-bit crops, which `ClipPixels.normalise` finishes where the vision tower runs:
-    a quarter of the bytes to hand over from the workers (and to copy to a GPU)."""
+    """Chunk i of the rows: (its batch, last chunk of it?, pixel values of its readable images or
+    None, reasons per row, "" if readable), at most `DECODE_CHUNK` rows of one batch. Each image is
+    decoded once by `load_image` and preprocessed as `images.pixel_values` does; CLIP's recipe gives
+    8-bit crops (a quarter of the bytes to hand over), normalised where the tower runs."""
 
     def __init__(self, raw: Dataset, processor, rows: range, batch_size: int, chunk: int | None = None):
         self.raw, self.processor = raw, processor
@@ -331,8 +309,8 @@ def _encode_to_file(
             {"vision_embeds": datasets.List(datasets.Value("float32")), "unreadable": datasets.Value("string")}
         )
         with ArrowWriter(path=str(temporary), features=None if len(rows) else empty) as writer:
-            # a bar updated by hand: tqdm wrapped around a DataLoader with workers starts it twice (every image decoded
-            # twice, torch 2.13 / tqdm 4)
+            # updated by hand: tqdm around a DataLoader with workers started it twice, decoding
+            # every image twice (torch 2.13 / tqdm 4)
             workers = loader.num_workers or "no"
             progress = datasets.utils.tqdm(
                 total=batches.batches, unit="batch", desc=f"image features, {split} ({workers} decoding worker(s))"

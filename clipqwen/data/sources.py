@@ -29,9 +29,8 @@ SPLIT_ALIASES = {
 
 
 def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
-    """Load the data named by `DataTrainingArguments` and return it in the common layout, each split through the
-    same guards: image references checked against the source's root, captions checked to be strings, images
-    decoded through `load_image`."""
+    """The data named by `DataTrainingArguments` in the common layout, each split through the same
+    guards: image paths inside the source's root, string captions, decoding by `load_image`."""
     loaded = {}  # split -> (dataset, source named in messages, root its image paths must stay inside, or None)
     files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
     dirs = {"train": args.train_dir, "validation": args.validation_dir, "test": args.test_dir}
@@ -98,9 +97,8 @@ def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
 
 
 def dataset_root(name: str) -> Path:
-    """Where the files of a data set given by `--dataset_name` live: the folder itself for a local one; for a Hub
-    one, its repository's folder in the huggingface_hub cache, where `load_dataset` downloads every file it ships
-    (imagefolder-style repositories give rows that are paths into it)."""
+    """Where a `--dataset_name` data set's files live: the folder itself, or a Hub one's repository
+    folder in the huggingface_hub cache (imagefolder-style repositories' rows are paths into it)."""
     if Path(name).is_dir():
         return Path(name)
     from huggingface_hub import constants
@@ -110,18 +108,17 @@ def dataset_root(name: str) -> Path:
 
 
 def load_image_folder(folder: str, caption_column: str, cache_dir: str | None = None) -> Dataset:
-    """Every image of `folder` (described by its metadata.jsonl) as one split, whatever the files are called.
-    `load_dataset("imagefolder", data_dir=folder)` infers splits from file names: `validation_00001.png` makes a
-    validation split (and no train split), and a folder mixing `test_*.jpg` with other names is cut in two. Listing
-    the files as `data_files` of one split leaves the split to the flag that named the folder."""
+    """Every image of `folder` (described by its metadata.jsonl) as one split, whatever the files
+    are called: `data_dir` would infer splits from names (`validation_00001.png`, `test_*.jpg`), so
+    the files go in as one split's `data_files` and the flag that named the folder decides."""
     check_metadata_captions(Path(folder), caption_column)
     files = {"train": glob.escape(str(folder)) + "/**"}  # glob.escape: a folder named like a pattern ("[1]") is a name
     return datasets.load_dataset("imagefolder", data_files=files, split="train", cache_dir=cache_dir)
 
 
 def check_metadata_captions(folder: Path, caption_column: str) -> None:
-    """The captions of an imagefolder's metadata.jsonl files, checked row by row before datasets reads them (its
-    JSON reader would make dicts into structs and fail on mixed types with an Arrow error naming no file)."""
+    """Check the captions of an imagefolder's metadata.jsonl files row by row before datasets reads
+    them: its JSON reader would fail on mixed types with an Arrow error naming no file."""
     for path in sorted(folder.rglob("metadata.jsonl")):
         for line, row in _read_rows(path):
             key = caption_column if caption_column in row or caption_column != "captions" else "text"  # as standardise
@@ -129,9 +126,9 @@ def check_metadata_captions(folder: Path, caption_column: str) -> None:
 
 
 def load_hub_dataset(name, config_name, revision, cache_dir, one_split: bool = False):
-    """A Hub data set, or a local folder of data files. With `one_split` (the split comes from a column), every parquet
-    file of a local folder is read as one split: datasets would otherwise infer splits from file names, and a folder
-    holding `0000.parquet` beside `test-0000.parquet` would lose every file whose name names no split."""
+    """A Hub data set, or a local folder of data files. With `one_split` (split from a column) a
+    local folder's parquet files are read as one split: datasets would infer splits from file names
+    and lose every file whose name names none (`0000.parquet` beside `test-0000.parquet`)."""
     local = one_split and Path(name).is_dir()
     parquet = sorted(str(path) for path in Path(name).glob("**/*.parquet")) if local else []
     try:
@@ -237,9 +234,9 @@ def standardise(
 
 
 def caption_list(value, where: str) -> list[str]:
-    """A row's captions as a list of strings. A string or a list of strings is what captions are; a missing value
-    (null) is no caption, dropped later like a blank one. Anything else is refused, naming the row: a dict would
-    train on its keys, a list of lists on Python reprs, and a null inside a list means a broken export."""
+    """A row's captions as a list of strings (a null is none, dropped later like a blank one).
+    Anything else is refused, naming the row: a dict would train on its keys, a list of lists on
+    Python reprs, and a null inside a list means a broken export."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -254,8 +251,8 @@ def caption_list(value, where: str) -> list[str]:
 
 def read_annotation_file(path: str, image_column: str, caption_column: str, id_column: str | None) -> Dataset:
     """JSONL or CSV rows → one row per image with all its captions. Image paths are relative to the file's
-    folder and must stay inside it (`resolve_inside`: `..`, absolute paths or symlinks leading out are refused);
-    rows must be JSON objects and captions strings (`caption_list`), or the error names the row."""
+    folder and must stay inside it (`resolve_inside`); rows must be JSON objects and captions
+    strings (`caption_list`), or the error names the row."""
     path = Path(path)
     root = path.parent.resolve()
     rows = list(_read_rows(path))
