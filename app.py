@@ -3,21 +3,10 @@
     python app.py [MODEL] [--revision REV] [--allowed_models A,B@REV] [--precision auto|fp32|bf16|int8]
                   [--max_images N] [--max_request_mb MB] [--max_queue N] [--host 127.0.0.1] [--port 7860]
 
-MODEL is a folder written by `save_pretrained` or a Hub id; the default comes from $CLIPQWEN_MODEL (and
-$CLIPQWEN_REVISION). As a Hugging Face Space, push this repository as it is: app.py and requirements.txt
-at the root, beside the three *_clipqwen.py files and the clipqwen/ package they import.
-
-Safety: visitors pick among the models the operator serves (MODEL and --allowed_models), never a folder or Hub id
-of their own: any other name gets the same answer, whether or not it exists. Models open through clipqwen.loading,
-which refuses anything that is not a clipqwen model and builds it from this repository's own classes, never from
-the .py files shipped beside the weights. A request reads at most --max_images images and --max_request_mb
-megabytes; nothing beyond that is decoded. One request is captioned at a time and at most --max_queue wait: more
-are refused with a message.
-
-Decoding: the controls start from the served model's generation_config.json (what its scores were measured with;
-clipqwen.presets.CAPTION_GENERATION where it says nothing). The page is built before any model loads (a Space must
-answer at once; a model takes seconds to minutes), so opening the page or picking a model loads it, as the first
-Caption click would, and sets the controls from it.
+MODEL is a `save_pretrained` folder or Hub id (default: $CLIPQWEN_MODEL at $CLIPQWEN_REVISION). As a
+Hugging Face Space, push this repository as it is (app.py, requirements.txt at its root). Visitors
+pick only among the served models, opened by clipqwen.loading; requests are capped in images and
+bytes, captioned one at a time, and queued up to a bound (docs/reliability.md).
 """
 
 import argparse
@@ -46,12 +35,12 @@ ATTRIBUTION = (
     "[CC BY-SA 2.0](https://creativecommons.org/licenses/by-sa/2.0/); sources under *Example photo credits*."
 )
 BEAM, SAMPLING = "Beam search", "Sampling"
-# Per request: captioning is ~0.2-1 s per image on a CPU, and each image is decoded in full before that.
+# Per request: each image is decoded in full, then captioned; these bound its time and memory.
 MAX_IMAGES = 16
 MAX_REQUEST_MB = 64
 MAX_PREFIX_CHARS = 200  # a prompt prefix is a few words; a long one only makes every caption slower
-# One request is captioned at a time (it takes every core); up to this many wait, and more are refused at once with
-# "the queue is full" rather than held until they time out, each holding its uploads in memory.
+# Requests waiting behind the one being captioned (it takes every core); more are refused at once
+# rather than held, each with its uploads in memory, until they time out.
 MAX_QUEUE = 16
 # The decoding sliders' ranges; a model's own setting outside one widens it.
 BEAMS, TEMPERATURE, TOP_P, NEW_TOKENS = (1, 8), (0.1, 2.0), (0.05, 1.0), (1, 64)
@@ -85,9 +74,8 @@ _LOADING = threading.Lock()  # a page opening (model_decoding) and a caption req
 
 
 def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto"):
-    """Load (or reuse) one of the served models and its processor, in `precision` (clipqwen.precision: auto is
-    bf16 on GPUs and on CPUs with native bf16). Anything else is refused before the name is looked at, with one
-    message whatever it names: no answer reveals which folders or repositories exist."""
+    """Load (or reuse) a served model and its processor in `precision`. Any other name is refused
+    unseen, with one message whatever it names: no answer reveals which folders or repos exist."""
     if choice not in served:
         raise ModelLoadError(
             f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
@@ -144,9 +132,9 @@ def widened(value, bounds: tuple) -> dict:
 
 
 def model_decoding(choice: str, *, served, precision="auto") -> list:
-    """Updates of (decoding, num_beams, temperature, top_p, max_new_tokens, status) for the model picked: the controls
-    start from its generation_config. It is loaded to read it (reused by the first Caption click); a model that does
-    not load leaves the controls as they are and says why."""
+    """Updates of the status and the decoding controls, set from the model's generation_config.
+    The page is built before any model loads (a Space must answer at once), so this loads it; a
+    model that does not load leaves the controls as they are and says why."""
     try:
         captioner, _ = get_model(choice, served, precision)
     except (ModelLoadError, PrecisionError) as error:

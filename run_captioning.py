@@ -4,12 +4,9 @@
     accelerate launch run_captioning.py --output_dir out --do_train --do_eval --do_predict  # Flickr30K, real backbones
     python run_captioning.py configs/embedded-tiny.json                         # offline demo, a few CPU minutes
 
-Arguments come as flags or as one JSON file (HfArgumentParser), in the shape of transformers'
-examples/pytorch/*/run_*.py. What happens, in order: build or load the model and processor → load the data
-into one layout (image_id, image, captions) → drop unreadable images and empty captions → cache the frozen
-CLIP features once per image → train with Trainer (resuming from the last checkpoint) → generation-based
-evaluation (ROUGE-L, BLEU-4, CIDEr-D) on validation and test → export a self-contained model folder with its
-processor, predictions, curves and a model card → optionally push it to the Hub.
+Arguments come as flags or one JSON file (HfArgumentParser), as in transformers' run_*.py examples.
+The steps: model and processor → data, cleaned, frozen CLIP features cached → Trainer (resuming) →
+captions scored on validation and test → export with a model card → push (docs/training.md).
 """
 
 import logging
@@ -309,9 +306,7 @@ def parse_args(argv=None):
         argv = argv[1:]
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.ddp_find_unused_parameters is None:
-        # Trainer's default (True) makes DDP search the graph every step for weights that took no part. With the
-        # vision tower frozen, every trainable weight (adapter, LoRA, decoder) takes part in every step; an unfrozen
-        # tower has layers past --vision_feature_layer that never do.
+        # only an unfrozen vision tower has trainable weights unused by a step (docs/distributed.md)
         training_args.ddp_find_unused_parameters = not model_args.freeze_vision_model
     return model_args, data_args, caption_args, choose_precision(model_args, training_args)
 
@@ -326,7 +321,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         num_pooled_image_tokens=args.num_pooled_image_tokens,
         vision_feature_layer=args.vision_feature_layer,
     )
-    if not args.tiny_model:  # an unreachable Hub fails in a second, not after ~25 s of retries per file
+    if not args.tiny_model:  # an unreachable Hub fails in a second, not after retries per file
         hub.go_offline_if_hub_unreachable(
             [args.model_name_or_path]
             if args.model_name_or_path
@@ -334,8 +329,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         )
     try:
         if args.model_name_or_path:
-            # clipqwen only, built from the installed classes (never the code shipped with the weights), safetensors
-            # only; in fp32 (its adapter may have trained in fp32), the frozen parts cast down below
+            # clipqwen only (installed classes, safetensors), in fp32: frozen parts are cast below
             model, processor = load_clipqwen(
                 args.model_name_or_path, args.model_revision, cache_dir=args.cache_dir, dtype=torch.float32
             )
@@ -344,8 +338,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
             model = ClipQwenForConditionalGeneration(tiny_config(**settings))
             processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
         else:
-            # each backbone straight in the dtype it trains or is kept in (Qwen3-0.6B-Base's checkpoint is bf16,
-            # which transformers would otherwise keep, trainable or not)
+            # each backbone straight in the dtype it trains or is kept in, not its checkpoint's
             model = from_pretrained_backbones(
                 args.vision_model_name_or_path,
                 args.text_model_name_or_path,
@@ -371,8 +364,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
             "(--model_name_or_path, or --vision_model_name_or_path and --text_model_name_or_path), set "
             "HF_HUB_OFFLINE=1 to use the local cache, or use --tiny_model for the offline demo."
         ) from error
-    # placeholder count and id, end and pad tokens as the processor writes them (a no-op for Qwen3; another decoder's
-    # tokenizer gets its placeholder token added by the processor, and the model one frozen embedding row)
+    # placeholder, end and pad tokens as the processor writes them (a no-op for Qwen3)
     match_processor(model, processor)
     freeze_backbones(model, vision=args.freeze_vision_model, language=args.freeze_language_model)
     set_training_dtypes(model, frozen_dtype)
@@ -400,8 +392,7 @@ def main(args=None):
         with preflight.OutputFolderLock(training_args.output_dir):
             return run(model_args, data_args, caption_args, training_args)
     finally:
-        # Leave the process group explicitly: a rank that exits with it alive (the others return before rank 0's
-        # export) sometimes aborted at exit ("terminate called without an active exception"), failing the launch.
+        # leave the process group: a rank exiting with it alive can abort (docs/distributed.md)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -413,8 +404,7 @@ def setup_logging(training_args):
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    # Our own progress lines (data revision, cache, pushes) at INFO on the main process unless --log_level says
-    # otherwise.
+    # our progress lines (data revision, cache, pushes): INFO on the main process, or --log_level
     own_level = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for library_logger in (logger, logging.getLogger("clipqwen")):
         library_logger.setLevel(own_level)

@@ -29,11 +29,9 @@ def _safetensors_conversion_disabled():
 
 
 def load_backbone_weights(model_class, name_or_path: str, **options):
-    """`model_class.from_pretrained` from safetensors when the checkpoint has them, else from its `.bin` through
-    torch's `weights_only` unpickler (tensors and plain containers only; any other pickle is refused before it runs):
-    openai/clip-vit-base-patch32's `main` holds only `pytorch_model.bin`. transformers' safetensors converter bot
-    (which would open a conversion pull request on the Hub and load from it) is off for both. With `gguf_file=` the
-    weights come from that GGUF file, dequantized to `dtype`."""
+    """`model_class.from_pretrained` from safetensors where the checkpoint has them, else from its
+    `.bin` through torch's `weights_only` unpickler (CLIP B/32's `main` has only a .bin), with the
+    safetensors converter bot off. With `gguf_file=`, from that file, dequantized."""
     with _safetensors_conversion_disabled():
         if options.get("gguf_file"):
             return model_class.from_pretrained(name_or_path, **options)
@@ -57,8 +55,8 @@ def load_backbone_weights(model_class, name_or_path: str, **options):
 
 
 def _merge_options(backbone: str, named: dict, extra: dict | None) -> dict:
-    """One backbone's `from_pretrained` options: the named arguments, then its `*_kwargs`; a key given both ways
-    with two different values is an error rather than a silent choice."""
+    """One backbone's `from_pretrained` options: the named arguments, then its `*_kwargs`; a key
+    given both ways with two values is an error rather than a silent choice."""
     options = {key: value for key, value in named.items() if value is not None}
     for key, value in (extra or {}).items():
         if key in options and options[key] != value:
@@ -81,15 +79,11 @@ def from_pretrained_backbones(
     text_kwargs: dict | None = None,
     **config_kwargs,
 ) -> ClipQwenForConditionalGeneration:
-    """A ClipQwen model from an image-tower checkpoint (CLIP, or an EfficientNet) and a causal-LM checkpoint (Hub ids
-    or folders, each at its revision); the projector starts from its initialisation. `config_kwargs` are
-    `ClipQwenConfig` fields (`adapter_type="mlp2x_gelu"`, `vision_feature_type="patch"`, ...). Without `dtype` each
-    backbone keeps its checkpoint's dtype (Qwen3-0.6B-Base bf16, CLIP fp32) and the projector is fp32.
-    `vision_kwargs` / `text_kwargs` are further `from_pretrained` options for one backbone (`gguf_file=`, ...).
-    Nothing is frozen here: that is the training script's choice (`clipqwen.freezing.freeze_backbones`).
-
-    Only a Qwen3 decoder's placeholder id is known here (151655, `<|image_pad|>`); any other decoder starts with
-    `image_token_id=None`: build the `ClipQwenProcessor` from its tokenizer and call `match_processor`."""
+    """A ClipQwen model from an image-tower checkpoint (CLIP, or an EfficientNet) and a causal LM
+    (Hub ids or folders, each at its revision) with a new projector; nothing is frozen here.
+    `config_kwargs` are ClipQwenConfig fields; `vision_kwargs` / `text_kwargs` are `from_pretrained`
+    options of one backbone (`gguf_file=`, ...). Without `dtype` each keeps its checkpoint's dtype.
+    Only Qwen3's image placeholder id is known here: for another decoder, call `match_processor`."""
     shared = {"dtype": dtype, "cache_dir": cache_dir}
     vision_options = _merge_options("vision", {**shared, "revision": vision_revision}, vision_kwargs)
     text_options = _merge_options("text", {**shared, "revision": text_revision}, text_kwargs)
@@ -112,8 +106,7 @@ def from_pretrained_backbones(
         del text.config.quantization_config
     if text.config.model_type != "qwen3":
         config_kwargs.setdefault("image_token_id", None)
-    # the loaded sub-configs themselves, so that model.config.text_config *is* the decoder's config (resizing the
-    # vocabulary, the attention implementation), as in a model built from a config
+    # the loaded sub-configs: model.config.text_config *is* the decoder's (resizing, attention)
     config = ClipQwenConfig(vision_config=vision.config, text_config=text.config, **config_kwargs)
     with torch.device("meta"):
         model = ClipQwenForConditionalGeneration(config)
@@ -130,15 +123,9 @@ def from_pretrained_backbones(
 
 
 def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQwenForConditionalGeneration:
-    """Make the model read and write exactly the processor's tokens:
-
-    - the embeddings grow to the tokenizer's length when the processor added an image placeholder (Llama's and
-      SmolLM2's tokenizers have none); the new row is never trained (the projector output replaces it);
-    - `config.image_token_id` becomes the processor's placeholder id, and generation suppresses it;
-    - generation ends captions on the processor's caption end token (what the labels supervise) and pads with the
-      tokenizer's pad token.
-
-    A no-op for the bundled Qwen3 tokenizer and a Qwen3 decoder. Returns the model."""
+    """Make the model read and write exactly the processor's tokens: embeddings grown for an added
+    placeholder (never trained), its id as `config.image_token_id` (suppressed in generation), and
+    the caption end and pad tokens. A no-op for Qwen3 and its tokenizer. Returns the model."""
     if processor.num_image_tokens != model.config.num_image_tokens:
         raise ValueError(
             f"The processor writes {processor.num_image_tokens} image placeholders but the model "

@@ -3,10 +3,9 @@
     clipqwen-caption MODEL photos/ "more/*.png" --num_beams 3 --output captions.jsonl
 
 MODEL is a clipqwen folder or Hub id (pinned with --revision). Captions are decoded as the model's
-generation_config.json says (what the training run evaluated with); a decoding flag overrides that one setting.
-Unreadable files are reported and skipped;
-the others are captioned in batches, with a progress bar, and each batch is written as soon as it is done.
-Errors are one line on stderr: exit status 2 for a wrong argument or input, 1 when loading or captioning fails.
+generation_config.json says; a decoding flag overrides that one setting. Unreadable files are
+reported and skipped; each batch is written as soon as it is done. Errors are one line on stderr:
+exit status 2 for a wrong argument or input, 1 when loading or captioning fails.
 """
 
 import argparse
@@ -48,7 +47,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise InputError(f"{printable(item)} is not a regular file (a fifo, socket or device?): give image files.")
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if "**" in item:  # "**" follows symlinked folders: a link to a parent would list each photo ~40 times
+            if "**" in item:  # "**" follows symlinks: a link to a parent repeats every photo
                 shortest = {}
                 for match in sorted(matches, key=lambda match: len(match.parts)):
                     shortest.setdefault(os.path.realpath(match), match)
@@ -65,8 +64,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def check_output(output: str, paths: list[Path]) -> None:
-    """Refuse an --output that cannot be written, before the model loads. Opening it empties it: if it is one of
-    the photos (by any name, through symlinks or hard links), the photo would be gone before it is read."""
+    """Refuse an --output that cannot be written, before the model loads, or that is one of the
+    photos (by any name or link): opening it would empty the photo before it is read."""
     if os.path.isdir(output) or not os.path.isdir(os.path.dirname(output) or "."):
         raise InputError(f"--output {printable(output)}: not a file in an existing folder.")
     if not os.path.exists(output):
@@ -81,16 +80,15 @@ def check_output(output: str, paths: list[Path]) -> None:
 
 
 def jsonl_line(record: dict) -> str:
-    """One JSON line that is valid UTF-8 whatever the file names. A name that is not UTF-8 on disk (Latin-1, say)
-    holds lone surrogates after os.fsdecode; they are written as \\udcXX escapes, which json.loads + os.fsencode turn
-    back into the exact bytes. Everything else stays readable (no \\u escapes for CJK, accents, emoji)."""
+    """One JSON line, valid UTF-8 whatever the file names: undecodable bytes (lone surrogates after
+    os.fsdecode) become \\udcXX escapes that json.loads + os.fsencode undo; the rest stays plain."""
     line = json.dumps(record, ensure_ascii=False)
     return re.sub("[\ud800-\udfff]", lambda match: f"\\u{ord(match.group()):04x}", line)
 
 
 def printable(name: str) -> str:
-    """A file name for the terminal and the tab-separated output: undecodable bytes as \\xNN instead of an encoding
-    error, and control characters (a newline or a tab in a name) escaped so that each caption stays on one line."""
+    """A file name for the terminal and tab-separated output: undecodable bytes as \\xNN, control
+    characters (a newline or a tab) escaped so that each caption stays on one line."""
     name = os.fsencode(name).decode("utf-8", "backslashreplace")
     return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], name)
 
@@ -166,9 +164,9 @@ def generation_config(args, model_generation_config):
     """The model's generation_config with the decoding flags the user gave (None: not given)."""
     flags = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
     if args.do_sample and args.num_beams is None:
-        flags["num_beams"] = 1  # --do_sample alone samples, as it always did: not beam sampling with the model's beams
+        flags["num_beams"] = 1  # --do_sample alone samples, not beam-samples with the model's beams
     config = caption_generation_config(model_generation_config, **flags)
-    if config.do_sample:  # a temperature or top-p changes nothing in greedy or beam search: given then, it is ignored
+    if config.do_sample:  # temperature and top-p mean nothing to greedy or beam search
         config = caption_generation_config(config, temperature=args.temperature, top_p=args.top_p)
     return config
 

@@ -1,12 +1,9 @@
-"""Checkpoints that survive a crash: a completeness manifest, resuming from the newest complete checkpoint,
-rotation after the manifest, and the messages for a failed save and a checkpoint of another setup.
+"""Checkpoints that survive a crash: a completeness manifest, resuming from the newest complete one,
+rotation after the manifest, and the messages for a failed save or a checkpoint of another setup.
 
-HF Trainer writes a checkpoint file by file straight into `checkpoint-N/`, so a run killed during a save
-leaves a torn folder that `transformers.trainer_utils.get_last_checkpoint` picks up next time. Here a
-checkpoint counts as complete only once `checkpoint_complete.json` is in it: a manifest (name, size, SHA-256
-of every file) written atomically after everything else has been written and fsynced. `CaptionTrainer` writes
-it; `last_complete_checkpoint` is what run_captioning.py resumes from: it skips (and logs) folders without a
-manifest or whose files do not match it, and takes the newest one that checks out.
+Trainer writes `checkpoint-N/` file by file, and `get_last_checkpoint` picks a torn one after a
+crash. Here a checkpoint is complete once `checkpoint_complete.json` (each file's size and SHA-256)
+is in it, written last and atomically; `last_complete_checkpoint` skips the others.
 """
 
 import errno

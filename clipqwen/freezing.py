@@ -1,20 +1,8 @@
-"""Which parts of a ClipQwen model train: a training choice, made by the script that trains (as transformers'
-`run_clip.py` freezes its towers in the script), not stored in the model's config.
+"""Which parts of a ClipQwen model train: the training script's choice (as in `run_clip.py`), not
+the config's. Call `freeze_backbones`, then `set_training_dtypes`, then optionally `add_lora`.
 
-    model = from_pretrained_backbones(...)     # clipqwen.backbones
-    freeze_backbones(model)                    # the adapter alone trains (the default recipe)
-    freeze_backbones(model, language=False)    # the adapter and the decoder train
-
-Frozen weights are set to `requires_grad=False` rather than only left out of the optimizer: weights that still
-require grad double the backward cost and memory, and the feature cache relies on a CLIP that never changes.
-`from_pretrained` creates parameters with `requires_grad=True`, so call this after loading too.
-
-`set_training_dtypes` then stores what trains in fp32 (the optimizer updates it in place: bf16 weights would round
-away most small updates) and what is frozen in the dtype the run computes in: bf16 for a bf16 run, which halves
-the bytes of the frozen decoder (the course kept its Qwen3 in bf16 too) and computes exactly what autocast computes
-from fp32 weights (it rounds them to bf16 for every matmul).
-
-`add_lora` last: LoRA on the decoder's linear layers, the adapter trained in full beside it.
+Frozen means `requires_grad=False`, not only left out of the optimizer: weights that still require
+grad double the backward cost and memory, and the feature cache relies on a CLIP that never changes.
 """
 
 import torch
@@ -22,9 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 
 def freeze_backbones(model, vision: bool = True, language: bool = True):
-    """Freeze the CLIP tower (`vision`) and the decoder with its LM head (`language`); the adapter always trains.
-    Works on a `ClipQwenForConditionalGeneration` (not a peft wrapper: freeze before adding LoRA). Returns the
-    model."""
+    """Freeze the CLIP tower (`vision`), the decoder and LM head (`language`); the adapter trains.
+    Call before LoRA, after any `from_pretrained` (it makes every weight trainable). Returns it."""
     model.get_encoder(modality="image").requires_grad_(not vision)
     model.get_decoder().requires_grad_(not language)
     model.get_output_embeddings().requires_grad_(not language)
@@ -34,9 +21,9 @@ def freeze_backbones(model, vision: bool = True, language: bool = True):
 
 
 def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
-    """The CLIP tower, the decoder and the adapter each in fp32 if any of its weights train, else in `frozen_dtype`.
-    Call after `freeze_backbones`, before adding LoRA (peft keeps its LoRA weights in fp32 by default). Returns the
-    model."""
+    """Each part (CLIP, decoder, LM head, adapter) in fp32 if any of its weights train (bf16 would
+    round away small updates), else in `frozen_dtype` (bf16: half the bytes, what autocast computes
+    anyway). Call after `freeze_backbones`, before LoRA. Returns the model."""
     parts = (
         model.get_encoder(modality="image"),
         model.get_decoder(),
@@ -50,9 +37,9 @@ def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
-    """LoRA of rank `r` on the decoder's modules named in `target_modules` (comma-separated), as a regex inside the
-    decoder, whatever its module tree, so that CLIP's q_proj/v_proj are never wrapped; the adapter trains in full.
-    Call after `freeze_backbones` and `set_training_dtypes`. Returns the peft model."""
+    """LoRA of rank `r` on the decoder's `target_modules` (comma-separated), matched inside the
+    decoder only (CLIP's q_proj/v_proj are never wrapped); the adapter trains in full. Returns the
+    peft model."""
     targets = "|".join(name.strip() for name in target_modules.split(","))
     lora = LoraConfig(
         r=r,

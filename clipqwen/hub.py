@@ -1,14 +1,8 @@
-"""Everything that talks to the Hugging Face Hub: is it reachable, which commit a revision names, and publishing.
+"""Everything that talks to the Hugging Face Hub: reachability, revisions to commits, publishing.
 
-One push path for the whole run (run_captioning.py turns Trainer's own pushes off):
-- `prepare_repo` creates the repository (private if asked) and the `--hub_revision` branch if it is missing;
-- `push_checkpoint` uploads a checkpoint only after it is marked complete (clipqwen.checkpoints), as
-  `--hub_strategy` says: `every_save` / `checkpoint` → `last-checkpoint/`, `all_checkpoints` → `checkpoint-N/`,
-  `end` → nothing;
-- `push_export` uploads the exported model folder, then pins the commit it made in the model card's usage
-  snippet with a second commit (a card cannot name the commit that contains it).
-No pickle is ever uploaded (`*.bin`, `*.pt`, optimizer and RNG states): checkpoints pushed to the Hub carry the
-trainable weights and the trainer state; exact resumption uses the local checkpoint.
+One push path per run (run_captioning.py turns Trainer's own pushes off): `prepare_repo`,
+`push_checkpoint` for each checkpoint once it is marked complete, then `push_export`. No pickle is
+ever uploaded; what each `--hub_strategy` pushes is in docs/training.md.
 """
 
 import argparse
@@ -42,9 +36,9 @@ def is_local(name: str | None) -> bool:
 
 
 def is_hub_id(name: str | None) -> bool:
-    """`owner/name` as the Hub spells repository ids (huggingface_hub's own check), and not a local path: what a
-    model card may list and what is worth asking the Hub for. Anything else (`./model`, `/data/x`, `a/b/c`,
-    `tiny random CLIP`, a bare legacy name like `gpt2`, which the Hub redirects to `owner/name`) is not."""
+    """`owner/name` as the Hub spells repository ids, and not a local path: what a model card may
+    list and what is worth asking the Hub for (not `./model`, `a/b/c`, `tiny random CLIP` or a bare
+    legacy name like `gpt2`)."""
     if not name or "/" not in name or is_local(name):
         return False
     try:
@@ -72,10 +66,9 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
 
 
 def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
-    """If some of `names` (model or data set ids) must come from the Hub, offline mode is not set and the Hub
-    does not answer within `timeout` seconds, switch this process to offline mode (HF_HUB_OFFLINE=1): what is
-    in the local cache still loads, and the rest fails at once with a clear message, instead of
-    huggingface_hub retrying each file for about 25 seconds. Returns whether it switched."""
+    """Go offline when some of `names` must come from the Hub and it does not answer within
+    `timeout` seconds: the local cache still loads, the rest fails at once instead of after retries
+    for each file (docs/reliability.md). Returns whether it switched."""
     remote = [name for name in names if name and not is_local(name)]
     if not remote or constants.HF_HUB_OFFLINE:
         return False
@@ -90,16 +83,16 @@ def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
     )
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
-    import datasets.config  # here: the caption CLI and the app import this module and never load a data set (1 s)
+    import datasets.config  # here: the caption CLI and the app never need datasets
 
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     return True
 
 
 def resolve_dataset_revision(name: str, revision: str | None) -> str | None:
-    """The commit sha that `revision` (a branch, tag or ref such as `refs/convert/parquet`, which moves when the
-    Hub re-converts) names now, so that the run loads and records exactly one version of the data. Local
-    folders and offline mode have no revision to resolve."""
+    """The commit sha that `revision` (a branch, tag or moving ref like `refs/convert/parquet`)
+    names now, so the run loads and records one version of the data. Local folders and offline mode
+    keep `revision` as it is."""
     if is_local(name) or constants.HF_HUB_OFFLINE:
         return revision
     sha = HfApi().dataset_info(name, revision=revision).sha
@@ -124,7 +117,8 @@ def prepare_repo(repo_id: str, *, revision: str | None = None, private: bool | N
 
 
 def push_checkpoint(folder, repo_id: str, strategy: str, *, revision=None, token=None) -> str | None:
-    """Upload a complete checkpoint as `strategy` says (see the module docstring); returns the commit sha."""
+    """Upload a complete checkpoint to `last-checkpoint/` (`every_save`, `checkpoint`) or
+    `checkpoint-N/` (`all_checkpoints`), nothing for `end`; returns the commit sha."""
     if strategy == "end":
         return None
     folder = Path(folder)
@@ -142,9 +136,8 @@ def push_checkpoint(folder, repo_id: str, strategy: str, *, revision=None, token
 
 
 def push_export(folder, repo_id: str, *, revision=None, token=None) -> str:
-    """Upload the exported model folder and return the commit that holds it. Its model card's usage snippet
-    (`revision = "<commit sha>"`) is then pinned to that commit, here and on the Hub (a second, card-only
-    commit: the weights and code at the pinned commit are the ones described)."""
+    """Upload the exported folder and return its commit, then pin the card's usage snippet to it in
+    a second, card-only commit (a card cannot name the commit that holds it)."""
     folder = Path(folder)
     api = HfApi(token=token)
     commit = api.upload_folder(

@@ -1,9 +1,9 @@
-"""Load a trained clipqwen model for inference (caption CLI, demo app) without running anyone else's code.
+"""Load a trained clipqwen model for inference (CLI, demo) without running anyone else's code.
 
-A model's config.json is read as data first, and anything whose model_type is not "clipqwen" is refused.
-The model is then built from this installed package's classes (registered with the Auto classes, loaded
-with trust_remote_code=False), never from the .py files shipped beside the weights — a repository can call
-itself clipqwen and still ship other code. Weights load only from safetensors: no pickle is unpickled.
+config.json is read as data and anything but model_type "clipqwen" is refused. The model is built
+from this package's classes (trust_remote_code=False), never from the .py files beside the weights:
+a repository can call itself clipqwen and ship other code. Weights load only from safetensors,
+checked against the config first.
 """
 
 import json
@@ -132,7 +132,7 @@ def check_weights(model: str, revision: str | None = None, cache_dir: str | None
                 f"`{model}`: {Path(file).name} is not a readable safetensors file "
                 f"({one_line(error)}). Re-download or re-export the model."
             ) from error
-    # A tied weight (lm_head = embed_tokens) is one tensor under several names; the file holds it under one of them.
+    # a tied weight (lm_head = embed_tokens) is one tensor under several names, stored under one
     names_of = {}
     for name, tensor in expected.items():
         names_of.setdefault(id(tensor), []).append(name)
@@ -174,7 +174,7 @@ def load_clipqwen(
     if precision is not None:
         check_precision_available(precision)
         dtype = weights_dtype(precision)
-    hub.go_offline_if_hub_unreachable([model])  # a Hub out of reach fails at once, not after ~30 s of retries
+    hub.go_offline_if_hub_unreachable([model])  # an unreachable Hub fails now, not after retries
     model_type = read_model_type(model, revision, cache_dir)
     if model_type != "clipqwen":
         raise ModelLoadError(
@@ -185,7 +185,7 @@ def load_clipqwen(
     options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False}
     try:
         check_weights(model, revision, cache_dir)
-        # The installed classes themselves, so the auto_map that points at the folder's .py files is never consulted.
+        # the installed classes: the auto_map pointing at the folder's .py files is never read
         captioner = ClipQwenForConditionalGeneration.from_pretrained(
             model, dtype=dtype, use_safetensors=True, **options
         )

@@ -149,10 +149,9 @@ def build_model_card(
     vision_frozen=True,
     language_frozen=True,
 ) -> ModelCard:
-    """metrics: Trainer-style flat dict with eval_* / test_* keys (rougeL, bleu4, cider, loss, num_images).
-    generation_config: the model's, as saved beside the card (generation_config.json): the decoding the card names and
-    its usage snippet come from it alone.
-    `revision` stays a placeholder until the folder is pushed: clipqwen.hub.push_export pins the pushed commit."""
+    """The card from `metrics` (Trainer-style eval_* / test_* keys: rougeL, bleu4, cider, loss,
+    num_images) and the saved `generation_config`, the one source of the decoding it names.
+    `revision` stays a placeholder until clipqwen.hub.push_export pins the pushed commit."""
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:

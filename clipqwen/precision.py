@@ -1,14 +1,9 @@
-"""Numeric precision: which one a machine runs by default, and fp32 / bf16 / int8 weight-only for inference.
+"""Numeric precision: the default per machine, and fp32 / bf16 / int8 weight-only for inference.
 
-bf16 halves the bytes every weight costs, which is what bounds decoding at batch 1 (each new token reads every
-weight once). Whether it is also *faster* depends on the chip: CUDA GPUs and CPUs with native bf16 instructions
-(x86 `avx512_bf16` or AMX, Arm's `bf16`) compute it natively; other CPUs emulate it by converting to fp32, which
-is no faster than fp32 and rounds like bf16. So the default is bf16 only where the hardware has it.
-
-int8 weight-only stores the decoder's linear layers as int8 with one scale per output row and multiplies them with
-bf16 activations (optimum-quanto, which uses torch's `_weight_int8pack_mm` kernel on CPU). torchao 0.18's
-`Int8WeightOnlyConfig` also installs with torch 2.13 CPU, but on CPU it converts the whole int8 weight to the
-activations' dtype on every call, which was slower than fp32 here; quanto's kernel reads the int8 bytes directly.
+bf16 halves the weight bytes that bound decoding at batch 1, but is the default only where the
+hardware computes it (CUDA GPUs; CPUs with avx512_bf16, AMX or Arm's bf16): emulated, it is no
+faster than fp32. int8 keeps the decoder's linear layers as int8 with per-row scales through
+optimum-quanto, whose CPU kernel reads the int8 bytes directly (docs/benchmarks.md).
 """
 
 import dataclasses
@@ -30,10 +25,9 @@ class PrecisionError(ValueError):
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty where there is no
-    /proc/cpuinfo. torch offers no public test for native bf16: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
-    is also true on AVX-512 CPUs that only emulate bf16, and `torch.backends.cpu.get_cpu_capability()` says
-    "AVX512" for both kinds."""
+    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty without
+    /proc/cpuinfo. torch has no public test for native bf16: its checks also pass on CPUs that
+    emulate it (docs/benchmarks.md)."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -51,9 +45,8 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
 
 
 def default_precision(device: str | torch.device = "cpu", flags: frozenset[str] | None = None) -> str:
-    """For captioning: bf16 on CUDA GPUs that support it and on CPUs with native bf16, fp32 elsewhere. A trained
-    model's captions in bf16 scored like fp32's (docs/benchmarks.md); training on a CPU stays fp32 by default
-    (choose_precision), since a bf16-trained run scored lower there."""
+    """For captioning: bf16 on CUDA GPUs that support it and CPUs with native bf16, else fp32 (bf16
+    captions scored like fp32's, docs/benchmarks.md). Training's rule is choose_precision."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -63,11 +56,9 @@ def default_precision(device: str | torch.device = "cpu", flags: frozenset[str] 
 
 
 def choose_precision(model_args, training_args):
-    """The TrainingArguments of a run in its precision: bf16 on CUDA GPUs that support it, unless
-    --fp16/--bf16/--use_cpu/--auto_bf16 False says otherwise; fp32 on CPUs, also on those with native bf16, where
-    bf16 training scored lower (docs/flickr8k.md), so on a CPU it stays opt-in (--bf16 True --use_cpu True).
-    TrainingArguments fixes Accelerate's mixed precision when it is built, so the choice is made by building them
-    again, not by setting `.bf16` afterwards (which would leave the run in fp32 while reporting bf16)."""
+    """The run's TrainingArguments, with bf16 on a CUDA GPU that supports it unless --fp16, --bf16,
+    --use_cpu or --auto_bf16 False is given; CPUs stay fp32 (bf16 scored lower, docs/flickr8k.md).
+    Rebuilt: setting `.bf16` afterwards would leave Accelerate in fp32 while reporting bf16."""
     if (
         model_args.auto_bf16
         and not (training_args.fp16 or training_args.bf16 or training_args.use_cpu)
@@ -110,9 +101,9 @@ def check_precision_available(precision: str) -> None:
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Cast the model to fp32 or bf16, or (int8) cast it to bf16 and store the decoder's linear layers (the LM
-    head included) as int8 weights with per-row scales. CLIP and the adapter stay bf16: they run once per image,
-    while the decoder's weights are read again for every new token. For inference only (weights are frozen)."""
+    """Cast the model to fp32 or bf16, or (int8) to bf16 with the decoder's linear layers and LM
+    head as int8 with per-row scales: CLIP and the adapter run once per image, the decoder once per
+    token. Inference only."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
     quanto = require_quantization_library() if precision == "int8" else None  # before any cast: fail fast

@@ -1,7 +1,6 @@
-"""Checks that run before the first training step, so that a bad value fails in seconds, naming the flag, instead
-of after hours of training: a JSON file of arguments that can be used, argument ranges (static, then against the
-model's context length), an output folder that is writable and has room for a checkpoint and the export, and one
-run at a time per output folder."""
+"""Checks that run before the first training step, so that a bad value fails in seconds, naming the
+flag: the JSON argument file, argument ranges (alone, then against the model's context), a writable
+output folder with room for a checkpoint and the export, and one run at a time per folder."""
 
 import dataclasses
 import errno
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import get_args, get_type_hints
 
 
-# Generous for a 0.6B captioner; beyond them a typo (200,000 beams tried to allocate 112 GiB) is likelier than intent.
+# Generous for a 0.6B captioner; beyond them a typo is likelier than intent (docs/reliability.md).
 MAX_NUM_BEAMS = 64
 MAX_NEW_TOKENS = 512
 
@@ -22,9 +21,8 @@ class PreflightError(ValueError):
 
 
 def read_argument_file(path: str, parser) -> dict:
-    """The arguments of a JSON file for `parser` (an HfArgumentParser), refused in one sentence when they cannot be
-    used: a missing or unreadable file, invalid JSON, anything but one object, unknown names, or null for a field
-    that cannot be None."""
+    """The arguments of a JSON file for `parser` (an HfArgumentParser), refused in one sentence when
+    unusable: unreadable, not JSON, not one object, unknown names, or null where None is invalid."""
     try:
         values = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -48,7 +46,7 @@ def read_argument_file(path: str, parser) -> dict:
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{path}: unknown argument(s) {unknown}; see run_captioning.py --help.")
-    # null would reach the code as None where a number or a flag is expected, and fail far from the file
+    # null would reach the code as None where a number or flag is expected, far from the file
     nulls = sorted(
         name for name, value in values.items() if value is None and type(None) not in get_args(hints.get(name))
     )
@@ -134,7 +132,7 @@ class OutputFolderLock:
         self.file = None
 
     def __enter__(self):
-        import fcntl  # POSIX only: imported here so that the bounds above serve the caption CLI everywhere
+        import fcntl  # POSIX only: imported here so the caption CLI can import the bounds anywhere
 
         self.file = open(self.path, "a+")
         try:

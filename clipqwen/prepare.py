@@ -1,11 +1,9 @@
-"""Data preparation for run_captioning.py: the splits the run needs, limited and cleaned, and, with a frozen vision
-tower, its features computed once per image. clipqwen.data does each step; this module decides which steps a run
-takes, in which order, on which device, and under which process coordination (DDP).
+"""Data preparation for run_captioning.py: the splits a run needs, limited and cleaned, and with a
+frozen vision tower their features computed once per image. clipqwen.data does each step; this
+module picks the steps, their order, the device and the DDP coordination.
 
     data = prepare_data(data_args, training_args, model, processor, timer, vision_features=True)
-    data.splits["train"]       # one row per image: CLIP features (`vision_embeds`) with the cache, else images
-    data.with_images["test"]   # the same rows with their images, never decoded here (for the sample-caption figure)
-    train, pairs = trainer_datasets(data, data_args, training_args, processor.tokenizer)  # the rows Trainer reads
+    train, pairs = trainer_datasets(data, data_args, training_args, processor.tokenizer)
 """
 
 from dataclasses import dataclass
@@ -22,7 +20,8 @@ from .timing import PhaseTimer
 
 @dataclass
 class CaptionData:
-    """The prepared splits ("train", "validation", "test"; only those the run needs), one row per image."""
+    """The splits a run needs, one row per image: `splits` with CLIP features (`vision_embeds`) when
+    cached, `with_images` with their images, undecoded (for the sample grid)."""
 
     splits: dict[str, Dataset]
     with_images: dict[str, Dataset]
@@ -38,9 +37,8 @@ def prepare_data(
     vision_features: bool,
     cache_dir: str | None = None,
 ) -> CaptionData:
-    """Load, limit and clean the splits that `training_args` asks for; with `vision_features` (a frozen CLIP and
-    --use_feature_cache), replace their images by cached CLIP features. `model` is the unwrapped ClipQwen model
-    (not a peft wrapper); `cache_dir` is where datasets and models are downloaded."""
+    """Load, limit and clean the splits `training_args` asks for; with `vision_features` (a frozen
+    CLIP and --use_feature_cache), replace images by cached features. `model` is not peft's."""
     with timer.phase("data preparation") as phase, training_args.main_process_first(desc="data preparation"):
         # rank 0 fills datasets' caches, the others read them
         splits = load_and_clean(data_args, training_args, cache_dir, check_images=not vision_features)
@@ -53,10 +51,9 @@ def prepare_data(
 
 
 def trainer_datasets(data: CaptionData, data_args, training_args, tokenizer):
-    """(train, {"validation": ..., "test": ...}) as Trainer reads them: the training split one row per image (a
-    random caption each epoch), or per caption with --caption_mode all; the others one row per caption, for the
-    validation loss. With --train_sampling_strategy group_by_length every row gets its caption's length (Trainer
-    groups evaluation batches too)."""
+    """(train, {"validation": ..., "test": ...}) as Trainer reads them: training one row per image
+    (or per caption with --caption_mode all), the others one row per caption for the loss. With
+    group_by_length every row gets its caption's length (Trainer groups evaluation batches too)."""
     train = None
     if training_args.do_train:
         train = data.splits["train"]
@@ -103,9 +100,8 @@ def load_and_clean(data_args, training_args, cache_dir: str | None = None, check
 
 
 def add_features(splits, data_args, training_args, model, processor):
-    """CLIP features for every split, each image decoded once (the feature pass is also the unreadable-image check),
-    by `--preprocessing_num_workers` processes. Under DDP every rank encodes its own shard of the rows, and
-    `add_vision_features` waits for all of them before every rank reads the merged cache."""
+    """CLIP features for every split, each image decoded once (also the unreadable-image check).
+    Under DDP each rank encodes its shard, and all wait for all before reading the merged cache."""
     cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
     barrier = dist.barrier if training_args.world_size > 1 else None
     model.model.vision_tower.to(training_args.device)

@@ -1,9 +1,8 @@
-"""Ready-made configurations and the bundled tokenizer, for the offline demo, the tests and the benchmarks, and the
-decoding a caption falls back on where a model's generation_config is silent.
+"""Ready-made layouts, tiny configs and the bundled tokenizer (offline demo, tests, benchmarks), and
+the decoding a caption falls back on where a model's generation_config is silent.
 
-The tiny preset mirrors the real structure at a size a CPU trains in minutes: CLIP with a 7×7 patch grid
-plus CLS (like B/32's 224/32), Qwen3 with grouped-query attention (2 KV heads for 4 query heads), an
-explicit head_dim and tied embeddings, and the real 151,936-row vocabulary so the real tokenizer fits.
+The tiny configs mirror the real structure at a size a CPU trains in minutes: 7×7 patches plus CLS,
+GQA (2 KV heads for 4 query heads), an explicit head_dim, tied embeddings, the real vocabulary.
 """
 
 import copy
@@ -22,11 +21,9 @@ from processing_clipqwen import ClipQwenProcessor
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "qwen3-tokenizer"
 
-# The layouts of a new captioner (`run_captioning.py --preset`). `clipcap` is the default: on real photos with a
-# frozen real decoder it learned to caption from the image (Flickr8k, docs/flickr8k.md), because the pooled
-# embedding becomes 8 tokens through an MLP and a word before them keeps them off the decoder's first position,
-# which a pretrained decoder uses as an attention sink. `seed_exact` is the course project's layout (one token
-# through a Linear, first): in the same experiment it never used the image.
+# Layouts of a new captioner (`--preset`). `clipcap`, the default, learned from the image with a
+# frozen decoder (docs/flickr8k.md): a word before its 8 tokens keeps them off the attention-sink
+# first position. `seed_exact` (one token through a Linear, first) is the course's; it did not.
 DEFAULT_PRESET = "clipcap"
 LAYOUTS = {
     "clipcap": dict(
@@ -39,17 +36,14 @@ LAYOUTS = {
 }
 
 
-# How a caption is decoded where the model's generation_config says nothing. run_captioning writes its --num_beams /
-# --max_new_tokens and min_new_tokens into every exported generation_config.json, so this applies only to folders saved
-# another way (a Trainer checkpoint, a model built in code): without it transformers stops at a length of its own
-# (20 tokens, with a warning) and an untrained model whose first greedy token is end-of-text gives an empty caption.
+# Decoding where a model's generation_config says nothing (folders not exported by run_captioning):
+# else transformers stops at its own length, and an untrained model may give an empty caption.
 CAPTION_GENERATION = {"max_new_tokens": 30, "min_new_tokens": 1, "num_beams": 1}
 
 
 def caption_generation_config(generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
-    """The decoding of a caption: a copy of the model's `generation_config` (the single source, which the caption CLI
-    and the demo read), with CAPTION_GENERATION for what it leaves unset (a length it caps with `max_length` /
-    `min_length` counts as set), then every override that is not None (a flag or a control the user set)."""
+    """A copy of the model's `generation_config` (the one source of decoding), CAPTION_GENERATION
+    where it is silent (`max_length` / `min_length` count as set), then each override not None."""
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     counts_as = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}
     unset = {
@@ -77,8 +71,7 @@ TINY_VISION = dict(
     patch_size=32,
     projection_dim=32,
 )
-# EfficientNet at toy size: stem stride 2 and four stride-2 stages (total stride 32, as the real one), 128-wide final
-# map (width_coefficient 0.1 scales every stage and the 1280-wide head together).
+# EfficientNet at toy size: total stride 32 as in the real one; width_coefficient scales all widths
 TINY_EFFICIENTNET = dict(
     model_type="efficientnet",
     image_size=224,

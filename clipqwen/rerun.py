@@ -1,6 +1,6 @@
-"""What a run into an output folder starts from when the folder already holds one: the newest complete checkpoint,
-or a finished run to evaluate and export again (or to train on, for longer). The flags that define what a run
-trained are saved with it (`run_arguments.json`), and a rerun that changed any of them is refused."""
+"""What a run starts from when its output folder holds one: the newest complete checkpoint, or a
+finished run to evaluate and export again (or train on, for longer). The flags that define what a
+run trained are saved with it (`run_arguments.json`); a rerun that changed any is refused."""
 
 import dataclasses
 import json
@@ -45,9 +45,9 @@ TRAINING_FLAGS = (
 
 
 def starting_point(out: Path, model_args, data_args, caption_args, training_args):
-    """(model_args, the checkpoint to resume from or None, the finished run's run_complete.json or None), decided
-    before anything loads. A finished run in `out` (the same command again, to add --do_predict or after a crash
-    past the export) is not trained again: the returned model_args load it from `out`, and do_train is turned off."""
+    """(model_args, the checkpoint to resume from or None, the finished run's run_complete.json or
+    None), decided before anything loads. A finished run in `out` is not trained again: the returned
+    model_args load it from `out`, and do_train is turned off."""
     longer = check_rerun(out, model_args, data_args, caption_args, training_args)
     last_checkpoint, finished = detect_last_checkpoint(out, caption_args, training_args, continue_training=longer)
     if training_args.do_train and training_args.should_save and not finished:
@@ -72,10 +72,9 @@ def run_arguments(model_args, data_args, caption_args, training_args) -> dict:
 
 
 def check_rerun(out: Path, model_args, data_args, caption_args, training_args) -> bool:
-    """Compares a training rerun into `out` with the flags its run saved (checkpoints.RUN_ARGUMENTS). True when the
-    only change asks for a longer run (a larger --max_steps, or --num_train_epochs without --max_steps); any other
-    change is refused, naming each flag with its old and new value, before anything loads: the folder's
-    checkpoints and model are of the old settings, and would be resumed or exported as if they were the new."""
+    """Compare a training rerun into `out` with the flags its run saved. True when the only change
+    asks for a longer run (a larger --max_steps, or --num_train_epochs without it); any other change
+    is refused, naming each flag: the old checkpoints would pass for ones of the new flags."""
     if not training_args.do_train or caption_args.overwrite_output_dir or training_args.resume_from_checkpoint:
         return False
     arguments = run_arguments(model_args, data_args, caption_args, training_args)

@@ -1,6 +1,5 @@
-"""Preemption: SIGTERM (what Kubernetes, SLURM and spot instances send before a kill) or Ctrl-C ends training with
-a checkpoint instead of losing the steps since the last one. CaptionTrainer installs the callback while `train()`
-runs; run_captioning.py then exits with status 0, and the same command resumes."""
+"""Preemption: SIGTERM (sent by Kubernetes, SLURM and spot instances before a kill) or Ctrl-C ends
+training with a checkpoint instead of losing its last steps; the same command then resumes."""
 
 import os
 import signal
@@ -14,13 +13,8 @@ logger = logging.get_logger(__name__)
 
 
 class GracefulStopCallback(TrainerCallback):
-    """On SIGTERM (what Kubernetes, SLURM and spot-instance preemption send before killing) or Ctrl-C (SIGINT),
-    finish the current optimizer step, save a checkpoint and stop; run_captioning.py then exits with status 0
-    without evaluating or exporting, and rerunning the same command resumes. A second signal kills at once (the
-    default action).
-
-    `reduce(flag) -> flag` makes all processes agree (any process signalled → all stop at the same step), which
-    a distributed save needs."""
+    """On SIGTERM or SIGINT, finish the optimizer step, save a checkpoint and stop; a second signal
+    kills at once. `reduce(flag) -> flag` makes all processes stop at the same step and save."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

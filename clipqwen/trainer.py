@@ -1,20 +1,9 @@
-"""CaptionTrainer: HF Trainer plus what captioning needs and the base class lacks.
+"""CaptionTrainer: HF Trainer plus caption evaluation, small checkpoints and fault handling.
 
-- Generation-based evaluation: after the usual validation loss, captions are generated for every image of
-  the split (sharded over processes, gathered once) and scored against all references; `predict()` returns
-  them, one row per image (`image_id`, `caption`, `references`), as its `predictions`.
-- Small checkpoints: only the trainable weights (adapter, LoRA, unfrozen parts) and the optimizer state;
-  the frozen backbones are reloaded from their source on resume. The final `save_model()` still writes a
-  complete, self-contained model folder.
-- One push path (clipqwen.hub): Trainer's own pushes (from inside the save, before the checkpoint is complete,
-  with its pickled training arguments) are replaced by a push of each complete checkpoint as --hub_strategy says.
-- Fault handling: a checkpoint is marked complete (clipqwen.checkpoints: a manifest with sizes and SHA-256)
-  only after all of it is written, and rotation runs after that; a failed save (full disk) removes the partial
-  folder and names the intact previous checkpoint; a NaN or infinite loss stops training before its optimizer
-  step (`NonFiniteLossError`); SIGTERM or Ctrl-C saves a checkpoint at the next step end and stops
-  (clipqwen.signals, `preempted`); an image that can no longer be read is left out of its batch and counted
-  (`{split}_lost_images`), and past `MAX_LOST_IMAGE_SHARE` of the training images training stops with a checkpoint
-  of the last step (`LostImagesError`).
+Evaluation captions every image and scores it against all references; `predict()` returns one row
+per image (`image_id`, `caption`, `references`). Checkpoints hold only what trains and the optimizer
+state, marked complete (clipqwen.checkpoints) before they are pushed or rotated. See
+docs/reliability.md for each fault: a NaN loss, SIGTERM, a failed save, images lost mid-run.
 """
 
 import math
@@ -39,8 +28,8 @@ from .signals import GracefulStopCallback
 logger = logging.get_logger(__name__)
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
-# Images lost mid-run (deleted, replaced) are left out of their batches up to this share of the training images (at
-# least one); past it the data has changed under the run, and training stops with a checkpoint instead.
+# Images lost mid-run are left out up to this share of the training images (at least one); past it
+# the data has changed under the run, and training stops with a checkpoint.
 MAX_LOST_IMAGE_SHARE = 0.01
 
 
@@ -49,7 +38,7 @@ class LostImagesError(RuntimeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the last complete checkpoint."""
+    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
 
 def nonfinite_loss_message(loss_value: float, step: int, epoch: float | None, output_dir) -> str:
@@ -101,7 +90,7 @@ class CaptionTrainer(Trainer):
         if self._max_lost_images is None:
             images = len(set(self.train_dataset.with_format(None)["image_id"]))
             self._max_lost_images = max(1, int(MAX_LOST_IMAGE_SHARE * images))
-        # a process with nothing to train on cannot skip its step alone: the others would wait for its gradients
+        # a process with no rows cannot skip its step alone: the others would wait for its gradients
         stop = len(lost) > self._max_lost_images or (empty_batch and self.args.world_size > 1)
         if self.args.world_size > 1:
             stop = self._any_process(stop)
@@ -123,15 +112,14 @@ class CaptionTrainer(Trainer):
         if dataset is not None:
             start = time.perf_counter()
             captions, rows = self.generate_captions(dataset, metric_key_prefix)
-            # the plain table: through the dataset's format (the image-decoding transform without the feature cache)
-            # every row read would decode its image, twice here
+            # without its format (which decodes images), reading these columns decodes nothing
             plain = dataset.with_format(None)
             all_references, image_ids = plain["captions"], plain["image_id"]
             references = [all_references[row] for row in rows]
             scores = self.caption_metric.compute(predictions=captions, references=references)
             scores["generation_seconds"] = round(time.perf_counter() - start, 2)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
-            # In the slot Trainer keeps for predictions (empty here: no logits are gathered), so predict() returns them
+            # in Trainer's predictions slot (no logits are gathered), so that predict() returns them
             output = output._replace(
                 predictions=[
                     {"image_id": image_ids[row], "caption": caption, "references": refs}
@@ -181,8 +169,7 @@ class CaptionTrainer(Trainer):
                 with self.accelerator.autocast():
                     generated = model.generate(**batch, **self.generation_kwargs)
                 new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            # Processes may hold fewer rows than the batch (lost images): pad rows to -1, gather all, and keep each
-            # row once (the last batch's rows are repeated to even it out across processes)
+            # pad (lost images: row -1), gather, and keep each row once: the last batch repeats rows
             new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=1, pad_index=pad_id)
             new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=0, pad_index=pad_id)
             row_index = self.accelerator.pad_across_processes(row_index, dim=0, pad_index=-1)
@@ -306,9 +293,8 @@ class CaptionTrainer(Trainer):
             pairs = torch.tensor(self.pairs_trained, device=self.args.device)
             result.metrics["train_pairs"] = int(self.accelerator.reduce(pairs, reduction="sum"))
             signalled = self.graceful_stop.requested is not None
-            # The last step is always checkpointed: after a signal that came past the last step end (final
-            # evaluation), and otherwise whatever --save_steps says, so that an export that fails (a full disk) is
-            # redone by rerunning the same command, without training again.
+            # The last step is always checkpointed (also after a signal past its end), so that a
+            # failed export is redone by rerunning the same command, without training again.
             if (signalled or self.args.save_strategy != "no") and not os.path.isfile(
                 os.path.join(self._checkpoint_folder(), checkpoints.MARKER)
             ):
