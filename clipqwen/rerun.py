@@ -4,14 +4,15 @@ run trained are saved with it (`run_arguments.json`); a rerun that changed any i
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
+
+from transformers.utils import logging
 
 from . import checkpoints, preflight
 from .export import RUN_COMPLETE
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 # Flags a rerun may change without changing what was trained: caches, decoding workers, evaluation and export.
