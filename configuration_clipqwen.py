@@ -1,7 +1,7 @@
-"""ClipQwen configuration, shaped like transformers' `LlavaConfig`: one `@strict` composite config holding complete
-sub-configs, every field checked where it is set (type annotations, range validators, `validate_*`). The text
-sub-config may be any causal LM's; the vision sub-config a CLIP vision tower's or an EfficientNet's. Which towers
-train is the training script's choice, not the config's.
+"""ClipQwen configuration, shaped like transformers' `LlavaConfig`: one `@strict` composite config
+of complete sub-configs, each field checked where it is set. The text sub-config may be any causal
+LM's; the vision one a CLIP vision tower's or an EfficientNet's. Which parts train is the training
+script's choice, not the config's.
 """
 
 from typing import Literal
@@ -13,8 +13,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.type_validators import interval
 
 
-# Qwen3-0.6B-Base (config.json of Qwen/Qwen3-0.6B-Base). `Qwen3Config()` class defaults are 8B-like, and a
-# partial `text_config` dict is not merged with defaults by transformers, so we keep the full set here.
+# Qwen3-0.6B-Base's config.json. `Qwen3Config()`'s defaults are 8B-like, and transformers does not
+# merge a partial `text_config` dict with them, so the full set is kept here.
 QWEN3_0_6B_BASE = dict(
     vocab_size=151936,
     hidden_size=1024,
@@ -32,7 +32,7 @@ QWEN3_0_6B_BASE = dict(
     bos_token_id=151643,
     eos_token_id=151643,
 )
-# CLIP ViT-B/32 (openai/clip-vit-base-patch32) is exactly `CLIPVisionConfig()`: 768 wide, 12 layers, patch 32.
+# CLIP ViT-B/32 (openai/clip-vit-base-patch32) is `CLIPVisionConfig()` with this projection.
 CLIP_VIT_B32 = dict(projection_dim=512)
 
 # Image towers the adapter knows how to read, by vision_config.model_type.
@@ -45,34 +45,31 @@ VisionFeatureType = Literal["pooled", "patch"]
 @strict
 class ClipQwenConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout: CLIP ViT-B/32's
-    pooled, projected 512-d image embedding → Linear-GELU-Linear → 8 image tokens for Qwen3-0.6B-Base. The course
-    project's layout, `nn.Linear(512, 1024)` → one image token, is `adapter_type="linear", num_pooled_image_tokens=1`.
+    Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout:
+    CLIP ViT-B/32's pooled, projected 512-d embedding → Linear-GELU-Linear → 8 image tokens for
+    Qwen3-0.6B-Base. The course project's layout is `adapter_type="linear", num_pooled_image_tokens=1`.
 
     Args:
         vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):
-            The image tower. A dict names its `model_type` (default `"clip_vision_model"`, merged over CLIP
-            ViT-B/32's values; or `"efficientnet"`).
+            The image tower. A dict names its `model_type` (default `"clip_vision_model"`, merged
+            over CLIP ViT-B/32's values; or `"efficientnet"`).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
-            The decoder: any causal LM's config (`Qwen3Config`, `LlamaConfig`, ...). A dict names its `model_type`
-            (default `"qwen3"`); a Qwen3 dict is merged over Qwen3-0.6B-Base's values, any other takes its own
-            class defaults.
+            The decoder: any causal LM's config. A dict names its `model_type` (default `"qwen3"`,
+            merged over Qwen3-0.6B-Base's values; another type takes its class defaults).
         adapter_type (`str`, *optional*, defaults to `"mlp2x_gelu"`):
-            `"linear"` (one `nn.Linear`, the seed's) or `"mlp2x_gelu"` (Linear-GELU-Linear, LLaVA-1.5).
+            `"linear"` (one `nn.Linear`) or `"mlp2x_gelu"` (Linear-GELU-Linear, as LLaVA-1.5).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
-            `"pooled"`: one image embedding (CLIP's projected `image_embeds`, a CNN's pooled output), expanded by
-            the adapter into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per position of a
-            feature map (LLaVA): CLIP's CLS + patch hidden states of layer `vision_feature_layer`, or a CNN's final
-            feature map flattened (7×7 for a 224-pixel EfficientNet).
+            `"pooled"`: one image embedding (CLIP's `image_embeds`, a CNN's pooled output), expanded
+            into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per feature-map
+            position (LLaVA): CLIP's CLS + patch states of `vision_feature_layer`, or a CNN's map.
         num_pooled_image_tokens (`int`, *optional*, defaults to 8):
-            Image tokens made from the pooled embedding (>= 1). Only used with `vision_feature_type="pooled"`.
+            Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
-            Hidden-state index of the CLIP layer used with `vision_feature_type="patch"` (-2 = penultimate). A CNN
+            The CLIP hidden state read with `vision_feature_type="patch"` (-2: the penultimate). A CNN
             offers its final feature map only: -1.
         image_token_id (`int`, *optional*, defaults to 151655):
-            Placeholder id whose embeddings are replaced by the adapter output (Qwen3's `<|image_pad|>`). For a
-            tokenizer without such a token, `ClipQwenProcessor` adds one and
-            `clipqwen.backbones.match_processor` sets this id from it; `None` until then.
+            The placeholder whose embeddings the projector output replaces (Qwen3's `<|image_pad|>`).
+            `clipqwen.backbones.match_processor` sets it for a tokenizer that lacked one.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Follows `text_config.tie_word_embeddings` (the decoder decides).
     """
@@ -80,7 +77,7 @@ class ClipQwenConfig(PreTrainedConfig):
     model_type = "clipqwen"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_B32),
-        # AutoConfig + a default model_type, as LLaVA: a dict's own `model_type` picks the class from CONFIG_MAPPING.
+        # as LLaVA: a dict's own `model_type` picks its class from CONFIG_MAPPING
         "text_config": SubConfigSpec(AutoConfig, model_type="qwen3", init_kwargs=QWEN3_0_6B_BASE),
     }
 
@@ -104,7 +101,7 @@ class ClipQwenConfig(PreTrainedConfig):
             vision_type = self.vision_config["model_type"]
             if vision_type not in VISION_TOWERS:
                 raise ValueError(f"vision_config has model_type={vision_type!r}: use one of {VISION_TOWERS}.")
-            # Merge a partial CLIP dict over the real checkpoint's values instead of the class defaults.
+            # a partial CLIP dict is merged over the real checkpoint's values
             if vision_type == "clip_vision_model":
                 self.vision_config = {**CLIP_VIT_B32, **self.vision_config}
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") == "qwen3":
@@ -112,8 +109,8 @@ class ClipQwenConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
 
-    # `@strict` class validators (run after __init__ and by `validate()` / `save_pretrained`): the checks that
-    # need the sub-configs. Each message names the field and what is allowed.
+    # `@strict` class validators (run after __init__ and by `validate()` / `save_pretrained`): the
+    # checks that need the sub-configs. Each message names the field and what is allowed.
     def validate_vision_feature_layer(self):
         if self.vision_config.model_type == "efficientnet":
             if self.vision_feature_type == "patch" and self.vision_feature_layer != -1:
@@ -157,9 +154,8 @@ class ClipQwenConfig(PreTrainedConfig):
 
     def to_dict(self):
         output = super().to_dict()
-        # `register_for_auto_class` records one Auto class per model class (AutoModel, see modeling_clipqwen.py); the
-        # image-text-to-text entry (pipelines, AutoModelForImageTextToText) names the same class and is derived
-        # here, where config.json is written, instead of being stored by the model.
+        # `register_for_auto_class` records one Auto class per model class (AutoModel); the
+        # image-text-to-text entry (pipelines) names the same class, added here.
         auto_map = output.get("auto_map") or {}
         if "AutoModel" in auto_map:
             output["auto_map"] = {**auto_map, "AutoModelForImageTextToText": auto_map["AutoModel"]}

@@ -1,11 +1,11 @@
-"""ClipQwen: an image tower (CLIP ViT-B/32 by default) → a small projector → a causal-LM decoder (Qwen3 by default),
-in the shape of transformers' LLaVA: `ClipQwenModel` (vision tower, projector, decoder body) and
-`ClipQwenForConditionalGeneration` (`model`, `lm_head`).
+"""ClipQwen: an image tower (CLIP ViT-B/32 by default) → a small projector → a causal LM (Qwen3 by
+default), in the shape of transformers' LLaVA: `ClipQwenModel` (vision tower, projector, decoder
+body) and `ClipQwenForConditionalGeneration` (`model`, `lm_head`).
 
-- Image features replace the placeholder-token embeddings (`masked_scatter`), so `generate()` works unchanged.
-- A pooled image embedding is expanded into `num_pooled_image_tokens` tokens (ClipCap); patch features map one to one
-  through LLaVA-1.5's `mlp2x_gelu` or a linear layer.
-- Both towers are built from their sub-configs through the Auto classes: any causal LM can sit behind the projector.
+- Image features replace the placeholders' embeddings (`masked_scatter`): `generate()` is the stock one.
+- A pooled image embedding becomes `num_pooled_image_tokens` tokens (ClipCap); patch features map
+  one to one (LLaVA-1.5's `mlp2x_gelu`, or a linear layer).
+- Both towers come from their sub-configs through the Auto classes: any causal LM can be the decoder.
 """
 
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ logger = logging.get_logger(__name__)
 class ClipQwenModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     @property
     def image_hidden_states(self) -> torch.FloatTensor | None:
-        """The projector output placed at the image placeholders: (batch_size, num_image_tokens, hidden_size)."""
+        """The projector output at the placeholders: (batch_size, num_image_tokens, hidden_size)."""
         return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
@@ -47,8 +47,8 @@ class ClipQwenModelOutputWithPast(MultimodalBaseModelOutputWithPast):
 class ClipQwenCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-        Cross-entropy over the supervised tokens, summed and divided by their count (or by `num_items_in_batch`,
-        which Trainer passes so that gradient accumulation is exact).
+        Cross-entropy over the supervised tokens, summed and divided by their count (or by
+        `num_items_in_batch`, which Trainer passes so that gradient accumulation is exact).
     logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
         `None` when `labels` is given: the LM head then runs only at the supervised positions.
     """
@@ -57,19 +57,19 @@ class ClipQwenCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
 
 
 def vision_model_class(vision_config):
-    """CLIP with its projection head (its image embedding is the pooled feature), any other tower `AutoModel`'s."""
+    """CLIP with its projection head (whose image embedding is the pooled feature), else `AutoModel`'s."""
     if vision_config.model_type in ("clip", "clip_vision_model"):
         return CLIPVisionModelWithProjection
     return MODEL_MAPPING[type(vision_config)]
 
 
 class ClipQwenMultiModalProjector(nn.Module):
-    """Image features (batch, n, feature_size) → decoder embeddings (batch, num_image_tokens, hidden_size)."""
+    """Image features (batch, n, feature_size) → embeddings (batch, num_image_tokens, hidden_size)."""
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__()
         hidden = config.text_config.hidden_size
-        # a pooled embedding (n = 1) becomes K tokens through the last layer's width (ClipCap); patches map 1:1
+        # a pooled embedding becomes K tokens through the last layer's width (ClipCap); patches 1:1
         tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type == "pooled" else 1
         self.hidden_size = hidden
         if config.adapter_type == "linear":
@@ -102,8 +102,8 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # A frozen image tower computes as in inference while the rest trains: a CNN's BatchNorm would otherwise
-        # normalise with batch statistics and overwrite its pretrained running statistics.
+        # A frozen tower computes as in inference while the rest trains: a CNN's BatchNorm would
+        # otherwise normalise with batch statistics and overwrite its pretrained running ones.
         tower = self.get_encoder(modality="image")
         if mode and not any(parameter.requires_grad for parameter in tower.parameters()):
             tower.eval()
@@ -127,9 +127,9 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def _vision_tower(self, pixel_values: torch.FloatTensor, **kwargs):
-        """The tower's outputs and the features the projector reads: (batch, feature_size) pooled embeddings (CLIP's
-        `image_embeds`, another tower's `pooler_output`) or (batch, positions, feature_size) patch features (CLIP's
-        hidden states of `vision_feature_layer`, a CNN's final map flattened)."""
+        """The tower's outputs and the features the projector reads: pooled (batch, feature_size),
+        CLIP's `image_embeds` or a `pooler_output`; or patches (batch, positions, feature_size), CLIP's
+        `vision_feature_layer` states or a CNN's final map flattened."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         is_cnn = self.config.vision_config.model_type == "efficientnet"
         if self.config.vision_feature_type == "pooled" or is_cnn:
@@ -147,16 +147,16 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         return outputs, embeds
 
     def get_vision_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """The image tower alone: what a feature cache stores and `vision_embeds=` takes back (this model's
-        extension; LLaVA's `mm_encoder_outputs` holds projector outputs instead)."""
+        """The image tower alone: what a feature cache stores and `vision_embeds=` takes back (this
+        model's extension; LLaVA's `mm_encoder_outputs` holds projector outputs instead)."""
         return self._vision_tower(pixel_values)[1]
 
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.FloatTensor | None = None, vision_embeds: torch.Tensor | None = None, **kwargs
     ) -> tuple | BaseModelOutputWithPooling:
-        """The tower's outputs with the projector output as `pooler_output` (batch, num_image_tokens, hidden_size);
-        from `vision_embeds` only `pooler_output` is set."""
+        """The tower's outputs with the projector's as `pooler_output` (batch, num_image_tokens,
+        hidden_size); from `vision_embeds`, only `pooler_output` is set."""
         if vision_embeds is None:
             outputs, vision_embeds = self._vision_tower(pixel_values, **kwargs)
         else:
@@ -169,8 +169,8 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        """Where the image features go: the placeholder ids, or with `inputs_embeds` alone the positions holding
-        the placeholder's embedding (LLaVA's rule). Their count must match the features'."""
+        """Where the image features go: the placeholder ids, or with `inputs_embeds` alone the
+        positions holding the placeholder's embedding (LLaVA's rule); as many as the features."""
         if input_ids is None:
             placeholder = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
@@ -238,11 +238,11 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
 class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin):
     """The captioner: `ClipQwenModel` and the decoder's LM head. Use `generate()` for captions.
 
-    Two extensions to LLaVA's interface: `vision_embeds` (precomputed `get_vision_embeds`, a feature cache) may
-    replace `pixel_values`, and with `labels` the LM head runs only at the supervised positions (the loss is
-    returned, the logits are not)."""
+    Two extensions to LLaVA's interface: `vision_embeds` (precomputed `get_vision_embeds`, a feature
+    cache) may replace `pixel_values`, and with `labels` the LM head runs only at the supervised
+    positions (the loss is returned, the logits are not)."""
 
-    _tp_plan = {"lm_head": "colwise_gather_output"}  # LLaVA's: sharded with the decoder's embedding it is tied to
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # LLaVA's: sharded as the embedding it is tied to
 
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
@@ -288,14 +288,15 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
     ) -> tuple | ClipQwenCausalLMOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-            Token ids with `num_image_tokens` placeholders (`config.image_token_id`) per image (see ClipQwenProcessor).
+            Token ids with `num_image_tokens` placeholders (`config.image_token_id`) per image, as
+            ClipQwenProcessor writes them.
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
             Images as the processor prepares them.
         vision_embeds (`torch.FloatTensor`, *optional*):
             Precomputed `get_vision_embeds` (a feature cache), used instead of `pixel_values`.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
-            Target ids, -100 where nothing is supervised (image placeholders never are); shifted inside, as in every
-            causal LM.
+            Target ids, -100 where nothing is supervised (placeholders never are); shifted inside,
+            as in every causal LM.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
@@ -312,9 +313,9 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         hidden_states = outputs.last_hidden_state
         loss = logits = None
         if labels is not None:
-            # The LM head (hidden × 151,936 for Qwen3) is a quarter of a token's forward cost: apply it only where a
-            # target exists. A placeholder is never one, even where a collator labels every token (TRL's, for chat
-            # data): its embedding is replaced, and generation never writes it.
+            # The LM head is a quarter of a token's forward cost: apply it only where a target
+            # exists. A placeholder is never one, even where a collator labels every token (TRL's
+            # for chat data): its embedding is replaced, and generation never writes it.
             shift_labels = labels[:, 1:].to(hidden_states.device)
             supervised = (shift_labels != -100) & (shift_labels != self.config.image_token_id)
             selected_logits = self.lm_head(hidden_states[:, :-1][supervised]).float()
@@ -337,15 +338,16 @@ class ClipQwenForConditionalGeneration(ClipQwenPreTrainedModel, GenerationMixin)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, is_first_iteration=is_first_iteration, **kwargs
         )
-        # Image features enter once, at prefill; later steps read them from the KV cache. (generate drops
-        # pixel_values after prefill itself; vision_embeds is ours.)
+        # Image features enter once, at prefill; later steps read them from the KV cache. (generate
+        # drops pixel_values after prefill itself; vision_embeds is ours.)
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("vision_embeds", None)
         return model_inputs
 
 
-# Checkpoints keep the key layout of the first release, from before the base/head split (transformers saves the
-# original layout and maps it on load, as for LLaVA). `overwrite`: the module is imported once per folder it ships in.
+# Checkpoints keep the key layout of the first release, from before the base/head split
+# (transformers saves the original layout and maps it on load, as for LLaVA). `overwrite`: the
+# module is imported once per folder it ships in.
 register_checkpoint_conversion_mapping(
     "ClipQwenForConditionalGeneration",
     [
@@ -357,8 +359,8 @@ register_checkpoint_conversion_mapping(
     overwrite=True,
 )
 
-# Registered at import so that every save_pretrained — Trainer checkpoints included — writes the .py files and the
-# auto_map that `trust_remote_code=True` loading needs.
+# Registered at import so that every save_pretrained — Trainer checkpoints included — writes the .py
+# files and the auto_map that `trust_remote_code=True` loading needs.
 ClipQwenConfig.register_for_auto_class()
 ClipQwenForConditionalGeneration.register_for_auto_class("AutoModel")
 

@@ -20,8 +20,8 @@ logger = logging.get_logger(__name__)
 
 
 # Chat calls (the image-text-to-text pipeline, TRL) render the training layout: an image as the
-# processor's `image_prompt`, an assistant turn closed by the caption end token and marked as generated
-# (`return_assistant_tokens_mask`). Qwen's own template would add <|im_start|> markup never trained on.
+# processor's `image_prompt`, an assistant turn closed by the caption end token and marked as
+# generated (for `return_assistant_tokens_mask`). Qwen's own template adds <|im_start|> markup.
 CAPTION_CHAT_TEMPLATE = (
     "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' %}{{ image_prompt }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
@@ -99,8 +99,8 @@ class ClipQwenProcessor(ProcessorMixin):
             (a word first keeps the image out of the decoder's attention-sink position, docs/evidence.md).
     """
 
-    # ProcessorMixin's defaults for a call: left padding for batched generate(), and no special tokens
-    # from the tokenizer (this processor writes every token of the layout).
+    # ProcessorMixin's defaults for a call: left padding for batched generate(), and no special
+    # tokens from the tokenizer (this processor writes every token of the layout).
     text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False, "return_tensors": "pt"}
     images_kwargs = {"do_convert_rgb": False}  # `to_rgb` has converted the PIL images already
 
@@ -128,17 +128,17 @@ class ClipQwenProcessor(ProcessorMixin):
         self.image_token_id = self._single_token_id(image_token, "image_token")
         self.caption_end_token_id = self._single_token_id(caption_end_token, "caption_end_token")
         if self.tokenizer.pad_token is None:
-            # pad with the caption end token, as Qwen3-Base pads with its EOS (labels never read pad ids)
+            # pad with the caption end token, as Qwen3-Base pads with its EOS
             self.tokenizer.pad_token = caption_end_token
-        # Trainer aligns the model's generation EOS with the tokenizer's: make it the caption end token
+        # Trainer aligns the generation EOS with the tokenizer's: the caption end token
         self.tokenizer.eos_token = caption_end_token
 
     @classmethod
     def _load_tokenizer_from_pretrained(
         cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
     ):
-        # AutoTokenizer would read the folder's config.json (this model's, with remote code) and ask to
-        # run it; tokenizer_config.json names the tokenizer's class, which is all it needs.
+        # AutoTokenizer would read the folder's config.json (this model's, with remote code) and ask
+        # to run it; tokenizer_config.json names the tokenizer's class, which is all it needs.
         kwargs.setdefault("config", PreTrainedConfig())
         return super()._load_tokenizer_from_pretrained(
             sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
@@ -166,7 +166,7 @@ class ClipQwenProcessor(ProcessorMixin):
         return ids[0]
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        # the caption template's variables, from this processor's prompt and end token as they are now
+        # the caption template's variables, from the processor's prompt and end token as they are
         kwargs.setdefault("image_prompt", self.image_prompt)
         kwargs.setdefault("caption_end_token", self.caption_end_token)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
@@ -226,8 +226,8 @@ class ClipQwenProcessor(ProcessorMixin):
 
     def _with_captions(self, prompts: BatchFeature, suffixes: list[str], max_caption_length=None, **whole):
         """The prompts' tokens, then each caption and its end token, with labels for the captions."""
-        # split_special_tokens: a caption that spells "<|endoftext|>" or "<|image_pad|>" stays text, so it
-        # can neither end early nor create an image position
+        # split_special_tokens: a caption that spells "<|endoftext|>" or "<|image_pad|>" stays text,
+        # so it can neither end early nor create an image position
         captions = self.tokenizer(suffixes, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         keep = None if max_caption_length is None else max(max_caption_length - 1, 0)
         max_length = whole.get("max_length") if whole.get("truncation") else None
@@ -256,7 +256,7 @@ class ClipQwenProcessor(ProcessorMixin):
         return BatchFeature(dict(data), tensor_type=whole.get("return_tensors", "pt"))
 
     def _refuse_unknown_keywords(self, kwargs: dict) -> None:
-        # ProcessorMixin warns and ignores a keyword it does not know; a misspelt suffix= would drop the labels
+        # ProcessorMixin ignores a keyword it does not know: a misspelt suffix= would drop labels
         known = set(self.valid_processor_kwargs.__annotations__)
         for options in self.valid_processor_kwargs.__annotations__.values():
             known |= set(getattr(options, "__annotations__", {}))
