@@ -1333,6 +1333,22 @@ def flickr30k_rows(n_images: int = 300, *, image_size: int = 256, seed: int = 0)
     return columns
 
 
+def flickr30k_features():
+    """nlphuji/flickr30k's parquet schema: image, caption (5), sentids (5), split, img_id, filename."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "sentids": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+        }
+    )
+
+
 def build_flickr30k_repo(
     hub: LocalHub,
     n_images: int = 300,
@@ -1348,16 +1364,7 @@ def build_flickr30k_repo(
     features in the parquet metadata. Returns {"main": sha, "refs/convert/parquet": sha}."""
     import datasets
 
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.List(datasets.Value("string")),
-            "sentids": datasets.List(datasets.Value("string")),
-            "split": datasets.Value("string"),
-            "img_id": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-        }
-    )
+    features = flickr30k_features()
     columns = flickr30k_rows(n_images, image_size=image_size, seed=seed)
     shards = {}
     with tempfile.TemporaryDirectory() as tmp:

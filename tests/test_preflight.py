@@ -13,23 +13,15 @@ from safetensors.torch import load_file
 import run_captioning
 from clipqwen import preflight
 
+from conftest import TINY as QUICK
+
 
 TINY = [
-    "--tiny_model",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
+    *QUICK,
     "--per_device_eval_batch_size",
     "8",
     "--max_new_tokens",
     "4",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
-    "--disable_tqdm",
-    "True",
     "--dataset_name",
     "embedded",
     "--max_train_samples",

@@ -18,24 +18,18 @@ import run_captioning
 from clipqwen.trainer import TRAINABLE_WEIGHTS
 
 from conftest import PHOTOS, ROOT
+from conftest import TINY as QUICK
+from localhub import flickr30k_features
 
 
 TINY = [
-    "--tiny_model",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
+    *QUICK,
     "--per_device_eval_batch_size",
     "8",
     "--max_new_tokens",
     "6",
     "--logging_steps",
     "1",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
 ]
 
 
@@ -583,16 +577,7 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
         "img_id": [str(i) for i in range(len(rows))],
         "filename": [r["file_name"] for r in rows],
     }
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.List(datasets.Value("string")),
-            "sentids": datasets.List(datasets.Value("string")),
-            "split": datasets.Value("string"),
-            "img_id": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-        }
-    )
+    features = flickr30k_features()
     folder = tmp_path / "flickr30k" / "TEST"
     folder.mkdir(parents=True)
     datasets.Dataset.from_dict(table, features=features).to_parquet(folder / "0000.parquet")
