@@ -12,17 +12,19 @@ import pytest
 from conftest import ROOT, free_port
 
 
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def two_processes() -> list[str]:
+    """torchrun with two processes on this machine (`accelerate launch --cpu` would start one)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     out = tmp_path / "ddp"
-    command = [  # torchrun: `accelerate launch --cpu --num_processes 2` starts one process (see below)
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+    command = [
+        *two_processes(),
         "run_captioning.py",
         "--use_cpu",
         "True",
@@ -56,8 +58,7 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
         "--dataloader_pin_memory",
         "False",
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "process rank 1" in result.stdout + result.stderr  # two processes really ran
     metrics = json.loads((out / "all_results.json").read_text())
@@ -117,7 +118,6 @@ TRAIN = [
     "--seed",
     "7",
 ]
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def trained_weights(folder):
@@ -131,13 +131,7 @@ def one_node(tmp_path_factory):
     """The 2-process single-machine run the two-node runs must match."""
     root = tmp_path_factory.mktemp("one-node")
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *two_processes(),
         *TRAIN,
         "--output_dir",
         str(root / "out"),
@@ -210,15 +204,7 @@ def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_al
     """Issue 11: no rank waits while another builds the whole cache; the merged cache is the full split."""
     out = tmp_path / "ddp"
     command = [
-        # torchrun: two real processes on the CPU (gloo); `accelerate launch --cpu` starts one process, whatever
-        # --num_processes says, unless it is given an MPI host file
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *two_processes(),
         "run_captioning.py",
         "--use_cpu",
         "True",
@@ -251,8 +237,7 @@ def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_al
         "--preprocessing_num_workers",
         "1",
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     # batches of 8 (eval batch 2 × 4): rank 0 encodes rows 0-7, rank 1 rows 8-15, each into its own file
