@@ -126,7 +126,7 @@ def parse_args(argv=None):
 def caption_token_counts(processor, captions):
     """Supervised tokens per caption as clipqwen counts them (caption + one end-of-text); used for both
     variants so that tokens/s compare the same work."""
-    labels = processor(suffix=captions, return_tensors=None)["labels"]
+    labels = processor(suffix=captions, padding=False, return_tensors=None)["labels"]
     return [sum(token != -100 for token in row) for row in labels]
 
 
