@@ -226,3 +226,28 @@ def test_real_weights_name_imagenet_classes_in_real_photos(tmp_path):
     assert_close(outputs.last_hidden_state, expected_map)
     for (name, classes), predicted in zip(REAL_PHOTOS.items(), top5):
         assert set(classes) & set(predicted), f"{name}: top 5 {predicted}, expected one of {classes}"
+
+
+def test_the_feature_pass_tower_computes_what_the_tower_computes(random_sd, pixels):
+    from torch import nn
+    from transformers.models.efficientnet.modeling_efficientnet import EfficientNetSqueezeExciteLayer
+
+    from clipqwen.tower_inference import for_inference
+
+    tower = converted_model(random_sd).eval()
+    before = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
+    fast = for_inference(tower)
+    # every BatchNorm folded, every (identity) squeeze-excite gone: the work the rewrite exists to remove
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in fast.modules())
+    assert not any(isinstance(module, EfficientNetSqueezeExciteLayer) for module in fast.modules())
+    with torch.no_grad():
+        exact = converted_model(random_sd).double().eval()(pixels.double())
+        expected, actual = tower(pixels), fast(pixels)
+    # "the same to rounding": the rewrite is no further from the fp64 forward than the tower itself is (16 random
+    # blocks amplify fp32 rounding to ~1e-3 of the map's scale in both)
+    for key in ("last_hidden_state", "pooler_output"):
+        tower_error = (expected[key] - exact[key]).abs().max().item()
+        assert (actual[key] - exact[key]).abs().max().item() <= 2 * tower_error + 1e-6
+        assert_close(actual[key], expected[key], rtol=5e-3)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in tower.state_dict().items())  # a copy
+    assert any(isinstance(module, nn.BatchNorm2d) for module in tower.modules())

@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..checkpoints import file_problem, file_record
 from ..images import ClipPixels, pixel_values
+from ..tower_inference import CNN_CHUNK, for_inference, is_cnn
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
 
@@ -304,6 +305,8 @@ def _encode_to_file(
     tower = model.get_encoder(modality="image")
     was_training = tower.training
     tower.eval()  # the cache holds inference features: a BatchNorm tower in training mode uses batch statistics
+    model.model.vision_tower = for_inference(tower)  # swapped back below; the model's own tower is untouched
+    chunk = CNN_CHUNK if is_cnn(tower) else batch_size
     try:
         empty = datasets.Features(
             {"vision_embeds": datasets.List(datasets.Value("float32")), "unreadable": datasets.Value("string")}
@@ -325,7 +328,8 @@ def _encode_to_file(
                 if pixels:
                     pixels = torch.cat(pixels).to(device)
                     pixels = fast.normalise(pixels) if pixels.dtype == torch.uint8 else pixels  # 8-bit crops
-                    embeds = model.get_vision_embeds(pixels).float().cpu().numpy()
+                    embeds = torch.cat([model.get_vision_embeds(part) for part in pixels.split(chunk)])
+                    embeds = embeds.float().cpu().numpy()
                     shape = embeds.shape[1:]
                 if shape is None:  # no readable image yet: the shape of one, from a blank input
                     crop = pixel_values([PILImage.new("RGB", (8, 8))], processor)
@@ -340,6 +344,7 @@ def _encode_to_file(
             writer.finalize()
         os.replace(temporary, cache_file)
     finally:
+        model.model.vision_tower = tower
         tower.train(was_training)
         temporary.unlink(missing_ok=True)
     _write_manifest(cache_file)
