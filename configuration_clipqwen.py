@@ -38,7 +38,7 @@ CLIP_VIT_B32 = dict(projection_dim=512)
 # Image towers the adapter knows how to read, by vision_config.model_type.
 VISION_TOWERS = ("clip_vision_model", "efficientnet")
 
-AdapterType = Literal["linear", "mlp2x_gelu"]
+AdapterType = Literal["linear", "mlp2x_gelu", "resampler"]
 VisionFeatureType = Literal["pooled", "patch"]
 
 
@@ -57,13 +57,18 @@ class ClipQwenConfig(PreTrainedConfig):
             The decoder: any causal LM's config. A dict names its `model_type` (default `"qwen3"`,
             merged over Qwen3-0.6B-Base's values; another type takes its class defaults).
         adapter_type (`str`, *optional*, defaults to `"mlp2x_gelu"`):
-            `"linear"` (one `nn.Linear`) or `"mlp2x_gelu"` (Linear-GELU-Linear, as LLaVA-1.5).
+            `"linear"` (one `nn.Linear`), `"mlp2x_gelu"` (Linear-GELU-Linear, as LLaVA-1.5) or
+            `"resampler"`: `num_query_tokens` learned queries cross-attending over the tower's feature
+            map (Qwen-VL's one-layer resampler; needs `vision_feature_type="patch"`).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
             `"pooled"`: one image embedding (CLIP's `image_embeds`, a CNN's pooled output), expanded
             into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per feature-map
             position (LLaVA): CLIP's CLS + patch states of `vision_feature_layer`, or a CNN's map.
         num_pooled_image_tokens (`int`, *optional*, defaults to 8):
             Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
+        num_query_tokens (`int`, *optional*, defaults to 8):
+            Image tokens the resampler hands the decoder (BLIP-2's name). Only used with
+            `adapter_type="resampler"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             The CLIP hidden state read with `vision_feature_type="patch"` (-2: the penultimate). A CNN
             offers its final feature map only: -1.
@@ -86,6 +91,7 @@ class ClipQwenConfig(PreTrainedConfig):
     adapter_type: AdapterType = "mlp2x_gelu"
     vision_feature_type: VisionFeatureType = "pooled"
     num_pooled_image_tokens: int = interval(min=1)(default=8)
+    num_query_tokens: int = interval(min=1)(default=8)
     vision_feature_layer: int = -2
     image_token_id: int | None = 151655
     tie_word_embeddings: bool = True
@@ -124,6 +130,13 @@ class ClipQwenConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
                 f"states -{layers + 1}..{layers}."
+            )
+
+    def validate_adapter_type(self):
+        if self.adapter_type == "resampler" and self.vision_feature_type != "patch":
+            raise ValueError(
+                'adapter_type="resampler" reads the image tower\'s feature map: set vision_feature_type="patch" '
+                f"(it is {self.vision_feature_type!r})."
             )
 
     def validate_image_token_id(self):
@@ -172,8 +185,15 @@ class ClipQwenConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """How many image placeholders one image takes in the text."""
+        if self.adapter_type == "resampler":
+            return self.num_query_tokens
         if self.vision_feature_type == "pooled":
             return self.num_pooled_image_tokens
+        return self.num_feature_positions
+
+    @property
+    def num_feature_positions(self) -> int:
+        """Feature vectors one image gives the projector with `vision_feature_type="patch"`."""
         vision = self.vision_config
         if vision.model_type == "efficientnet":
             return (vision.image_size // 32) ** 2  # total stride 32, no CLS

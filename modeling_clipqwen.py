@@ -4,7 +4,8 @@ body) and `ClipQwenForConditionalGeneration` (`model`, `lm_head`).
 
 - Image features replace the placeholders' embeddings (`masked_scatter`): `generate()` is the stock one.
 - A pooled image embedding becomes `num_pooled_image_tokens` tokens (ClipCap); patch features map
-  one to one (LLaVA-1.5's `mlp2x_gelu`, or a linear layer).
+  one to one (LLaVA-1.5's `mlp2x_gelu`, or a linear layer), or a resampler's learned queries read
+  the whole map and become `num_query_tokens` tokens (Qwen-VL, Flamingo's Perceiver resampler).
 - Both towers come from their sub-configs through the Auto classes: any causal LM can be the decoder.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import (
@@ -86,6 +88,49 @@ class ClipQwenMultiModalProjector(nn.Module):
         return projected.reshape(projected.shape[0], -1, self.hidden_size)
 
 
+class ClipQwenResampler(nn.Module):
+    """Feature map (batch, positions, feature_size) → (batch, num_query_tokens, hidden_size): learned queries
+    cross-attend once over the map with learned position embeddings, then a pre-norm MLP and a final
+    LayerNorm + projection (Qwen-VL's one-layer resampler). The decoder sees a few tokens, as with a pooled
+    embedding, but each can read where in the image things are."""
+
+    head_dim = 64  # as CLIP's and Qwen-VL's attention heads; one head when the width is not a multiple
+
+    def __init__(self, config: ClipQwenConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.hidden_size = hidden
+        self.num_heads = hidden // self.head_dim if hidden % self.head_dim == 0 else 1
+        self.query = nn.Parameter(torch.empty(config.num_query_tokens, hidden))
+        self.position_embedding = nn.Parameter(torch.empty(config.num_feature_positions, hidden))
+        self.feature_proj = nn.Linear(config.vision_feature_size, hidden)
+        self.query_norm = nn.LayerNorm(hidden)
+        self.feature_norm = nn.LayerNorm(hidden)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)
+        )
+        self.post_norm = nn.LayerNorm(hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (batch, heads, length, head width)
+
+    def forward(self, vision_embeds: torch.Tensor) -> torch.Tensor:
+        features = self.feature_proj(vision_embeds.to(self.feature_proj.weight.dtype)) + self.position_embedding
+        features = self.feature_norm(features)
+        queries = self.query_norm(self.query).expand(features.shape[0], -1, -1)
+        attended = nn.functional.scaled_dot_product_attention(
+            self._heads(self.q_proj(queries)), self._heads(self.k_proj(features)), self._heads(self.v_proj(features))
+        )
+        tokens = self.query + self.o_proj(attended.transpose(1, 2).flatten(2))
+        tokens = tokens + self.mlp(tokens)
+        return self.proj(self.post_norm(tokens))
+
+
 class ClipQwenPreTrainedModel(PreTrainedModel):
     config: ClipQwenConfig
     base_model_prefix = "model"
@@ -99,6 +144,12 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ClipQwenResampler):
+            init.normal_(module.query, std=self.config.get_text_config().initializer_range)
+            init.zeros_(module.position_embedding)  # the map's order is learned from the data
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,7 +167,8 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
         self.vision_tower = vision_model_class(config.vision_config)._from_config(config.vision_config)
-        self.multi_modal_projector = ClipQwenMultiModalProjector(config)
+        projector = ClipQwenResampler if config.adapter_type == "resampler" else ClipQwenMultiModalProjector
+        self.multi_modal_projector = projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -369,5 +421,6 @@ __all__ = [
     "ClipQwenModel",
     "ClipQwenMultiModalProjector",
     "ClipQwenPreTrainedModel",
+    "ClipQwenResampler",
     "vision_model_class",
 ]

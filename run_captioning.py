@@ -94,14 +94,19 @@ class ModelArguments:
         metadata={
             "help": "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and "
             "--prompt override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the "
-            "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'seed_exact': the "
+            "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'resampler': "
+            "--num_query_tokens learned queries read the image tower's feature map (--vision_feature_layer) and "
+            "become image tokens after 'Image:'. 'seed_exact': the "
             "course project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
             "pretrained decoder it did not learn to use the image."
         },
     )
     adapter_type: AdapterType | None = field(
         default=None,
-        metadata={"help": "Adapter: 'linear' (the seed's) or 'mlp2x_gelu' (LLaVA-1.5's). Default: the preset's."},
+        metadata={
+            "help": "Projector: 'linear' (the seed's), 'mlp2x_gelu' (LLaVA-1.5's) or 'resampler' (learned queries "
+            "over the feature map; needs --vision_feature_type patch). Default: the preset's."
+        },
     )
     vision_feature_type: VisionFeatureType | None = field(
         default=None,
@@ -113,6 +118,9 @@ class ModelArguments:
     num_pooled_image_tokens: int | None = field(
         default=None,
         metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
+    )
+    num_query_tokens: int = field(
+        default=8, metadata={"help": "Image tokens the resampler makes (--adapter_type resampler)."}
     )
     vision_feature_layer: int = field(
         default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."}
@@ -319,6 +327,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         adapter_type=args.adapter_type,
         vision_feature_type=args.vision_feature_type,
         num_pooled_image_tokens=args.num_pooled_image_tokens,
+        num_query_tokens=args.num_query_tokens,
         vision_feature_layer=args.vision_feature_layer,
     )
     if not args.tiny_model:  # an unreachable Hub fails in a second, not after retries per file

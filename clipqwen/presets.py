@@ -32,6 +32,13 @@ LAYOUTS = {
         num_pooled_image_tokens=8,
         prompt="Image:<|image_pad|>",
     ),
+    # learned queries read the tower's feature map (Qwen-VL's resampler): as few tokens as clipcap
+    "resampler": dict(
+        adapter_type="resampler",
+        vision_feature_type="patch",
+        num_pooled_image_tokens=8,
+        prompt="Image:<|image_pad|>",
+    ),
     "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
 }
 

@@ -80,6 +80,20 @@ def test_patch_features_take_cls_plus_patch_grid_tokens():
     assert ClipQwenConfig(num_pooled_image_tokens=4).num_image_tokens == 4
 
 
+def test_the_resampler_takes_its_query_count_and_reads_the_feature_map():
+    config = ClipQwenConfig(adapter_type="resampler", vision_feature_type="patch", num_query_tokens=6)
+    assert (config.num_image_tokens, config.num_feature_positions) == (6, 50)
+    efficientnet = ClipQwenConfig(
+        adapter_type="resampler",
+        vision_feature_type="patch",
+        vision_feature_layer=-1,
+        vision_config={"model_type": "efficientnet", "image_size": 224},
+    )
+    assert (efficientnet.num_image_tokens, efficientnet.num_feature_positions) == (8, 49)
+    with pytest.raises(StrictDataclassError, match='adapter_type="resampler".*vision_feature_type="patch"'):
+        ClipQwenConfig(adapter_type="resampler")  # a pooled embedding is no map to attend over
+
+
 def test_round_trips(tmp_path):
     config = ClipQwenConfig(
         adapter_type="mlp2x_gelu", vision_feature_type="patch", text_config={"num_hidden_layers": 3}
@@ -99,6 +113,7 @@ BAD = {
     "adapter_type": (1, "transformer"),
     "vision_feature_type": (1, "cls"),
     "num_pooled_image_tokens": ("2", 0),
+    "num_query_tokens": ("2", 0),
     "vision_feature_layer": ("x", 40),
     "image_token_id": ("5", 10**7),
     "tie_word_embeddings": ("no", None),

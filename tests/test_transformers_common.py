@@ -68,6 +68,7 @@ class ClipQwenModelTester:
         text_config=None,
         vision_config=None,
         is_training=True,
+        **layout,
     ):
         text_config = dict(TEXT_CONFIG if text_config is None else text_config)
         vision_config = dict(VISION_CONFIG if vision_config is None else vision_config)
@@ -83,7 +84,8 @@ class ClipQwenModelTester:
         self.hidden_size = text_config["hidden_size"]
         self.num_hidden_layers = text_config["num_hidden_layers"]
         self.num_attention_heads = text_config["num_attention_heads"]
-        self.num_image_tokens = num_pooled_image_tokens
+        self.layout = layout
+        self.num_image_tokens = layout.get("num_query_tokens", num_pooled_image_tokens)
         self.seq_length = seq_length + self.num_image_tokens
         self.encoder_seq_length = self.seq_length
 
@@ -93,6 +95,7 @@ class ClipQwenModelTester:
             vision_config=self.vision_config,
             image_token_id=self.image_token_id,
             num_pooled_image_tokens=self.num_pooled_image_tokens,
+            **self.layout,
         )
 
     def prepare_config_and_inputs(self):
@@ -148,4 +151,31 @@ class ClipQwenForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestC
         "this tester cannot inherit it; test_modeling.py covers generate() instead."
     )
     def test_generation_tester_mixin_inheritance(self):
+        pass
+
+
+class ClipQwenResamplerModelTest(ClipQwenForConditionalGenerationModelTest):
+    """The same common tests with the resampler projector over CLIP's patch states."""
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = ClipQwenModelTester(
+            self, adapter_type="resampler", vision_feature_type="patch", num_query_tokens=3
+        )
+
+    # The mixin's gradient-checkpointing tests unfreeze every parameter and expect each to get a gradient. A
+    # feature map read at vision_feature_layer leaves CLIP's later layers, its post-layernorm and its projection
+    # unused, by design; the pooled layout runs these tests above, through the same checkpointing machinery.
+    _unused_by_design = "patch features leave CLIP's later layers, post-layernorm and projection without gradients"
+
+    @unittest.skip(_unused_by_design)
+    def test_training_gradient_checkpointing(self):
+        pass
+
+    @unittest.skip(_unused_by_design)
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        pass
+
+    @unittest.skip(_unused_by_design)
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
         pass

@@ -26,9 +26,14 @@ def efficientnet_model(seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("feature_type, tokens", [("pooled", 3), ("patch", 49)])
-def test_efficientnet_features_become_image_tokens(feature_type, tokens, photos):
-    model = efficientnet_model(vision_feature_type=feature_type, num_pooled_image_tokens=3)
+@pytest.mark.parametrize(
+    "feature_type, adapter, tokens",
+    [("pooled", "mlp2x_gelu", 3), ("patch", "mlp2x_gelu", 49), ("patch", "resampler", 5)],
+)
+def test_efficientnet_features_become_image_tokens(feature_type, adapter, tokens, photos):
+    model = efficientnet_model(
+        vision_feature_type=feature_type, adapter_type=adapter, num_pooled_image_tokens=3, num_query_tokens=5
+    )
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     assert isinstance(model.model.vision_tower, EfficientNetModel)
     assert model.config.num_image_tokens == tokens  # 224 px / total stride 32 = a 7×7 map, no CLS
