@@ -357,6 +357,8 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
             )
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
     except (OSError, ModelLoadError) as error:
+        if local := hub.local_file_error(error):  # a write to the cache failed: not a download problem
+            raise SystemExit(f"error: could not load the model: {local}. {hub.local_file_hint(local)}") from error
         if isinstance(error, ModelLoadError) and not isinstance(error.__cause__, OSError):
             raise  # not a download problem: the message says what is wrong with the model
         raise SystemExit(
