@@ -501,8 +501,9 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
             **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
         )
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
+        with exit_if_export_fails(out):  # the first writes after training: a full disk here costs no training either
+            trainer.save_metrics("train", train_metrics)
+            trainer.save_state()
         metrics.update(train_metrics)
 
     # 8. Evaluation: validation loss, then generated captions scored against all references

@@ -88,17 +88,17 @@ class ExportWriteError(OSError):
         super().__init__(f"writing {path} ({type(error).__name__}: {' '.join(str(error).split())})")
 
 
-def failed_file(error: BaseException, staging: Path) -> str:
-    """The file a failed write was writing: the error's own, else the newest in the staging folder (file.write and
-    safetensors name none; the file being written is the last one touched)."""
+def failed_file(error: BaseException, folder: Path) -> str:
+    """The file a failed write was writing: the error's own, else the newest in `folder` (file.write names none;
+    the file being written is the last one touched)."""
     path = getattr(error, "filename", None)
     if not path:
-        files = [p for p in staging.rglob("*") if p.is_file()] if staging.is_dir() else []
+        files = [p for p in folder.glob("*") if p.is_file()] if folder.is_dir() else []
         if not files:  # all moved into place: the run's marker was being written
-            return f"a file in {staging.parent}"
+            return f"a file in {folder if folder.is_dir() else folder.parent}"
         path = max(files, key=lambda p: p.stat().st_mtime_ns)
     path = Path(path)
-    return path.relative_to(staging).as_posix() if path.is_relative_to(staging) else str(path)
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
@@ -207,8 +207,8 @@ def exit_if_export_fails(out: Path):
         cause = error.error if isinstance(error, ExportWriteError) else error
         if isinstance(error, ExportWriteError):
             what = str(error)
-        else:  # the metrics written beside the export
-            what = f"writing {getattr(error, 'filename', None) or 'a file'} ({type(error).__name__}: {error})"
+        else:  # the run's metrics and state, written into `out` itself
+            what = f"writing {failed_file(error, out)} ({type(error).__name__}: {error})"
         checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
         raise SystemExit(
             f"error: exporting to {out} failed {' '.join(what.split())}. "

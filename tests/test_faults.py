@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
@@ -455,8 +456,9 @@ def disk_full(path):
     [
         (too_large, "model.safetensors", "File too large (os error 27)"),
         (disk_full, "README.md", "No space left on device"),
+        (disk_full, "trainer_state.json", "No space left on device"),
     ],
-    ids=["size limit at the model", "disk full at the card"],
+    ids=["size limit at the model", "disk full at the card", "disk full at the state after training"],
 )
 def test_an_export_that_fails_at_any_file_keeps_the_training_without_checkpoints(
     fault, failing, says, straight, tmp_path, monkeypatch
@@ -480,8 +482,15 @@ def test_an_export_that_fails_at_any_file_keeps_the_training_without_checkpoints
             raise fault(path)
         return real_card_save(self, path)
 
+    def save_state(self, path):
+        if Path(path) == out / failing:  # the run's, not the checkpoint's
+            raise fault(path)
+        return real_save_state(self, path)
+
+    real_save_state = TrainerState.save_to_json
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     monkeypatch.setattr(ModelCard, "save", card_save)
+    monkeypatch.setattr(TrainerState, "save_to_json", save_state)
     with pytest.raises(SystemExit) as error:
         run(out, "--save_strategy", "no")
     message, kept = str(error.value), out / f"checkpoint-{MAX_STEPS}"
