@@ -366,6 +366,8 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
             )
             processor = ClipQwenProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
     except (OSError, ModelLoadError) as error:
+        if local := hub.local_file_error(error):  # a write to the cache failed: not a download problem
+            raise SystemExit(f"error: could not load the model: {local}. {hub.local_file_hint(local)}") from error
         if isinstance(error, ModelLoadError) and not isinstance(error.__cause__, OSError):
             raise  # not a download problem: the message says what is wrong with the model
         raise SystemExit(
@@ -508,8 +510,9 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
             **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
         )
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
+        with exit_if_export_fails(out):  # the first writes after training: a full disk here costs no training either
+            trainer.save_metrics("train", train_metrics)
+            trainer.save_state()
         metrics.update(train_metrics)
 
     # 8. Evaluation: validation loss, then generated captions scored against all references

@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .images import ImageLoadError, load_image
+from .images import IMAGE_SUFFIXES, ImageLoadError, image_files_in, load_image, name_problem
 from .loading import ModelLoadError, load_clipqwen, one_line
 from .precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
 from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
 from .presets import CAPTION_GENERATION, caption_generation_config
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
 
 
@@ -39,8 +38,17 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     paths = []
     for item in inputs:
         path = Path(item)
+        if problem := name_problem(path):  # asking whether it is a folder would raise
+            raise InputError(f"{printable(item)}: {problem}.")
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            images, passed = image_files_in(path)  # load_image says why an image name is no image file
+            paths += images
+            if passed:
+                print(
+                    f"{printable(item)}: passed over {len(passed)} file(s) not named as images: "
+                    f"{', '.join(map(printable, passed[:5]))}{' ...' if len(passed) > 5 else ''}",
+                    file=sys.stderr,
+                )
         elif path.is_file():
             paths.append(path)
         elif path.exists():

@@ -84,16 +84,19 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp"))
 
 
-def mark_complete(folder, step: int | None = None) -> Path:
+def mark_complete(folder, step: int | None = None, weights_only: bool = False) -> Path:
     """Write the manifest that makes `folder` a complete checkpoint. Call it after every file is written.
     Every file is fsynced first and the manifest goes in by an atomic rename, so after a crash or power cut
-    the manifest exists only if the data it describes is on disk."""
+    the manifest exists only if the data it describes is on disk. `weights_only`: the trained weights and the
+    trainer state alone (`is_weights_only`), kept for an export, not for training on."""
     folder = Path(folder)
     files = {}
     for path in _files(folder):
         _fsync(path)
         files[path.relative_to(folder).as_posix()] = file_record(path)
     manifest = {"step": step, "files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if weights_only:
+        manifest["weights_only"] = True
     partial = folder / f"{MARKER}.{os.getpid()}.tmp"
     with open(partial, "w", encoding="utf-8") as file:
         json.dump(manifest, file, indent=1)
@@ -102,6 +105,14 @@ def mark_complete(folder, step: int | None = None) -> Path:
     os.replace(partial, folder / MARKER)
     _fsync(folder, directory=True)
     return folder / MARKER
+
+
+def is_weights_only(folder) -> bool:
+    """`folder` is a complete checkpoint that holds the trained weights without the optimizer state."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("weights_only", False) is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def checkpoint_problem(folder, verify_hashes: bool = True, legacy: bool = False) -> str | None:
@@ -238,6 +249,38 @@ def clear_for_save(folder) -> None:
         logger.warning("Removing %s left by an interrupted run before saving it again.", folder)
         (folder / MARKER).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors) report the system's error
+
+
+def os_errno(error: BaseException) -> int | None:
+    """The system error behind a failed write: an OSError's number, or the one a Rust writer puts in its message
+    (safetensors: "I/O error: File too large (os error 27)")."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno
+    match = _OS_ERROR_RE.search(str(error))
+    return int(match.group(1)) if match else None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An error of the file system, also as safetensors' or torch's writers report it (not OSErrors)."""
+    return isinstance(error, OSError) or os_errno(error) is not None or "write failed" in str(error).lower()
+
+
+def what_to_do(error: BaseException, folder) -> str:
+    """What frees a write that failed with `error` in `folder`: space, a size limit, or another disk."""
+    number = os_errno(error)
+    if number == errno.EFBIG:
+        return (
+            f"the file is over a file-size limit (`ulimit -f`, or the largest file the file system takes): raise it "
+            f"or move {folder} to a file system that takes larger files (and pass its new path as --output_dir)"
+        )
+    if number in _DISK_FULL_ERRNOS or "write failed" in str(error).lower():
+        return (
+            f"free some space on that disk, or move {folder} to one with room (and pass its new path as --output_dir)"
+        )
+    return f"fix that, or move {folder} to another disk (and pass its new path as --output_dir)"
 
 
 def describe_save_failure(folder, output_dir, error: BaseException) -> str:

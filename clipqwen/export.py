@@ -67,9 +67,38 @@ def export(
         )
         card.save(staging / "README.md")
         publish(staging, final, step=trainer.state.global_step)
+    except Exception as error:
+        if checkpoints.is_write_failure(error) and not isinstance(error, ExportWriteError):
+            raise ExportWriteError(failed_file(error, staging), error) from error  # named before the staging goes
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # The exported model holds the trained weights now: the copy kept without checkpoints (--save_strategy no) goes.
+    kept = Path(trainer._checkpoint_folder())
+    if training_args.save_strategy == "no" and checkpoints.is_weights_only(kept):
+        shutil.rmtree(kept, ignore_errors=True)
     return final
+
+
+class ExportWriteError(OSError):
+    """Writing the export failed: which file (`path`, relative to the export), and the error."""
+
+    def __init__(self, path: str, error: BaseException):
+        self.path, self.error = path, error
+        super().__init__(f"writing {path} ({type(error).__name__}: {' '.join(str(error).split())})")
+
+
+def failed_file(error: BaseException, folder: Path) -> str:
+    """The file a failed write was writing: the error's own, else the newest in `folder` (file.write names none;
+    the file being written is the last one touched)."""
+    path = getattr(error, "filename", None)
+    if not path:
+        files = [p for p in folder.glob("*") if p.is_file()] if folder.is_dir() else []
+        if not files:  # all moved into place: the run's marker was being written
+            return f"a file in {folder if folder.is_dir() else folder.parent}"
+        path = max(files, key=lambda p: p.stat().st_mtime_ns)
+    path = Path(path)
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
@@ -77,15 +106,29 @@ def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kw
     processor. Returns the model as saved."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):  # LoRA
-        model.save_pretrained(folder / "lora")
+        with weights_file("lora/adapter_model.safetensors"):
+            model.save_pretrained(folder / "lora")
         (folder / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank template card (base_model: '')
         if merge_lora:
             model = model.merge_and_unload()
     # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
     model.generation_config.update(**generation_kwargs)
-    model.save_pretrained(folder)
+    with weights_file("model.safetensors"):
+        model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model
+
+
+@contextmanager
+def weights_file(name: str):
+    """Name `name` in a write failure that safetensors reports: its error names no file, and it removes the partial
+    one (the newest file in the folder is then another)."""
+    try:
+        yield
+    except Exception as error:
+        if checkpoints.is_write_failure(error) and not isinstance(error, OSError):
+            raise ExportWriteError(name, error) from error
+        raise
 
 
 def write_jsonl(path, rows):
@@ -154,19 +197,26 @@ def publish(staging: Path, final: Path, step: int) -> None:
 
 @contextmanager
 def exit_if_export_fails(out: Path):
-    """A failed export (a full disk, a vanished folder) exits naming the last complete checkpoint: what training
-    produced is there, and the same command exports it again without training."""
+    """A failed export (a full disk, a file-size limit, a vanished folder) exits in one line naming the file, the
+    error and what to do, and where the trained weights are: the same command exports them without training."""
     try:
         yield
-    except OSError as error:
+    except Exception as error:
+        if not checkpoints.is_write_failure(error):
+            raise
+        cause = error.error if isinstance(error, ExportWriteError) else error
+        if isinstance(error, ExportWriteError):
+            what = str(error)
+        else:  # the run's metrics and state, written into `out` itself
+            what = f"writing {failed_file(error, out)} ({type(error).__name__}: {error})"
         checkpoint = checkpoints.last_complete_checkpoint(out, verify_hashes=False, log=False)
         raise SystemExit(
-            f"error: exporting to {out} failed ({error}). "
+            f"error: exporting to {out} failed {' '.join(what.split())}. "
             + (
-                f"The last complete checkpoint, {checkpoint}, is intact: free some space and rerun the "
-                "same command to export it without training again."
+                f"The trained weights are saved in {checkpoint}: {checkpoints.what_to_do(cause, out)}, then rerun "
+                "the same command to export them without training."
                 if checkpoint
-                else "No checkpoint was saved (--save_strategy no): free some space and rerun."
+                else f"No checkpoint holds trained weights: {checkpoints.what_to_do(cause, out)}, then rerun."
             )
         ) from error
 

@@ -6,6 +6,7 @@ ever uploaded; what each `--hub_strategy` pushes is in docs/training.md.
 """
 
 import argparse
+import errno
 import os
 import re
 from pathlib import Path
@@ -46,6 +47,38 @@ def is_hub_id(name: str | None) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+# ---- local file faults --------------------------------------------------------------------------------------
+# This machine's file system refusing a write or a read (full, over a size limit, read-only, forbidden): no Hub
+# access fixes these, so the Hub-access hints must not follow them.
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FORBIDDEN = {errno.EROFS, errno.EACCES, errno.EPERM}
+LOCAL_FILE_ERRNOS = _FULL | _FORBIDDEN | {errno.EFBIG, errno.EIO, errno.ENAMETOOLONG}
+
+
+def local_file_error(error: BaseException | None) -> OSError | None:
+    """The local file-system error behind `error` (itself or what it was raised from), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in LOCAL_FILE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def local_file_hint(error: OSError) -> str:
+    """What to do about a local file-system error, instead of a Hub-access hint."""
+    if error.errno == errno.EFBIG:
+        fix = "raise the file-size limit (`ulimit -f`)"
+    elif error.errno in _FULL:
+        fix = "free some space"
+    elif error.errno in _FORBIDDEN:
+        fix = "make that folder writable"
+    else:
+        fix = "check that file and its disk"
+    return f"A local file failed, not Hub access: {fix}, or set HF_HOME (the cache) to a folder on another disk."
 
 
 # ---- reachability -------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ class ImageLoadError(ValueError):
     """An image file that cannot be used. `name` is the file, `reason` what is wrong with it."""
 
     def __init__(self, name: str, reason: str, advice: str = _REDO):
-        self.name, self.reason = name, reason
+        self.name, self.reason, self.advice = name, reason, advice
         super().__init__(f"Cannot load image {name}: {reason}. {advice}")
 
 
@@ -130,10 +130,18 @@ def _load(source, name):
                 # Copy a memory-mapped file's pixels: a later write to it would change them.
                 rgb = to_rgb(image)
                 return rgb.copy() if rgb is image and getattr(image, "map", None) is not None else rgb
-    except ImageLoadError:
-        raise
+    except ImageLoadError as error:
+        raise _through_link(error, path if data is None else None) from None
     except Exception as error:  # noqa: BLE001 - the same reasons as for a PIL image given directly
-        raise _load_error(error, name, data, path) from error
+        raise _through_link(_load_error(error, name, data, path), path if data is None else None) from error
+
+
+def _through_link(error: ImageLoadError, path) -> ImageLoadError:
+    """`error`, saying where `path` leads when it is a symbolic link: "zero.jpg" is a device only as /dev/zero."""
+    if path is None or not os.path.islink(path):
+        return error
+    reason = f"{error.reason} (the name is a symbolic link to {os.path.realpath(path)})"
+    return ImageLoadError(error.name, reason, error.advice)
 
 
 def _load_pil(image, name):
@@ -211,18 +219,7 @@ def regular_file_size(path, name) -> int:
     except OSError as error:
         if error.errno != errno.ENAMETOOLONG:
             raise  # a missing or forbidden file: _load_error names it
-        longest = max(Path(path).parts, key=lambda part: len(os.fsencode(part)))
-        size = len(os.fsencode(longest))
-        if size <= 255:
-            reason = f"the path is too long for the file system ({len(os.fsencode(path)):,} bytes)"
-        elif size == len(longest):
-            reason = f"the file name is too long for the file system ({size} characters; most allow 255 bytes)"
-        else:
-            reason = (
-                f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
-                "most allow 255 bytes)"
-            )
-        raise ImageLoadError(name, reason, "Rename the file, or fix its name where it is listed.") from None
+        raise ImageLoadError(name, too_long(path), "Rename the file, or fix its name where it is listed.") from None
     if not stat.S_ISREG(status.st_mode):
         kind = (
             "a directory"
@@ -235,6 +232,46 @@ def regular_file_size(path, name) -> int:
         )
         raise ImageLoadError(name, f"it is {kind}, not a regular file", "Give the path of an image file.")
     return status.st_size
+
+
+def too_long(path) -> str:
+    """Why the system refuses `path` as too long (ENAMETOOLONG): one name over 255 bytes, or the whole path."""
+    longest = max(Path(path).parts, key=lambda part: len(os.fsencode(part)))
+    size = len(os.fsencode(longest))
+    if size <= 255:
+        return f"the path is too long for the file system ({len(os.fsencode(path)):,} bytes)"
+    if size == len(longest):
+        return f"the file name is too long for the file system ({size} characters; most allow 255 bytes)"
+    return (
+        f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
+        "most allow 255 bytes)"
+    )
+
+
+def name_problem(path) -> str | None:
+    """Why `path` cannot name a file at all (too long for the file system), or None: checked before anything asks
+    whether it is a folder, which raises for such a name."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return too_long(path) if error.errno == errno.ENAMETOOLONG else None
+    except ValueError:  # a NUL byte, a name that is not valid UTF-8: the loaders say so
+        return None
+    return None
+
+
+# ---- folder scans ---------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def image_files_in(folder) -> tuple[list[Path], list[str]]:
+    """(every entry of `folder` named as an image, sorted; the names of the others). What an entry named `*.jpg` is
+    (a FIFO, a folder, a device, a link to one or to a text file) is not checked here: `load_image` refuses it,
+    saying why, rather than the scan dropping it unsaid. The others are listed for the caller to report."""
+    entries = sorted(Path(folder).iterdir())
+    images = [path for path in entries if path.suffix.lower() in IMAGE_SUFFIXES]
+    passed = [path.name + ("/" if path.is_dir() else "") for path in entries if path not in images]
+    return images, passed
 
 
 def _not_an_image(data, path) -> tuple[str, str]:

@@ -128,8 +128,14 @@ def bundled_tokenizer_dir() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         shutil.copy(BUNDLED_TOKENIZER / "tokenizer_config.json", cache / "tokenizer_config.json")
         partial = cache / f"tokenizer.json.{os.getpid()}.tmp"
-        with gzip.open(BUNDLED_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with gzip.open(BUNDLED_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as error:  # a full disk, a size limit: the part written would only take space
+            partial.unlink(missing_ok=True)
+            if error.filename or error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(cache / "tokenizer.json")) from error  # write() names none
         partial.replace(cache / "tokenizer.json")  # atomic: parallel test workers never read half a file
     return cache
 

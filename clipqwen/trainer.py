@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -295,10 +296,11 @@ class CaptionTrainer(Trainer):
             signalled = self.graceful_stop.requested is not None
             # The last step is always checkpointed (also after a signal past its end), so that a
             # failed export is redone by rerunning the same command, without training again.
-            if (signalled or self.args.save_strategy != "no") and not os.path.isfile(
-                os.path.join(self._checkpoint_folder(), checkpoints.MARKER)
-            ):
-                self._save_checkpoint(self.model, trial=None)
+            if not os.path.isfile(os.path.join(self._checkpoint_folder(), checkpoints.MARKER)):
+                if signalled or self.args.save_strategy != "no":
+                    self._save_checkpoint(self.model, trial=None)
+                else:
+                    self._keep_trained_weights()
             if signalled and self.graceful_stop.stopped_at is None:
                 self.graceful_stop.stopped_at = self.state.global_step
             return result
@@ -322,6 +324,24 @@ class CaptionTrainer(Trainer):
                 )
             )
         return loss
+
+    def _keep_trained_weights(self):
+        """Without checkpoints (--save_strategy no), the trained weights alone (small: no optimizer state) and the
+        trainer state as a complete checkpoint of the last step, where a rerun looks: a failed evaluation or
+        export then costs no training. export() removes it once the exported model holds them."""
+        folder = self._checkpoint_folder()
+        if self.args.should_save:
+            checkpoints.clear_for_save(folder)
+            try:
+                self.save_model(folder, _internal_call=True)
+                self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+                checkpoints.mark_complete(folder, step=self.state.global_step, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - as in _save_checkpoint: remove the partial folder, say why
+                shutil.rmtree(folder, ignore_errors=True)
+                raise checkpoints.CheckpointSaveError(
+                    checkpoints.describe_save_failure(folder, self._get_output_dir(trial=None), error)
+                ) from error
+        self.accelerator.wait_for_everyone()
 
     def _checkpoint_folder(self, trial=None) -> str:
         return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

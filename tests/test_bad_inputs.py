@@ -3,7 +3,9 @@ annotation files, wrong arguments, and the Hub out of reach. Each one is refused
 or cleaned, and never executes anything."""
 
 import ast
+import errno
 import json
+import os
 import pickle
 import shutil
 import time
@@ -463,6 +465,44 @@ def test_an_unreachable_hub_without_offline_mode_fails_fast_too(tmp_path, unreac
         run(tmp_path / "out", "--do_train", "--model_name_or_path", "someone/clipqwen-flickr30k", tiny=False)
     assert time.monotonic() - start < 10
     assert "does not answer" in caplog.text and "working offline" in caplog.text
+
+
+def too_large(src, dst, *args, **kwargs):
+    """A file-size limit (`ulimit -f`) hit halfway through a copy: what `file.write` raises, naming no file."""
+    dst.write(b"\0" * 100)
+    raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+
+def test_a_local_write_failure_while_building_the_model_is_not_blamed_on_the_hub(tmp_path, monkeypatch):
+    """The bundled tokenizer is unpacked into the cache while the model is built: a size limit stops that write."""
+    from clipqwen import presets
+
+    monkeypatch.setattr(presets, "clipqwen_cache_dir", lambda: tmp_path / "cache")  # not unpacked there yet
+    monkeypatch.setattr(presets.shutil, "copyfileobj", too_large)
+    with pytest.raises(SystemExit) as error:
+        run(tmp_path / "out", "--do_train", "--max_steps", "1")
+    message = str(error.value)
+    assert OFFLINE_HINT not in message and "Hub" not in message.replace("not Hub access", ""), message
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "File too large" in message and str(tmp_path / "cache" / "qwen3-tokenizer" / "tokenizer.json") in message
+    assert "ulimit -f" in message and "HF_HOME" in message, message
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # the partial copy does not stay, taking space
+
+
+def test_a_local_write_failure_while_loading_a_data_set_is_not_blamed_on_the_hub(monkeypatch):
+    import datasets
+
+    from clipqwen.data import sources
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/cache/datasets/flickr30k/train.arrow")
+
+    monkeypatch.setattr(datasets, "load_dataset", disk_full)
+    with pytest.raises(SystemExit) as error:
+        sources.load_hub_dataset("nlphuji/flickr30k", None, "main", None)
+    message = str(error.value)
+    assert "use local data instead" not in message and "No space left on device" in message, message
+    assert "train.arrow" in message and "free some space" in message, message
 
 
 def test_the_reliability_table_names_existing_tests():

@@ -239,6 +239,42 @@ def test_cli_a_recursive_glob_through_a_symlink_loop_lists_each_photo_once(tmp_p
     assert caption_cli.expand_inputs([f"{tmp_path}/**/*.jpg"]) == [tmp_path / "photo.jpg"]
 
 
+def test_cli_names_every_file_of_a_folder_it_skips_or_passes_over_with_its_real_reason(saved_model, tmp_path, capsys):
+    """A FIFO, a folder, a link to a device and a link to a text file, all named *.jpg, beside one photo: each is
+    skipped with what it is (the scan used to drop the first three unsaid), and files not named as images are listed
+    as passed over."""
+    shutil.copy(PHOTO, tmp_path / "photo.jpg")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    (tmp_path / "notes.jpg").symlink_to(notes)
+    status, out, err = cli(capsys, saved_model, tmp_path, *QUICK)
+    assert status == 0 and [line.split("\t")[0] for line in out.splitlines()] == [str(tmp_path / "photo.jpg")]
+    skipped = {line.split(": ")[1].split("Cannot load image ")[-1]: line for line in err if line.startswith("skipped")}
+    assert len(skipped) == 4, err
+    assert "a FIFO (named pipe), not a regular file" in skipped[str(tmp_path / "fifo.jpg")]
+    assert "a directory, not a regular file" in skipped[str(tmp_path / "folder.jpg")]
+    assert (
+        "a device, not a regular file (the name is a symbolic link to /dev/zero)"
+        in skipped[str(tmp_path / "zero.jpg")]
+    )
+    assert (
+        f"not recognise it as an image (unknown format or random bytes) (the name is a symbolic link to {notes})"
+        in (skipped[str(tmp_path / "notes.jpg")])
+    )
+    assert any("passed over 1 file(s) not named as images: notes.txt" in line for line in err), err
+    assert err[-1] == "4 unreadable file(s) skipped.", err
+
+
+def test_cli_names_an_input_too_long_for_the_file_system(saved_model, tmp_path, capsys):
+    name = tmp_path / ("x" * 300 + ".jpg")
+    status, out, err = cli(capsys, saved_model, name, *QUICK)
+    assert status == 2 and out == "", err
+    assert "the file name is too long for the file system (304 characters" in err[-1], err
+
+
 def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_path, capsys, monkeypatch):
     model, processor = load_clipqwen(str(saved_model))
     generate, calls = model.generate, []
@@ -254,7 +290,10 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
     output = tmp_path / "captions.jsonl"
     status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
     assert status == 1
-    assert err == ["clipqwen-caption: error: CUDA out of memory. Tried to allocate 20.00 GiB second line"]
+    assert err == [
+        f"{PHOTOS}: passed over 2 file(s) not named as images: README.md, metadata.jsonl",  # the folder's notes
+        "clipqwen-caption: error: CUDA out of memory. Tried to allocate 20.00 GiB second line",
+    ]
     assert len(output.read_text().splitlines()) == 2  # the first batch
 
 

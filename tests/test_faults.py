@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
@@ -436,3 +437,79 @@ def test_a_failed_export_leaves_the_last_checkpoint_and_the_same_command_exports
         weights(straight / "checkpoint-8")["model.multi_modal_projector.layers.0.weight"],
     )
     assert "train_samples" in metrics
+
+
+def too_large(path):
+    """What a file-size limit (`ulimit -f`) makes safetensors raise; it removes the part it wrote."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+
+def disk_full(path):
+    Path(path).write_bytes(b"\0" * 100)
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as file.write raises it: no file name
+
+
+@pytest.mark.parametrize(
+    "fault, failing, says",
+    [
+        (too_large, "model.safetensors", "File too large (os error 27)"),
+        (disk_full, "README.md", "No space left on device"),
+        (disk_full, "trainer_state.json", "No space left on device"),
+    ],
+    ids=["size limit at the model", "disk full at the card", "disk full at the state after training"],
+)
+def test_an_export_that_fails_at_any_file_keeps_the_training_without_checkpoints(
+    fault, failing, says, straight, tmp_path, monkeypatch
+):
+    """--save_strategy no: the trained weights are on disk before the export writes anything, the failure is one
+    `error:` line naming the file, the OS error, what to do and where the weights are, and the same command then
+    exports those weights without training."""
+    import transformers.modeling_utils
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "no-checkpoints"
+    real_save_file, real_card_save = transformers.modeling_utils.safe_save_file, ModelCard.save
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if Path(filename).name == failing:
+            raise fault(filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    def card_save(self, path):
+        if Path(path).name == failing:
+            raise fault(path)
+        return real_card_save(self, path)
+
+    def save_state(self, path):
+        if Path(path) == out / failing:  # the run's, not the checkpoint's
+            raise fault(path)
+        return real_save_state(self, path)
+
+    real_save_state = TrainerState.save_to_json
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    monkeypatch.setattr(ModelCard, "save", card_save)
+    monkeypatch.setattr(TrainerState, "save_to_json", save_state)
+    with pytest.raises(SystemExit) as error:
+        run(out, "--save_strategy", "no")
+    message, kept = str(error.value), out / f"checkpoint-{MAX_STEPS}"
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert f"writing {failing}" in message and says in message, message
+    assert f"trained weights are saved in {kept}" in message and "rerun the same command" in message, message
+    assert not (out / "config.json").exists() and not list(out.glob(".export-*"))  # nothing half-written stays
+    assert checkpoints.last_complete_checkpoint(out) == str(kept)
+    trained = weights(kept)
+    assert_same_weights(trained, weights(straight / f"checkpoint-{MAX_STEPS}"))
+
+    monkeypatch.undo()
+    monkeypatch.setattr(CaptionTrainer, "training_step", lambda *args, **kwargs: pytest.fail("trained again"))
+    run(out, "--save_strategy", "no")  # the same command: exports, never trains
+    assert (out / "run_complete.json").exists() and (out / failing).exists()
+    exported = load_file(out / "model.safetensors")
+    projector = "model.multi_modal_projector."
+    assert_same_weights(
+        {name[len(projector) :]: exported[f"adapter.{name[len(projector) :]}"] for name in trained},
+        {name[len(projector) :]: tensor for name, tensor in trained.items()},
+    )
+    assert not kept.exists()  # --save_strategy no: once exported, the weights' safety copy goes

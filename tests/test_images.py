@@ -155,6 +155,18 @@ def test_a_fifo_directory_or_device_named_jpg_is_not_a_regular_file(tmp_path, ki
     assert "empty" not in message and "cannot be read" not in message
 
 
+@pytest.mark.parametrize("target", ["/dev/zero", "/etc/hostname"], ids=["a device", "a text file"])
+def test_a_link_named_jpg_says_where_it_leads(tmp_path, target):
+    """The shared guard (load_image, hence load_or_reason): 'zero.jpg' is a device only as the link it is."""
+    from clipqwen.data.cleaning import load_or_reason
+
+    if not os.path.exists(target):
+        pytest.skip(f"{target} is not on this machine")
+    (tmp_path / "link.jpg").symlink_to(target)
+    reason = load_or_reason({"path": str(tmp_path / "link.jpg"), "bytes": None}, "row 0")[1]
+    assert f"(the name is a symbolic link to {os.path.realpath(target)})" in reason, reason
+
+
 def test_a_path_through_a_file_cannot_be_read_and_is_not_called_corrupt(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"")
     message = assert_rejected(tmp_path / "photo.jpg" / "x.jpg", "cannot be read (Not a directory)", "Check the path")

@@ -10,6 +10,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 from transformers.utils import logging
 
+from .. import hub
 from .cleaning import check_image_references, kind_of, resolve_inside, with_checked_images
 
 
@@ -136,6 +137,10 @@ def load_hub_dataset(name, config_name, revision, cache_dir, one_split: bool = F
             return datasets.load_dataset("parquet", data_files={"train": parquet}, cache_dir=cache_dir)
         return datasets.load_dataset(name, config_name, revision=revision, cache_dir=cache_dir)
     except (ConnectionError, OSError, FileNotFoundError) as error:
+        if local := hub.local_file_error(error):  # writing datasets' cache failed: not a download problem
+            raise SystemExit(
+                f"error: could not load the data set {name!r}: {local}. {hub.local_file_hint(local)}"
+            ) from error
         raise SystemExit(
             f"Could not load the data set {name!r} (revision {revision!r}): {error}\n"
             "Without access to the Hugging Face Hub, use local data instead: --train_file/--validation_file/"
