@@ -26,9 +26,11 @@ def loss_and_adapter_grads(model, **inputs):
     return loss.detach(), [p.grad.clone() for p in model.model.multi_modal_projector.parameters()]
 
 
-@pytest.mark.parametrize("feature_type", ["pooled", "patch"])
-def test_loss_from_cached_features_equals_loss_from_pixels(make_model, photos, feature_type):
-    model = make_model(vision_feature_type=feature_type)
+@pytest.mark.parametrize(
+    "feature_type, adapter", [("pooled", "mlp2x_gelu"), ("patch", "mlp2x_gelu"), ("patch", "resampler")]
+)
+def test_loss_from_cached_features_equals_loss_from_pixels(make_model, photos, feature_type, adapter):
+    model = make_model(vision_feature_type=feature_type, adapter_type=adapter)
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     assert processor.num_image_tokens == model.config.num_image_tokens  # 1 pooled, 50 patch (7×7 + CLS)
 

@@ -57,6 +57,7 @@ def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
         {"adapter_type": "mlp2x_gelu"},
         {"num_pooled_image_tokens": 4},
         {"vision_feature_type": "patch", "adapter_type": "mlp2x_gelu"},
+        {"vision_feature_type": "patch", "adapter_type": "resampler", "num_query_tokens": 3},
     ],
 )
 def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, overrides):
@@ -121,7 +122,9 @@ def naive_greedy(model, batch, new_tokens):
     return ids
 
 
-@pytest.mark.parametrize("overrides", [{}, {"vision_feature_type": "patch"}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"vision_feature_type": "patch"}, {"vision_feature_type": "patch", "adapter_type": "resampler"}]
+)
 def test_greedy_with_kv_cache_equals_naive_loop(make_model, processor, photos, overrides):
     model = make_model(**overrides)
     batch = inputs_for(processor, photos[:1], num_image_tokens=model.config.num_image_tokens)
