@@ -131,6 +131,11 @@ class ClipQwenResampler(nn.Module):
         return self.proj(self.post_norm(tokens))
 
 
+def multi_modal_projector(config: ClipQwenConfig) -> nn.Module:
+    """The projector `config.adapter_type` names, newly initialised by the caller's `_init_weights`."""
+    return ClipQwenResampler(config) if config.adapter_type == "resampler" else ClipQwenMultiModalProjector(config)
+
+
 class ClipQwenPreTrainedModel(PreTrainedModel):
     config: ClipQwenConfig
     base_model_prefix = "model"
@@ -167,8 +172,7 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
     def __init__(self, config: ClipQwenConfig):
         super().__init__(config)
         self.vision_tower = vision_model_class(config.vision_config)._from_config(config.vision_config)
-        projector = ClipQwenResampler if config.adapter_type == "resampler" else ClipQwenMultiModalProjector
-        self.multi_modal_projector = projector(config)
+        self.multi_modal_projector = multi_modal_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -422,5 +426,6 @@ __all__ = [
     "ClipQwenMultiModalProjector",
     "ClipQwenPreTrainedModel",
     "ClipQwenResampler",
+    "multi_modal_projector",
     "vision_model_class",
 ]

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging
 
 from configuration_clipqwen import ClipQwenConfig
-from modeling_clipqwen import ClipQwenForConditionalGeneration, ClipQwenMultiModalProjector, vision_model_class
+from modeling_clipqwen import ClipQwenForConditionalGeneration, multi_modal_projector, vision_model_class
 
 
 logger = logging.get_logger(__name__)
@@ -114,7 +114,7 @@ def from_pretrained_backbones(
     model.model.language_model = text.get_decoder()
     model.lm_head = text.get_output_embeddings()
     # a new layer, so no checkpoint dtype to keep: fp32 (what its optimizer needs) unless `dtype` names one
-    projector = ClipQwenMultiModalProjector(config)
+    projector = multi_modal_projector(config)
     if dtype not in (None, "auto"):
         projector.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     projector.apply(model._init_weights)

@@ -72,18 +72,26 @@ def test_an_efficientnet_captioner_loads_with_remote_code_in_a_fresh_process(tmp
     assert child["decoder"] == "Qwen3Model"
 
 
-def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "layout, tokens",
+    [
+        (dict(adapter_type="mlp2x_gelu", num_pooled_image_tokens=2), 2),
+        (dict(adapter_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3), 3),
+    ],
+)
+def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path, photos, layout, tokens):
     reference = efficientnet_model(vision_feature_type="pooled")
     reference.model.vision_tower.save_pretrained(tmp_path / "efficientnet")
     Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
-    model = from_pretrained_backbones(
-        str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), adapter_type="mlp2x_gelu", num_pooled_image_tokens=2
-    )
+    model = from_pretrained_backbones(str(tmp_path / "efficientnet"), str(tmp_path / "qwen3"), **layout)
     assert isinstance(model.model.vision_tower, EfficientNetModel)
     assert type(AutoModel.from_pretrained(tmp_path / "efficientnet")) is EfficientNetModel
     for name, tensor in reference.model.vision_tower.state_dict().items():
         assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
-    assert model.config.num_image_tokens == 2 and model.config.vision_feature_size == 128
+    assert model.config.num_image_tokens == tokens and model.config.vision_feature_size == 128
+    # the projector the layout names, so that its output fills exactly the processor's placeholders
+    processor = bundled_processor(num_image_tokens=tokens)
+    assert model(**processor(images=photos[:1], suffix=["a cat."])).loss.isfinite()
 
 
 def test_unsupported_towers_and_layers_are_refused_naming_the_field():
