@@ -40,6 +40,7 @@ from clipqwen.presets import (
     layout_config,
     tiny_config,
 )
+from clipqwen.reliance import warn_if_image_ignored
 from clipqwen.rerun import starting_point
 from clipqwen.timing import PhaseTimer
 from clipqwen.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
@@ -553,6 +554,8 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
         with timer.phase("push"):
             metrics["hub_commit"] = push_to_hub(folder, trainer.hub_model_id, training_args)
     trainer.save_metrics("timing", timer.metrics())  # export and push times too, in the local all_results.json
+    # the run's last word: whether the captions depend on the photos at all
+    warn_if_image_ignored(metrics, "eval" if "eval_image_reliance" in metrics else "test")
     return metrics | timer.metrics()
 
 

@@ -1,5 +1,6 @@
-"""The caption metric (ROUGE-L, BLEU-4, CIDEr-D) as clipqwen uses it: the `evaluate` module in caption_metrics/,
-loaded from this package (no Hub access), so a user who loads the same module gets the same numbers."""
+"""The caption metric (ROUGE-L, BLEU-1..4, CIDEr-D, distinct captions) as clipqwen uses it: the `evaluate` module
+in caption_metrics/, loaded from this package (no Hub access), so a user who loads the same module gets the same
+numbers."""
 
 from pathlib import Path
 

@@ -27,11 +27,14 @@ Trained with clipqwen's `run_captioning.py` on **{dataset}**{dataset_detail}.
 Captions generated with {generation} (this repository's `generation_config.json`, so a bare `generate()` or the
 pipeline decodes the same way) on the {split_desc}, scored against all references with clipqwen's
 `evaluate` module `caption_metrics` (`evaluate.load("clipqwen/caption_metrics")` from the clipqwen repository).
-ROUGE-L is `rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-4 and
-CIDEr-D are pycocoevalcap's scorers on lower-cased, punctuation-free tokens.
+ROUGE-L is `rouge_score`'s F-measure against the best-matching reference (COCO's ROUGE-L differs); BLEU-1..4 and
+CIDEr-D are pycocoevalcap's scorers on lower-cased, punctuation-free tokens (no METEOR: it needs Java or a WordNet
+download). Whether the model looks at the image: *image reliance* is the loss with each caption's image swapped for
+another photo's minus the true loss (nats per token; near 0: the image is ignored), and *distinct* is the
+share of generated captions that differ (near 0: one sentence for every photo).
 
-| split | images | ROUGE-L | BLEU-4 | CIDEr-D | loss |
-|---|---|---|---|---|---|
+| split | images | {metric_headers} |
+|---|---|{metric_rules}
 {metrics_rows}
 
 {curves}
@@ -121,6 +124,20 @@ def decoding_settings(generation_config: GenerationConfig) -> str:
     return ", ".join(f"{name}={value}" for name, value in settings if value is not None) or "greedy decoding"
 
 
+# The results table's columns after the image count: metric key (eval_*/test_* in all_results.json), header.
+RESULT_COLUMNS = (
+    ("bleu1", "BLEU-1"),
+    ("bleu2", "BLEU-2"),
+    ("bleu3", "BLEU-3"),
+    ("bleu4", "BLEU-4"),
+    ("cider", "CIDEr-D"),
+    ("rougeL", "ROUGE-L"),
+    ("loss", "loss"),
+    ("image_reliance", "image reliance"),
+    ("distinct_captions", "distinct"),
+)
+
+
 def _fmt(value, digits=4):
     return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
@@ -149,13 +166,13 @@ def build_model_card(
     vision_frozen=True,
     language_frozen=True,
 ) -> ModelCard:
-    """The card from `metrics` (Trainer-style eval_* / test_* keys: rougeL, bleu4, cider, loss,
-    num_images) and the saved `generation_config`, the one source of the decoding it names.
+    """The card from `metrics` (Trainer-style eval_* / test_* keys: num_images and RESULT_COLUMNS'
+    keys) and the saved `generation_config`, the one source of the decoding it names.
     `revision` stays a placeholder until clipqwen.hub.push_export pins the pushed commit."""
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
-        if f"{prefix}_rougeL" in metrics or f"{prefix}_loss" in metrics:
-            values = [metrics.get(f"{prefix}_{key}") for key in ("num_images", "rougeL", "bleu4", "cider", "loss")]
+        if any(f"{prefix}_{key}" in metrics for key, _ in RESULT_COLUMNS):
+            values = [metrics.get(f"{prefix}_{key}") for key in ("num_images", *dict(RESULT_COLUMNS))]
             rows.append(f"| {name} | " + " | ".join(_fmt(value) for value in values) + " |")
     model_index_results = [
         {
@@ -219,7 +236,9 @@ def build_model_card(
         dataset_detail=dataset_detail,
         generation=generation,
         split_desc="validation and test splits",
-        metrics_rows="\n".join(rows) or "| – | – | – | – | – | – |",
+        metric_headers=" | ".join(header for _, header in RESULT_COLUMNS),
+        metric_rules="---|" * len(RESULT_COLUMNS),
+        metrics_rows="\n".join(rows) or "| " + " | ".join("–" * (len(RESULT_COLUMNS) + 2)) + " |",
         curves=curves,
         repo_id=repo_id,
         revision=revision,

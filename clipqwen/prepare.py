@@ -52,16 +52,18 @@ def prepare_data(
 
 def trainer_datasets(data: CaptionData, data_args, training_args, tokenizer):
     """(train, {"validation": ..., "test": ...}) as Trainer reads them: training one row per image
-    (or per caption with --caption_mode all), the others one row per caption for the loss. With
-    group_by_length every row gets its caption's length (Trainer groups evaluation batches too)."""
+    (or per caption with --caption_mode all), the others one row per caption for the loss, each with
+    its caption's `length` (CaptionTrainer scores them longest first); with group_by_length the
+    training rows get theirs too."""
     train = None
     if training_args.do_train:
         train = data.splits["train"]
         train = expand_captions(train) if data_args.caption_mode == "all" else train
     pairs = {split: expand_captions(data.splits[split]) for split in ("validation", "test") if split in data.splits}
-    if training_args.train_sampling_strategy == "group_by_length":
-        train = add_caption_lengths(train, tokenizer) if train is not None else None
-        pairs = {split: add_caption_lengths(rows, tokenizer) for split, rows in pairs.items()}
+    # CaptionTrainer scores the pairs longest first (less padding), whatever the training's sampling
+    pairs = {split: add_caption_lengths(rows, tokenizer) for split, rows in pairs.items()}
+    if training_args.train_sampling_strategy == "group_by_length" and train is not None:
+        train = add_caption_lengths(train, tokenizer)
     return train, pairs
 
 

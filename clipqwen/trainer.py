@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from . import checkpoints, hub
 from .metrics import load_caption_metric
+from .reliance import RelianceMeter
 from .signals import GracefulStopCallback
 
 
@@ -73,6 +74,7 @@ class CaptionTrainer(Trainer):
         self.lost_images = {}  # metric prefix ("train", "eval", "test") -> ids of images left out (this process)
         self.pairs_trained = 0  # image-caption pairs in this process's training batches, for the throughput
         self._metric_prefix = "eval"  # the evaluation in progress, for prediction_step's count
+        self._reliance = None  # the evaluation in progress's RelianceMeter
         self._max_lost_images = None  # from the training images, counted on first use
 
     # ---- images lost mid-run ---------------------------------------------------------------------------------
@@ -108,7 +110,19 @@ class CaptionTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         self._metric_prefix = metric_key_prefix
+        self._reliance = RelianceMeter()
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        if self._reliance.sums["tokens"]:
+            # per supervised token over the split, whatever the batching (Trainer's averages the batches' means)
+            output.metrics.update({f"{metric_key_prefix}_{key}": v for key, v in self._reliance.metrics().items()})
+            if self._reliance.sums["skipped"]:
+                logger.warning(
+                    "%d %s caption(s) were left out of the image reliance: no other image was available to swap "
+                    "in (a first batch holding a single image).",
+                    int(self._reliance.sums["skipped"]),
+                    metric_key_prefix,
+                )
+        self._reliance = None
         dataset = self.generation_datasets.get(metric_key_prefix)
         if dataset is not None:
             start = time.perf_counter()
@@ -138,10 +152,31 @@ class CaptionTrainer(Trainer):
             )
         return output
 
+    def _get_eval_sampler(self, eval_dataset):
+        """Captions longest first (by the `length` column trainer_datasets adds): a batch pads to its longest: on
+        Flickr8k val (its five captions of a photo in a row, batches of 64) a third of the positions were padding,
+        a sixth when sorted. The loss, a sum over tokens, is the same in any order; the longest batch comes first,
+        so that one too large for memory fails at once."""
+        if eval_dataset is None or "length" not in getattr(eval_dataset, "column_names", ()):
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = torch.as_tensor(eval_dataset.with_format(None)["length"])
+        return lengths.argsort(descending=True, stable=True).tolist()
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self._note_lost(self._metric_prefix, inputs):
             return None, None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # (under FSDP or DeepSpeed only the wrapper's forward gathers the sharded weights: Trainer's own step)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if sharded or not (prediction_loss_only and self._reliance is not None and inputs.get("labels") is not None):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The loss pass: the training forward without the backward, no logits kept, and once more with each row's
+        # image swapped for another's (image reliance).
+        inputs = self._prepare_inputs(inputs)
+        with torch.inference_mode(), self.compute_loss_context_manager():
+            rows = self._reliance.rows(self.accelerator.unwrap_model(model), inputs)
+        rows = self.gather_function(rows)  # drops the rows the last batch repeats across processes
+        self._reliance.add(rows)
+        return rows[:, 0].sum() / rows[:, 2].sum().clamp(min=1), None, None
 
     @torch.no_grad()
     def generate_captions(self, dataset, prefix: str = "eval") -> tuple[list[str], list[int]]:

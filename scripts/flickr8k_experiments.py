@@ -40,7 +40,7 @@ RUNS = {
 }
 RUNS |= {f"{name}-blind": dict(settings, blind=True) for name, settings in RUNS.items()}
 RUNS |= {f"{name}-lora": dict(settings, lora_r=8) for name, settings in RUNS.items() if "blind" not in name}
-METRICS = ("eval_bleu4", "eval_cider", "eval_rougeL", "eval_loss")
+METRICS = ("eval_bleu4", "eval_cider", "eval_rougeL", "eval_loss", "eval_image_reliance", "eval_distinct_captions")
 
 
 def parse_args(argv=None):
@@ -161,7 +161,8 @@ def main(argv=None):
 
 def write_tables(folder: Path, rows: dict, flags: list[str]) -> None:
     (folder / "results.json").write_text(json.dumps({"flags": flags, "runs": rows}, indent=2))
-    lines = ["| run | BLEU-4 | CIDEr-D | ROUGE-L | val loss | train s | wall s |", "|---|---|---|---|---|---|---|"]
+    header = "| run | BLEU-4 | CIDEr-D | ROUGE-L | val loss | image reliance | distinct | train s | wall s |"
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
     for name, row in rows.items():
         cells = [f"{row[key]:.3f}" if isinstance(row[key], float) else "–" for key in METRICS]
         lines.append(f"| {name} | {' | '.join(cells)} | {row['train_seconds'] or '–'} | {row['wall_seconds']} |")

@@ -66,6 +66,7 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     predictions = [json.loads(line) for line in (out / "predictions_validation.jsonl").read_text().splitlines()]
     assert len(predictions) == 7 and len({p["image_id"] for p in predictions}) == 7
     assert metrics["eval_num_images"] == 7 and "eval_rougeL" in metrics and "train_loss" in metrics
+    assert "eval_image_reliance" in metrics and "eval_distinct_captions" in metrics  # gathered over both ranks
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
 
 

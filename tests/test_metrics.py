@@ -11,6 +11,25 @@ def test_identical_captions_score_perfectly():
     assert m["gen_len"] == pytest.approx(9.0)
 
 
+def test_bleu_1_to_4_hand_computed():
+    # pred: a cat sits on a mat (6 tokens); ref: a cat sat on a mat (6 tokens, so no brevity penalty)
+    # matching n-grams: unigrams 5/6, bigrams 3/5 (a cat, on a, a mat), trigrams 1/4 (on a mat), 4-grams 0/3
+    m = compute_caption_metrics(["a cat sits on a mat"], [["A cat sat on a mat."]])
+    assert m["bleu1"] == pytest.approx(5 / 6)
+    assert m["bleu2"] == pytest.approx((5 / 6 * 3 / 5) ** (1 / 2))
+    assert m["bleu3"] == pytest.approx((5 / 6 * 3 / 5 * 1 / 4) ** (1 / 3))
+    assert m["bleu4"] == pytest.approx(0.0, abs=1e-3)  # no matching 4-gram: only pycocoevalcap's smoothing is left
+
+
+def test_distinct_captions_is_the_share_of_different_tokenised_predictions():
+    references = [["a dog runs"], ["a cat sleeps"], ["a man walks"], ["a bird sings"]]
+    assert compute_caption_metrics(["a dog", "a cat", "a man", "a bird"], references)["distinct_captions"] == 1.0
+    # the same sentence for every photo, up to case and punctuation: one distinct caption of four
+    same = ["A dog runs.", "a dog runs", "a dog, runs!", "A DOG RUNS"]
+    assert compute_caption_metrics(same, references)["distinct_captions"] == 0.25
+    assert compute_caption_metrics(same[:2] + ["a cat", "a cat"], references)["distinct_captions"] == 0.5
+
+
 def test_rouge_l_hand_computed():
     # pred: a black cat sits on the mat (7 tokens); ref: the cat sits on a mat (6 tokens)
     # LCS = "cat sits on mat" = 4 ("the" and "a" appear in opposite orders, so only one side's can join).
@@ -73,7 +92,9 @@ def test_cjk_is_split_into_characters():
 
 def test_empty_and_whitespace_predictions_score_zero():
     m = compute_caption_metrics(["", "   "], [["a cat on a mat"], ["a dog in the park"]])
-    assert m == {"rougeL": 0.0, "bleu4": pytest.approx(0.0, abs=1e-9), "cider": 0.0, "gen_len": 0.0}
+    zero = pytest.approx(0.0, abs=1e-9)
+    bleu = {f"bleu{n}": zero for n in (1, 2, 3, 4)}
+    assert m == {"rougeL": 0.0, **bleu, "cider": 0.0, "gen_len": 0.0, "distinct_captions": 0.5}  # one caption, ""
 
 
 def test_no_predictions_is_an_error():

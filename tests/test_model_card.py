@@ -36,3 +36,26 @@ def test_a_generation_config_without_settings_gives_no_made_up_numbers():
     text = card(GenerationConfig())
     assert "Captions generated with greedy decoding" in text
     assert "max_new_tokens" not in text and "num_beams" not in text
+
+
+def test_the_results_table_has_the_literatures_columns_and_says_what_reliance_means():
+    metrics = {"eval_num_images": 10, "eval_bleu1": 0.61, "eval_bleu4": 0.17, "eval_image_reliance": 0.42}
+    metrics |= {"eval_distinct_captions": 0.9}
+    text = str(
+        build_model_card(
+            repo_id="you/m",
+            vision_id="v",
+            text_id="t",
+            dataset_name="d",
+            model_config=tiny_config(),
+            metrics=metrics,
+            hyperparameters={},
+            generation_config=GenerationConfig(),
+            trainable=1,
+            total=2,
+        )
+    )
+    header = "| split | images | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D | ROUGE-L | loss | image reliance |"
+    assert header in text
+    assert "| validation | 10 | 0.6100 | – | – | 0.1700 | – | – | – | 0.4200 | 0.9000 |" in text
+    assert "*image reliance* is the loss with each caption's image swapped" in text

@@ -160,7 +160,8 @@ def assert_card_figures_trace_to_results(out: Path):
     rows.pop("devices")
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split in rows:
-            values = [results[f"{prefix}_{key}"] for key in ("num_images", "rougeL", "bleu4", "cider", "loss")]
+            keys = ("num_images", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL", "loss", "image_reliance")
+            values = [results[f"{prefix}_{key}"] for key in (*keys, "distinct_captions")]
             assert rows.pop(split) == [str(values[0])] + [f"{value:.4f}" for value in values[1:]], split
     for phase in [name for name in rows if f"time_{name.replace(' ', '_')}_seconds" in results]:
         seconds, throughput = rows.pop(phase)
@@ -636,3 +637,15 @@ def test_a_failed_final_push_keeps_the_run_and_says_how_to_push_again(tmp_path, 
     with pytest.raises(SystemExit, match=r"the Hub went away.*Everything is saved in .*python -m clipqwen.hub"):
         run(out, "--do_train", "--max_steps", "1", "--push_to_hub", "--hub_model_id", "you/clipqwen-test")
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_a_run_reports_image_reliance_and_distinct_captions_and_warns_when_the_image_is_ignored(tmp_path, caplog):
+    """A tiny frozen random decoder cannot learn from the image (docs/evidence.md): its reliance stays near zero."""
+    with caplog.at_level("WARNING"):
+        metrics = run(tmp_path / "out", "--do_train", "--max_steps", "1", "--do_eval")
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    for key in ("eval_image_reliance", "eval_distinct_captions", "eval_bleu1", "eval_bleu4"):
+        assert results[key] == metrics[key], key
+    assert abs(metrics["eval_image_reliance"]) < 0.05 and 0 < metrics["eval_distinct_captions"] <= 1
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "barely uses the image" in warnings[-1] and "seed_exact" in warnings[-1]  # the run's last word

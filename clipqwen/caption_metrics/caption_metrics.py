@@ -1,4 +1,4 @@
-"""Caption metrics: ROUGE-L, BLEU-4 and CIDEr-D of generated captions against all references of each image.
+"""Caption metrics: ROUGE-L, BLEU-1..4 and CIDEr-D of generated captions against all references of each image.
 
 A self-contained `evaluate` module, so anyone can score captions as clipqwen's model cards do:
 
@@ -7,10 +7,18 @@ A self-contained `evaluate` module, so anyone can score captions as clipqwen's m
     metric.compute(predictions=["a dog runs"], references=[["a dog is running", "a brown dog runs"]])
 
 ``rougeL`` is ``rouge_score``'s F-measure (beta=1) against the best-matching reference, not COCO's
-ROUGE-L (beta=1.2, all references). ``bleu4`` and ``cider`` (CIDEr-D; idf from the scored corpus, so
-one image alone scores 0) are pycocoevalcap's; ``gen_len`` is tokens per prediction. All share
+ROUGE-L (beta=1.2, all references). ``bleu1`` .. ``bleu4`` (corpus BLEU-n, the columns of the 2015
+captioning papers' tables) and ``cider`` (CIDEr-D; idf from the scored corpus, so one image alone
+scores 0) are pycocoevalcap's; ``gen_len`` is tokens per prediction; ``distinct_captions`` is the
+number of different predictions (once tokenised) over the number of predictions: 1.0 when no caption
+repeats, near 0 for a model that writes the same few sentences for every photo (it ignores the image). All share
 :func:`tokenize_caption`: unlike PTBTokenizer it needs no Java, unlike rouge_score's it keeps
 non-ASCII scripts.
+
+No METEOR: the reference implementation (METEOR 1.5, what coco-caption and the papers report) is Java,
+and nltk's re-implementation needs the WordNet corpus, which nltk downloads from GitHub at run time
+(no PyPI package ships it: `wn` downloads its data too) and which scores differently from METEOR 1.5
+(no paraphrase table), so its numbers would not sit beside the papers' anyway.
 """
 
 import unicodedata
@@ -69,9 +77,10 @@ def compute_caption_metrics(predictions: list[str], references: list[list[str]])
 
     return {
         "rougeL": float(sum(rouge_l) / len(rouge_l)),
-        "bleu4": float(bleu[3]),
+        **{f"bleu{n}": float(bleu[n - 1]) for n in (1, 2, 3, 4)},
         "cider": float(cider),
         "gen_len": sum(len(tokenize_caption(p)) for p in predictions) / len(predictions),
+        "distinct_captions": len(set(res_caption for (res_caption,) in res.values())) / len(predictions),
     }
 
 
