@@ -20,9 +20,10 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from clipqwen.images import ImageLoadError, load_image
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
+from clipqwen import inference
+from clipqwen.images import printable
+from clipqwen.loading import ModelLoadError
+from clipqwen.precision import PrecisionError, resolve_precision
 from clipqwen.presets import CAPTION_GENERATION, caption_generation_config
 
 
@@ -83,7 +84,7 @@ def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision:
     key = (*served[choice], resolve_precision(precision, DEVICE))
     with _LOADING:
         if key not in _MODELS:
-            loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
+            loaded = inference.load(key[0], key[1], device=DEVICE, precision=key[2])
             while len(_MODELS) >= 2:
                 _MODELS.pop(next(iter(_MODELS)))
             _MODELS[key] = loaded
@@ -110,6 +111,11 @@ def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[li
         f"⚠️ {len(files) - len(kept)} image(s) left out ({left_out}): a request takes at most {max_images} "
         f"images and {max_bytes / 2**20:g} MB. Caption them in another request."
     )
+
+
+def upload_name(file: str) -> str:
+    """An upload's name as the visitor gave it (the server's temporary folder means nothing to them), printable."""
+    return printable(Path(file).name)
 
 
 def decoding_values(generation_config=None) -> dict:
@@ -151,15 +157,6 @@ def model_decoding(choice: str, *, served, precision="auto") -> list:
     ]
 
 
-def generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens):
-    """The model's generation_config with the demo's controls (sampling: one beam)."""
-    if decoding == SAMPLING:
-        controls = {"do_sample": True, "num_beams": 1, "temperature": float(temperature), "top_p": float(top_p)}
-    else:
-        controls = {"do_sample": False, "num_beams": int(num_beams)}
-    return caption_generation_config(captioner.generation_config, **controls, max_new_tokens=int(max_new_tokens))
-
-
 def caption(
     files,
     model,
@@ -179,16 +176,10 @@ def caption(
     prefix = prefix or ""
     if len(prefix) > MAX_PREFIX_CHARS:
         return [], "", f"⚠️ The prompt prefix has {len(prefix):,} characters; at most {MAX_PREFIX_CHARS} are allowed."
-    images, names, problems = [], [], []
     taken, left_out = within_limits(files or [], max_images, max_bytes)
-    problems += [left_out] if left_out else []
-    for file in taken:
-        name = os.fsencode(Path(file).name).decode("utf-8", "backslashreplace")  # JSON-safe, whatever the bytes
-        try:
-            images.append(load_image(file, name=name))
-            names.append(name)
-        except ImageLoadError as error:
-            problems.append(f"⚠️ {error}")
+    images, read, unreadable = inference.read_images(taken, upload_name)
+    names = [upload_name(file) for file in read]
+    problems = [left_out] * bool(left_out) + [f"⚠️ {problem}" for problem in unreadable]
     if not files:
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
@@ -201,14 +192,19 @@ def caption(
         return [], "", "\n\n".join(problems)
 
     started = time.perf_counter()
+    sampling = decoding == SAMPLING
+    generation = inference.generation_config(
+        captioner.generation_config,
+        do_sample=sampling,
+        num_beams=None if sampling else int(num_beams),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        max_new_tokens=int(max_new_tokens),
+    )
     try:
-        batch = processor(images=images, text=[prefix] * len(images) if prefix else None).to(DEVICE)
-        generation = generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens)
-        with torch.inference_mode():
-            ids = captioner.generate(**batch, generation_config=generation)
+        captions = inference.caption_images(captioner, processor, images, generation, prefix)
     except Exception as error:  # noqa: BLE001 - out of memory, an option the model rejects, ...
         return [], "", "\n\n".join([f"⚠️ Captioning failed: {type(error).__name__}: {error}"] + problems)
-    captions = processor.batch_decode(ids)
     seconds = time.perf_counter() - started
 
     status = (
@@ -343,13 +339,8 @@ def main(argv=None):
         default=MAX_QUEUE,
         help="requests that may wait while one is captioned; more are refused with a message",
     )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
-        help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
-        "`quantize` extra); auto (default, or $CLIPQWEN_PRECISION): bf16 on GPUs and on CPUs "
-        "with native bf16, fp32 elsewhere",
+    inference.add_precision_argument(  # of every served model
+        parser, os.environ.get("CLIPQWEN_PRECISION", "auto"), " (default, or $CLIPQWEN_PRECISION)"
     )
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
@@ -360,7 +351,7 @@ def main(argv=None):
     if args.max_images < 1 or args.max_request_mb <= 0 or args.max_queue < 1:
         parser.error("--max_images, --max_request_mb and --max_queue must be positive")
     try:  # a missing library is said now, not at the first visitor's click
-        check_precision_available(resolve_precision(args.precision, DEVICE))
+        inference.runnable_precision(args.precision, DEVICE)
     except PrecisionError as error:
         parser.error(str(error))
     demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue)

@@ -210,9 +210,8 @@ def regular_file_size(path, name) -> int:
     try:
         status = os.stat(path)
     except UnicodeEncodeError:
-        shown = name.encode("utf-8", "backslashreplace").decode()  # printable: a lone surrogate cannot be logged
         raise ImageLoadError(
-            shown,
+            printable(name),  # a lone surrogate cannot be logged
             "its name is not valid UTF-8, so it cannot name a file",
             "Rename the file, or fix its name where it is listed.",
         ) from None
@@ -246,6 +245,17 @@ def too_long(path) -> str:
         f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
         "most allow 255 bytes)"
     )
+
+
+def printable(name: str) -> str:
+    """A file name for a terminal, a log, JSON or tab-separated output: bytes that are not UTF-8 as \\xNN (a lone
+    surrogate, which names no file, as \\udNNN), control characters (a newline, a tab) escaped, so that it stays
+    on one line."""
+    try:
+        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "backslashreplace").decode()
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], name)
 
 
 def name_problem(path) -> str | None:
