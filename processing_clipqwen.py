@@ -92,11 +92,13 @@ class ClipQwenProcessor(ProcessorMixin):
         num_image_tokens (`int`, defaults to 8): placeholders per image, the model config's
             `num_image_tokens`.
         image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder. A tokenizer without it gets it
-            as a special token; then call `clipqwen.backbones.match_processor(model, processor)`.
+            as a special token; then grow the model's vocabulary (`model.resize_token_embeddings(len(tokenizer))`)
+            and set `model.config.image_token_id` to `processor.image_token_id`.
         caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): ends every caption (Qwen3-Base's
             real EOS; its tokenizer names `<|im_end|>`). `None`: the tokenizer's EOS.
         prompt (`str`, defaults to `""`): used when a call passes no `text`, e.g. `"Image:<|image_pad|>"`
-            (a word first keeps the image out of the decoder's attention-sink position, docs/evidence.md).
+            (a word first keeps the image out of the first position, where a decoder's attention sink sits and
+            what it holds is largely ignored).
     """
 
     # ProcessorMixin's defaults for a call: left padding for batched generate(), and no special
@@ -146,14 +148,14 @@ class ClipQwenProcessor(ProcessorMixin):
 
     def add_image_token(self) -> bool:
         """Add the placeholder to a tokenizer that lacks it, as a special token (never split, dropped when
-        decoding). Returns whether it was added: the model must then grow its vocabulary (`match_processor`)."""
+        decoding). Returns whether it was added: the model must then grow its vocabulary to the tokenizer's."""
         if self.image_token in self.tokenizer.get_vocab():
             return False
         self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
         logger.info(
-            "Added the image placeholder %r to the tokenizer (id %d); call "
-            "clipqwen.backbones.match_processor(model, processor) so that the model's vocabulary and "
-            "image_token_id match.",
+            "Added the image placeholder %r to the tokenizer (id %d): call "
+            "`model.resize_token_embeddings(len(processor.tokenizer))` and set "
+            "`model.config.image_token_id = processor.image_token_id` so that the model reads it.",
             self.image_token,
             self.tokenizer.convert_tokens_to_ids(self.image_token),
         )
