@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from clipqwen import inference
+from clipqwen import hub, inference
 from clipqwen.images import printable
 from clipqwen.loading import ModelLoadError
 from clipqwen.precision import PrecisionError, resolve_precision
@@ -74,9 +74,12 @@ _MODELS: dict[tuple, tuple] = {}  # (model, revision, precision) -> (model, proc
 _LOADING = threading.Lock()  # a page opening (model_decoding) and a caption request may ask for a model at once
 
 
-def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto"):
-    """Load (or reuse) a served model and its processor in `precision`. Any other name is refused
-    unseen, with one message whatever it names: no answer reveals which folders or repos exist."""
+def get_model(
+    choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto", local_files_only: bool = False
+):
+    """Load (or reuse) a served model and its processor in `precision` (`local_files_only`: from the local cache,
+    main() found the Hub out of reach). Any other name is refused unseen, with one message whatever it names: no
+    answer reveals which folders or repos exist."""
     if choice not in served:
         raise ModelLoadError(
             f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
@@ -84,7 +87,7 @@ def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision:
     key = (*served[choice], resolve_precision(precision, DEVICE))
     with _LOADING:
         if key not in _MODELS:
-            loaded = inference.load(key[0], key[1], device=DEVICE, precision=key[2])
+            loaded = inference.load(key[0], key[1], device=DEVICE, precision=key[2], local_files_only=local_files_only)
             while len(_MODELS) >= 2:
                 _MODELS.pop(next(iter(_MODELS)))
             _MODELS[key] = loaded
@@ -137,12 +140,12 @@ def widened(value, bounds: tuple) -> dict:
     return {"value": value, "minimum": min(bounds[0], value), "maximum": max(bounds[1], value)}
 
 
-def model_decoding(choice: str, *, served, precision="auto") -> list:
+def model_decoding(choice: str, *, served, precision="auto", local_files_only=False) -> list:
     """Updates of the status and the decoding controls, set from the model's generation_config.
     The page is built before any model loads (a Space must answer at once), so this loads it; a
     model that does not load leaves the controls as they are and says why."""
     try:
-        captioner, _ = get_model(choice, served, precision)
+        captioner, _ = get_model(choice, served, precision, local_files_only)
     except (ModelLoadError, PrecisionError) as error:
         return [gr.update()] * 5 + [f"⚠️ {error}"]
     values = decoding_values(captioner.generation_config)
@@ -171,6 +174,7 @@ def caption(
     max_images=MAX_IMAGES,
     max_bytes=MAX_REQUEST_MB * 2**20,
     precision="auto",
+    local_files_only=False,
 ):
     """-> (gallery of (image, caption), captions as text, status in Markdown)."""
     prefix = prefix or ""
@@ -184,7 +188,7 @@ def caption(
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
         started = time.perf_counter()
-        captioner, processor = get_model(model, served, precision)
+        captioner, processor = get_model(model, served, precision, local_files_only)
         loading = time.perf_counter() - started
     except (ModelLoadError, PrecisionError) as error:
         return [], "", "\n\n".join([f"⚠️ {error}"] + problems)
@@ -229,6 +233,7 @@ def build_demo(
     max_request_mb: float = MAX_REQUEST_MB,
     precision: str = "auto",
     max_queue: int = MAX_QUEUE,
+    local_files_only: bool = False,
 ) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
@@ -302,10 +307,11 @@ def build_demo(
             with gr.Accordion("Example photo credits", open=False):
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
-        limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
+        loading = dict(served=served, precision=precision, local_files_only=local_files_only)
+        limits = dict(loading, max_images=max_images, max_bytes=int(max_request_mb * 2**20))
         # outside the queue: opening the page never waits behind captioning, nor is refused by a full queue
         from_model = dict(
-            fn=functools.partial(model_decoding, served=served, precision=precision),
+            fn=functools.partial(model_decoding, **loading),
             inputs=model,
             outputs=[decoding, num_beams, temperature, top_p, max_new_tokens, status],
             queue=False,
@@ -354,7 +360,9 @@ def main(argv=None):
         inference.runnable_precision(args.precision, DEVICE)
     except PrecisionError as error:
         parser.error(str(error))
-    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue)
+    # an unreachable Hub: served Hub ids load from the local cache, or fail at once instead of after retries
+    offline = hub.hub_out_of_reach([name for name, _ in served.values()])
+    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue, offline)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
     demo.launch(
         server_name=args.host,

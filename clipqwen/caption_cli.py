@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import inference
+from . import hub, inference
 from .images import IMAGE_SUFFIXES, image_files_in, name_problem, printable
 from .loading import ModelLoadError, one_line
 from .precision import PrecisionError
@@ -160,7 +160,10 @@ def caption_files(args) -> int:
     paths = expand_inputs(args.inputs)
     if args.output:
         check_output(args.output, paths)
-    model, processor = inference.load(args.model, args.revision, device=args.device, precision=args.precision)
+    offline = hub.hub_out_of_reach([args.model])  # an unreachable Hub fails now, not after retries
+    model, processor = inference.load(
+        args.model, args.revision, device=args.device, precision=args.precision, local_files_only=offline
+    )
     flags = {name: getattr(args, name) for name in inference.DECODING}  # None: not given
     generation = inference.generation_config(model.generation_config, **flags)
 

@@ -47,14 +47,17 @@ def load(
     *,
     device: str = "cpu",
     precision: str | None = "auto",
+    local_files_only: bool = False,
 ):
     """(model, processor) as clipqwen.loading opens them (this package's code, safetensors checked against the
-    config), in `precision` on `device`. Raises ModelLoadError or PrecisionError."""
+    config), in `precision` on `device`; `local_files_only`: the local cache only (the entry point found the Hub
+    out of reach: `hub.hub_out_of_reach`). Raises ModelLoadError or PrecisionError."""
     return load_clipqwen(
         model,
         revision,
         device=device,
         precision=resolve_precision(precision, device),
+        local_files_only=local_files_only,
     )
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
-from clipqwen import caption_cli, inference, loading
+from clipqwen import caption_cli, hub, inference, loading
 from clipqwen.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import CAPTION_GENERATION, DEFAULT_PRESET, LAYOUTS, bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -319,6 +319,44 @@ def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, un
         and err[0].startswith("clipqwen-caption: error: Could not fetch config.json of `someone/clipqwen-flickr30k`")
     ), err
     assert "does not answer" in caplog.text and "working offline" in caplog.text
+    assert_process_still_online()
+
+
+def assert_process_still_online():
+    """What `unreachable_hub` set (online mode) is still so: no library call switched the whole process offline."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+
+
+def test_loading_with_an_unreachable_hub_probes_nothing_and_changes_nothing(unreachable_hub, monkeypatch):
+    """The Hub decision is the entry point's (`local_files_only`): the library neither probes nor goes offline."""
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda *args: pytest.fail("the library probed the Hub"))
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="Could not fetch config.json of `someone/clipqwen-flickr30k`"):
+        load_clipqwen("someone/clipqwen-flickr30k", local_files_only=True)
+    assert time.monotonic() - start < 10
+    assert_process_still_online()
+
+
+def test_the_app_decides_on_an_unreachable_hub_at_startup(app, saved_model, unreachable_hub, monkeypatch):
+    """Served Hub ids then load from the local cache only (local_files_only), for this demo, not the process."""
+    built = []
+
+    class Built(Exception):
+        """Raised instead of serving."""
+
+    def build_demo(*args):
+        built.append(args)
+        raise Built
+
+    monkeypatch.setattr(app, "build_demo", build_demo)
+    with pytest.raises(Built):
+        app.main([str(saved_model), "--allowed_models", "someone/clipqwen-flickr30k"])
+    assert built[0][-1] is True  # local_files_only
+    assert_process_still_online()
 
 
 def test_cli_never_writes_an_empty_caption(eos_first_model, tmp_path, capsys):
