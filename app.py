@@ -197,15 +197,15 @@ def caption(
 
     started = time.perf_counter()
     sampling = decoding == SAMPLING
-    generation = inference.generation_config(
-        captioner.generation_config,
-        do_sample=sampling,
-        num_beams=None if sampling else int(num_beams),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        max_new_tokens=int(max_new_tokens),
-    )
     try:
+        generation = inference.generation_config(
+            captioner.generation_config,
+            do_sample=sampling,
+            num_beams=None if sampling else int(num_beams),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens),
+        )
         captions = inference.caption_images(captioner, processor, images, generation, prefix)
     except Exception as error:  # noqa: BLE001 - out of memory, an option the model rejects, ...
         return [], "", "\n\n".join([f"⚠️ Captioning failed: {type(error).__name__}: {error}"] + problems)
