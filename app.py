@@ -20,9 +20,10 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from clipqwen.images import ImageLoadError, load_image
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
+from clipqwen import hub, inference
+from clipqwen.images import printable
+from clipqwen.loading import ModelLoadError
+from clipqwen.precision import PrecisionError, resolve_precision
 from clipqwen.presets import CAPTION_GENERATION, caption_generation_config
 
 
@@ -73,9 +74,12 @@ _MODELS: dict[tuple, tuple] = {}  # (model, revision, precision) -> (model, proc
 _LOADING = threading.Lock()  # a page opening (model_decoding) and a caption request may ask for a model at once
 
 
-def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto"):
-    """Load (or reuse) a served model and its processor in `precision`. Any other name is refused
-    unseen, with one message whatever it names: no answer reveals which folders or repos exist."""
+def get_model(
+    choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto", local_files_only: bool = False
+):
+    """Load (or reuse) a served model and its processor in `precision` (`local_files_only`: from the local cache,
+    main() found the Hub out of reach). Any other name is refused unseen, with one message whatever it names: no
+    answer reveals which folders or repos exist."""
     if choice not in served:
         raise ModelLoadError(
             f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
@@ -83,7 +87,7 @@ def get_model(choice: str, served: dict[str, tuple[str, str | None]], precision:
     key = (*served[choice], resolve_precision(precision, DEVICE))
     with _LOADING:
         if key not in _MODELS:
-            loaded = load_clipqwen(key[0], key[1], device=DEVICE, precision=key[2])
+            loaded = inference.load(key[0], key[1], device=DEVICE, precision=key[2], local_files_only=local_files_only)
             while len(_MODELS) >= 2:
                 _MODELS.pop(next(iter(_MODELS)))
             _MODELS[key] = loaded
@@ -112,6 +116,11 @@ def within_limits(files: list[str], max_images: int, max_bytes: int) -> tuple[li
     )
 
 
+def upload_name(file: str) -> str:
+    """An upload's name as the visitor gave it (the server's temporary folder means nothing to them), printable."""
+    return printable(Path(file).name)
+
+
 def decoding_values(generation_config=None) -> dict:
     """What the decoding controls show for a model's generation_config (None: a model that sets nothing)."""
     config = caption_generation_config(generation_config)
@@ -131,12 +140,12 @@ def widened(value, bounds: tuple) -> dict:
     return {"value": value, "minimum": min(bounds[0], value), "maximum": max(bounds[1], value)}
 
 
-def model_decoding(choice: str, *, served, precision="auto") -> list:
+def model_decoding(choice: str, *, served, precision="auto", local_files_only=False) -> list:
     """Updates of the status and the decoding controls, set from the model's generation_config.
     The page is built before any model loads (a Space must answer at once), so this loads it; a
     model that does not load leaves the controls as they are and says why."""
     try:
-        captioner, _ = get_model(choice, served, precision)
+        captioner, _ = get_model(choice, served, precision, local_files_only)
     except (ModelLoadError, PrecisionError) as error:
         return [gr.update()] * 5 + [f"⚠️ {error}"]
     values = decoding_values(captioner.generation_config)
@@ -149,15 +158,6 @@ def model_decoding(choice: str, *, served, precision="auto") -> list:
         gr.update(**widened(values["max_new_tokens"], NEW_TOKENS)),
         "",
     ]
-
-
-def generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens):
-    """The model's generation_config with the demo's controls (sampling: one beam)."""
-    if decoding == SAMPLING:
-        controls = {"do_sample": True, "num_beams": 1, "temperature": float(temperature), "top_p": float(top_p)}
-    else:
-        controls = {"do_sample": False, "num_beams": int(num_beams)}
-    return caption_generation_config(captioner.generation_config, **controls, max_new_tokens=int(max_new_tokens))
 
 
 def caption(
@@ -174,26 +174,21 @@ def caption(
     max_images=MAX_IMAGES,
     max_bytes=MAX_REQUEST_MB * 2**20,
     precision="auto",
+    local_files_only=False,
 ):
     """-> (gallery of (image, caption), captions as text, status in Markdown)."""
     prefix = prefix or ""
     if len(prefix) > MAX_PREFIX_CHARS:
         return [], "", f"⚠️ The prompt prefix has {len(prefix):,} characters; at most {MAX_PREFIX_CHARS} are allowed."
-    images, names, problems = [], [], []
     taken, left_out = within_limits(files or [], max_images, max_bytes)
-    problems += [left_out] if left_out else []
-    for file in taken:
-        name = os.fsencode(Path(file).name).decode("utf-8", "backslashreplace")  # JSON-safe, whatever the bytes
-        try:
-            images.append(load_image(file, name=name))
-            names.append(name)
-        except ImageLoadError as error:
-            problems.append(f"⚠️ {error}")
+    images, read, unreadable = inference.read_images(taken, upload_name)
+    names = [upload_name(file) for file in read]
+    problems = [left_out] * bool(left_out) + [f"⚠️ {problem}" for problem in unreadable]
     if not files:
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
         started = time.perf_counter()
-        captioner, processor = get_model(model, served, precision)
+        captioner, processor = get_model(model, served, precision, local_files_only)
         loading = time.perf_counter() - started
     except (ModelLoadError, PrecisionError) as error:
         return [], "", "\n\n".join([f"⚠️ {error}"] + problems)
@@ -201,14 +196,19 @@ def caption(
         return [], "", "\n\n".join(problems)
 
     started = time.perf_counter()
+    sampling = decoding == SAMPLING
     try:
-        batch = processor(images=images, text=[prefix] * len(images) if prefix else None).to(DEVICE)
-        generation = generation_config(captioner, decoding, num_beams, temperature, top_p, max_new_tokens)
-        with torch.inference_mode():
-            ids = captioner.generate(**batch, generation_config=generation)
+        generation = inference.generation_config(
+            captioner.generation_config,
+            do_sample=sampling,
+            num_beams=None if sampling else int(num_beams),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens),
+        )
+        captions = inference.caption_images(captioner, processor, images, generation, prefix)
     except Exception as error:  # noqa: BLE001 - out of memory, an option the model rejects, ...
         return [], "", "\n\n".join([f"⚠️ Captioning failed: {type(error).__name__}: {error}"] + problems)
-    captions = processor.batch_decode(ids)
     seconds = time.perf_counter() - started
 
     status = (
@@ -233,6 +233,7 @@ def build_demo(
     max_request_mb: float = MAX_REQUEST_MB,
     precision: str = "auto",
     max_queue: int = MAX_QUEUE,
+    local_files_only: bool = False,
 ) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
@@ -306,10 +307,11 @@ def build_demo(
             with gr.Accordion("Example photo credits", open=False):
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
-        limits = dict(served=served, max_images=max_images, max_bytes=int(max_request_mb * 2**20), precision=precision)
+        loading = dict(served=served, precision=precision, local_files_only=local_files_only)
+        limits = dict(loading, max_images=max_images, max_bytes=int(max_request_mb * 2**20))
         # outside the queue: opening the page never waits behind captioning, nor is refused by a full queue
         from_model = dict(
-            fn=functools.partial(model_decoding, served=served, precision=precision),
+            fn=functools.partial(model_decoding, **loading),
             inputs=model,
             outputs=[decoding, num_beams, temperature, top_p, max_new_tokens, status],
             queue=False,
@@ -343,13 +345,8 @@ def main(argv=None):
         default=MAX_QUEUE,
         help="requests that may wait while one is captioned; more are refused with a message",
     )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default=os.environ.get("CLIPQWEN_PRECISION", "auto"),
-        help="weights of every served model: fp32, bf16, or int8 weight-only decoder (needs the "
-        "`quantize` extra); auto (default, or $CLIPQWEN_PRECISION): bf16 on GPUs and on CPUs "
-        "with native bf16, fp32 elsewhere",
+    inference.add_precision_argument(  # of every served model
+        parser, os.environ.get("CLIPQWEN_PRECISION", "auto"), " (default, or $CLIPQWEN_PRECISION)"
     )
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
@@ -360,10 +357,12 @@ def main(argv=None):
     if args.max_images < 1 or args.max_request_mb <= 0 or args.max_queue < 1:
         parser.error("--max_images, --max_request_mb and --max_queue must be positive")
     try:  # a missing library is said now, not at the first visitor's click
-        check_precision_available(resolve_precision(args.precision, DEVICE))
+        inference.runnable_precision(args.precision, DEVICE)
     except PrecisionError as error:
         parser.error(str(error))
-    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue)
+    # an unreachable Hub: served Hub ids load from the local cache, or fail at once instead of after retries
+    offline = hub.hub_out_of_reach([name for name, _ in served.values()])
+    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue, offline)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
     demo.launch(
         server_name=args.host,

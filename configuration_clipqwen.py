@@ -74,7 +74,7 @@ class ClipQwenConfig(PreTrainedConfig):
             offers its final feature map only: -1.
         image_token_id (`int`, *optional*, defaults to 151655):
             The placeholder whose embeddings the projector output replaces (Qwen3's `<|image_pad|>`).
-            `clipqwen.backbones.match_processor` sets it for a tokenizer that lacked one.
+            For a tokenizer that lacked one, the id the processor added (`processor.image_token_id`).
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Follows `text_config.tie_word_embeddings` (the decoder decides).
     """
@@ -144,7 +144,7 @@ class ClipQwenConfig(PreTrainedConfig):
         if self.image_token_id is not None and not 0 <= self.image_token_id < vocab_size:
             raise ValueError(
                 f"image_token_id={self.image_token_id} is out of range: use an id below the decoder's "
-                f"vocab_size={vocab_size} (or None until match_processor sets it)."
+                f"vocab_size={vocab_size} (or None until the tokenizer gives it: `processor.image_token_id`)."
             )
 
     def validate_vision_config(self):

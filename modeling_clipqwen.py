@@ -267,8 +267,9 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
         if self.config.image_token_id is None:
             raise ValueError(
                 "config.image_token_id is not set: this decoder's placeholder id comes from its "
-                "tokenizer. Build a ClipQwenProcessor from that tokenizer and call "
-                "clipqwen.backbones.match_processor(model, processor)."
+                "tokenizer. Build a ClipQwenProcessor from that tokenizer, then call "
+                "`model.resize_token_embeddings(len(processor.tokenizer))` and set "
+                "`model.config.image_token_id = processor.image_token_id`."
             )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)

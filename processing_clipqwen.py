@@ -80,6 +80,106 @@ def bound_aspect_ratio(image: Image.Image, max_ratio: int = 4) -> Image.Image:
     return image.crop((left, top, left + keep_w, top + keep_h))
 
 
+# PIL filters that torch's antialiased interpolation reproduces within one level of 255.
+TORCH_FILTERS = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
+
+
+class ClipPixels:
+    """CLIP's preprocessing (shortest-edge resize, centre crop, rescale, normalise) as the image processor does it,
+    in fewer steps, whichever image-processor backend is installed (PIL or torchvision).
+
+    No second RGB conversion, no PIL/NumPy round trips. The resize is torch's antialiased uint8 kernel, within one
+    8-bit level of PIL's (other filters stay PIL's); rescale and normalise are a table, bit-identical to the image
+    processor's. `crops` gives 8-bit crops (what parallel decoding workers hand over), `normalise` finishes them on
+    their device; calling does both.
+    """
+
+    def __init__(
+        self, shortest_edge: int, crop_size: tuple[int, int], resample: int, rescale_factor: float, mean, std
+    ):
+        self.shortest_edge, self.crop_size, self.resample = shortest_edge, crop_size, resample
+        levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)  # as transformers' rescale
+        mean, std = np.asarray(mean, dtype=np.float32)[:, None], np.asarray(std, dtype=np.float32)[:, None]
+        self.table = (levels[None, :] - mean) / std  # (3, 256), as transformers' normalize in float32
+
+    @classmethod
+    def for_image_processor(cls, image_processor) -> "ClipPixels | None":
+        """The recipe of `image_processor` if it is set up as CLIP's (shortest-edge resize, a centre crop within it,
+        rescale, normalise, no pad), else None."""
+
+        def setting(name):
+            return getattr(image_processor, name, None)
+
+        size, crop = _set_fields(setting("size")), _set_fields(setting("crop_size"))
+        edge, crop_h, crop_w = size.get("shortest_edge"), crop.get("height"), crop.get("width")
+        mean, std, resample = setting("image_mean"), setting("image_std"), setting("resample")
+        clip_like = (
+            setting("do_resize")
+            and setting("do_center_crop")
+            and setting("do_rescale")
+            and setting("do_normalize")
+            and not setting("do_pad")
+            and setting("do_convert_rgb") is not False
+            and set(size) == {"shortest_edge"}
+            and isinstance(edge, int)
+            and isinstance(crop_h, int)
+            and isinstance(crop_w, int)
+            and 0 < crop_h <= edge
+            and 0 < crop_w <= edge
+            and isinstance(resample, int)  # PIL's filters (an IntEnum too), whichever backend holds them
+            and np.shape(mean) == (3,)
+            and np.shape(std) == (3,)
+        )
+        if not clip_like:
+            return None
+        return cls(edge, (crop_h, crop_w), int(resample), float(setting("rescale_factor")), mean, std)
+
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """The 8-bit (3, crop_h, crop_w) centre crop of `image` resized as the processor resizes it."""
+        image = bound_aspect_ratio(to_rgb(image))
+        width, height = image.size
+        # transformers' get_resize_output_image_size(default_to_square=False), then its center_crop offsets
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.shortest_edge * long / short)
+        new_w, new_h = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+        crop_h, crop_w = self.crop_size
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        mode = TORCH_FILTERS.get(self.resample)
+        if mode is None:
+            scale_x, scale_y = width / new_w, height / new_h
+            box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
+            return torch.from_numpy(np.array(image.resize((crop_w, crop_h), self.resample, box=box))).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last in memory
+        resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
+        return resized[0, :, top : top + crop_h, left : left + crop_w]
+
+    def crops(self, images: list) -> torch.Tensor:
+        """8-bit crops of PIL images, channels first: (n, 3, crop_h, crop_w)."""
+        return torch.stack([self.crop(image) for image in images])
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """8-bit crops (n, 3, h, w) → float32 pixel values, by table look-up, on the crops' device."""
+        if crops.device.type == "cpu":  # NumPy's take: faster than torch's indexing, same values
+            values = crops.numpy()
+            out = np.empty(values.shape, dtype=np.float32)
+            for channel in range(3):
+                np.take(self.table[channel], values[:, channel], out=out[:, channel])
+            return torch.from_numpy(out)
+        table = torch.from_numpy(self.table).to(crops.device)
+        return torch.stack([table[channel][crops[:, channel].long()] for channel in range(3)], dim=1)
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return self.normalise(self.crops(images))
+
+
+def _set_fields(size) -> dict:
+    """A size setting as a dict of the fields it sets: a plain dict, or transformers' `SizeDict` (unset = None)."""
+    fields = size if isinstance(size, dict) else vars(size) if size is not None else {}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+# image options of a call that leave CLIP's recipe as it is (`ClipPixels` converts to RGB itself)
+FAST_PATH_OPTIONS = {"do_convert_rgb", "return_tensors"}
 # with captions (`suffix`), what applies to the whole sequence rather than to the prompt
 SEQUENCE_OPTIONS = ("padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of", "return_tensors")
 
@@ -92,11 +192,13 @@ class ClipQwenProcessor(ProcessorMixin):
         num_image_tokens (`int`, defaults to 8): placeholders per image, the model config's
             `num_image_tokens`.
         image_token (`str`, defaults to `"<|image_pad|>"`): the placeholder. A tokenizer without it gets it
-            as a special token; then call `clipqwen.backbones.match_processor(model, processor)`.
+            as a special token; then grow the model's vocabulary (`model.resize_token_embeddings(len(tokenizer))`)
+            and set `model.config.image_token_id` to `processor.image_token_id`.
         caption_end_token (`str`, *optional*, defaults to `"<|endoftext|>"`): ends every caption (Qwen3-Base's
             real EOS; its tokenizer names `<|im_end|>`). `None`: the tokenizer's EOS.
         prompt (`str`, defaults to `""`): used when a call passes no `text`, e.g. `"Image:<|image_pad|>"`
-            (a word first keeps the image out of the decoder's attention-sink position, docs/evidence.md).
+            (a word first keeps the image out of the first position, where a decoder's attention sink sits and
+            what it holds is largely ignored).
     """
 
     # ProcessorMixin's defaults for a call: left padding for batched generate(), and no special
@@ -146,14 +248,14 @@ class ClipQwenProcessor(ProcessorMixin):
 
     def add_image_token(self) -> bool:
         """Add the placeholder to a tokenizer that lacks it, as a special token (never split, dropped when
-        decoding). Returns whether it was added: the model must then grow its vocabulary (`match_processor`)."""
+        decoding). Returns whether it was added: the model must then grow its vocabulary to the tokenizer's."""
         if self.image_token in self.tokenizer.get_vocab():
             return False
         self.tokenizer.add_tokens([AddedToken(self.image_token, special=True, normalized=False)], special_tokens=True)
         logger.info(
-            "Added the image placeholder %r to the tokenizer (id %d); call "
-            "clipqwen.backbones.match_processor(model, processor) so that the model's vocabulary and "
-            "image_token_id match.",
+            "Added the image placeholder %r to the tokenizer (id %d): call "
+            "`model.resize_token_embeddings(len(processor.tokenizer))` and set "
+            "`model.config.image_token_id = processor.image_token_id` so that the model reads it.",
             self.image_token,
             self.tokenizer.convert_tokens_to_ids(self.image_token),
         )
@@ -308,13 +410,19 @@ class ClipQwenProcessor(ProcessorMixin):
         prompt = prompt or self.prompt
         return prompt if self.image_token in prompt else self.image_prompt + prompt
 
-    def _process_images(self, images, **kwargs):
-        return super()._process_images(self._to_clip_input(images), **kwargs)
+    @property
+    def clip_pixels(self) -> ClipPixels | None:
+        """The image processor's recipe computed directly (`ClipPixels`) where it is CLIP's, else None (the image
+        processor's own call). What `__call__` makes pixel values of PIL images with."""
+        return ClipPixels.for_image_processor(self.image_processor)
 
-    def preprocess_images(self, images: list) -> torch.Tensor:
-        """PIL images (any mode, any aspect ratio) or arrays → CLIP pixel_values (batch, 3, 224, 224)."""
-        images = self._to_clip_input(images)
-        return self.image_processor(images, return_tensors="pt", **self.images_kwargs)["pixel_values"]
+    def _process_images(self, images, **kwargs):
+        fast = self.clip_pixels
+        # PIL images with no per-call image setting: CLIP's recipe directly, the same with or without torchvision
+        if fast is not None and set(kwargs) <= FAST_PATH_OPTIONS and all(isinstance(i, Image.Image) for i in images):
+            pixels = BatchFeature({"pixel_values": fast(images)}, tensor_type=kwargs.get("return_tensors"))
+            return pixels, [self.replace_image_token() for _ in images]
+        return super()._process_images(self._to_clip_input(images), **kwargs)
 
     @staticmethod
     def _to_clip_input(images: list) -> list:
@@ -336,4 +444,4 @@ class ClipQwenProcessor(ProcessorMixin):
 
 ClipQwenProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["ClipQwenProcessor", "bound_aspect_ratio", "to_rgb"]
+__all__ = ["ClipPixels", "ClipQwenProcessor", "bound_aspect_ratio", "to_rgb"]

@@ -10,6 +10,7 @@ captions scored on validation and test → export with a model card → push (do
 """
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Literal
 import datasets
 import torch
 import transformers
+from huggingface_hub import constants
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
@@ -321,6 +323,18 @@ def parse_args(argv=None):
 
 
 # ---- model -----------------------------------------------------------------------------------------------
+def go_offline_if_hub_out_of_reach(names) -> bool:
+    """This script's process works offline when some of `names` must come from the Hub and it does not answer: every
+    later Hub call (backbones, processor, data) takes the local cache at once instead of retrying each file. The
+    script owns its process; the library never switches it (it takes `local_files_only`)."""
+    if not hub.hub_out_of_reach(names):
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    return True
+
+
 def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = torch.float32):
     """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
     (bf16 for a bf16 run: `clipqwen.freezing.set_training_dtypes`), and its processor."""
@@ -332,7 +346,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         vision_feature_layer=args.vision_feature_layer,
     )
     if not args.tiny_model:  # an unreachable Hub fails in a second, not after retries per file
-        hub.go_offline_if_hub_unreachable(
+        go_offline_if_hub_out_of_reach(
             [args.model_name_or_path]
             if args.model_name_or_path
             else [args.vision_model_name_or_path, args.text_model_name_or_path]
@@ -457,7 +471,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
 
     # 5. Data: one layout (image_id, image, captions), cleaned; CLIP features cached when CLIP is frozen
     if data_args.on_hub:
-        hub.go_offline_if_hub_unreachable([data_args.dataset_name])  # fail in a second, not after retries
+        go_offline_if_hub_out_of_reach([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
         data_args.dataset_revision = hub.resolve_dataset_revision(data_args.dataset_name, data_args.dataset_revision)
     features = data_args.use_feature_cache and model_args.freeze_vision_model

@@ -8,7 +8,7 @@ Paths timed (images/s, medians of alternating rounds: old, new 1 worker, new 2 w
   real run, and is the same in both paths):
   old = what a first run did before: `drop_unreadable_images` (a decode of every image), then a second decode and
   `processor.preprocess_images`, one process; new = `_DecodedChunks` through a DataLoader with 1 or 2 worker
-  processes, exactly as `add_vision_features` builds it (one decode, `images.pixel_values`);
+  processes, exactly as `add_vision_features` builds it (one decode, the processor's `ClipPixels`);
 - end to end with the tiny CLIP of the tests: old = the check, then decode + `preprocess_images` + vision tower
   batch by batch; new = `add_vision_features` into a fresh cache folder (Arrow file, manifest and all).
 
@@ -19,8 +19,8 @@ the load changes much less. Decodes per image are counted where Pillow really de
 left to read), through a file, so that worker processes count too.
 
 Parity: pixel values and features (the tiny CLIP, and a full-size random CLIP ViT-B/32: no weights can be
-downloaded here) of `pixel_values` against `processor.preprocess_images`, on the real CC-BY photos of
-examples/coco-cc-by and ../shared/data/coco-cc-by and on the generated images.
+downloaded here) of `pixel_values` against the image processor's own call (`preprocess_images`), on the real
+CC-BY photos of examples/coco-cc-by and ../shared/data/coco-cc-by and on the generated images.
 """
 
 import argparse
@@ -51,10 +51,10 @@ from PIL import Image, ImageFile  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from clipqwen.data import cleaning, feature_cache, sources  # noqa: E402
-from clipqwen.images import load_image, pixel_values  # noqa: E402
+from clipqwen.images import load_image  # noqa: E402
 from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
-from processing_clipqwen import to_rgb  # noqa: E402
+from processing_clipqwen import bound_aspect_ratio, to_rgb  # noqa: E402
 
 
 # Flickr30K's most common sizes (the long side is 500 px); quality as its JPEGs (about 90).
@@ -119,6 +119,17 @@ class DecodeCounter:
         }
 
 
+def pixel_values(images: list, processor) -> torch.Tensor:
+    """The processor's pixel values (CLIP's recipe, `ClipPixels`, for PIL images): the one path since."""
+    return processor(images=images)["pixel_values"]
+
+
+def preprocess_images(images: list, processor) -> torch.Tensor:
+    """The image processor's own call, as the processor's `preprocess_images` made it before `ClipPixels`."""
+    images = [bound_aspect_ratio(to_rgb(image)) for image in images]
+    return processor.image_processor(images, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
+
+
 def old_data_path(dataset, processor, batch_size, model=None):
     """What a first run did before: `drop_unreadable_images` (a decode of every image), then the feature map's
     decode + `preprocess_images` (which converts to RGB again), batch by batch, in one process; with `model`, its
@@ -130,7 +141,7 @@ def old_data_path(dataset, processor, batch_size, model=None):
     for start in range(0, len(raw), batch_size):
         batch = raw[start : start + batch_size]
         images = [to_rgb(load_image(entry, name=entry.get("path") or "image")) for entry in batch["image"]]
-        pixels = processor.preprocess_images(images)
+        pixels = preprocess_images(images, processor)
         if model is not None:
             with torch.no_grad():
                 model.get_vision_embeds(pixels)
@@ -175,10 +186,8 @@ def cpu_seconds() -> tuple[float, float]:
 def breakdown(folder: Path, names: list[str], processor, count: int = 100) -> dict:
     """CPU milliseconds per image of each step (this process's CPU time, so other jobs' load changes it little),
     one thread, over `count` images, each step timed on its own."""
-    from clipqwen.images import ClipPixels
-
     paths = [folder / name for name in names[:count]]
-    fast = ClipPixels.for_processor(processor)
+    fast = processor.clip_pixels
     timings = {}
 
     def timed(key, step):
@@ -196,7 +205,7 @@ def breakdown(folder: Path, names: list[str], processor, count: int = 100) -> di
     loaded = timed("load_image_ms", lambda: [load_image(str(path)) for path in paths])
     timed(
         "old_preprocess_images_ms",
-        lambda: [processor.preprocess_images(loaded[i : i + 64]) for i in range(0, len(loaded), 64)],
+        lambda: [preprocess_images(loaded[i : i + 64], processor) for i in range(0, len(loaded), 64)],
     )
     crops = timed("new_crop_ms", lambda: [fast.crop(image) for image in loaded])
     stacked = torch.stack(crops)
@@ -219,8 +228,8 @@ def differences(new: torch.Tensor, old: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def parity(processor, generated: list[Path]) -> dict:
-    """`pixel_values` (the cache's and the no-cache collator's path) against `processor.preprocess_images` (the
-    path before; what the CLI and the pipeline still call): pixel values and features."""
+    """`pixel_values` (the cache's and the no-cache collator's path) against the image processor's own call (the
+    path before, `preprocess_images`): pixel values and features."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     photos = sorted({path.name: path for folder in PHOTO_FOLDERS for path in folder.glob("*.jpg")}.values())
@@ -231,7 +240,7 @@ def parity(processor, generated: list[Path]) -> dict:
     full = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval()  # CLIP ViT-B/32's shape, random weights
     for label, paths in (("real_photos", photos), ("generated_flickr_sized", generated)):
         images = [load_image(path) for path in paths]
-        new, old = pixel_values(images, processor), processor.preprocess_images(images)
+        new, old = pixel_values(images, processor), preprocess_images(images, processor)
         entry = {
             "images": len(images),
             "pixel_values": differences(new, old),

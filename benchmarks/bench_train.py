@@ -64,7 +64,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
     write_results,
 )
-from clipqwen.images import load_image, pixel_values  # noqa: E402
+from clipqwen.images import load_image  # noqa: E402
 from clipqwen.presets import DEFAULT_PRESET  # noqa: E402
 from processing_clipqwen import to_rgb  # noqa: E402
 
@@ -232,7 +232,7 @@ def build_feature_cache(model, processor, device, batch_size=32):
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):  # decoded and preprocessed as clipqwen.data's cache does it
             images = [load_image(path) for path in paths[i : i + batch_size]]
-            features.append(model.get_vision_embeds(pixel_values(images, processor).to(device)))
+            features.append(model.get_vision_embeds(processor(images=images)["pixel_values"].to(device)))
     return torch.cat(features)
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .images import IMAGE_SUFFIXES, ImageLoadError, image_files_in, load_image, name_problem
-from .loading import ModelLoadError, load_clipqwen, one_line
-from .precision import PRECISIONS, PrecisionError, check_precision_available, resolve_precision
+from . import hub, inference
+from .images import IMAGE_SUFFIXES, image_files_in, name_problem, printable
+from .loading import ModelLoadError, one_line
+from .precision import PrecisionError
 from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
-from .presets import CAPTION_GENERATION, caption_generation_config
+from .presets import CAPTION_GENERATION
 
 
 MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
@@ -94,13 +95,6 @@ def jsonl_line(record: dict) -> str:
     return re.sub("[\ud800-\udfff]", lambda match: f"\\u{ord(match.group()):04x}", line)
 
 
-def printable(name: str) -> str:
-    """A file name for the terminal and tab-separated output: undecodable bytes as \\xNN, control
-    characters (a newline or a tab) escaped so that each caption stays on one line."""
-    name = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], name)
-
-
 def in_range(kind, low, high, allowed: str):
     """An argparse type that refuses values outside [low, high] at parse time; argparse names the flag."""
 
@@ -158,54 +152,33 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default="auto",
-        help="weights: fp32, bf16, or int8 weight-only decoder (needs the `quantize` extra); "
-        "auto: bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere",
-    )
+    inference.add_precision_argument(parser)
     return parser.parse_args(argv)
-
-
-def generation_config(args, model_generation_config):
-    """The model's generation_config with the decoding flags the user gave (None: not given)."""
-    flags = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
-    if args.do_sample and args.num_beams is None:
-        flags["num_beams"] = 1  # --do_sample alone samples, not beam-samples with the model's beams
-    config = caption_generation_config(model_generation_config, **flags)
-    if config.do_sample:  # temperature and top-p mean nothing to greedy or beam search
-        config = caption_generation_config(config, temperature=args.temperature, top_p=args.top_p)
-    return config
 
 
 def caption_files(args) -> int:
     paths = expand_inputs(args.inputs)
     if args.output:
         check_output(args.output, paths)
-    precision = resolve_precision(args.precision, args.device)
-    check_precision_available(precision)  # a missing library is said before the model loads
-    model, processor = load_clipqwen(args.model, revision=args.revision, device=args.device, precision=precision)
-    generation = generation_config(args, model.generation_config)
+    offline = hub.hub_out_of_reach([args.model])  # an unreachable Hub fails now, not after retries
+    model, processor = inference.load(
+        args.model, args.revision, device=args.device, precision=args.precision, local_files_only=offline
+    )
+    flags = {name: getattr(args, name) for name in inference.DECODING}  # None: not given
+    generation = inference.generation_config(model.generation_config, **flags)
 
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     skipped = 0
     try:
         for start in tqdm(range(0, len(paths), args.batch_size), desc="captioning", unit="batch", file=sys.stderr):
-            images, names = [], []
-            for path in paths[start : start + args.batch_size]:
-                try:
-                    images.append(load_image(path, name=printable(str(path))))
-                    names.append(str(path))
-                except ImageLoadError as error:
-                    skipped += 1
-                    tqdm.write(f"skipped: {error}", file=sys.stderr)  # above the progress bar, not inside it
+            images, read, problems = inference.read_images(paths[start : start + args.batch_size])
+            for problem in problems:
+                tqdm.write(f"skipped: {problem}", file=sys.stderr)  # above the progress bar, not inside it
+            skipped += len(problems)
             if not images:
                 continue
-            inputs = processor(images=images, text=[args.prompt] * len(images)).to(args.device)
-            with torch.no_grad():
-                ids = model.generate(**inputs, generation_config=generation)
-            for name, caption in zip(names, processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :])):
+            captions = inference.caption_images(model, processor, images, generation, args.prompt)
+            for name, caption in zip(map(str, read), captions):
                 if args.output:
                     out.write(jsonl_line({"file": name, "caption": caption}) + "\n")
                 else:

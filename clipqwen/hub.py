@@ -7,7 +7,6 @@ ever uploaded; what each `--hub_strategy` pushes is in docs/training.md.
 
 import argparse
 import errno
-import os
 import re
 from pathlib import Path
 
@@ -98,10 +97,10 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     return _PROBES[endpoint]
 
 
-def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
-    """Go offline when some of `names` must come from the Hub and it does not answer within
-    `timeout` seconds: the local cache still loads, the rest fails at once instead of after retries
-    for each file (docs/reliability.md). Returns whether it switched."""
+def hub_out_of_reach(names, timeout: float = 3.0) -> bool:
+    """Whether some of `names` must come from the Hub and it does not answer within `timeout` seconds (said in a
+    warning). Nothing changes here: the entry point that asked decides, passing `local_files_only=True` (the local
+    cache still loads, the rest fails at once instead of after retries for each file, docs/reliability.md)."""
     remote = [name for name in names if name and not is_local(name)]
     if not remote or constants.HF_HUB_OFFLINE:
         return False
@@ -114,11 +113,6 @@ def go_offline_if_hub_unreachable(names, timeout: float = 3.0) -> bool:
         reason,
         ", ".join(remote),
     )
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    import datasets.config  # here: the caption CLI and the app never need datasets
-
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     return True
 
 

@@ -2,8 +2,8 @@
 
 `load_image` returns a fully decoded 8-bit RGB image or raises `ImageLoadError`, whose message names
 the file, what is wrong and what to do; decoding inside the checks makes a corrupt file fail before
-training, not mid-epoch. Every caller decodes and converts an image once, here; `pixel_values` then
-makes CLIP's inputs from it without converting again.
+training, not mid-epoch. Every caller decodes and converts an image once, here; the processor then
+makes the image tower's inputs from it without converting again.
 """
 
 import errno
@@ -14,11 +14,9 @@ import stat
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from processing_clipqwen import bound_aspect_ratio, to_rgb
+from processing_clipqwen import to_rgb
 
 
 # Checked against the format Pillow detects from the content, not the extension: Pillow opens ~40
@@ -210,9 +208,8 @@ def regular_file_size(path, name) -> int:
     try:
         status = os.stat(path)
     except UnicodeEncodeError:
-        shown = name.encode("utf-8", "backslashreplace").decode()  # printable: a lone surrogate cannot be logged
         raise ImageLoadError(
-            shown,
+            printable(name),  # a lone surrogate cannot be logged
             "its name is not valid UTF-8, so it cannot name a file",
             "Rename the file, or fix its name where it is listed.",
         ) from None
@@ -246,6 +243,17 @@ def too_long(path) -> str:
         f"the file name is too long for the file system ({len(longest)} characters, {size} bytes; "
         "most allow 255 bytes)"
     )
+
+
+def printable(name: str) -> str:
+    """A file name for a terminal, a log, JSON or tab-separated output: bytes that are not UTF-8 as \\xNN (a lone
+    surrogate, which names no file, as \\udNNN), control characters (a newline, a tab) escaped, so that it stays
+    on one line."""
+    try:
+        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "backslashreplace").decode()
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], name)
 
 
 def name_problem(path) -> str | None:
@@ -285,113 +293,3 @@ def _not_an_image(data, path) -> tuple[str, str]:
     if head.startswith(b"<"):  # a web page or error page saved under an image name: a failed download
         return "it is HTML/XML text, not an image (often an error page from a failed download)", _REDO
     return "Pillow does not recognise it as an image (unknown format or random bytes)", _REDO
-
-
-# ---- pixel values -------------------------------------------------------------------------------------------
-def pixel_values(images: list, processor) -> torch.Tensor:
-    """CLIP pixel values for PIL images: `processor.preprocess_images(images)`, computed by
-    `ClipPixels` where the processor is CLIP's own recipe."""
-    fast = ClipPixels.for_processor(processor)
-    if fast is None or not all(isinstance(image, Image.Image) for image in images):
-        return processor.preprocess_images(images)
-    return fast(images)
-
-
-# PIL filters that torch's antialiased interpolation reproduces within one level of 255.
-TORCH_FILTERS = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
-
-
-class ClipPixels:
-    """CLIP's preprocessing as `processor.preprocess_images` does it, in fewer steps.
-
-    No second RGB conversion, no PIL/NumPy round trips. The resize is torch's antialiased uint8
-    kernel, within one 8-bit level of PIL's (other filters stay PIL's); rescale and normalise are a
-    table, bit-identical to the processor's (docs/benchmarks.md). `crops` gives 8-bit crops (what
-    the cache's workers hand over), `normalise` finishes them on their device; calling does both.
-    """
-
-    def __init__(
-        self, shortest_edge: int, crop_size: tuple[int, int], resample: int, rescale_factor: float, mean, std
-    ):
-        self.shortest_edge, self.crop_size, self.resample = shortest_edge, crop_size, resample
-        levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)  # as transformers' rescale
-        mean, std = np.asarray(mean, dtype=np.float32)[:, None], np.asarray(std, dtype=np.float32)[:, None]
-        self.table = (levels[None, :] - mean) / std  # (3, 256), as transformers' normalize in float32
-
-    @classmethod
-    def for_processor(cls, processor) -> "ClipPixels | None":
-        """The fast path for `processor` if its image processor is a PIL one set up as CLIP's
-        (shortest-edge resize, a centre crop within it, rescale, normalise, no pad), else None."""
-        image_processor = getattr(processor, "image_processor", None)
-        if getattr(image_processor, "backend", None) != "pil":
-            return None
-
-        def setting(name):
-            return getattr(image_processor, name, None)
-
-        size, crop = _set_fields(setting("size")), _set_fields(setting("crop_size"))
-        edge, crop_h, crop_w = size.get("shortest_edge"), crop.get("height"), crop.get("width")
-        mean, std = setting("image_mean"), setting("image_std")
-        clip_like = (
-            setting("do_resize")
-            and setting("do_center_crop")
-            and setting("do_rescale")
-            and setting("do_normalize")
-            and not setting("do_pad")
-            and setting("do_convert_rgb") is not False
-            and set(size) == {"shortest_edge"}
-            and isinstance(edge, int)
-            and isinstance(crop_h, int)
-            and isinstance(crop_w, int)
-            and 0 < crop_h <= edge
-            and 0 < crop_w <= edge
-            and isinstance(setting("resample"), int)
-            and np.shape(mean) == (3,)
-            and np.shape(std) == (3,)
-        )
-        if not clip_like:
-            return None
-        return cls(edge, (crop_h, crop_w), int(setting("resample")), float(setting("rescale_factor")), mean, std)
-
-    def crop(self, image: Image.Image) -> torch.Tensor:
-        """The 8-bit (3, crop_h, crop_w) centre crop of `image` resized as the processor resizes it."""
-        image = bound_aspect_ratio(to_rgb(image))
-        width, height = image.size
-        # transformers' get_resize_output_image_size(default_to_square=False), then its center_crop offsets
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.shortest_edge * long / short)
-        new_w, new_h = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
-        crop_h, crop_w = self.crop_size
-        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
-        mode = TORCH_FILTERS.get(self.resample)
-        if mode is None:
-            scale_x, scale_y = width / new_w, height / new_h
-            box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
-            return torch.from_numpy(np.array(image.resize((crop_w, crop_h), self.resample, box=box))).permute(2, 0, 1)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last in memory
-        resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
-        return resized[0, :, top : top + crop_h, left : left + crop_w]
-
-    def crops(self, images: list) -> torch.Tensor:
-        """8-bit crops of PIL images, channels first: (n, 3, crop_h, crop_w)."""
-        return torch.stack([self.crop(image) for image in images])
-
-    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
-        """8-bit crops (n, 3, h, w) → float32 pixel values, by table look-up, on the crops' device."""
-        if crops.device.type == "cpu":  # NumPy's take: faster than torch's indexing, same values
-            values = crops.numpy()
-            out = np.empty(values.shape, dtype=np.float32)
-            for channel in range(3):
-                np.take(self.table[channel], values[:, channel], out=out[:, channel])
-            return torch.from_numpy(out)
-        table = torch.from_numpy(self.table).to(crops.device)
-        return torch.stack([table[channel][crops[:, channel].long()] for channel in range(3)], dim=1)
-
-    def __call__(self, images: list) -> torch.Tensor:
-        return self.normalise(self.crops(images))
-
-
-def _set_fields(size) -> dict:
-    """A size setting as a dict of the fields it sets: a plain dict, or transformers' `SizeDict` (unset = None)."""
-    fields = size if isinstance(size, dict) else vars(size) if size is not None else {}
-    return {key: value for key, value in fields.items() if value is not None}

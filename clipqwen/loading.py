@@ -49,7 +49,9 @@ def refuse_pickled_weights(folder) -> None:
         )
 
 
-def read_model_type(model: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+def read_model_type(
+    model: str, revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False
+) -> str | None:
     """model_type from the config.json of a local folder or a Hub repository, read as plain JSON."""
     if not model.strip():
         raise ModelLoadError(
@@ -66,7 +68,9 @@ def read_model_type(model: str, revision: str | None = None, cache_dir: str | No
         raise ModelLoadError(f"`{model}` is not a model folder (no such directory) nor a Hub id like `owner/name`.")
     else:
         try:
-            config_file = hf_hub_download(model, "config.json", revision=revision, cache_dir=cache_dir)
+            config_file = hf_hub_download(
+                model, "config.json", revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            )
         except Exception as error:  # noqa: BLE001 - offline, unknown repo or revision, no access, bad id
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
             raise ModelLoadError(
@@ -81,10 +85,10 @@ def read_model_type(model: str, revision: str | None = None, cache_dir: str | No
         raise ModelLoadError(f"The config.json of `{model}` is not a JSON object ({error}).") from error
 
 
-def weight_files(model: str, revision: str | None = None, cache_dir: str | None = None) -> list[str]:
+def weight_files(model: str, revision: str | None = None, cache_dir: str | None = None, **options) -> list[str]:
     """Local paths of the model's safetensors weights (one file, or the shards its index names), fetched the way
-    from_pretrained fetches them, so loading afterwards reuses them."""
-    options = {"revision": revision, "cache_dir": cache_dir}
+    from_pretrained fetches them, so loading afterwards reuses them. `options`: `local_files_only`."""
+    options |= {"revision": revision, "cache_dir": cache_dir}
     try:
         single = cached_file(model, "model.safetensors", **options, _raise_exceptions_for_missing_entries=False)
         if single:
@@ -116,14 +120,15 @@ def saved_state_dict(model) -> dict:
     return revert_weight_conversion(model, model.state_dict(keep_vars=True))
 
 
-def check_weights(model: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+def check_weights(model: str, revision: str | None = None, cache_dir: str | None = None, **options) -> None:
     """Refuse safetensors that do not hold every tensor the model needs, at the right shape, before loading them:
-    from_pretrained would fill a missing tensor with random values and the model would caption nonsense."""
-    config = ClipQwenConfig.from_pretrained(model, revision=revision, cache_dir=cache_dir)
+    from_pretrained would fill a missing tensor with random values and the model would caption nonsense.
+    `options`: `local_files_only`."""
+    config = ClipQwenConfig.from_pretrained(model, revision=revision, cache_dir=cache_dir, **options)
     with torch.device("meta"):  # shapes and names only, no memory
         expected = saved_state_dict(ClipQwenForConditionalGeneration(config))
     found = {}
-    for file in weight_files(model, revision, cache_dir):
+    for file in weight_files(model, revision, cache_dir, **options):
         try:
             with safe_open(file, framework="pt") as weights:  # reads the header only
                 found |= {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
@@ -167,29 +172,30 @@ def load_clipqwen(
     dtype: torch.dtype | None = None,
     cache_dir: str | None = None,
     precision: str | None = None,
+    local_files_only: bool = False,
 ):
     """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise.
     `precision` (fp32, bf16, int8: clipqwen.precision) sets the weights' dtype and replaces `dtype`; int8 without
-    its library raises PrecisionError before anything is read."""
+    its library raises PrecisionError before anything is read. `local_files_only`: nothing from the Hub, the
+    local cache only (what an entry point passes when `hub.hub_out_of_reach`)."""
     if precision is not None:
         check_precision_available(precision)
         dtype = weights_dtype(precision)
-    hub.go_offline_if_hub_unreachable([model])  # an unreachable Hub fails now, not after retries
-    model_type = read_model_type(model, revision, cache_dir)
+    model_type = read_model_type(model, revision, cache_dir, local_files_only)
     if model_type != "clipqwen":
         raise ModelLoadError(
             f"`{model}` is not a ClipQwen captioner: its config.json says model_type "
             f'{json.dumps(model_type)}, not "clipqwen". It was not loaded.'
         )
     refuse_pickled_weights(model)
-    options = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False}
+    options = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}
     try:
-        check_weights(model, revision, cache_dir)
+        check_weights(model, **options)
         # the installed classes: the auto_map pointing at the folder's .py files is never read
         captioner = ClipQwenForConditionalGeneration.from_pretrained(
-            model, dtype=dtype, use_safetensors=True, **options
+            model, dtype=dtype, use_safetensors=True, trust_remote_code=False, **options
         )
-        processor = ClipQwenProcessor.from_pretrained(model, **options)
+        processor = ClipQwenProcessor.from_pretrained(model, trust_remote_code=False, **options)
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001 - a config the classes reject, a broken tokenizer, ...

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS, bundled_processor
+
 from conftest import PHOTOS, ROOT, clear_greedy_ids, serving_app
 
 
@@ -54,10 +56,11 @@ MODEL_DECODING = {"num_beams": 2, "max_new_tokens": 5}  # what the demo's contro
 
 
 @pytest.fixture
-def served_app(make_model, processor, tmp_path):
-    """(url, model, folder, other, marker): the app serving a tiny saved model whose bundled code must never run and
-    whose generation_config decodes with MODEL_DECODING, plus (allowed by the operator) a folder of another model type
-    and a Hub id that cannot be reached."""
+def served_app(make_model, tmp_path):
+    """(url, model, processor, folder, other, marker): the app serving a tiny saved model whose bundled code must never
+    run, whose generation_config decodes with MODEL_DECODING and whose processor holds the default layout's prompt
+    (`Image:`), plus (allowed by the operator) a folder of another model type and a Hub id that cannot be reached."""
+    processor = bundled_processor(prompt=LAYOUTS[DEFAULT_PRESET]["prompt"])
     model = make_model()
     model.generation_config.update(**MODEL_DECODING)
     folder = tmp_path / "clipqwen-tiny"
@@ -74,7 +77,7 @@ def served_app(make_model, processor, tmp_path):
     with serving_app(
         tmp_path, str(folder), "--allowed_models", f"{other},{MISSING_HUB_ID}", "--max_images", str(MAX_IMAGES)
     ) as (url, _):
-        yield url, model, folder, other, marker
+        yield url, model, processor, folder, other, marker
 
 
 @pytest.fixture
@@ -97,12 +100,13 @@ def pick_model(page, label: str):
     expect(page.locator("#model input")).to_have_value(label)
 
 
-def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, processor, tmp_path):
-    url, model, folder, other, marker = served_app
+def test_demo_captions_like_generate_and_reports_bad_input(served_app, page, tmp_path):
+    url, model, processor, folder, other, marker = served_app
     # the server is another process: compared exactly only where no greedy step is a near tie
-    ids = clear_greedy_ids(model, processor(images=[Image.open(PHOTO)]), max_new_tokens=8)
-    expected = processor.batch_decode(ids)[0]
-    assert expected  # an empty caption would make the comparison below meaningless
+    inputs = processor(images=[Image.open(PHOTO)])
+    ids = clear_greedy_ids(model, inputs, max_new_tokens=8)
+    expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :])[0]  # the caption, not the prompt
+    assert expected and processor.prompt.startswith("Image:")  # an empty caption: the comparison means nothing
 
     page.goto(url)
     expect(page.get_by_text("CC BY-SA 2.0").first).to_be_visible()  # the example photos' attribution

@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
-from clipqwen import caption_cli
+from clipqwen import caption_cli, hub, inference, loading
 from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import CAPTION_GENERATION, bundled_processor, tiny_config
+from clipqwen.presets import CAPTION_GENERATION, DEFAULT_PRESET, LAYOUTS, bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS
@@ -35,6 +35,17 @@ def saved_model(tmp_path_factory):
     torch.manual_seed(0)
     ClipQwenForConditionalGeneration(tiny_config()).save_pretrained(folder)
     bundled_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompted_model(tmp_path_factory):
+    """The tiny model saved with the default layout's prompt (`Image:` before the placeholders), as run_captioning
+    exports a clipcap model."""
+    folder = tmp_path_factory.mktemp("model") / "prompted"
+    torch.manual_seed(0)
+    ClipQwenForConditionalGeneration(tiny_config()).save_pretrained(folder)
+    bundled_processor(prompt=LAYOUTS[DEFAULT_PRESET]["prompt"]).save_pretrained(folder)
     return folder
 
 
@@ -286,7 +297,7 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
         return generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", failing_second_batch)
-    monkeypatch.setattr(caption_cli, "load_clipqwen", lambda *args, **kwargs: (model, processor))
+    monkeypatch.setattr(inference, "load_clipqwen", lambda *args, **kwargs: (model, processor))
     output = tmp_path / "captions.jsonl"
     status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
     assert status == 1
@@ -308,6 +319,44 @@ def test_cli_with_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, un
         and err[0].startswith("clipqwen-caption: error: Could not fetch config.json of `someone/clipqwen-flickr30k`")
     ), err
     assert "does not answer" in caplog.text and "working offline" in caplog.text
+    assert_process_still_online()
+
+
+def assert_process_still_online():
+    """What `unreachable_hub` set (online mode) is still so: no library call switched the whole process offline."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+
+
+def test_loading_with_an_unreachable_hub_probes_nothing_and_changes_nothing(unreachable_hub, monkeypatch):
+    """The Hub decision is the entry point's (`local_files_only`): the library neither probes nor goes offline."""
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda *args: pytest.fail("the library probed the Hub"))
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="Could not fetch config.json of `someone/clipqwen-flickr30k`"):
+        load_clipqwen("someone/clipqwen-flickr30k", local_files_only=True)
+    assert time.monotonic() - start < 10
+    assert_process_still_online()
+
+
+def test_the_app_decides_on_an_unreachable_hub_at_startup(app, saved_model, unreachable_hub, monkeypatch):
+    """Served Hub ids then load from the local cache only (local_files_only), for this demo, not the process."""
+    built = []
+
+    class Built(Exception):
+        """Raised instead of serving."""
+
+    def build_demo(*args):
+        built.append(args)
+        raise Built
+
+    monkeypatch.setattr(app, "build_demo", build_demo)
+    with pytest.raises(Built):
+        app.main([str(saved_model), "--allowed_models", "someone/clipqwen-flickr30k"])
+    assert built[0][-1] is True  # local_files_only
+    assert_process_still_online()
 
 
 def test_cli_never_writes_an_empty_caption(eos_first_model, tmp_path, capsys):
@@ -326,7 +375,7 @@ def cli_decoding(capsys, monkeypatch, folder, *flags) -> dict:
         asked.append(spy_on_generate(model, monkeypatch))
         return model, processor
 
-    monkeypatch.setattr(caption_cli, "load_clipqwen", load)
+    monkeypatch.setattr(inference, "load_clipqwen", load)
     status, out, err = cli(capsys, folder, PHOTO, *flags)
     assert status == 0 and len(out.splitlines()) == 1, err
     return asked[0][0]
@@ -476,7 +525,9 @@ def test_app_served_models_pin_revisions(app, saved_model):
 def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model, tmp_path, monkeypatch):
     photos = sorted(str(path) for path in PHOTOS.glob("*.jpg"))
     decoded = []
-    monkeypatch.setattr(app, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB"))
+    monkeypatch.setattr(
+        inference, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB")
+    )
     served = app.served_models(str(saved_model), "", [])
 
     _, text, status = run_app(app, photos, str(saved_model), served, max_images=3)
@@ -496,6 +547,18 @@ def test_app_refuses_a_prompt_prefix_over_its_cap(app, saved_model):
     assert gallery == [] and status == (
         f"⚠️ The prompt prefix has {len(long):,} characters; at most {app.MAX_PREFIX_CHARS} are allowed."
     )
+
+
+def test_app_caption_is_the_clis_without_the_prompt(app, prompted_model, capsys):
+    """A model saved with the default prompt: the demo shows what clipqwen-caption writes for the same photo and
+    decoding, and neither shows the prompt."""
+    served = app.served_models(str(prompted_model), "", [])
+    gallery, text, status = run_app(app, [str(PHOTO)], str(prompted_model), served)
+    assert status.startswith("Captioned 1 image"), status
+    status, out, err = cli(capsys, prompted_model, PHOTO, "--num_beams", "1", *QUICK)
+    assert status == 0, err
+    assert out == f"{PHOTO}\t{gallery[0][1]}\n" and text == f"{PHOTO.name}: {gallery[0][1]}"
+    assert not gallery[0][1].startswith("Image"), gallery
 
 
 def test_app_never_shows_an_empty_caption(app, eos_first_model):
@@ -565,7 +628,7 @@ def test_cli_refuses_an_unknown_precision_naming_the_choices(capsys):
 
 def test_cli_int8_without_its_library_names_the_extra_before_loading(saved_model, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # what a missing package looks like to import
-    monkeypatch.setattr(caption_cli, "load_clipqwen", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loading, "read_model_type", lambda *args, **kwargs: pytest.fail("the model was read"))
     status, out, err = cli(capsys, saved_model, PHOTO, "--precision", "int8", *QUICK)
     assert status == 2 and out == "" and len(err) == 1
     assert err[0].startswith("clipqwen-caption: error: --precision int8 needs the optimum-quanto library")

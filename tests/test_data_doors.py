@@ -25,7 +25,7 @@ from clipqwen.data.collator import CaptionCollator
 from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import load_caption_data, read_annotation_file
 from clipqwen.embedded import load_embedded_dataset
-from clipqwen.images import ImageLoadError, load_image, pixel_values
+from clipqwen.images import ImageLoadError, load_image
 
 from conftest import PHOTOS, TINY
 
@@ -490,7 +490,7 @@ def test_a_photo_replaced_under_the_same_name_is_encoded_again(make_model, proce
         tmp_path / "cache",
     )
     assert sum(calls) == 8 and again.cache_files != first.cache_files
-    expected = model.get_vision_embeds(pixel_values([load_image(target)], processor))  # the cache's image path
+    expected = model.get_vision_embeds(processor(images=[load_image(target)])["pixel_values"])  # the cache's path
     torch.testing.assert_close(torch.as_tensor(again[0]["vision_embeds"])[None], expected)
 
 

@@ -16,7 +16,7 @@ from clipqwen import export
 from clipqwen.data import cleaning, feature_cache
 from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import read_annotation_file
-from clipqwen.images import load_image, pixel_values
+from clipqwen.images import load_image
 
 from conftest import PHOTOS, TINY
 
@@ -141,16 +141,15 @@ def test_features_with_two_workers_equal_features_with_one(
         workers: [part["filename"].rsplit("/", 1)[1] for part in run.cache_files] for workers, run in runs.items()
     }
     assert names_of[0] == names_of[1] == names_of[2]  # the key does not depend on the number of workers
-    # the same as one process doing it by hand: load_image, pixel_values, the vision tower, batch by batch (how far
-    # pixel_values may differ from processor.preprocess_images: tests/test_images.py)
+    # the same as one process doing it by hand: load_image, the processor's pixel values, the vision tower, batch by
+    # batch (how far they may differ from the image processor's own: tests/test_images.py)
     with torch.no_grad():
         expected = torch.cat(
             [
                 model.get_vision_embeds(
-                    pixel_values(
-                        [load_image(str(tmp_path / "data" / name)) for name in names[start : start + batch_size]],
-                        processor,
-                    )
+                    processor(
+                        images=[load_image(str(tmp_path / "data" / name)) for name in names[start:][:batch_size]]
+                    )["pixel_values"]
                 )
                 for start in range(0, 16, batch_size)
             ]

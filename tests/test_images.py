@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from clipqwen import images
-from clipqwen.images import ClipPixels, ImageLoadError, load_image, pixel_values
+from clipqwen.images import ImageLoadError, load_image
+from processing_clipqwen import bound_aspect_ratio, to_rgb
 
 from conftest import PHOTOS
 
@@ -340,8 +341,7 @@ def test_an_image_is_converted_once_from_file_to_pixel_values(tmp_path, monkeypa
     photo = load_image(sorted(PHOTOS.glob("*.jpg"))[0])  # an RGB JPEG: nothing to convert at all
     palette = load_image(palette_file)
     assert conversions == ["P"] and photo.mode == palette.mode == "RGB"
-    pixel_values([photo, palette], processor)
-    processor.preprocess_images([photo, palette])  # the processor's own path (CLI, pipeline) converts nothing either
+    processor(images=[photo, palette])  # the one path to pixel values (CLI, demo, pipeline, training) converts nothing
     assert conversions == ["P"]
 
 
@@ -376,9 +376,20 @@ def parity_images():
     return photos + made + modes
 
 
-def test_pixel_values_match_the_processor_within_one_level_of_255(processor):
+def pixel_values(images: list, processor) -> torch.Tensor:
+    """The processor's pixel values: the one path (CLI, demo, pipeline, training from pixels, the feature cache)."""
+    return processor(images=images)["pixel_values"]
+
+
+def image_processors_own(images: list, processor) -> torch.Tensor:
+    """The image processor's own call on the same RGB, aspect-bounded images: the reference CLIP's recipe keeps to."""
+    images = [bound_aspect_ratio(to_rgb(image)) if isinstance(image, Image.Image) else image for image in images]
+    return processor.image_processor(images, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
+
+
+def test_pixel_values_match_the_image_processor_within_one_level_of_255(processor):
     batch = parity_images()
-    ours, theirs = pixel_values(batch, processor), processor.preprocess_images(batch)
+    ours, theirs = pixel_values(batch, processor), image_processors_own(batch, processor)
     assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape == (len(batch), 3, 224, 224)
     step = 1 / 255 / min(processor.image_processor.image_std)  # one level of an 8-bit pixel, normalised
     difference = (ours - theirs).abs()
@@ -398,11 +409,11 @@ def test_pixel_values_follow_the_processors_resampling_filter(processor, resampl
     other.image_processor.resample = resample
     batch = [image for image in parity_images() if min(image.size) >= 16]
     step = 1 / 255 / min(processor.image_processor.image_std)
-    assert (pixel_values(batch, other) - other.preprocess_images(batch)).abs().max() <= step * 1.0001
+    assert (pixel_values(batch, other) - image_processors_own(batch, other)).abs().max() <= step * 1.0001
 
 
 def test_pixel_values_normalise_exactly_as_the_processor_does(processor):
-    fast = ClipPixels.for_processor(processor)
+    fast = processor.clip_pixels
     levels = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(16, 16, 3)  # every 8-bit value in every channel
     expected = processor.image_processor(levels, do_resize=False, do_center_crop=False, return_tensors="pt")
     crops = torch.from_numpy(levels).permute(2, 0, 1)[None].contiguous()
@@ -414,11 +425,22 @@ def test_pixel_values_normalise_exactly_as_the_processor_does(processor):
 def test_pixel_values_use_the_processor_itself_for_other_recipes(processor):
     other = copy.deepcopy(processor)
     other.image_processor.size = {"height": 224, "width": 224}  # squashed, not CLIP's recipe: no guessing
-    assert ClipPixels.for_processor(other) is None and ClipPixels.for_processor(processor) is not None
+    assert other.clip_pixels is None and processor.clip_pixels is not None
     batch = parity_images()[:3]
-    assert torch.equal(pixel_values(batch, other), other.preprocess_images(batch))
-    arrays = [np.asarray(image) for image in batch]  # not PIL images: the processor's own path too
-    assert torch.equal(pixel_values(arrays, processor), processor.preprocess_images(arrays))
+    assert torch.equal(pixel_values(batch, other), image_processors_own(batch, other))
+    arrays = [np.asarray(image) for image in batch]  # not PIL images: the image processor's own call too
+    assert torch.equal(pixel_values(arrays, processor), image_processors_own(arrays, processor))
+    assert torch.equal(pixel_values(batch, processor), processor.clip_pixels(batch))  # PIL images: CLIP's recipe
+
+
+def test_clips_recipe_runs_whichever_image_processor_backend_is_installed(processor):
+    """The PIL backend here; with torchvision installed, CLIPImageProcessor is the torchvision one: the same settings,
+    so the same recipe and the same pixel values, not a slower path chosen by what else happens to import."""
+    other = copy.deepcopy(processor)
+    pil_class = type(other.image_processor)
+    other.image_processor.__class__ = type("AsTorchvision", (pil_class,), {"backend": "torchvision"})
+    batch = parity_images()[:3]
+    assert other.clip_pixels is not None and torch.equal(pixel_values(batch, other), pixel_values(batch, processor))
 
 
 # --- pre-flight scan ---------------------------------------------------------------------------------------

@@ -106,3 +106,16 @@ def test_saved_folder_loads_in_a_fresh_process_with_identical_outputs(make_model
     child = assert_fresh_process_matches(model, processor, folder, photo, tmp_path / "elsewhere")
     assert child["decoder"] == "Qwen3Model"
     assert child["image_token_id"] == child["processor_image_token_id"] == 151655
+
+
+HUB_FILES = ("configuration_clipqwen.py", "modeling_clipqwen.py", "processing_clipqwen.py")
+
+
+def test_the_hub_files_name_nothing_a_hub_user_does_not_have():
+    """Who loads the model with trust_remote_code has these three files, not the clipqwen package nor its docs:
+    their messages speak transformers' terms (resize_token_embeddings, config.image_token_id)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in HUB_FILES:
+        with open(os.path.join(root, name), encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                assert "clipqwen." not in line and "docs/" not in line, f"{name}:{number}: {line.strip()}"

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..images import pixel_values
 from .cleaning import read_image
 
 
@@ -15,7 +14,7 @@ class CaptionCollator:
     (seed, epoch, image id), not a global RNG that prefetching advances, so a resumed run draws what
     an uninterrupted one would (`CaptionEpochCallback` keeps `epoch` current). `for_generation`
     makes left-padded prompts. A row whose image is lost is left out, its id in the batch's
-    `lost_images` for CaptionTrainer. Pixels come from `images.pixel_values`, as the cache's."""
+    `lost_images` for CaptionTrainer. Pixels come from the processor, by the recipe the cache's come from."""
 
     def __init__(self, processor, max_caption_length: int | None = None, for_generation: bool = False, seed: int = 0):
         self.processor = processor
@@ -39,13 +38,14 @@ class CaptionCollator:
             return {"lost_images": lost}
         captions = None if self.for_generation else [self.pick_caption(row) for row in rows]
         # "" per row: the processor's prompt (and the batch size when there are no captions to count)
-        batch = self.processor(text=[""] * len(rows), suffix=captions, max_caption_length=self.max_caption_length)
+        images = None if "vision_embeds" in rows[0] else [row["image"] for row in rows]
+        batch = self.processor(
+            images=images, text=[""] * len(rows), suffix=captions, max_caption_length=self.max_caption_length
+        )
         if lost:
             batch["lost_images"] = lost
-        if "vision_embeds" in rows[0]:
+        if images is None:
             batch["vision_embeds"] = torch.as_tensor(np.stack([row["vision_embeds"] for row in rows]))
-        else:
-            batch["pixel_values"] = pixel_values([row["image"] for row in rows], self.processor)
         if self.for_generation:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
         return batch

@@ -13,7 +13,6 @@ from PIL import Image as PILImage
 from transformers.utils import logging
 
 from ..checkpoints import file_problem, file_record
-from ..images import ClipPixels, pixel_values
 from ..tower_inference import CNN_CHUNK, for_inference, is_cnn
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
@@ -224,12 +223,12 @@ DECODE_CHUNK = 16
 class _DecodedChunks(torch.utils.data.Dataset):
     """Chunk i of the rows: (its batch, last chunk of it?, pixel values of its readable images or
     None, reasons per row, "" if readable), at most `DECODE_CHUNK` rows of one batch. Each image is
-    decoded once by `load_image` and preprocessed as `images.pixel_values` does; CLIP's recipe gives
+    decoded once by `load_image` and preprocessed as the processor does; CLIP's recipe gives
     8-bit crops (a quarter of the bytes to hand over), normalised where the tower runs."""
 
     def __init__(self, raw: Dataset, processor, rows: range, batch_size: int, chunk: int | None = None):
         self.raw, self.processor = raw, processor
-        self.fast = ClipPixels.for_processor(processor)  # None: not CLIP's recipe, the processor's own call instead
+        self.fast = processor.clip_pixels  # None: not CLIP's recipe, the processor's own call instead
         chunk = chunk or DECODE_CHUNK
         self.chunks = []
         for batch, start in enumerate(range(rows.start, rows.stop, batch_size)):
@@ -252,6 +251,11 @@ class _DecodedChunks(torch.utils.data.Dataset):
         if not images:
             return batch, last, None, reasons
         return batch, last, self.fast.crops(images) if self.fast else pixel_values(images, self.processor), reasons
+
+
+def pixel_values(images: list, processor) -> torch.Tensor:
+    """The processor's pixel values of `images`, without its text."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def _as_is(item):
