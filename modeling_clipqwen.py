@@ -126,7 +126,9 @@ class ClipQwenResampler(nn.Module):
         attended = nn.functional.scaled_dot_product_attention(
             self._heads(self.q_proj(queries)), self._heads(self.k_proj(features)), self._heads(self.v_proj(features))
         )
-        tokens = self.query + self.o_proj(attended.transpose(1, 2).flatten(2))
+        # No residual from the queries (as Qwen-VL): with one, the learned queries alone made a fixed prompt
+        # that the decoder took instead of the image (Flickr8k: 3 distinct captions of 250, docs/flickr8k.md).
+        tokens = self.o_proj(attended.transpose(1, 2).flatten(2))
         tokens = tokens + self.mlp(tokens)
         return self.proj(self.post_norm(tokens))
 
