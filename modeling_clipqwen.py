@@ -127,7 +127,7 @@ class ClipQwenResampler(nn.Module):
             self._heads(self.q_proj(queries)), self._heads(self.k_proj(features)), self._heads(self.v_proj(features))
         )
         # No residual from the queries (as Qwen-VL): with one, the learned queries alone made a fixed prompt
-        # that the decoder took instead of the image (Flickr8k: 3 distinct captions of 250, docs/flickr8k.md).
+        # that the decoder took instead of the image (on Flickr8k: 3 distinct captions for 250 photos).
         tokens = self.o_proj(attended.transpose(1, 2).flatten(2))
         tokens = tokens + self.mlp(tokens)
         return self.proj(self.post_norm(tokens))
