@@ -104,8 +104,16 @@ def test_a_model_that_reads_the_image_relies_on_it_and_a_blind_one_does_not():
     assert blind.metrics()["image_reliance"] == 0.0
 
 
-def test_a_batch_of_one_image_swaps_in_an_earlier_batchs_and_a_first_one_is_left_out():
+def test_every_fifth_caption_is_scored_with_another_image_and_every_caption_counts_in_the_loss():
     meter = RelianceMeter()
+    meter.add(meter.rows(ImageEcho(), echo_batch([1, 2, 3, 4, 5, 6, 7])))  # rows 0 and 5
+    right, wrong = np.log(1 + 7 * np.exp(-5)), np.log(np.exp(5) + 7)
+    assert meter.sums["tokens"] == 28 and meter.sums["reliant_tokens"] == 8 and meter.sums["skipped"] == 0
+    assert meter.metrics()["image_reliance"] == pytest.approx(wrong - right, rel=1e-5)
+
+
+def test_a_batch_of_one_image_swaps_in_an_earlier_batchs_and_a_first_one_is_left_out():
+    meter = RelianceMeter(every=1)
     meter.add(meter.rows(ImageEcho(), echo_batch([4, 4])))  # nothing to swap in yet
     assert meter.sums["skipped"] == 2 and "image_reliance" not in meter.metrics()
     meter.add(meter.rows(ImageEcho(), echo_batch([5])))  # a batch of one row takes image 4
