@@ -23,16 +23,12 @@ from huggingface_hub import constants
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
-from clipqwen import hub, preflight
-from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
+from clipqwen import hub
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
-from clipqwen.export import exit_if_export_fails, export, push_to_hub
-from clipqwen.freezing import add_lora, freeze_backbones, set_training_dtypes
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.model_card import parameter_counts
+from clipqwen.data.prepare import prepare_data, trainer_datasets
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
 from clipqwen.precision import choose_precision
-from clipqwen.prepare import prepare_data, trainer_datasets
 from clipqwen.presets import (
     CAPTION_GENERATION,
     DEFAULT_PRESET,
@@ -42,10 +38,15 @@ from clipqwen.presets import (
     layout_config,
     tiny_config,
 )
-from clipqwen.reliance import warn_if_image_ignored
-from clipqwen.rerun import starting_point
-from clipqwen.timing import PhaseTimer
-from clipqwen.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
+from clipqwen.publishing.export import exit_if_export_fails, export, push_to_hub
+from clipqwen.publishing.model_card import parameter_counts
+from clipqwen.training import preflight
+from clipqwen.training.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
+from clipqwen.training.freezing import add_lora, freeze_backbones, set_training_dtypes
+from clipqwen.training.reliance import warn_if_image_ignored
+from clipqwen.training.rerun import starting_point
+from clipqwen.training.timing import PhaseTimer
+from clipqwen.training.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
 from configuration_clipqwen import AdapterType, VisionFeatureType
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
@@ -337,7 +338,7 @@ def go_offline_if_hub_out_of_reach(names) -> bool:
 
 def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = torch.float32):
     """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
-    (bf16 for a bf16 run: `clipqwen.freezing.set_training_dtypes`), and its processor."""
+    (bf16 for a bf16 run: `clipqwen.training.freezing.set_training_dtypes`), and its processor."""
     settings = dict(
         adapter_type=args.adapter_type,
         vision_feature_type=args.vision_feature_type,

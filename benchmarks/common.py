@@ -33,7 +33,6 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from clipqwen.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from clipqwen.precision import (  # noqa: E402
     apply_precision,
     choose_precision,
@@ -42,6 +41,7 @@ from clipqwen.precision import (  # noqa: E402
     default_precision,
 )
 from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
+from clipqwen.training.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 

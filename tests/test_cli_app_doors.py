@@ -17,8 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
-from clipqwen import caption_cli, hub, inference, loading
-from clipqwen.loading import ModelLoadError, load_clipqwen
+from clipqwen import hub
+from clipqwen.inference import captioning, loading
+from clipqwen.inference import cli as caption_cli
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
 from clipqwen.presets import CAPTION_GENERATION, DEFAULT_PRESET, LAYOUTS, bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
@@ -297,7 +299,7 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
         return generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", failing_second_batch)
-    monkeypatch.setattr(inference, "load_clipqwen", lambda *args, **kwargs: (model, processor))
+    monkeypatch.setattr(captioning, "load_clipqwen", lambda *args, **kwargs: (model, processor))
     output = tmp_path / "captions.jsonl"
     status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
     assert status == 1
@@ -375,7 +377,7 @@ def cli_decoding(capsys, monkeypatch, folder, *flags) -> dict:
         asked.append(spy_on_generate(model, monkeypatch))
         return model, processor
 
-    monkeypatch.setattr(inference, "load_clipqwen", load)
+    monkeypatch.setattr(captioning, "load_clipqwen", load)
     status, out, err = cli(capsys, folder, PHOTO, *flags)
     assert status == 0 and len(out.splitlines()) == 1, err
     return asked[0][0]
@@ -526,7 +528,7 @@ def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model,
     photos = sorted(str(path) for path in PHOTOS.glob("*.jpg"))
     decoded = []
     monkeypatch.setattr(
-        inference, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB")
+        captioning, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB")
     )
     served = app.served_models(str(saved_model), "", [])
 

@@ -1,7 +1,7 @@
-"""EfficientNet-Lite0 as a stock transformers EfficientNetModel (clipqwen.efficientnet_lite), checked against an
-independent forward of the lukemelas Lite0 recipe written here in plain torch, with random weights in the lukemelas
+"""EfficientNet-Lite0 as a stock transformers EfficientNetModel (clipqwen.backbones.efficientnet_lite), checked against
+an independent forward of the lukemelas Lite0 recipe written here in plain torch, with random weights in the lukemelas
 layout. The real ImageNet weights are checked only where they are on disk: set CLIPQWEN_LITE0_WEIGHTS to the .pth
-(`python -m clipqwen.efficientnet_lite OUTPUT_DIR` prints where it fetched it)."""
+(`python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR` prints where it fetched it)."""
 
 import json
 import math
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, EfficientNetModel
 
-from clipqwen import efficientnet_lite as lite
+from clipqwen.backbones import efficientnet_lite as lite
 from clipqwen.presets import clip_image_processor
 
 
@@ -232,7 +232,7 @@ def test_the_feature_pass_tower_computes_what_the_tower_computes(random_sd, pixe
     from torch import nn
     from transformers.models.efficientnet.modeling_efficientnet import EfficientNetSqueezeExciteLayer
 
-    from clipqwen.tower_inference import for_inference
+    from clipqwen.backbones.fast_tower import for_inference
 
     tower = converted_model(random_sd).eval()
     before = {name: tensor.clone() for name, tensor in tower.state_dict().items()}

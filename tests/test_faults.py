@@ -26,8 +26,8 @@ from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
-from clipqwen import checkpoints, preflight
-from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
+from clipqwen.training import checkpoints, preflight
+from clipqwen.training.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
 
 from conftest import ROOT, ROUNDING
 
@@ -77,7 +77,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, os.getcwd())
     from transformers import Trainer
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.training.trainer import CaptionTrainer
     import run_captioning
 
     slow = float(os.environ.get("SLOW_STEP", "0"))

@@ -4,8 +4,8 @@ the image preprocessing change."""
 import numpy as np
 import torch
 
+from clipqwen.data.embedded import load_embedded_dataset
 from clipqwen.data.feature_cache import add_vision_features
-from clipqwen.embedded import load_embedded_dataset
 
 
 def counting(model):

@@ -5,9 +5,9 @@ import torch
 from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM, Qwen3Model
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.freezing import freeze_backbones
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
 from clipqwen.presets import tiny_config
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS, ROOT, ROUNDING
@@ -318,7 +318,7 @@ def test_a_folder_saved_before_the_base_head_split_loads_unchanged(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from clipqwen.loading import saved_state_dict
+    from clipqwen.inference.loading import saved_state_dict
     from processing_clipqwen import ClipQwenProcessor
 
     model, info = ClipQwenForConditionalGeneration.from_pretrained(BEFORE_SPLIT, output_loading_info=True)

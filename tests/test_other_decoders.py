@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM, LlamaModel
 
-from clipqwen.backbones import from_pretrained_backbones, match_processor
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
 from processing_clipqwen import ClipQwenProcessor
 
 from conftest import PHOTOS

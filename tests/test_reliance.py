@@ -14,8 +14,14 @@ from transformers import TrainingArguments
 from clipqwen.data.cleaning import add_caption_lengths
 from clipqwen.data.collator import CaptionCollator
 from clipqwen.presets import bundled_processor, tiny_config
-from clipqwen.reliance import MIN_IMAGE_RELIANCE, RelianceMeter, caption_nats, derangement, warn_if_image_ignored
-from clipqwen.trainer import CaptionTrainer
+from clipqwen.training.reliance import (
+    MIN_IMAGE_RELIANCE,
+    RelianceMeter,
+    caption_nats,
+    derangement,
+    warn_if_image_ignored,
+)
+from clipqwen.training.trainer import CaptionTrainer
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 

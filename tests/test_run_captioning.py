@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import run_captioning
-from clipqwen.trainer import TRAINABLE_WEIGHTS
+from clipqwen.training.trainer import TRAINABLE_WEIGHTS
 
 from conftest import PHOTOS, ROOT
 from conftest import TINY as QUICK
@@ -202,7 +202,7 @@ def test_a_card_of_local_data_names_its_files_content_hash(tmp_path):
     )
     out = tmp_path / "local"
     run(out, "--do_train", "--max_steps", "1", data=("--train_dir", str(folder), "--caption_column", "captions"))
-    from clipqwen.model_card import content_sha256
+    from clipqwen.publishing.model_card import content_sha256
 
     card = (out / "README.md").read_text()
     assert f"**local data** (SHA-256 of photos: `{content_sha256([folder])}`)" in card
@@ -247,7 +247,7 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     import transformers.training_args
 
     from clipqwen import precision
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.training.trainer import CaptionTrainer
 
     monkeypatch.setattr(precision, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
@@ -294,8 +294,8 @@ def test_model_card_lists_both_base_model_ids():
     from huggingface_hub import ModelCard
     from transformers import GenerationConfig
 
-    from clipqwen.model_card import build_model_card
     from clipqwen.presets import tiny_config
+    from clipqwen.publishing.model_card import build_model_card
 
     card = build_model_card(
         repo_id="you/clipqwen-flickr30k",
@@ -603,7 +603,7 @@ def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
         [
             sys.executable,
             "-m",
-            "clipqwen.caption_cli",
+            "clipqwen.inference.cli",
             str(out),
             str(PHOTOS),
             "--num_beams",

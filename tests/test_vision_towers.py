@@ -6,9 +6,9 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
 
-from clipqwen.backbones import from_pretrained_backbones
-from clipqwen.freezing import freeze_backbones
+from clipqwen.backbones.assemble import from_pretrained_backbones
 from clipqwen.presets import TINY_EFFICIENTNET, bundled_processor, tiny_config
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS

@@ -12,8 +12,8 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from transformers.utils import logging
 
-from ..checkpoints import file_problem, file_record
-from ..tower_inference import CNN_CHUNK, for_inference, is_cnn
+from ..backbones.fast_tower import CNN_CHUNK, for_inference, is_cnn
+from ..training.checkpoints import file_problem, file_record
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
 

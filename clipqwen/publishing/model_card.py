@@ -8,8 +8,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import GenerationConfig
 
-from .checkpoints import sha256_of
-from .hub import REVISION_PLACEHOLDER, is_hub_id
+from ..hub import REVISION_PLACEHOLDER, is_hub_id
+from ..training.checkpoints import sha256_of
 
 
 TEMPLATE = """---

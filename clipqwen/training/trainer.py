@@ -2,7 +2,7 @@
 
 Evaluation captions every image and scores it against all references; `predict()` returns one row
 per image (`image_id`, `caption`, `references`). Checkpoints hold only what trains and the optimizer
-state, marked complete (clipqwen.checkpoints) before they are pushed or rotated. See
+state, marked complete (clipqwen.training.checkpoints) before they are pushed or rotated. See
 docs/reliability.md for each fault: a NaN loss, SIGTERM, a failed save, images lost mid-run.
 """
 
@@ -21,8 +21,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from . import checkpoints, hub
-from .metrics import load_caption_metric
+from .. import hub
+from ..caption_metrics import load_caption_metric
+from . import checkpoints
 from .reliance import RelianceMeter
 from .signals import GracefulStopCallback
 

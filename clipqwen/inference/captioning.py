@@ -1,6 +1,6 @@
 """Captioning with a trained model: what the caption CLI and the demo app share.
 
-Both front doors load through `load` (clipqwen.loading's safety rules, one precision), decode as the model's
+Both front doors load through `load` (clipqwen.inference.loading's safety rules, one precision), decode as the model's
 generation_config says unless the user sets something (`generation_config`), read files through `read_images`
 (names shown with `printable`) and caption with `caption_images`, which returns only the new tokens: never the
 prompt the processor wrote before them.
@@ -10,10 +10,10 @@ import argparse
 
 import torch
 
-from .images import ImageLoadError, load_image, printable
+from ..images import ImageLoadError, load_image, printable
+from ..precision import PRECISIONS, check_precision_available, resolve_precision
+from ..presets import caption_generation_config
 from .loading import load_clipqwen
-from .precision import PRECISIONS, check_precision_available, resolve_precision
-from .presets import caption_generation_config
 
 
 DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")  # what a user may set
@@ -49,8 +49,8 @@ def load(
     precision: str | None = "auto",
     local_files_only: bool = False,
 ):
-    """(model, processor) as clipqwen.loading opens them (this package's code, safetensors checked against the
-    config), in `precision` on `device`; `local_files_only`: the local cache only (the entry point found the Hub
+    """(model, processor) as clipqwen.inference.loading opens them (this package's code, safetensors checked against
+    the config), in `precision` on `device`; `local_files_only`: the local cache only (the entry point found the Hub
     out of reach: `hub.hub_out_of_reach`). Raises ModelLoadError or PrecisionError."""
     return load_clipqwen(
         model,

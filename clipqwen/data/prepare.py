@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from datasets import Dataset
 
-from .data.cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
-from .data.feature_cache import add_vision_features
-from .data.sources import load_caption_data
-from .presets import clipqwen_cache_dir
-from .timing import PhaseTimer
+from ..presets import clipqwen_cache_dir
+from ..training.timing import PhaseTimer
+from .cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
+from .feature_cache import add_vision_features
+from .sources import load_caption_data
 
 
 @dataclass

@@ -8,16 +8,17 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoints, hub
+from .. import hub
+from ..data.prepare import CaptionData
+from ..training import checkpoints
+from ..training.timing import PhaseTimer
 from .model_card import build_model_card, describe_data, describe_training, framework_versions, parameter_counts
 from .plots import plot_sample_grid, plot_training_curves
-from .prepare import CaptionData
-from .timing import PhaseTimer
 
 
 RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folder holds a finished run
 # The demo sits beside the package in a checkout (not in an installed wheel); the card mentions it only then.
-DEMO_APP = Path(__file__).parent.parent / "app.py"
+DEMO_APP = Path(__file__).parents[2] / "app.py"
 
 
 def describe_backbones(args, config) -> tuple[str, str]:
