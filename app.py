@@ -23,9 +23,9 @@ import torch
 from clipqwen import hub
 from clipqwen.images import printable
 from clipqwen.inference import captioning
+from clipqwen.inference.captioning import CAPTION_GENERATION, caption_generation_config
 from clipqwen.inference.loading import ModelLoadError
 from clipqwen.precision import PrecisionError, resolve_precision
-from clipqwen.presets import CAPTION_GENERATION, caption_generation_config
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

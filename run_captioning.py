@@ -24,22 +24,16 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
 from clipqwen import hub
-from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
+from clipqwen.backbones.assemble import clip_image_processor, from_pretrained_backbones, match_processor
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
 from clipqwen.data.prepare import prepare_data, trainer_datasets
+from clipqwen.inference.captioning import CAPTION_GENERATION
 from clipqwen.inference.loading import ModelLoadError, load_clipqwen
 from clipqwen.precision import choose_precision
-from clipqwen.presets import (
-    CAPTION_GENERATION,
-    DEFAULT_PRESET,
-    LAYOUTS,
-    bundled_processor,
-    clip_image_processor,
-    layout_config,
-    tiny_config,
-)
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS, layout_config
 from clipqwen.publishing.export import exit_if_export_fails, export, push_to_hub
 from clipqwen.publishing.model_card import parameter_counts
+from clipqwen.tiny import bundled_processor, tiny_config
 from clipqwen.training import preflight
 from clipqwen.training.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
 from clipqwen.training.freezing import add_lora, freeze_backbones, set_training_dtypes

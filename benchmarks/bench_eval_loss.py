@@ -40,10 +40,11 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from clipqwen.backbones.assemble import match_processor  # noqa: E402
+from clipqwen.backbones.assemble import clip_image_processor, match_processor  # noqa: E402
 from clipqwen.data.cleaning import add_caption_lengths  # noqa: E402
 from clipqwen.data.collator import CaptionCollator  # noqa: E402
-from clipqwen.presets import bundled_processor, clip_image_processor, clipqwen_cache_dir, tiny_config  # noqa: E402
+from clipqwen.hub import clipqwen_cache_dir  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
 from clipqwen.training.freezing import freeze_backbones  # noqa: E402
 from clipqwen.training.trainer import CaptionTrainer  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402

@@ -27,7 +27,7 @@ from transformers import EfficientNetModel  # noqa: E402
 
 from clipqwen.backbones.efficientnet_lite import lite0_config  # noqa: E402
 from clipqwen.backbones.fast_tower import CNN_CHUNK, for_inference  # noqa: E402
-from clipqwen.presets import clipqwen_cache_dir  # noqa: E402
+from clipqwen.hub import clipqwen_cache_dir  # noqa: E402
 
 
 def lite0() -> tuple[EfficientNetModel, str]:

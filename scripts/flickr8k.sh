@@ -29,7 +29,7 @@ settings=$("$python" -c "
 import torch
 from clipqwen.backbones.efficientnet_lite import save_lite0
 from clipqwen.precision import cpu_has_native_bf16
-from clipqwen.presets import clipqwen_cache_dir
+from clipqwen.hub import clipqwen_cache_dir
 from clipqwen.backbones.wheel_weights import save_smollm2
 converted = clipqwen_cache_dir() / 'converted'
 cpu_bf16 = not torch.cuda.is_available() and cpu_has_native_bf16()

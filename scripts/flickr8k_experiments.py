@@ -92,7 +92,7 @@ def run_one(name: str, args, flags: list[str]) -> None:
     import run_captioning
     from clipqwen.backbones.efficientnet_lite import save_lite0
     from clipqwen.backbones.wheel_weights import save_smollm2
-    from clipqwen.presets import clipqwen_cache_dir
+    from clipqwen.hub import clipqwen_cache_dir
 
     settings = dict(RUNS[name])
     if settings.pop("blind", False):

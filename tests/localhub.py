@@ -1245,7 +1245,7 @@ def qwen_tokenizer_files() -> dict[str, bytes]:
     """The real Qwen3 tokenizer files: the project's bundled tokenizer.json + tokenizer_config.json as shipped,
     and vocab.json / merges.txt derived from tokenizer.json (the slow-tokenizer files the real repo also has)."""
     _project_on_path()
-    from clipqwen.presets import bundled_tokenizer_dir
+    from clipqwen.tiny import bundled_tokenizer_dir
 
     folder = bundled_tokenizer_dir()
     tokenizer_json = (folder / "tokenizer.json").read_bytes()

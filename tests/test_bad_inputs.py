@@ -19,7 +19,7 @@ import run_captioning
 from clipqwen.data.cleaning import remove_empty_captions
 from clipqwen.data.sources import read_annotation_file
 from clipqwen.inference.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import bundled_processor
+from clipqwen.tiny import bundled_processor
 
 from conftest import PHOTOS, ROOT, TINY
 
@@ -131,7 +131,7 @@ def pickled_clip(tmp_path):
     """A CLIP backbone folder like openai/clip-vit-base-patch32's main branch: weights only as pytorch_model.bin."""
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.presets import tiny_config
+    from clipqwen.tiny import tiny_config
 
     torch.manual_seed(0)
     clip = CLIPVisionModelWithProjection(tiny_config().vision_config)
@@ -476,10 +476,10 @@ def too_large(src, dst, *args, **kwargs):
 
 def test_a_local_write_failure_while_building_the_model_is_not_blamed_on_the_hub(tmp_path, monkeypatch):
     """The bundled tokenizer is unpacked into the cache while the model is built: a size limit stops that write."""
-    from clipqwen import presets
+    from clipqwen import tiny
 
-    monkeypatch.setattr(presets, "clipqwen_cache_dir", lambda: tmp_path / "cache")  # not unpacked there yet
-    monkeypatch.setattr(presets.shutil, "copyfileobj", too_large)
+    monkeypatch.setattr(tiny, "clipqwen_cache_dir", lambda: tmp_path / "cache")  # not unpacked there yet
+    monkeypatch.setattr(tiny.shutil, "copyfileobj", too_large)
     with pytest.raises(SystemExit) as error:
         run(tmp_path / "out", "--do_train", "--max_steps", "1")
     message = str(error.value)

@@ -20,8 +20,10 @@ from transformers import GenerationConfig
 from clipqwen import hub
 from clipqwen.inference import captioning, loading
 from clipqwen.inference import cli as caption_cli
+from clipqwen.inference.captioning import CAPTION_GENERATION
 from clipqwen.inference.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import CAPTION_GENERATION, DEFAULT_PRESET, LAYOUTS, bundled_processor, tiny_config
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS
+from clipqwen.tiny import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModel, EfficientNetModel
 
 from clipqwen.backbones import efficientnet_lite as lite
-from clipqwen.presets import clip_image_processor
+from clipqwen.backbones.assemble import clip_image_processor
 
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "coco-cc-by"

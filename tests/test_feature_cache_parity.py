@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from clipqwen.presets import bundled_processor
+from clipqwen.tiny import bundled_processor
 
 
 CAPTIONS = [

@@ -6,7 +6,7 @@ from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM, Qwen3M
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
-from clipqwen.presets import tiny_config
+from clipqwen.tiny import tiny_config
 from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 

@@ -152,7 +152,7 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
 
     from transformers import AutoTokenizer
 
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import clip_image_processor
 
     processor = ClipQwenProcessor(
         clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"), caption_end_token=None
@@ -184,7 +184,7 @@ def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
     from peft.tuners.lora import LoraLayer
 
     import run_captioning
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import clip_image_processor
 
     model, _ = tiny_llama_model_and_processor(seed=3)
     CLIPVisionModelWithProjection(model.config.vision_config).save_pretrained(tmp_path / "clip")

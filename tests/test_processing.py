@@ -136,7 +136,7 @@ def test_extreme_strips_are_cropped_before_resizing_not_blown_up(processor, size
 
 
 def test_a_tokenizer_without_the_placeholder_gets_it_as_a_special_token(tmp_path):
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import clip_image_processor
 
     from tiny_decoders import tiny_tokenizer
 

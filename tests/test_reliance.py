@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 
 from clipqwen.data.cleaning import add_caption_lengths
 from clipqwen.data.collator import CaptionCollator
-from clipqwen.presets import bundled_processor, tiny_config
+from clipqwen.tiny import bundled_processor, tiny_config
 from clipqwen.training.reliance import (
     MIN_IMAGE_RELIANCE,
     RelianceMeter,

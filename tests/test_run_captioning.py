@@ -294,8 +294,8 @@ def test_model_card_lists_both_base_model_ids():
     from huggingface_hub import ModelCard
     from transformers import GenerationConfig
 
-    from clipqwen.presets import tiny_config
     from clipqwen.publishing.model_card import build_model_card
+    from clipqwen.tiny import tiny_config
 
     card = build_model_card(
         repo_id="you/clipqwen-flickr30k",
@@ -318,7 +318,8 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     """The --vision_model_name_or_path / --text_model_name_or_path path, with folders instead of Hub ids."""
     from transformers import AutoTokenizer, CLIPVisionModelWithProjection, Qwen3ForCausalLM
 
-    from clipqwen.presets import bundled_tokenizer_dir, clip_image_processor, tiny_config
+    from clipqwen.backbones.assemble import clip_image_processor
+    from clipqwen.tiny import bundled_tokenizer_dir, tiny_config
 
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
@@ -442,7 +443,7 @@ def test_lora_train_save_reload_merge_gives_the_same_captions(tmp_path):
     from peft import PeftModel
     from transformers import set_seed
 
-    from clipqwen.presets import bundled_processor, tiny_config
+    from clipqwen.tiny import bundled_processor, tiny_config
     from modeling_clipqwen import ClipQwenForConditionalGeneration
 
     out = tmp_path / "lora"

@@ -9,7 +9,8 @@ from datasets import Dataset
 from PIL import Image
 from trl import SFTConfig, SFTTrainer
 
-from clipqwen.presets import LAYOUTS, bundled_processor
+from clipqwen.presets import LAYOUTS
+from clipqwen.tiny import bundled_processor
 from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor

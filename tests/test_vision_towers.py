@@ -7,7 +7,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
 
 from clipqwen.backbones.assemble import from_pretrained_backbones
-from clipqwen.presets import TINY_EFFICIENTNET, bundled_processor, tiny_config
+from clipqwen.tiny import TINY_EFFICIENTNET, bundled_processor, tiny_config
 from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from clipqwen.backbones.assemble import match_processor
-from clipqwen.presets import clip_image_processor, tiny_config
+from clipqwen.backbones.assemble import clip_image_processor, match_processor
+from clipqwen.tiny import tiny_config
 from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor

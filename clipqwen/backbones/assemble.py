@@ -144,3 +144,17 @@ def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQ
     pad = tokenizer.pad_token_id
     generation.pad_token_id = pad if pad is not None else processor.caption_end_token_id
     return model
+
+
+def clip_image_processor(name_or_path: str | None = None, **kwargs):
+    """CLIP ViT-B/32 preprocessing (shortest edge 224, bicubic, centre crop 224, OpenAI mean/std), or the one
+    saved with a CLIP checkpoint. The torchvision-free class is used where torchvision is absent."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers import CLIPImageProcessorPil as image_processor_class
+    else:
+        from transformers import CLIPImageProcessor as image_processor_class
+    if name_or_path is not None:
+        return image_processor_class.from_pretrained(name_or_path, **kwargs)
+    return image_processor_class(**kwargs)

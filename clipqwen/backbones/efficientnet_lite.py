@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
-from ..presets import clip_image_processor
 from ..training.checkpoints import sha256_of
+from .assemble import clip_image_processor
 from .wheel_weights import WheelFile, fetch
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..presets import clipqwen_cache_dir
+from ..hub import clipqwen_cache_dir
 from ..training.checkpoints import sha256_of
 
 

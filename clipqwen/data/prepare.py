@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from datasets import Dataset
 
-from ..presets import clipqwen_cache_dir
+from ..hub import clipqwen_cache_dir
 from ..training.timing import PhaseTimer
 from .cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
 from .feature_cache import add_vision_features

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..images import IMAGE_SUFFIXES, image_files_in, name_problem, printable
 from ..precision import PrecisionError
-from ..presets import CAPTION_GENERATION
 from ..training.preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
 from . import captioning
+from .captioning import CAPTION_GENERATION
 from .loading import ModelLoadError, one_line
 
 
