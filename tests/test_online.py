@@ -1,4 +1,4 @@
-"""The online path, for real: the README's Flickr30K commands run against a local Hub stand-in (tests/localhub.py:
+"""The online path, for real: the README's Flickr30K commands run against a local Hub stand-in (tests/localhub/:
 olah serving git repositories with the real layouts, plus the calls olah lacks, uploads included) from an
 environment holding only what `pip install -e .` installs: backbones and data by Hub id → train → evaluate →
 predict → export → push → a fresh process loads the pushed commit by id and sha and captions a photo.
