@@ -239,7 +239,7 @@ def build_demo(
     local_files_only: bool = False,
 ) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
-        gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
+        gr.Markdown("# ClipQwen image captioner\nimage tower → projector → language model, one transformers model.")
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(list(served), value=next(iter(served)), label="Model", elem_id="model")

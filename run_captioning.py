@@ -5,7 +5,7 @@
     python run_captioning.py configs/embedded-tiny.json                         # offline demo, a few CPU minutes
 
 Arguments come as flags or one JSON file (HfArgumentParser), as in transformers' run_*.py examples.
-The steps: model and processor → data, cleaned, frozen CLIP features cached → Trainer (resuming) →
+The steps: model and processor → data, cleaned, frozen image-tower features cached → Trainer (resuming) →
 captions scored on validation and test → export with a model card → push (docs/training.md).
 """
 
@@ -24,7 +24,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
 from clipqwen import hub
-from clipqwen.backbones.assemble import clip_image_processor, from_pretrained_backbones, match_processor
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor, tower_image_processor
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
 from clipqwen.data.prepare import prepare_data, trainer_datasets
 from clipqwen.inference.captioning import CAPTION_GENERATION
@@ -41,7 +41,7 @@ from clipqwen.training.reliance import warn_if_image_ignored
 from clipqwen.training.rerun import starting_point
 from clipqwen.training.timing import PhaseTimer
 from clipqwen.training.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
-from configuration_clipqwen import AdapterType, VisionFeatureType
+from configuration_clipqwen import ProjectorType, VisionFeatureType
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 
@@ -90,7 +90,7 @@ class ModelArguments:
     preset: Literal[tuple(LAYOUTS)] = field(
         default=DEFAULT_PRESET,
         metadata={
-            "help": "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and "
+            "help": "Layout of a new model; --projector_type, --vision_feature_type, --num_pooled_image_tokens and "
             "--prompt override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the "
             "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'resampler': "
             "--num_query_tokens learned queries read the image tower's feature map (--vision_feature_layer) and "
@@ -99,11 +99,12 @@ class ModelArguments:
             "pretrained decoder it did not learn to use the image."
         },
     )
-    adapter_type: AdapterType | None = field(
+    projector_type: ProjectorType | None = field(
         default=None,
         metadata={
+            "aliases": ["--adapter_type"],  # its first name, for older commands
             "help": "Projector: 'linear' (the seed's), 'mlp2x_gelu' (LLaVA-1.5's) or 'resampler' (learned queries "
-            "over the feature map; needs --vision_feature_type patch). Default: the preset's."
+            "over the feature map; needs --vision_feature_type patch). Default: the preset's.",
         },
     )
     vision_feature_type: VisionFeatureType | None = field(
@@ -118,7 +119,7 @@ class ModelArguments:
         metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
     )
     num_query_tokens: int = field(
-        default=8, metadata={"help": "Image tokens the resampler makes (--adapter_type resampler)."}
+        default=8, metadata={"help": "Image tokens the resampler makes (--projector_type resampler)."}
     )
     vision_feature_layer: int = field(
         default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."}
@@ -160,11 +161,11 @@ class ModelArguments:
         if self.lora_r and not self.freeze_language_model:
             raise ValueError("LoRA trains a frozen language model: drop --freeze_language_model False or --lora_r.")
         if self.lora_r and not self.freeze_vision_model:
-            # peft freezes everything outside LoRA and modules_to_save, and a CLIP in modules_to_save is wrapped twice
-            # (its inner `vision_model` matches too): the vision tower would silently stay frozen.
+            # peft freezes everything outside LoRA and modules_to_save, and a CLIP tower in modules_to_save is wrapped
+            # twice (its inner `vision_model` matches too): the vision tower would silently stay frozen.
             raise ValueError(
-                "--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP "
-                "frozen. Fine-tune CLIP without LoRA, or keep --freeze_vision_model True."
+                "--lora_r with --freeze_vision_model False is not supported: LoRA would leave the image "
+                "tower frozen. Fine-tune the tower without LoRA, or keep --freeze_vision_model True."
             )
 
 
@@ -225,10 +226,11 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
     use_feature_cache: bool = field(
-        default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."}
+        default=True,
+        metadata={"help": "With a frozen image tower, compute its features once per image and train from them."},
     )
     feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."}
+        default=None, metadata={"help": "Where cached image features go (default: $HF_HOME/clipqwen/features)."}
     )
     check_images: bool = field(
         default=True,
@@ -237,7 +239,7 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and "
+            "help": "Processes that decode and preprocess images: for the feature cache (decode once, check and "
             "encode; the vision tower runs in the main process on their batches) or, without it, for the "
             "unreadable-image check. Default: none, the main process does it."
         },
@@ -334,7 +336,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
     """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
     (bf16 for a bf16 run: `clipqwen.training.freezing.set_training_dtypes`), and its processor."""
     settings = dict(
-        adapter_type=args.adapter_type,
+        projector_type=args.projector_type,
         vision_feature_type=args.vision_feature_type,
         num_pooled_image_tokens=args.num_pooled_image_tokens,
         num_query_tokens=args.num_query_tokens,
@@ -368,7 +370,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
                 text_kwargs={"dtype": frozen_dtype if args.freeze_language_model else torch.float32},
                 **settings,
             )
-            image_processor = clip_image_processor(
+            image_processor = tower_image_processor(
                 args.vision_model_name_or_path, revision=args.vision_model_revision, cache_dir=args.cache_dir
             )
             tokenizer = AutoTokenizer.from_pretrained(
@@ -464,7 +466,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))
 
-    # 5. Data: one layout (image_id, image, captions), cleaned; CLIP features cached when CLIP is frozen
+    # 5. Data: one layout (image_id, image, captions), cleaned; image features cached when the image tower is frozen
     if data_args.on_hub:
         go_offline_if_hub_out_of_reach([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card

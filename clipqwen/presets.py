@@ -7,19 +7,19 @@ prompt, chosen together."""
 DEFAULT_PRESET = "clipcap"
 LAYOUTS = {
     "clipcap": dict(
-        adapter_type="mlp2x_gelu",
+        projector_type="mlp2x_gelu",
         vision_feature_type="pooled",
         num_pooled_image_tokens=8,
         prompt="Image:<|image_pad|>",
     ),
     # learned queries read the tower's feature map (Qwen-VL's resampler): as few tokens as clipcap
     "resampler": dict(
-        adapter_type="resampler",
+        projector_type="resampler",
         vision_feature_type="patch",
         num_pooled_image_tokens=8,
         prompt="Image:<|image_pad|>",
     ),
-    "seed_exact": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
+    "seed_exact": dict(projector_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1, prompt=""),
 }
 
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from configuration_clipqwen import ClipQwenConfig
 from processing_clipqwen import ClipQwenProcessor
 
-from .backbones.assemble import clip_image_processor
+from .backbones.assemble import tower_image_processor
 from .hub import clipqwen_cache_dir
 
 
@@ -88,4 +88,4 @@ def bundled_tokenizer_dir() -> Path:
 
 def bundled_processor(**kwargs) -> ClipQwenProcessor:
     """CLIP preprocessing + the bundled Qwen3 tokenizer; `kwargs` are ClipQwenProcessor's (`num_image_tokens`...)."""
-    return ClipQwenProcessor(clip_image_processor(), AutoTokenizer.from_pretrained(bundled_tokenizer_dir()), **kwargs)
+    return ClipQwenProcessor(tower_image_processor(), AutoTokenizer.from_pretrained(bundled_tokenizer_dir()), **kwargs)

@@ -351,7 +351,7 @@ def test_wrong_arguments_are_refused_naming_the_flag(flags, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("caption_mode", "some"), ("adapter_type", "transformer"), ("vision_feature_type", "cls")]
+    "flag, value", [("caption_mode", "some"), ("projector_type", "transformer"), ("vision_feature_type", "cls")]
 )
 def test_a_value_outside_a_flags_choices_is_an_argparse_error(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -369,11 +369,11 @@ def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_pa
                 "tiny_model": True,
                 "dataset_name": "embedded",
                 "do_train": True,
-                "adapter_type": "transformer",
+                "projector_type": "transformer",
             }
         )
     )
-    with pytest.raises(StrictDataclassError, match="Field 'adapter_type' expected one of"):
+    with pytest.raises(StrictDataclassError, match="Field 'projector_type' expected one of"):
         run_captioning.main(run_captioning.parse_args([str(config)]))
 
 

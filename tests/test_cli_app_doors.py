@@ -55,7 +55,7 @@ def prompted_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eos_first_model(tmp_path_factory):
-    """A model whose first greedy token is end-of-text, as after some adapter-only trainings: the adapter outputs
+    """A model whose first greedy token is end-of-text, as after some projector-only trainings: the projector outputs
     zeros, and the end token's output row points along the decoder's last hidden state for that input."""
     torch.manual_seed(0)
     model, processor = ClipQwenForConditionalGeneration(tiny_config()).eval(), bundled_processor()
@@ -418,11 +418,11 @@ def test_cli_falls_back_on_the_project_decoding_for_a_model_that_sets_none(saved
 
 
 # ---- model folders -------------------------------------------------------------------------------------------------
-def drop_adapter(state):
+def drop_projector(state):
     return {key: value for key, value in state.items() if not key.startswith("adapter.")}
 
 
-def reshape_adapter(state):
+def reshape_projector(state):
     return state | {"adapter.layers.0.weight": torch.zeros(3, 3)}
 
 
@@ -432,16 +432,16 @@ def reshape_adapter(state):
         (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
         (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
         (
-            drop_adapter,
+            drop_projector,
             r"missing 4 of the 68 tensors it needs \(adapter.layers.0.bias, adapter.layers.0.weight, "
             r"adapter.layers.2.bias and 1 more\)",
         ),
         (
-            reshape_adapter,
+            reshape_projector,
             r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)",
         ),
     ],
-    ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"],
+    ids=["no safetensors", "0 tensors", "no projector", "wrong shape"],
 )
 def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):
     folder = copy_model(saved_model, tmp_path)

@@ -1,4 +1,4 @@
-"""The CLIP feature cache: computed once, reused while nothing changes, rebuilt when the vision weights or
+"""The image-feature cache: computed once, reused while nothing changes, rebuilt when the vision weights or
 the image preprocessing change."""
 
 import numpy as np

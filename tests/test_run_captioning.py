@@ -264,7 +264,7 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     run(tmp_path / "out", "--do_train", "--max_steps", "1")
     expected = "bf16" if cuda_bf16 else "fp32"
     assert seen == ["bf16" if cuda_bf16 else "no"]
-    # a bf16 run keeps the frozen towers in bf16 (half the bytes) and trains the adapter's fp32 weights
+    # a bf16 run keeps the frozen towers in bf16 (half the bytes) and trains the projector's fp32 weights
     frozen = torch.bfloat16 if cuda_bf16 else torch.float32
     assert dtypes == [[{frozen}, {frozen}, {torch.float32}]]
     assert f"| precision | {expected} |" in (tmp_path / "out" / "README.md").read_text()
@@ -278,7 +278,7 @@ def test_what_trains_is_fp32_and_what_is_frozen_takes_the_runs_dtype(unfrozen, l
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     frozen = {
         name: p.dtype for name, p in model.named_parameters() if not p.requires_grad and "original_module" not in name
-    }  # peft's untouched copy of the adapter
+    }  # peft's untouched copy of the projector
     assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
     assert any("multi_modal_projector" in name for name in trainable)
     assert any("language_model" in name or "lm_head" in name for name in trainable) == (unfrozen or lora)
@@ -318,12 +318,12 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     """The --vision_model_name_or_path / --text_model_name_or_path path, with folders instead of Hub ids."""
     from transformers import AutoTokenizer, CLIPVisionModelWithProjection, Qwen3ForCausalLM
 
-    from clipqwen.backbones.assemble import clip_image_processor
+    from clipqwen.backbones.assemble import tower_image_processor
     from clipqwen.tiny import bundled_tokenizer_dir, tiny_config
 
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
-    clip_image_processor().save_pretrained(tmp_path / "clip")
+    tower_image_processor().save_pretrained(tmp_path / "clip")
     qwen = Qwen3ForCausalLM(config.text_config)
     qwen.save_pretrained(tmp_path / "qwen")
     AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp_path / "qwen")
@@ -413,7 +413,7 @@ def test_a_run_trains_with_the_prompt_it_saves_and_a_given_model_keeps_its_own(t
     seen.clear()
     run(tmp_path / "seed", "--do_train", "--max_steps", "1", "--preset", "seed_exact")
     assert saved_prompt(tmp_path / "seed") == "" and set(seen) == {""}
-    assert json.loads((tmp_path / "seed" / "config.json").read_text())["adapter_type"] == "linear"
+    assert json.loads((tmp_path / "seed" / "config.json").read_text())["projector_type"] == "linear"
 
 
 def test_checkpoints_hold_only_trainable_weights(tmp_path):

@@ -1,4 +1,4 @@
-"""Any image tower before the adapter: CLIP (the default) or an EfficientNet, built from `config.vision_config`."""
+"""Any image tower before the projector: CLIP (the default) or an EfficientNet, built from `config.vision_config`."""
 
 import numpy as np
 import pytest
@@ -27,12 +27,12 @@ def efficientnet_model(seed=0, **overrides):
 
 
 @pytest.mark.parametrize(
-    "feature_type, adapter, tokens",
+    "feature_type, projector, tokens",
     [("pooled", "mlp2x_gelu", 3), ("patch", "mlp2x_gelu", 49), ("patch", "resampler", 5)],
 )
-def test_efficientnet_features_become_image_tokens(feature_type, adapter, tokens, photos):
+def test_efficientnet_features_become_image_tokens(feature_type, projector, tokens, photos):
     model = efficientnet_model(
-        vision_feature_type=feature_type, adapter_type=adapter, num_pooled_image_tokens=3, num_query_tokens=5
+        vision_feature_type=feature_type, projector_type=projector, num_pooled_image_tokens=3, num_query_tokens=5
     )
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     assert isinstance(model.model.vision_tower, EfficientNetModel)
@@ -75,8 +75,11 @@ def test_an_efficientnet_captioner_loads_with_remote_code_in_a_fresh_process(tmp
 @pytest.mark.parametrize(
     "layout, tokens",
     [
-        (dict(adapter_type="mlp2x_gelu", num_pooled_image_tokens=2), 2),
-        (dict(adapter_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3), 3),
+        (dict(projector_type="mlp2x_gelu", num_pooled_image_tokens=2), 2),
+        (
+            dict(projector_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3),
+            3,
+        ),
     ],
 )
 def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path, photos, layout, tokens):

@@ -146,9 +146,10 @@ def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQ
     return model
 
 
-def clip_image_processor(name_or_path: str | None = None, **kwargs):
-    """CLIP ViT-B/32 preprocessing (shortest edge 224, bicubic, centre crop 224, OpenAI mean/std), or the one
-    saved with a CLIP checkpoint. The torchvision-free class is used where torchvision is absent."""
+def tower_image_processor(name_or_path: str | None = None, **kwargs):
+    """An image processor of CLIP's recipe (shortest-edge resize, centre crop, normalise): CLIP ViT-B/32's by
+    default (224, bicubic, OpenAI mean/std), or the one saved with a tower checkpoint (CLIP's, or EfficientNet-Lite0's
+    with its own normalisation). The torchvision-free class is used where torchvision is absent."""
     try:
         import torchvision  # noqa: F401
     except ImportError:

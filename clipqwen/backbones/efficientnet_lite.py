@@ -19,7 +19,7 @@ from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
 from ..training.checkpoints import sha256_of
-from .assemble import clip_image_processor
+from .assemble import tower_image_processor
 from .wheel_weights import WheelFile, fetch
 
 
@@ -113,7 +113,7 @@ def lite0_classifier(lukemelas_sd: dict) -> nn.Linear:
 def lite0_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with Lite0's normalisation: (x/255 - 127/255) /
     (128/255) = (x*255 - 127)/128 for x in [0, 1]."""
-    return clip_image_processor(
+    return tower_image_processor(
         do_resize=True,
         size={"shortest_edge": 224},
         resample=3,

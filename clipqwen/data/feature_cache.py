@@ -70,7 +70,7 @@ def add_vision_features(
     local_rank: int = 0,
     barrier=None,
 ) -> Dataset:
-    """Replace the `image` column by frozen CLIP features (`vision_embeds`), one encoding per image.
+    """Replace the `image` column by frozen image-tower features (`vision_embeds`), one encoding per image.
 
     The Arrow file is keyed by the vision weights, the preprocessing, the rows (datasets'
     fingerprint) and the images' content, and used only if it matches its manifest (size, SHA-256).

@@ -243,7 +243,7 @@ class CaptionTrainer(Trainer):
         if expected != set(state):
             raise ValueError(
                 f"{path} holds the trainable weights of another setup (missing {sorted(expected - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - expected)[:5]}). Resume with the same model, adapter, LoRA and "
+                f"unexpected {sorted(set(state) - expected)[:5]}). Resume with the same model, projector, LoRA and "
                 "freezing arguments, or start a new --output_dir."
             )
         params = dict(model.named_parameters())
@@ -251,8 +251,8 @@ class CaptionTrainer(Trainer):
             if tensor.shape != params[name].shape:
                 raise checkpoints.IncompatibleCheckpointError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} "
-                    "(another adapter, image-token count or model). Resume with the arguments of that run, or start a "
-                    "new --output_dir."
+                    "(another projector, image-token count or model). Resume with the arguments of that run, or "
+                    "start a new --output_dir."
                 )
         model.load_state_dict(state, strict=False)
         logger.info("Loaded %d trainable tensors from %s", len(state), path)
