@@ -501,47 +501,13 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # 7. Training
     metrics = {}
     if training_args.do_train:
-        try:
-            with timer.phase("training", unit="pairs") as phase:
-                result = trainer.train(resume_from_checkpoint=last_checkpoint)
-                phase["items"] = result.metrics["train_pairs"]
-        except (NonFiniteLossError, LostImagesError, CheckpointSaveError, IncompatibleCheckpointError) as error:
-            logger.error("%s", error)
-            raise SystemExit(f"error: {error}") from error
-        if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends
-            logger.warning(
-                "Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
-                trainer.graceful_stop.signal_name,
-                trainer.state.global_step,
-                out,
-            )
+        train_metrics = train(trainer, train_dataset, last_checkpoint, timer)
+        if train_metrics is None:  # SIGTERM or Ctrl-C: the checkpoint is written
             return {"preempted_at_step": trainer.state.global_step}
-        train_metrics = dict(
-            result.metrics,
-            train_samples=len(train_dataset),
-            **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
-        )
-        trainer.log_metrics("train", train_metrics)
-        with exit_if_export_fails(out):  # the first writes after training: a full disk here costs no training either
-            trainer.save_metrics("train", train_metrics)
-            trainer.save_state()
         metrics.update(train_metrics)
 
     # 8. Evaluation: validation loss, then generated captions scored against all references
-    predictions = {}  # split -> one row per image: image_id, caption, references
-    for prefix, split, flag in (
-        ("eval", "validation", training_args.do_eval),
-        ("test", "test", training_args.do_predict),
-    ):
-        if flag:
-            with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
-                output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
-                trainer.log(output.metrics)  # as evaluate() does: into the log history (curves) and the loggers
-            split_metrics = dict(output.metrics, **{f"{prefix}_num_images": len(data.splits[split])})
-            trainer.log_metrics(prefix, split_metrics)
-            trainer.save_metrics(prefix, split_metrics)
-            metrics.update(split_metrics)
-            predictions[split] = output.predictions
+    predictions = evaluate(trainer, data, eval_pairs, metrics, timer)
 
     # 9. Export (rank 0), then push
     if not training_args.should_save:
@@ -549,16 +515,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     with exit_if_export_fails(out), timer.phase("export"):
         trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
         folder = export(
-            trainer,
-            processor,
-            data,
-            predictions,
-            metrics,
-            generation_kwargs,
-            timer,
-            model_args,
-            data_args,
-            training_args,
+            trainer, processor, data, predictions, metrics, timer, model_args=model_args, data_args=data_args
         )
     logger.info("Model, processor, metrics, predictions and model card in %s", folder)
     if training_args.push_to_hub:
@@ -568,6 +525,59 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # the run's last word: whether the captions depend on the photos at all
     warn_if_image_ignored(metrics, "eval" if "eval_image_reliance" in metrics else "test")
     return metrics | timer.metrics()
+
+
+def train(trainer, train_dataset, last_checkpoint, timer) -> dict | None:
+    """Step 7: train, resuming from `last_checkpoint`. The train_* metrics, saved; None when SIGTERM or Ctrl-C
+    stopped the run (its checkpoint written: the same command resumes)."""
+    try:
+        with timer.phase("training", unit="pairs") as phase:
+            result = trainer.train(resume_from_checkpoint=last_checkpoint)
+            phase["items"] = result.metrics["train_pairs"]
+    except (NonFiniteLossError, LostImagesError, CheckpointSaveError, IncompatibleCheckpointError) as error:
+        logger.error("%s", error)
+        raise SystemExit(f"error: {error}") from error
+    if trainer.preempted:  # leave before the grace period ends
+        logger.warning(
+            "Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
+            trainer.graceful_stop.signal_name,
+            trainer.state.global_step,
+            trainer.args.output_dir,
+        )
+        return None
+    train_metrics = dict(
+        result.metrics,
+        train_samples=len(train_dataset),
+        **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
+    )
+    trainer.log_metrics("train", train_metrics)
+    # the first writes after training: a full disk here costs no training either
+    with exit_if_export_fails(Path(trainer.args.output_dir)):
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+    return train_metrics
+
+
+def evaluate(trainer, data, eval_pairs, metrics: dict, timer) -> dict[str, list[dict]]:
+    """Step 8: the loss pass, then generated captions scored against all references, on validation (--do_eval)
+    and test (--do_predict). Adds the scores to `metrics`; returns split -> one row per image (image_id, caption,
+    references)."""
+    predictions = {}
+    for prefix, split, flag in (
+        ("eval", "validation", trainer.args.do_eval),
+        ("test", "test", trainer.args.do_predict),
+    ):
+        if not flag:
+            continue
+        with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
+            output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
+            trainer.log(output.metrics)  # as evaluate() does: into the log history (curves) and the loggers
+        split_metrics = dict(output.metrics, **{f"{prefix}_num_images": len(data.splits[split])})
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+        predictions[split] = output.predictions
+    return predictions
 
 
 if __name__ == "__main__":
