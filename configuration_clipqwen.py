@@ -47,7 +47,7 @@ class ClipQwenConfig(PreTrainedConfig):
     r"""
     Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout:
     CLIP ViT-B/32's pooled, projected 512-d embedding → Linear-GELU-Linear → 8 image tokens for
-    Qwen3-0.6B-Base. The course project's layout is `projector_type="linear", num_pooled_image_tokens=1`.
+    Qwen3-0.6B-Base. The project's first layout (the seed) is `projector_type="linear", num_pooled_image_tokens=1`.
 
     Args:
         vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):

@@ -95,7 +95,7 @@ class ModelArguments:
             "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'resampler': "
             "--num_query_tokens learned queries read the image tower's feature map (--vision_feature_layer) and "
             "become image tokens after 'Image:'. 'seed_exact': the "
-            "course project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
+            "project's first design, pooled embedding → Linear → one image token first, no prompt; with a frozen "
             "pretrained decoder it did not learn to use the image."
         },
     )

@@ -3,7 +3,7 @@ prompt, chosen together."""
 
 # Layouts of a new captioner (`--preset`). `clipcap`, the default, learned from the image with a
 # frozen decoder (docs/flickr8k.md): a word before its 8 tokens keeps them off the attention-sink
-# first position. `seed_exact` (one token through a Linear, first) is the course's; it did not.
+# first position. `seed_exact` (one token through a Linear, first) is the project's first design; it did not.
 DEFAULT_PRESET = "clipcap"
 LAYOUTS = {
     "clipcap": dict(
