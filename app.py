@@ -5,7 +5,7 @@
 
 MODEL is a `save_pretrained` folder or Hub id (default: $CLIPQWEN_MODEL at $CLIPQWEN_REVISION). As a
 Hugging Face Space, push this repository as it is (app.py, requirements.txt at its root). Visitors
-pick only among the served models, opened by clipqwen.loading; requests are capped in images and
+pick only among the served models, opened by clipqwen.inference.loading; requests are capped in images and
 bytes, captioned one at a time, and queued up to a bound (docs/reliability.md).
 """
 
@@ -20,11 +20,12 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from clipqwen import hub, inference
+from clipqwen import hub
 from clipqwen.images import printable
-from clipqwen.loading import ModelLoadError
+from clipqwen.inference import captioning
+from clipqwen.inference.captioning import CAPTION_GENERATION, caption_generation_config
+from clipqwen.inference.loading import ModelLoadError
 from clipqwen.precision import PrecisionError, resolve_precision
-from clipqwen.presets import CAPTION_GENERATION, caption_generation_config
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,7 +88,9 @@ def get_model(
     key = (*served[choice], resolve_precision(precision, DEVICE))
     with _LOADING:
         if key not in _MODELS:
-            loaded = inference.load(key[0], key[1], device=DEVICE, precision=key[2], local_files_only=local_files_only)
+            loaded = captioning.load(
+                key[0], key[1], device=DEVICE, precision=key[2], local_files_only=local_files_only
+            )
             while len(_MODELS) >= 2:
                 _MODELS.pop(next(iter(_MODELS)))
             _MODELS[key] = loaded
@@ -181,7 +184,7 @@ def caption(
     if len(prefix) > MAX_PREFIX_CHARS:
         return [], "", f"⚠️ The prompt prefix has {len(prefix):,} characters; at most {MAX_PREFIX_CHARS} are allowed."
     taken, left_out = within_limits(files or [], max_images, max_bytes)
-    images, read, unreadable = inference.read_images(taken, upload_name)
+    images, read, unreadable = captioning.read_images(taken, upload_name)
     names = [upload_name(file) for file in read]
     problems = [left_out] * bool(left_out) + [f"⚠️ {problem}" for problem in unreadable]
     if not files:
@@ -198,7 +201,7 @@ def caption(
     started = time.perf_counter()
     sampling = decoding == SAMPLING
     try:
-        generation = inference.generation_config(
+        generation = captioning.generation_config(
             captioner.generation_config,
             do_sample=sampling,
             num_beams=None if sampling else int(num_beams),
@@ -206,7 +209,7 @@ def caption(
             top_p=float(top_p),
             max_new_tokens=int(max_new_tokens),
         )
-        captions = inference.caption_images(captioner, processor, images, generation, prefix)
+        captions = captioning.caption_images(captioner, processor, images, generation, prefix)
     except Exception as error:  # noqa: BLE001 - out of memory, an option the model rejects, ...
         return [], "", "\n\n".join([f"⚠️ Captioning failed: {type(error).__name__}: {error}"] + problems)
     seconds = time.perf_counter() - started
@@ -236,7 +239,7 @@ def build_demo(
     local_files_only: bool = False,
 ) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
-        gr.Markdown("# ClipQwen image captioner\nCLIP image features → adapter → Qwen3, one transformers model.")
+        gr.Markdown("# ClipQwen image captioner\nimage tower → projector → language model, one transformers model.")
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(list(served), value=next(iter(served)), label="Model", elem_id="model")
@@ -345,7 +348,7 @@ def main(argv=None):
         default=MAX_QUEUE,
         help="requests that may wait while one is captioned; more are refused with a message",
     )
-    inference.add_precision_argument(  # of every served model
+    captioning.add_precision_argument(  # of every served model
         parser, os.environ.get("CLIPQWEN_PRECISION", "auto"), " (default, or $CLIPQWEN_PRECISION)"
     )
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
@@ -357,7 +360,7 @@ def main(argv=None):
     if args.max_images < 1 or args.max_request_mb <= 0 or args.max_queue < 1:
         parser.error("--max_images, --max_request_mb and --max_queue must be positive")
     try:  # a missing library is said now, not at the first visitor's click
-        inference.runnable_precision(args.precision, DEVICE)
+        captioning.runnable_precision(args.precision, DEVICE)
     except PrecisionError as error:
         parser.error(str(error))
     # an unreachable Hub: served Hub ids load from the local cache, or fail at once instead of after retries

@@ -35,10 +35,10 @@ QWEN3_0_6B_BASE = dict(
 # CLIP ViT-B/32 (openai/clip-vit-base-patch32) is `CLIPVisionConfig()` with this projection.
 CLIP_VIT_B32 = dict(projection_dim=512)
 
-# Image towers the adapter knows how to read, by vision_config.model_type.
+# Image towers the projector knows how to read, by vision_config.model_type.
 VISION_TOWERS = ("clip_vision_model", "efficientnet", "dinov2")
 
-AdapterType = Literal["linear", "mlp2x_gelu", "resampler"]
+ProjectorType = Literal["linear", "mlp2x_gelu", "resampler"]
 VisionFeatureType = Literal["pooled", "patch"]
 
 
@@ -47,7 +47,7 @@ class ClipQwenConfig(PreTrainedConfig):
     r"""
     Configuration of a [`ClipQwenForConditionalGeneration`]. The defaults are the ClipCap layout:
     CLIP ViT-B/32's pooled, projected 512-d embedding → Linear-GELU-Linear → 8 image tokens for
-    Qwen3-0.6B-Base. The course project's layout is `adapter_type="linear", num_pooled_image_tokens=1`.
+    Qwen3-0.6B-Base. The project's first layout (the seed) is `projector_type="linear", num_pooled_image_tokens=1`.
 
     Args:
         vision_config (`dict`, `CLIPVisionConfig`, `EfficientNetConfig` or `Dinov2Config`, *optional*):
@@ -56,7 +56,7 @@ class ClipQwenConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The decoder: any causal LM's config. A dict names its `model_type` (default `"qwen3"`,
             merged over Qwen3-0.6B-Base's values; another type takes its class defaults).
-        adapter_type (`str`, *optional*, defaults to `"mlp2x_gelu"`):
+        projector_type (`str`, *optional*, defaults to `"mlp2x_gelu"`):
             `"linear"` (one `nn.Linear`), `"mlp2x_gelu"` (Linear-GELU-Linear, as LLaVA-1.5) or
             `"resampler"`: `num_query_tokens` learned queries cross-attending over the tower's feature
             map (Qwen-VL's one-layer resampler; needs `vision_feature_type="patch"`).
@@ -69,7 +69,7 @@ class ClipQwenConfig(PreTrainedConfig):
             Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
         num_query_tokens (`int`, *optional*, defaults to 8):
             Image tokens the resampler hands the decoder (BLIP-2's name). Only used with
-            `adapter_type="resampler"`.
+            `projector_type="resampler"`.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             The ViT hidden state read with `vision_feature_type="patch"` (-2: the penultimate); DINOv2's
             through its final LayerNorm, as DINOv2 reads its features (-1: `last_hidden_state`). A CNN
@@ -90,7 +90,7 @@ class ClipQwenConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    adapter_type: AdapterType = "mlp2x_gelu"
+    projector_type: ProjectorType = "mlp2x_gelu"
     vision_feature_type: VisionFeatureType = "pooled"
     num_pooled_image_tokens: int = interval(min=1)(default=8)
     num_query_tokens: int = interval(min=1)(default=8)
@@ -99,6 +99,8 @@ class ClipQwenConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if "adapter_type" in kwargs:  # the field's first name, in configs saved before it was renamed
+            self.projector_type = kwargs.pop("adapter_type")
         if isinstance(self.text_config, dict) and self.text_config.get("model_type", "qwen3") not in CONFIG_MAPPING:
             raise ValueError(
                 f"text_config has model_type={self.text_config['model_type']!r}, which transformers "
@@ -134,10 +136,10 @@ class ClipQwenConfig(PreTrainedConfig):
                 f"states -{layers + 1}..{layers}."
             )
 
-    def validate_adapter_type(self):
-        if self.adapter_type == "resampler" and self.vision_feature_type != "patch":
+    def validate_projector_type(self):
+        if self.projector_type == "resampler" and self.vision_feature_type != "patch":
             raise ValueError(
-                'adapter_type="resampler" reads the image tower\'s feature map: set vision_feature_type="patch" '
+                'projector_type="resampler" reads the image tower\'s feature map: set vision_feature_type="patch" '
                 f"(it is {self.vision_feature_type!r})."
             )
 
@@ -178,7 +180,7 @@ class ClipQwenConfig(PreTrainedConfig):
 
     @property
     def vision_feature_size(self) -> int:
-        """Width of one image feature vector entering the adapter."""
+        """Width of one image feature vector entering the projector."""
         vision = self.vision_config
         if vision.model_type == "efficientnet":
             return vision.hidden_dim  # the pooled output and the final map are both this wide
@@ -189,7 +191,7 @@ class ClipQwenConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """How many image placeholders one image takes in the text."""
-        if self.adapter_type == "resampler":
+        if self.projector_type == "resampler":
             return self.num_query_tokens
         if self.vision_feature_type == "pooled":
             return self.num_pooled_image_tokens

@@ -74,7 +74,7 @@ class ClipQwenMultiModalProjector(nn.Module):
         # a pooled embedding becomes K tokens through the last layer's width (ClipCap); patches 1:1
         tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type == "pooled" else 1
         self.hidden_size = hidden
-        if config.adapter_type == "linear":
+        if config.projector_type == "linear":
             self.layers = nn.Sequential(nn.Linear(config.vision_feature_size, hidden * tokens_per_feature))
         else:  # mlp2x_gelu
             self.layers = nn.Sequential(
@@ -133,8 +133,8 @@ class ClipQwenResampler(nn.Module):
 
 
 def multi_modal_projector(config: ClipQwenConfig) -> nn.Module:
-    """The projector `config.adapter_type` names, newly initialised by the caller's `_init_weights`."""
-    return ClipQwenResampler(config) if config.adapter_type == "resampler" else ClipQwenMultiModalProjector(config)
+    """The projector `config.projector_type` names, newly initialised by the caller's `_init_weights`."""
+    return ClipQwenResampler(config) if config.projector_type == "resampler" else ClipQwenMultiModalProjector(config)
 
 
 class ClipQwenPreTrainedModel(PreTrainedModel):

@@ -1,4 +1,4 @@
-"""ClipQwenProcessor: CLIP image preprocessing and the decoder's tokenizer, in the model's layout.
+"""ClipQwenProcessor: the image tower's preprocessing and the decoder's tokenizer, in the model's layout.
 
     training:   [prompt]  <|image_pad|> × N  [prompt]  caption  <|endoftext|>   right-padded
     inference:  [prompt]  <|image_pad|> × N  [prompt]                           left-padded

@@ -5,7 +5,7 @@
     python run_captioning.py configs/embedded-tiny.json                         # offline demo, a few CPU minutes
 
 Arguments come as flags or one JSON file (HfArgumentParser), as in transformers' run_*.py examples.
-The steps: model and processor → data, cleaned, frozen CLIP features cached → Trainer (resuming) →
+The steps: model and processor → data, cleaned, frozen image-tower features cached → Trainer (resuming) →
 captions scored on validation and test → export with a model card → push (docs/training.md).
 """
 
@@ -23,30 +23,25 @@ from huggingface_hub import constants
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, HfArgumentParser, TrainerState, TrainingArguments, set_seed
 
-from clipqwen import hub, preflight
-from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
+from clipqwen import hub
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor, tower_image_processor
 from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
-from clipqwen.export import exit_if_export_fails, export, push_to_hub
-from clipqwen.freezing import add_lora, freeze_backbones, set_training_dtypes
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.model_card import parameter_counts
+from clipqwen.data.prepare import prepare_data, trainer_datasets
+from clipqwen.inference.captioning import CAPTION_GENERATION
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
 from clipqwen.precision import choose_precision
-from clipqwen.prepare import prepare_data, trainer_datasets
-from clipqwen.presets import (
-    CAPTION_GENERATION,
-    DEFAULT_PRESET,
-    LAYOUTS,
-    bundled_processor,
-    clip_image_processor,
-    layout_config,
-    tiny_config,
-)
-from clipqwen.reliance import warn_if_image_ignored
-from clipqwen.rerun import starting_point
-from clipqwen.timing import PhaseTimer
-from clipqwen.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
-from configuration_clipqwen import AdapterType, VisionFeatureType
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS, layout_config
+from clipqwen.publishing.export import exit_if_export_fails, export, push_to_hub
+from clipqwen.publishing.model_card import parameter_counts
+from clipqwen.tiny import bundled_processor, tiny_config
+from clipqwen.training import preflight
+from clipqwen.training.checkpoints import CheckpointSaveError, IncompatibleCheckpointError
+from clipqwen.training.freezing import add_lora, freeze_backbones, set_training_dtypes
+from clipqwen.training.reliance import warn_if_image_ignored
+from clipqwen.training.rerun import starting_point
+from clipqwen.training.timing import PhaseTimer
+from clipqwen.training.trainer import CaptionTrainer, LostImagesError, NonFiniteLossError
+from configuration_clipqwen import ProjectorType, VisionFeatureType
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 
@@ -95,20 +90,21 @@ class ModelArguments:
     preset: Literal[tuple(LAYOUTS)] = field(
         default=DEFAULT_PRESET,
         metadata={
-            "help": "Layout of a new model; --adapter_type, --vision_feature_type, --num_pooled_image_tokens and "
+            "help": "Layout of a new model; --projector_type, --vision_feature_type, --num_pooled_image_tokens and "
             "--prompt override its parts. 'clipcap': the pooled image embedding → MLP → 8 image tokens after the "
             "prompt 'Image:', which learned from the image on real photos (docs/flickr8k.md). 'resampler': "
             "--num_query_tokens learned queries read the image tower's feature map (--vision_feature_layer) and "
             "become image tokens after 'Image:'. 'seed_exact': the "
-            "course project's layout, pooled embedding → Linear → one image token first, no prompt; with a frozen "
+            "project's first design, pooled embedding → Linear → one image token first, no prompt; with a frozen "
             "pretrained decoder it did not learn to use the image."
         },
     )
-    adapter_type: AdapterType | None = field(
+    projector_type: ProjectorType | None = field(
         default=None,
         metadata={
+            "aliases": ["--adapter_type"],  # its first name, for older commands
             "help": "Projector: 'linear' (the seed's), 'mlp2x_gelu' (LLaVA-1.5's) or 'resampler' (learned queries "
-            "over the feature map; needs --vision_feature_type patch). Default: the preset's."
+            "over the feature map; needs --vision_feature_type patch). Default: the preset's.",
         },
     )
     vision_feature_type: VisionFeatureType | None = field(
@@ -123,7 +119,7 @@ class ModelArguments:
         metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
     )
     num_query_tokens: int = field(
-        default=8, metadata={"help": "Image tokens the resampler makes (--adapter_type resampler)."}
+        default=8, metadata={"help": "Image tokens the resampler makes (--projector_type resampler)."}
     )
     vision_feature_layer: int = field(
         default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."}
@@ -165,11 +161,11 @@ class ModelArguments:
         if self.lora_r and not self.freeze_language_model:
             raise ValueError("LoRA trains a frozen language model: drop --freeze_language_model False or --lora_r.")
         if self.lora_r and not self.freeze_vision_model:
-            # peft freezes everything outside LoRA and modules_to_save, and a CLIP in modules_to_save is wrapped twice
-            # (its inner `vision_model` matches too): the vision tower would silently stay frozen.
+            # peft freezes everything outside LoRA and modules_to_save, and a CLIP tower in modules_to_save is wrapped
+            # twice (its inner `vision_model` matches too): the vision tower would silently stay frozen.
             raise ValueError(
-                "--lora_r with --freeze_vision_model False is not supported: LoRA would leave CLIP "
-                "frozen. Fine-tune CLIP without LoRA, or keep --freeze_vision_model True."
+                "--lora_r with --freeze_vision_model False is not supported: LoRA would leave the image "
+                "tower frozen. Fine-tune the tower without LoRA, or keep --freeze_vision_model True."
             )
 
 
@@ -230,10 +226,11 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
     use_feature_cache: bool = field(
-        default=True, metadata={"help": "With a frozen CLIP, compute its features once per image and train from them."}
+        default=True,
+        metadata={"help": "With a frozen image tower, compute its features once per image and train from them."},
     )
     feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where cached CLIP features go (default: $HF_HOME/clipqwen/features)."}
+        default=None, metadata={"help": "Where cached image features go (default: $HF_HOME/clipqwen/features)."}
     )
     check_images: bool = field(
         default=True,
@@ -242,7 +239,7 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes that decode and preprocess images: for the CLIP feature cache (decode once, check and "
+            "help": "Processes that decode and preprocess images: for the feature cache (decode once, check and "
             "encode; the vision tower runs in the main process on their batches) or, without it, for the "
             "unreadable-image check. Default: none, the main process does it."
         },
@@ -337,9 +334,9 @@ def go_offline_if_hub_out_of_reach(names) -> bool:
 
 def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = torch.float32):
     """The model with its backbones frozen as asked, trainable weights in fp32 and frozen ones in `frozen_dtype`
-    (bf16 for a bf16 run: `clipqwen.freezing.set_training_dtypes`), and its processor."""
+    (bf16 for a bf16 run: `clipqwen.training.freezing.set_training_dtypes`), and its processor."""
     settings = dict(
-        adapter_type=args.adapter_type,
+        projector_type=args.projector_type,
         vision_feature_type=args.vision_feature_type,
         num_pooled_image_tokens=args.num_pooled_image_tokens,
         num_query_tokens=args.num_query_tokens,
@@ -373,7 +370,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
                 text_kwargs={"dtype": frozen_dtype if args.freeze_language_model else torch.float32},
                 **settings,
             )
-            image_processor = clip_image_processor(
+            image_processor = tower_image_processor(
                 args.vision_model_name_or_path, revision=args.vision_model_revision, cache_dir=args.cache_dir
             )
             tokenizer = AutoTokenizer.from_pretrained(
@@ -469,7 +466,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     if training_args.should_save:
         preflight.check_output_dir(out, preflight.needed_bytes(model))
 
-    # 5. Data: one layout (image_id, image, captions), cleaned; CLIP features cached when CLIP is frozen
+    # 5. Data: one layout (image_id, image, captions), cleaned; image features cached when the image tower is frozen
     if data_args.on_hub:
         go_offline_if_hub_out_of_reach([data_args.dataset_name])  # fail in a second, not after retries
         # one version of the data for the whole run (and every rank), recorded in the model card
@@ -504,47 +501,13 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # 7. Training
     metrics = {}
     if training_args.do_train:
-        try:
-            with timer.phase("training", unit="pairs") as phase:
-                result = trainer.train(resume_from_checkpoint=last_checkpoint)
-                phase["items"] = result.metrics["train_pairs"]
-        except (NonFiniteLossError, LostImagesError, CheckpointSaveError, IncompatibleCheckpointError) as error:
-            logger.error("%s", error)
-            raise SystemExit(f"error: {error}") from error
-        if trainer.preempted:  # SIGTERM or Ctrl-C: the checkpoint is written; leave before the grace period ends
-            logger.warning(
-                "Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
-                trainer.graceful_stop.signal_name,
-                trainer.state.global_step,
-                out,
-            )
+        train_metrics = train(trainer, train_dataset, last_checkpoint, timer)
+        if train_metrics is None:  # SIGTERM or Ctrl-C: the checkpoint is written
             return {"preempted_at_step": trainer.state.global_step}
-        train_metrics = dict(
-            result.metrics,
-            train_samples=len(train_dataset),
-            **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
-        )
-        trainer.log_metrics("train", train_metrics)
-        with exit_if_export_fails(out):  # the first writes after training: a full disk here costs no training either
-            trainer.save_metrics("train", train_metrics)
-            trainer.save_state()
         metrics.update(train_metrics)
 
     # 8. Evaluation: validation loss, then generated captions scored against all references
-    predictions = {}  # split -> one row per image: image_id, caption, references
-    for prefix, split, flag in (
-        ("eval", "validation", training_args.do_eval),
-        ("test", "test", training_args.do_predict),
-    ):
-        if flag:
-            with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
-                output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
-                trainer.log(output.metrics)  # as evaluate() does: into the log history (curves) and the loggers
-            split_metrics = dict(output.metrics, **{f"{prefix}_num_images": len(data.splits[split])})
-            trainer.log_metrics(prefix, split_metrics)
-            trainer.save_metrics(prefix, split_metrics)
-            metrics.update(split_metrics)
-            predictions[split] = output.predictions
+    predictions = evaluate(trainer, data, eval_pairs, metrics, timer)
 
     # 9. Export (rank 0), then push
     if not training_args.should_save:
@@ -552,16 +515,7 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     with exit_if_export_fails(out), timer.phase("export"):
         trainer.save_metrics("timing", timer.metrics())  # in all_results.json and the card (the push comes after)
         folder = export(
-            trainer,
-            processor,
-            data,
-            predictions,
-            metrics,
-            generation_kwargs,
-            timer,
-            model_args,
-            data_args,
-            training_args,
+            trainer, processor, data, predictions, metrics, timer, model_args=model_args, data_args=data_args
         )
     logger.info("Model, processor, metrics, predictions and model card in %s", folder)
     if training_args.push_to_hub:
@@ -571,6 +525,59 @@ def run(model_args, data_args, caption_args, training_args) -> dict:
     # the run's last word: whether the captions depend on the photos at all
     warn_if_image_ignored(metrics, "eval" if "eval_image_reliance" in metrics else "test")
     return metrics | timer.metrics()
+
+
+def train(trainer, train_dataset, last_checkpoint, timer) -> dict | None:
+    """Step 7: train, resuming from `last_checkpoint`. The train_* metrics, saved; None when SIGTERM or Ctrl-C
+    stopped the run (its checkpoint written: the same command resumes)."""
+    try:
+        with timer.phase("training", unit="pairs") as phase:
+            result = trainer.train(resume_from_checkpoint=last_checkpoint)
+            phase["items"] = result.metrics["train_pairs"]
+    except (NonFiniteLossError, LostImagesError, CheckpointSaveError, IncompatibleCheckpointError) as error:
+        logger.error("%s", error)
+        raise SystemExit(f"error: {error}") from error
+    if trainer.preempted:  # leave before the grace period ends
+        logger.warning(
+            "Stopped on %s after saving the checkpoint of step %d in %s; rerun the same command to resume.",
+            trainer.graceful_stop.signal_name,
+            trainer.state.global_step,
+            trainer.args.output_dir,
+        )
+        return None
+    train_metrics = dict(
+        result.metrics,
+        train_samples=len(train_dataset),
+        **{f"train_{key}_parameters": n for key, n in parameter_counts(trainer.model).items()},
+    )
+    trainer.log_metrics("train", train_metrics)
+    # the first writes after training: a full disk here costs no training either
+    with exit_if_export_fails(Path(trainer.args.output_dir)):
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+    return train_metrics
+
+
+def evaluate(trainer, data, eval_pairs, metrics: dict, timer) -> dict[str, list[dict]]:
+    """Step 8: the loss pass, then generated captions scored against all references, on validation (--do_eval)
+    and test (--do_predict). Adds the scores to `metrics`; returns split -> one row per image (image_id, caption,
+    references)."""
+    predictions = {}
+    for prefix, split, flag in (
+        ("eval", "validation", trainer.args.do_eval),
+        ("test", "test", trainer.args.do_predict),
+    ):
+        if not flag:
+            continue
+        with timer.phase(f"evaluation {split}", items=len(data.splits[split])):
+            output = trainer.predict(eval_pairs[split], metric_key_prefix=prefix)
+            trainer.log(output.metrics)  # as evaluate() does: into the log history (curves) and the loggers
+        split_metrics = dict(output.metrics, **{f"{prefix}_num_images": len(data.splits[split])})
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+        predictions[split] = output.predictions
+    return predictions
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from PIL import Image, ImageFile  # noqa: E402
 from benchmarks import common  # noqa: E402
 from clipqwen.data import cleaning, feature_cache, sources  # noqa: E402
 from clipqwen.images import load_image  # noqa: E402
-from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 from processing_clipqwen import bound_aspect_ratio, to_rgb  # noqa: E402
 

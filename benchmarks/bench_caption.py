@@ -2,8 +2,8 @@
 
     python benchmarks/bench_caption.py --threads 1 --course-images 4 --bs1-images 4   # 2 alternating rounds
 
-course (baseline), in the course's own dtypes (CLIP and the adapter fp32, Qwen3 bf16): one image at a time; for
-    every new token run CLIP on the pixels again, the adapter, and Qwen3 over the whole sequence without a KV
+course (baseline), in the course's own dtypes (CLIP and the projector fp32, Qwen3 bf16): one image at a time; for
+    every new token run CLIP on the pixels again, the projector, and Qwen3 over the whole sequence without a KV
     cache (logits at every position), then argmax. course_fp32 (an extra row): the same with fp32 weights.
 ours_batched: `model.generate(...)`, batch 16, KV cache, in clipqwen's default precision on this machine
     (clipqwen.precision); CLIP encodes the batch in chunks of --vision-chunk images and generate() gets their

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_eval_loss.py --images 100          # 500 pairs of Flickr8k val captions, batch 64
 
-The model is the Flickr8k recipe's shape (configs/flickr8k.json: a SmolLM2-135M decoder, mlp2x_gelu adapter,
+The model is the Flickr8k recipe's shape (configs/flickr8k.json: a SmolLM2-135M decoder, mlp2x_gelu projector,
 8 pooled image tokens after "Image:") with random weights; its tokenizer is SmolLM2's when the converted folder
 of scripts/flickr8k.sh is in the cache (else the bundled Qwen3 one). Image features are random: a loss pass reads
 cached features, so the image tower costs nothing here, as in the recipe. Captions are the real ones, five per
@@ -40,12 +40,13 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from clipqwen.backbones import match_processor  # noqa: E402
+from clipqwen.backbones.assemble import match_processor, tower_image_processor  # noqa: E402
 from clipqwen.data.cleaning import add_caption_lengths  # noqa: E402
 from clipqwen.data.collator import CaptionCollator  # noqa: E402
-from clipqwen.freezing import freeze_backbones  # noqa: E402
-from clipqwen.presets import bundled_processor, clip_image_processor, clipqwen_cache_dir, tiny_config  # noqa: E402
-from clipqwen.trainer import CaptionTrainer  # noqa: E402
+from clipqwen.hub import clipqwen_cache_dir  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.training.freezing import freeze_backbones  # noqa: E402
+from clipqwen.training.trainer import CaptionTrainer  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 from processing_clipqwen import ClipQwenProcessor  # noqa: E402
 
@@ -70,11 +71,11 @@ SMOLLM2_TEXT = dict(  # SmolLM2-135M's config.json
 
 
 def model_and_processor():
-    layout = dict(adapter_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8)
+    layout = dict(projector_type="mlp2x_gelu", vision_feature_type="pooled", num_pooled_image_tokens=8)
     if (SMOLLM2 / "tokenizer.json").exists():
         config = tiny_config(text_config=SMOLLM2_TEXT, image_token_id=None, **layout)
         tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-        processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
+        processor = ClipQwenProcessor(tower_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
     else:
         qwen = dict(SMOLLM2_TEXT, model_type="qwen3", vocab_size=151936, bos_token_id=151643, eos_token_id=151643)
         config = tiny_config(text_config=qwen | {"pad_token_id": 151643}, **layout)

@@ -1,12 +1,12 @@
 """Caption quality of a TRAINED model in fp32, bf16 and int8 weight-only: the same greedy captions of the embedded
-test split (the decoding saved with the model), scored with clipqwen.metrics, and each precision's tokens compared
-with fp32's. Random-weight benchmarks cannot say this: their greedy tokens drift for reasons a trained model
+test split (the decoding saved with the model), scored with clipqwen.caption_metrics, and each precision's tokens
+compared with fp32's. Random-weight benchmarks cannot say this: their greedy tokens drift for reasons a trained model
 may not have.
 
     python run_captioning.py configs/embedded-tiny.json --output_dir outputs/embedded-fp32   # the trained model
     python benchmarks/bench_precision_quality.py outputs/embedded-fp32
 
-The model loads through clipqwen.loading with `precision=` exactly as clipqwen-caption and app.py load it.
+The model loads through clipqwen.inference.loading with `precision=` exactly as clipqwen-caption and app.py load it.
 """
 
 import argparse
@@ -28,9 +28,9 @@ from benchmarks.common import (  # noqa: E402
     pick_device,
     write_results,
 )
-from clipqwen.embedded import load_embedded_dataset  # noqa: E402
-from clipqwen.loading import load_clipqwen  # noqa: E402
-from clipqwen.metrics import compute_caption_metrics  # noqa: E402
+from clipqwen.caption_metrics import compute_caption_metrics  # noqa: E402
+from clipqwen.data.embedded import load_embedded_dataset  # noqa: E402
+from clipqwen.inference.loading import load_clipqwen  # noqa: E402
 from clipqwen.precision import PRECISIONS  # noqa: E402
 
 

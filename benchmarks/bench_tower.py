@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """The feature pass's image tower: EfficientNet-Lite0 at 224 px as the cache ran it before (the stock module, 64
-images a batch, channels-first) against `clipqwen.tower_inference.for_inference` (BatchNorm folded, identity
+images a batch, channels-first) against `clipqwen.backbones.fast_tower.for_inference` (BatchNorm folded, identity
 squeeze-excite removed, channels-last, `CNN_CHUNK` images at a time), in fp32 and bf16, alternating rounds.
 
     python benchmarks/bench_tower.py [--images 256] [--rounds 3]
 
-Weights: the converted ImageNet Lite0 folder where `python -m clipqwen.efficientnet_lite DIR` made one
+Weights: the converted ImageNet Lite0 folder where `python -m clipqwen.backbones.efficientnet_lite DIR` made one
 ($HF_HOME/clipqwen/converted/efficientnet-lite0, as scripts/flickr8k.sh does), else random weights of the same
 shape (the speed does not depend on them). Prints images/s per variant (median of the rounds), the ratio to the
 old path in the same dtype, and the largest difference of the new path's 7×7 map from the old one's.
@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import EfficientNetModel  # noqa: E402
 
-from clipqwen.efficientnet_lite import lite0_config  # noqa: E402
-from clipqwen.presets import clipqwen_cache_dir  # noqa: E402
-from clipqwen.tower_inference import CNN_CHUNK, for_inference  # noqa: E402
+from clipqwen.backbones.efficientnet_lite import lite0_config  # noqa: E402
+from clipqwen.backbones.fast_tower import CNN_CHUNK, for_inference  # noqa: E402
+from clipqwen.hub import clipqwen_cache_dir  # noqa: E402
 
 
 def lite0() -> tuple[EfficientNetModel, str]:

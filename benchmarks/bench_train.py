@@ -2,22 +2,22 @@
 
     python benchmarks/bench_train.py --threads 1   # every variant in its own process, 2 alternating rounds
 
-course (baseline), per step, batch 4, in the course's own dtypes (CLIP and the adapter fp32, Qwen3 bf16): open the
+course (baseline), per step, batch 4, in the course's own dtypes (CLIP and the projector fp32, Qwen3 bf16): open the
     JPEGs → CLIP image processor → CLIP forward → Linear(512, 1024) prefix → Qwen3 forward/backward over the
     captions padded to 128 tokens with logits (151,936-way) at every position and cross-entropy over them →
-    AdamW on the adapter. course_fp32 (an extra row): the same with every weight in fp32.
+    AdamW on the projector. course_fp32 (an extra row): the same with every weight in fp32.
 ours: the default layout (--preset clipcap: pooled 512-d → MLP → 8 image tokens after "Image:"), CLIP features
     computed once per image (a feature cache; its one-off cost is reported per image), then
     steps from `vision_embeds` with per-batch padding, logits only at the supervised positions (model.forward
     with labels), batch 32, in the precision run_captioning.py trains in by default on this machine (its
     choose_precision: bf16 on CUDA GPUs with bf16, fp32 on every CPU). ours_bf16: the same with bf16 frozen weights
-    (the adapter keeps fp32 master weights), as `--bf16 True --use_cpu True` trains on a CPU.
-Both train the adapter alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
+    (the projector keeps fp32 master weights), as `--bf16 True --use_cpu True` trains on a CPU.
+Both train the projector alone with frozen (requires_grad=False) CLIP and Qwen, read the same stream of
 (photo, human caption) pairs and start from random weights of the same seed.
 
 FLOPs per pair are analytic (benchmarks/common.py, docs/benchmarks.md): CLIP forward where it runs per step,
 plus a frozen LM's forward and activation-gradient backward at the positions actually computed (padding
-included), plus the adapter. MFU = FLOPs/pair × pairs/s ÷ the chip's dense bf16 peak (CUDA only).
+included), plus the projector. MFU = FLOPs/pair × pairs/s ÷ the chip's dense bf16 peak (CUDA only).
 """
 
 import argparse
@@ -36,7 +36,6 @@ from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     PeakMemory,
-    adapter_train_flops,
     add_common_arguments,
     autocast,
     build_model,
@@ -58,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     pick_device,
     processor_for,
     profiled,
+    projector_train_flops,
     resolve_weights,
     results_path,
     run_rounds,
@@ -205,7 +205,7 @@ def run_course(args, device, weights):
     flops_per_pair = (
         clip_forward_flops(model.config.vision_config)
         + frozen_lm_train_flops(model.config.text_config, seq_len, seq_len)
-        + adapter_train_flops(model.model.multi_modal_projector, 1)
+        + projector_train_flops(model.model.multi_modal_projector, 1)
     )
     return {
         "variant": args.only,
@@ -308,7 +308,7 @@ def run_ours(args, device, weights):
                 flops += (
                     len(batch) * frozen_lm_train_flops(text, seq_len, 0)
                     + 2 * 2 * text.hidden_size * text.vocab_size * supervised
-                    + adapter_train_flops(model.model.multi_modal_projector, len(batch))
+                    + projector_train_flops(model.model.multi_modal_projector, len(batch))
                 )
                 log(
                     f"ours step {step}: {step_times[-1]:.2f} s, batch {len(batch)} × {seq_len} positions, "

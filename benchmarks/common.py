@@ -33,7 +33,6 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from clipqwen.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from clipqwen.precision import (  # noqa: E402
     apply_precision,
     choose_precision,
@@ -41,7 +40,9 @@ from clipqwen.precision import (  # noqa: E402
     cpu_has_native_bf16,
     default_precision,
 )
-from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
+from clipqwen.presets import LAYOUTS, layout_config  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.training.freezing import freeze_backbones, set_training_dtypes  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
@@ -78,7 +79,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-# The weights a variant runs with. "course" is the course project's own choice: CLIP (and the adapter) in fp32,
+# The weights a variant runs with. "course" is the course project's own choice: CLIP (and the projector) in fp32,
 # Qwen3 loaded in bf16. "default" is what clipqwen captions in by default on this machine (clipqwen.precision: bf16
 # on CUDA and on CPUs with native bf16, fp32 elsewhere); "training" what run_captioning.py trains in by default.
 WEIGHTS = ("course", "fp32", "bf16", "int8", "default", "training")
@@ -164,14 +165,14 @@ def build_model(device: torch.device, weights: str, preset: str, seed: int = 0, 
     settings = {**layout_config(preset), **config_kwargs}
     config = tiny_config(**settings) if tiny else ClipQwenConfig(**settings)
     with torch.device(device):
-        model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the adapter alone trains
+        model = freeze_backbones(ClipQwenForConditionalGeneration(config))  # the projector alone trains
     weights = resolve_weights(device, weights)
     if weights == "course":
-        model.get_decoder().to(torch.bfloat16)  # Qwen3ForCausalLM in bf16; CLIP and the adapter stay fp32, as the
+        model.get_decoder().to(torch.bfloat16)  # Qwen3ForCausalLM in bf16; CLIP and the projector stay fp32, as the
         model.lm_head.to(torch.bfloat16)  # course loads them
     elif weights == "int8":
-        apply_precision(model, "int8")  # inference only: bf16 CLIP and adapter, int8 decoder linears
-    else:  # as run_captioning.py: the trainable adapter in fp32 (AdamW's master weights), the frozen towers in bf16
+        apply_precision(model, "int8")  # inference only: bf16 CLIP and projector, int8 decoder linears
+    else:  # as run_captioning.py: the trainable projector in fp32 (AdamW's master weights), the frozen towers in bf16
         set_training_dtypes(model, torch.float32 if weights == "fp32" else torch.bfloat16)
     log(
         f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters "
@@ -294,7 +295,7 @@ def lm_forward_flops(text_config, seq_len: int, logit_positions: int) -> float:
 
 
 def frozen_lm_train_flops(text_config, seq_len: int, logit_positions: int) -> float:
-    """Forward + backward of a frozen LM whose gradient must reach its input embeddings (the adapter):
+    """Forward + backward of a frozen LM whose gradient must reach its input embeddings (the projector):
     backward computes activation gradients only (no weight gradients), which costs what the forward's
     matrix products cost (grad_x = grad_y·Wᵀ), and twice the forward for attention (dQ, dK, dV, dP).
     So ≈ 2 × forward for linears and LM head, 3 × forward for the attention scores."""
@@ -311,9 +312,9 @@ def frozen_lm_train_flops(text_config, seq_len: int, logit_positions: int) -> fl
     return 2 * fwd + attn_fwd
 
 
-def adapter_train_flops(adapter: torch.nn.Module, vectors: int) -> float:
+def projector_train_flops(projector: torch.nn.Module, vectors: int) -> float:
     """Adapter forward + full backward (weight grads too): 6 FLOPs per parameter per input vector."""
-    return 6 * sum(p.numel() for p in adapter.parameters()) * vectors
+    return 6 * sum(p.numel() for p in projector.parameters()) * vectors
 
 
 # ---- variants in subprocesses --------------------------------------------------------------------------------
@@ -518,7 +519,7 @@ def results_path(args) -> Path | None:
 
 
 def autocast(device: torch.device, weights: str):
-    """bf16 autocast on CUDA for our bf16 variants (fp32 adapter, bf16 frozen weights); elsewhere the weights'
+    """bf16 autocast on CUDA for our bf16 variants (fp32 projector, bf16 frozen weights); elsewhere the weights'
     dtypes decide, as in the course code."""
     if device.type == "cuda" and weights in ("bf16", "int8"):
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from clipqwen.presets import LAYOUTS, bundled_processor, layout_config, tiny_config  # noqa: E402
+from clipqwen.presets import LAYOUTS, layout_config  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
 from configuration_clipqwen import ClipQwenConfig  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 

@@ -30,6 +30,11 @@ REVISION_PLACEHOLDER = "<commit sha>"
 USAGE_REVISION = re.compile(r'^(revision = ")[^"\n]*"', re.MULTILINE)  # the model card's usage snippet
 
 
+def clipqwen_cache_dir() -> Path:
+    """$HF_HOME/clipqwen, resolved the way huggingface_hub resolves HF_HOME (XDG_CACHE_HOME included)."""
+    return Path(constants.HF_HOME) / "clipqwen"
+
+
 def is_local(name: str | None) -> bool:
     """A path that exists here; anything else names something on the Hub."""
     return bool(name) and Path(name).expanduser().exists()

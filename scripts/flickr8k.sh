@@ -32,11 +32,11 @@ fi
 # itself (--auto_bf16). A --bf16 flag after OUTPUT_DIR wins.
 settings=$("$python" -c "
 import torch
-from clipqwen.dinov2 import save_dinov2
-from clipqwen.efficientnet_lite import save_lite0
+from clipqwen.backbones.dinov2 import save_dinov2
+from clipqwen.backbones.efficientnet_lite import save_lite0
 from clipqwen.precision import cpu_has_native_bf16
-from clipqwen.presets import clipqwen_cache_dir
-from clipqwen.wheel_weights import save_smollm2
+from clipqwen.hub import clipqwen_cache_dir
+from clipqwen.backbones.wheel_weights import save_smollm2
 converted = clipqwen_cache_dir() / 'converted'
 cpu_bf16 = not torch.cuda.is_available() and cpu_has_native_bf16()
 vision = save_dinov2(converted / 'dinov2-vits14') if '$tower' == 'dinov2' else save_lite0(converted / 'efficientnet-lite0')

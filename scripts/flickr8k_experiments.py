@@ -3,11 +3,11 @@
 
     python scripts/flickr8k_experiments.py --output_dir outputs/flickr8k-exp --runs course,course-blind --max_steps 300
 
-Every run is `run_captioning.py configs/flickr8k.json` (frozen EfficientNet-Lite0 ImageNet tower → adapter → frozen
+Every run is `run_captioning.py configs/flickr8k.json` (frozen EfficientNet-Lite0 ImageNet tower → projector → frozen
 SmolLM2-135M, image features cached once and shared by all runs) with the overrides in RUNS, trained on Flickr8k
 train and scored on the first `--eval_images` val photos. Nothing here touches the held-back test split. A
 `-blind` twin is the same run with every photo's features replaced by the train-set mean (per position), so the
-adapter can learn only a constant prompt: what the decoder writes without seeing. Each run goes into
+projector can learn only a constant prompt: what the decoder writes without seeing. Each run goes into
 <output_dir>/<run>/ (run_captioning's usual files: all_results.json, training curves, sample captions); the table of
 all runs into <output_dir>/results.md and results.json. docs/flickr8k.md reports the results.
 """
@@ -36,7 +36,7 @@ RUNS = {
     # ClipCap (the default, --preset clipcap): the pooled embedding expanded into K tokens by an MLP
     "clipcap": dict(LAYOUTS["clipcap"]),
     # LLaVA: the 7×7 feature map, one token per position, through an MLP
-    "patch": dict(adapter_type="mlp2x_gelu", vision_feature_type="patch", vision_feature_layer=-1, prompt=PREFIX),
+    "patch": dict(projector_type="mlp2x_gelu", vision_feature_type="patch", vision_feature_layer=-1, prompt=PREFIX),
 }
 RUNS |= {f"{name}-blind": dict(settings, blind=True) for name, settings in RUNS.items()}
 RUNS |= {f"{name}-lora": dict(settings, lora_r=8) for name, settings in RUNS.items() if "blind" not in name}
@@ -90,9 +90,9 @@ def blinded(prepare_data):
 
 def run_one(name: str, args, flags: list[str]) -> None:
     import run_captioning
-    from clipqwen.efficientnet_lite import save_lite0
-    from clipqwen.presets import clipqwen_cache_dir
-    from clipqwen.wheel_weights import save_smollm2
+    from clipqwen.backbones.efficientnet_lite import save_lite0
+    from clipqwen.backbones.wheel_weights import save_smollm2
+    from clipqwen.hub import clipqwen_cache_dir
 
     settings = dict(RUNS[name])
     if settings.pop("blind", False):

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clipqwen.presets import bundled_processor, tiny_config  # noqa: E402
+from clipqwen.tiny import bundled_processor, tiny_config  # noqa: E402
 from modeling_clipqwen import ClipQwenForConditionalGeneration  # noqa: E402
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipqwen.presets import DEFAULT_PRESET, LAYOUTS, bundled_processor
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS
+from clipqwen.tiny import bundled_processor
 
 from conftest import PHOTOS, ROOT, clear_greedy_ids, serving_app
 

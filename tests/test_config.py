@@ -22,23 +22,36 @@ def test_defaults_are_the_real_clip_b32_and_qwen3_0_6b_base():
     assert text.rope_parameters["rope_theta"] == 1e6 and text.rms_norm_eps == 1e-6
     assert text.max_position_embeddings == 32768 and text.bos_token_id == text.eos_token_id == 151643
     # the ClipCap layout, which learned from real photos: pooled 512-d embedding -> MLP -> 8 image tokens
-    assert (config.adapter_type, config.vision_feature_type, config.num_image_tokens) == ("mlp2x_gelu", "pooled", 8)
+    assert (config.projector_type, config.vision_feature_type, config.num_image_tokens) == ("mlp2x_gelu", "pooled", 8)
     assert config.image_token_id == 151655
 
 
 def test_a_saved_config_names_its_layout_so_changed_defaults_never_reread_it(tmp_path):
     """The default layout changed (seed → ClipCap): a checkpoint saved in the seed layout must still load as one,
     which holds because config.json names every layout field, defaults included."""
-    ClipQwenConfig(adapter_type="linear", num_pooled_image_tokens=1).save_pretrained(tmp_path)
+    ClipQwenConfig(projector_type="linear", num_pooled_image_tokens=1).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert {key: saved[key] for key in ("adapter_type", "vision_feature_type", "num_pooled_image_tokens")} == {
-        "adapter_type": "linear",
+    assert {key: saved[key] for key in ("projector_type", "vision_feature_type", "num_pooled_image_tokens")} == {
+        "projector_type": "linear",
         "vision_feature_type": "pooled",
         "num_pooled_image_tokens": 1,
     }
     ClipQwenConfig().save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["adapter_type"] == "mlp2x_gelu"  # defaults written too
+    assert json.loads((tmp_path / "config.json").read_text())["projector_type"] == "mlp2x_gelu"  # defaults written too
     assert ClipQwenConfig.from_pretrained(tmp_path).num_image_tokens == 8
+
+
+def test_a_config_saved_with_the_old_name_adapter_type_loads_checked(tmp_path):
+    """`projector_type` was `adapter_type`: configs saved then load with their projector, and a wrong value still
+    fails naming the field."""
+    ClipQwenConfig().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["adapter_type"] = saved.pop("projector_type")
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"adapter_type": "linear", "num_pooled_image_tokens": 1}))
+    config = ClipQwenConfig.from_pretrained(tmp_path)
+    assert (config.projector_type, config.num_image_tokens) == ("linear", 1) and "adapter_type" not in config.to_dict()
+    with pytest.raises(StrictDataclassError, match="projector_type"):
+        ClipQwenConfig(adapter_type="transformer")
 
 
 def test_partial_text_config_is_merged_over_qwen3_0_6b_not_class_defaults():
@@ -81,28 +94,28 @@ def test_patch_features_take_cls_plus_patch_grid_tokens():
 
 
 def test_the_resampler_takes_its_query_count_and_reads_the_feature_map():
-    config = ClipQwenConfig(adapter_type="resampler", vision_feature_type="patch", num_query_tokens=6)
+    config = ClipQwenConfig(projector_type="resampler", vision_feature_type="patch", num_query_tokens=6)
     assert (config.num_image_tokens, config.num_feature_positions) == (6, 50)
     efficientnet = ClipQwenConfig(
-        adapter_type="resampler",
+        projector_type="resampler",
         vision_feature_type="patch",
         vision_feature_layer=-1,
         vision_config={"model_type": "efficientnet", "image_size": 224},
     )
     assert (efficientnet.num_image_tokens, efficientnet.num_feature_positions) == (8, 49)
-    with pytest.raises(StrictDataclassError, match='adapter_type="resampler".*vision_feature_type="patch"'):
-        ClipQwenConfig(adapter_type="resampler")  # a pooled embedding is no map to attend over
+    with pytest.raises(StrictDataclassError, match='projector_type="resampler".*vision_feature_type="patch"'):
+        ClipQwenConfig(projector_type="resampler")  # a pooled embedding is no map to attend over
 
 
 def test_round_trips(tmp_path):
     config = ClipQwenConfig(
-        adapter_type="mlp2x_gelu", vision_feature_type="patch", text_config={"num_hidden_layers": 3}
+        projector_type="mlp2x_gelu", vision_feature_type="patch", text_config={"num_hidden_layers": 3}
     )
     assert ClipQwenConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     config.save_pretrained(tmp_path)
     reloaded = ClipQwenConfig.from_pretrained(tmp_path)
     assert reloaded.to_dict() == config.to_dict()
-    assert reloaded.text_config.num_hidden_layers == 3 and reloaded.adapter_type == "mlp2x_gelu"
+    assert reloaded.text_config.num_hidden_layers == 3 and reloaded.projector_type == "mlp2x_gelu"
 
 
 # One wrong type and one wrong value for every field ClipQwenConfig declares (None: the type admits no wrong
@@ -110,7 +123,7 @@ def test_round_trips(tmp_path):
 BAD = {
     "vision_config": ("clip", {"image_size": 100, "patch_size": 32}),
     "text_config": (5, {"model_type": "no-such-model"}),
-    "adapter_type": (1, "transformer"),
+    "projector_type": (1, "transformer"),
     "vision_feature_type": (1, "cls"),
     "num_pooled_image_tokens": ("2", 0),
     "num_query_tokens": ("2", 0),
@@ -143,8 +156,8 @@ def test_wrong_values_are_also_refused_on_assignment():
     config = ClipQwenConfig()
     with pytest.raises(StrictDataclassError, match="num_pooled_image_tokens"):
         config.num_pooled_image_tokens = 0
-    with pytest.raises(StrictDataclassError, match="adapter_type"):
-        config.adapter_type = "transformer"
+    with pytest.raises(StrictDataclassError, match="projector_type"):
+        config.projector_type = "transformer"
 
 
 def test_training_flags_are_not_in_the_config(tmp_path):

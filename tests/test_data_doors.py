@@ -18,14 +18,15 @@ from PIL import Image
 from test_feature_cache import counting
 
 import run_captioning
-from clipqwen import checkpoints, images
+from clipqwen import images
 from clipqwen.data import sources
 from clipqwen.data.cleaning import drop_unreadable_images, remove_empty_captions
 from clipqwen.data.collator import CaptionCollator
+from clipqwen.data.embedded import load_embedded_dataset
 from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import load_caption_data, read_annotation_file
-from clipqwen.embedded import load_embedded_dataset
 from clipqwen.images import ImageLoadError, load_image
+from clipqwen.training import checkpoints
 
 from conftest import PHOTOS, TINY
 

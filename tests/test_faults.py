@@ -26,8 +26,8 @@ from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 import run_captioning
-from clipqwen import checkpoints, preflight
-from clipqwen.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
+from clipqwen.training import checkpoints, preflight
+from clipqwen.training.trainer import TRAINABLE_WEIGHTS, CaptionTrainer, nonfinite_loss_message
 
 from conftest import ROOT, ROUNDING
 
@@ -77,7 +77,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, os.getcwd())
     from transformers import Trainer
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.training.trainer import CaptionTrainer
     import run_captioning
 
     slow = float(os.environ.get("SLOW_STEP", "0"))
@@ -375,11 +375,11 @@ LAST_CHECKPOINT_ONLY = shutil.ignore_patterns("checkpoint-[0-7]", "run_complete.
 def test_an_output_folder_holding_a_run_of_another_setup_is_refused(straight, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(straight, out, ignore=LAST_CHECKPOINT_ONLY)
-    with pytest.raises(preflight.PreflightError, match=r'--adapter_type "mlp2x_gelu" → "linear"\)'):
-        run(out, "--adapter_type", "linear", "--max_steps", "10")  # the flags the run saved: named first
+    with pytest.raises(preflight.PreflightError, match=r'--projector_type "mlp2x_gelu" → "linear"\)'):
+        run(out, "--projector_type", "linear", "--max_steps", "10")  # the flags the run saved: named first
     (out / checkpoints.RUN_ARGUMENTS).unlink()  # a folder of an older clipqwen: the checkpoint's weights tell
     with pytest.raises(ValueError, match="trainable weights of another setup"):
-        run(out, "--adapter_type", "linear", "--max_steps", "10")
+        run(out, "--projector_type", "linear", "--max_steps", "10")
 
 
 def test_checkpoint_weights_of_other_shapes_are_refused_naming_the_tensor(straight, tmp_path):

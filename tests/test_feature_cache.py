@@ -1,11 +1,11 @@
-"""The CLIP feature cache: computed once, reused while nothing changes, rebuilt when the vision weights or
+"""The image-feature cache: computed once, reused while nothing changes, rebuilt when the vision weights or
 the image preprocessing change."""
 
 import numpy as np
 import torch
 
+from clipqwen.data.embedded import load_embedded_dataset
 from clipqwen.data.feature_cache import add_vision_features
-from clipqwen.embedded import load_embedded_dataset
 
 
 def counting(model):

@@ -12,11 +12,11 @@ import torch
 from PIL import ImageFile
 
 import run_captioning
-from clipqwen import export
 from clipqwen.data import cleaning, feature_cache
 from clipqwen.data.feature_cache import add_vision_features
 from clipqwen.data.sources import read_annotation_file
 from clipqwen.images import load_image
+from clipqwen.publishing import export
 
 from conftest import PHOTOS, TINY
 

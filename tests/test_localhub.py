@@ -1,4 +1,4 @@
-"""Self-test of the local Hub stand-in (tests/localhub.py): the real clients, in child processes, against the three
+"""Self-test of the local Hub stand-in (tests/localhub/): the real clients, in child processes, against the three
 repositories the project reads (CLIP, Qwen3, Flickr30K's parquet branch) and against an upload.
 
 The online code runs in child processes: conftest switches this process offline, and huggingface_hub reads

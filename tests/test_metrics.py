@@ -1,6 +1,6 @@
 import pytest
 
-from clipqwen.metrics import compute_caption_metrics, tokenize_caption
+from clipqwen.caption_metrics import compute_caption_metrics, tokenize_caption
 
 
 def test_identical_captions_score_perfectly():
@@ -117,7 +117,7 @@ def test_the_evaluate_module_loads_offline_and_gives_the_trainers_scores():
     """What users load with evaluate.load(<path>) is what the trainer and the model card use."""
     import evaluate
 
-    from clipqwen.metrics import CAPTION_METRIC_PATH, load_caption_metric
+    from clipqwen.caption_metrics import CAPTION_METRIC_PATH, load_caption_metric
 
     predictions = ["a dog runs on the grass", "a red car", "two people talk"]
     references = [

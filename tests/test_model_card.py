@@ -2,8 +2,8 @@
 
 from transformers import GenerationConfig
 
-from clipqwen.model_card import build_model_card
-from clipqwen.presets import tiny_config
+from clipqwen.publishing.model_card import build_model_card
+from clipqwen.tiny import tiny_config
 
 
 def card(generation_config) -> str:

@@ -5,9 +5,9 @@ import torch
 from transformers import CLIPVisionModelWithProjection, Qwen3ForCausalLM, Qwen3Model
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from clipqwen.backbones import from_pretrained_backbones, match_processor
-from clipqwen.freezing import freeze_backbones
-from clipqwen.presets import tiny_config
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
+from clipqwen.tiny import tiny_config
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS, ROOT, ROUNDING
@@ -54,10 +54,10 @@ def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
     "overrides",
     [
         {},
-        {"adapter_type": "mlp2x_gelu"},
+        {"projector_type": "mlp2x_gelu"},
         {"num_pooled_image_tokens": 4},
-        {"vision_feature_type": "patch", "adapter_type": "mlp2x_gelu"},
-        {"vision_feature_type": "patch", "adapter_type": "resampler", "num_query_tokens": 3},
+        {"vision_feature_type": "patch", "projector_type": "mlp2x_gelu"},
+        {"vision_feature_type": "patch", "projector_type": "resampler", "num_query_tokens": 3},
     ],
 )
 def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, overrides):
@@ -102,8 +102,10 @@ def test_frozen_backbones_do_not_change_and_loading_freezes_nothing(make_model, 
     model.save_pretrained(tmp_path)
     reloaded = ClipQwenForConditionalGeneration.from_pretrained(tmp_path)
     assert all(p.requires_grad for p in reloaded.parameters())  # a training choice, made again by the trainer
-    adapter = {n for n, _ in model.model.multi_modal_projector.named_parameters(prefix="model.multi_modal_projector")}
-    assert {n for n, p in freeze_backbones(reloaded).named_parameters() if p.requires_grad} == adapter
+    projector = {
+        n for n, _ in model.model.multi_modal_projector.named_parameters(prefix="model.multi_modal_projector")
+    }
+    assert {n for n, p in freeze_backbones(reloaded).named_parameters() if p.requires_grad} == projector
 
 
 def test_freezing_the_language_model_is_a_training_switch(make_model):
@@ -123,7 +125,8 @@ def naive_greedy(model, batch, new_tokens):
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"vision_feature_type": "patch"}, {"vision_feature_type": "patch", "adapter_type": "resampler"}]
+    "overrides",
+    [{}, {"vision_feature_type": "patch"}, {"vision_feature_type": "patch", "projector_type": "resampler"}],
 )
 def test_greedy_with_kv_cache_equals_naive_loop(make_model, processor, photos, overrides):
     model = make_model(**overrides)
@@ -189,13 +192,13 @@ def test_from_pretrained_backbones_loads_both_checkpoints(tmp_path):
     qwen = Qwen3ForCausalLM(config.text_config)
     clip.save_pretrained(tmp_path / "clip")
     qwen.save_pretrained(tmp_path / "qwen")
-    model = from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "qwen"), adapter_type="mlp2x_gelu")
+    model = from_pretrained_backbones(str(tmp_path / "clip"), str(tmp_path / "qwen"), projector_type="mlp2x_gelu")
     for name, tensor in clip.state_dict().items():
         assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
     for name, tensor in qwen.model.state_dict().items():
         assert torch.equal(model.get_decoder().state_dict()[name], tensor), name
     assert torch.equal(model.lm_head.weight, qwen.lm_head.weight)
-    assert model.config.adapter_type == "mlp2x_gelu"
+    assert model.config.projector_type == "mlp2x_gelu"
     freeze_backbones(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")
@@ -274,7 +277,7 @@ def test_return_dict_false_gives_the_output_as_a_tuple(make_model, processor, ph
 
 
 @pytest.mark.parametrize("feature_type", ["pooled", "patch"])
-def test_get_image_features_returns_clip_outputs_with_the_adapter_output_as_pooler_output(
+def test_get_image_features_returns_clip_outputs_with_the_projector_output_as_pooler_output(
     make_model, processor, photos, feature_type
 ):
     model = make_model(vision_feature_type=feature_type)
@@ -318,7 +321,7 @@ def test_a_folder_saved_before_the_base_head_split_loads_unchanged(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from clipqwen.loading import saved_state_dict
+    from clipqwen.inference.loading import saved_state_dict
     from processing_clipqwen import ClipQwenProcessor
 
     model, info = ClipQwenForConditionalGeneration.from_pretrained(BEFORE_SPLIT, output_loading_info=True)

@@ -1,4 +1,4 @@
-"""The online path, for real: the README's Flickr30K commands run against a local Hub stand-in (tests/localhub.py:
+"""The online path, for real: the README's Flickr30K commands run against a local Hub stand-in (tests/localhub/:
 olah serving git repositories with the real layouts, plus the calls olah lacks, uploads included) from an
 environment holding only what `pip install -e .` installs: backbones and data by Hub id → train → evaluate →
 predict → export → push → a fresh process loads the pushed commit by id and sha and captions a photo.
@@ -124,7 +124,7 @@ def test_readme_flickr30k_command_trains_pushes_and_loads_back_by_id_and_sha(pre
     assert "| optimizer steps | 8 |" in card and "| precision | fp32 |" in card
     # the default layout (ClipCap, or the patch tokens the second command asks for), prompted as it trained
     config = json.loads((out / "config.json").read_text())
-    assert (config["adapter_type"], config["vision_feature_type"]) == ("mlp2x_gelu", ["pooled", "patch"][preset])
+    assert (config["projector_type"], config["vision_feature_type"]) == ("mlp2x_gelu", ["pooled", "patch"][preset])
     assert config["num_pooled_image_tokens"] == 8
     assert json.loads((out / "processor_config.json").read_text())["prompt"] == "Image:<|image_pad|>"
     assert "has no safetensors weights at this revision" in log  # CLIP's main branch: .bin through weights_only
@@ -206,9 +206,8 @@ def test_readme_backbone_block_assembles_from_the_hub(hub, runtime_python, tmp_p
     from test_readme import readme_blocks
 
     code = "\n".join(code for needs_hub, code in readme_blocks() if needs_hub)
-    code += (
-        "\nprint(type(model.model.vision_tower).__name__, model.config.adapter_type, model.config.vision_feature_type)"
-    )
+    code += "\nprint(type(model.model.vision_tower).__name__, model.config.projector_type,"
+    code += " model.config.vision_feature_type)"
     result = run_child(hub, runtime_python, ["-c", code], tmp_path, tmp_path / "hf-home")
     assert result.stdout.split()[-3:] == ["CLIPVisionModelWithProjection", "mlp2x_gelu", "patch"]
     assert "no safetensors weights" in result.stdout + result.stderr and CLIP_ID in result.stdout + result.stderr

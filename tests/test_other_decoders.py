@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModelWithProjection, LlamaForCausalLM, LlamaModel
 
-from clipqwen.backbones import from_pretrained_backbones, match_processor
+from clipqwen.backbones.assemble import from_pretrained_backbones, match_processor
 from processing_clipqwen import ClipQwenProcessor
 
 from conftest import PHOTOS
@@ -40,7 +40,7 @@ def test_processor_adds_a_placeholder_and_the_model_grows_one_frozen_row(llama):
     assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 301
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    # the new row is frozen with the rest of the decoder: only the adapter trains
+    # the new row is frozen with the rest of the decoder: only the projector trains
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")
     }
@@ -79,7 +79,7 @@ def test_loss_is_cross_entropy_and_logits_equal_plain_llama(llama, photos):
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
 
 
-def test_adapter_only_training_leaves_the_decoder_and_the_placeholder_row_unchanged(llama, photos):
+def test_projector_only_training_leaves_the_decoder_and_the_placeholder_row_unchanged(llama, photos):
     model, processor = llama
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -89,7 +89,7 @@ def test_adapter_only_training_leaves_the_decoder_and_the_placeholder_row_unchan
     for name, param in model.named_parameters():
         if name.startswith("model.multi_modal_projector."):
             assert not torch.equal(param, before[name]), name
-        else:  # the placeholder row included: the adapter output always replaces it
+        else:  # the placeholder row included: the projector output always replaces it
             assert param.grad is None and torch.equal(param, before[name]), name
 
 
@@ -141,7 +141,7 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
         str(tmp_path / "clip"),
         str(tmp_path / "llama"),
         text_kwargs={"dtype": torch.bfloat16},
-        adapter_type="mlp2x_gelu",
+        projector_type="mlp2x_gelu",
     )
     assert assembled.get_decoder().dtype == torch.bfloat16 and assembled.model.vision_tower.dtype == torch.float32
     projector = assembled.model.multi_modal_projector
@@ -152,10 +152,10 @@ def test_from_pretrained_backbones_takes_a_llama_with_per_backbone_options(tmp_p
 
     from transformers import AutoTokenizer
 
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import tower_image_processor
 
     processor = ClipQwenProcessor(
-        clip_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"), caption_end_token=None
+        tower_image_processor(), AutoTokenizer.from_pretrained(tmp_path / "llama"), caption_end_token=None
     )
     assert processor.caption_end_token == END  # None: the tokenizer's EOS
     match_processor(assembled, processor)
@@ -184,11 +184,11 @@ def test_lora_from_the_run_script_wraps_only_the_decoders_projections(tmp_path):
     from peft.tuners.lora import LoraLayer
 
     import run_captioning
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import tower_image_processor
 
     model, _ = tiny_llama_model_and_processor(seed=3)
     CLIPVisionModelWithProjection(model.config.vision_config).save_pretrained(tmp_path / "clip")
-    clip_image_processor().save_pretrained(tmp_path / "clip")
+    tower_image_processor().save_pretrained(tmp_path / "clip")
     LlamaForCausalLM(tiny_llama_config(vocab_size=300).text_config).save_pretrained(tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     args = run_captioning.ModelArguments(

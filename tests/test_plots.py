@@ -1,5 +1,5 @@
-"""clipqwen.plots: valid PNGs of sensible size from a realistic Trainer log and the CC-BY photos, tolerant of
-missing keys, with every caption line inside its own cell (nothing overlaps, nothing is cut at the edge)."""
+"""clipqwen.publishing.plots: valid PNGs of sensible size from a realistic Trainer log and the CC-BY photos, tolerant
+of missing keys, with every caption line inside its own cell (nothing overlaps, nothing is cut at the edge)."""
 
 import itertools
 import json
@@ -9,7 +9,7 @@ import random
 import pytest
 from PIL import Image, ImageStat
 
-from clipqwen.plots import CELL_WIDTH, PAD, plot_sample_grid, plot_training_curves, sample_grid_figure
+from clipqwen.publishing.plots import CELL_WIDTH, PAD, plot_sample_grid, plot_training_curves, sample_grid_figure
 
 from conftest import PHOTOS
 

@@ -18,7 +18,7 @@ from clipqwen.precision import (
     default_precision,
     resolve_precision,
 )
-from clipqwen.presets import bundled_processor, tiny_config
+from clipqwen.tiny import bundled_processor, tiny_config
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS

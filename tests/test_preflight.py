@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_captioning
-from clipqwen import preflight
+from clipqwen.training import preflight
 
 from conftest import TINY as QUICK
 

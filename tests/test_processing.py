@@ -136,13 +136,13 @@ def test_extreme_strips_are_cropped_before_resizing_not_blown_up(processor, size
 
 
 def test_a_tokenizer_without_the_placeholder_gets_it_as_a_special_token(tmp_path):
-    from clipqwen.presets import clip_image_processor
+    from clipqwen.backbones.assemble import tower_image_processor
 
     from tiny_decoders import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     assert "<|image_pad|>" not in tokenizer.get_vocab()
-    processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=2)
+    processor = ClipQwenProcessor(tower_image_processor(), tokenizer, num_image_tokens=2)
     assert processor.image_token_id == len(tokenizer) - 1 == 300
     batch = processor(suffix=["a dog."])
     assert batch["input_ids"][0, :2].tolist() == [300, 300] and batch["labels"][0, :2].tolist() == [-100, -100]

@@ -13,9 +13,15 @@ from transformers import TrainingArguments
 
 from clipqwen.data.cleaning import add_caption_lengths
 from clipqwen.data.collator import CaptionCollator
-from clipqwen.presets import bundled_processor, tiny_config
-from clipqwen.reliance import MIN_IMAGE_RELIANCE, RelianceMeter, caption_nats, derangement, warn_if_image_ignored
-from clipqwen.trainer import CaptionTrainer
+from clipqwen.tiny import bundled_processor, tiny_config
+from clipqwen.training.reliance import (
+    MIN_IMAGE_RELIANCE,
+    RelianceMeter,
+    caption_nats,
+    derangement,
+    warn_if_image_ignored,
+)
+from clipqwen.training.trainer import CaptionTrainer
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 
@@ -143,7 +149,7 @@ def test_every_evaluation_reports_reliance_and_the_loss_per_token_in_any_order(t
     with torch.no_grad():
         nats, tokens = caption_nats(model, batch)
     assert metrics["eval_loss"] == pytest.approx(float(nats.sum() / tokens.sum()), rel=1e-5)
-    assert metrics["eval_image_reliance"] != 0.0  # a random adapter changes the loss with the image
+    assert metrics["eval_image_reliance"] != 0.0  # a random projector changes the loss with the image
     # scored longest caption first (the `length` column): the same loss, the same reliance up to the batches' mix
     by_length = evaluate(model, processor, add_caption_lengths(dataset, processor.tokenizer), tmp_path)
     assert by_length["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
@@ -154,7 +160,7 @@ def test_an_image_blind_model_has_zero_reliance(tiny, tmp_path):
     model, processor = tiny
     blind = ClipQwenForConditionalGeneration(model.config).eval()
     blind.load_state_dict(model.state_dict())
-    with torch.no_grad():  # the adapter's output no longer depends on the image
+    with torch.no_grad():  # the projector's output no longer depends on the image
         for module in blind.model.multi_modal_projector.modules():
             if isinstance(module, nn.Linear):
                 module.weight.zero_()

@@ -10,7 +10,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from clipqwen.loading import saved_state_dict
+from clipqwen.inference.loading import saved_state_dict
 
 from conftest import PHOTOS, ROUNDING, clear_greedy_ids
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import run_captioning
-from clipqwen.trainer import TRAINABLE_WEIGHTS
+from clipqwen.training.trainer import TRAINABLE_WEIGHTS
 
 from conftest import PHOTOS, ROOT
 from conftest import TINY as QUICK
@@ -202,7 +202,7 @@ def test_a_card_of_local_data_names_its_files_content_hash(tmp_path):
     )
     out = tmp_path / "local"
     run(out, "--do_train", "--max_steps", "1", data=("--train_dir", str(folder), "--caption_column", "captions"))
-    from clipqwen.model_card import content_sha256
+    from clipqwen.publishing.model_card import content_sha256
 
     card = (out / "README.md").read_text()
     assert f"**local data** (SHA-256 of photos: `{content_sha256([folder])}`)" in card
@@ -247,7 +247,7 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     import transformers.training_args
 
     from clipqwen import precision
-    from clipqwen.trainer import CaptionTrainer
+    from clipqwen.training.trainer import CaptionTrainer
 
     monkeypatch.setattr(precision, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: cuda_bf16)
@@ -264,7 +264,7 @@ def test_precision_is_what_accelerate_runs(cuda_bf16, tmp_path, monkeypatch):
     run(tmp_path / "out", "--do_train", "--max_steps", "1")
     expected = "bf16" if cuda_bf16 else "fp32"
     assert seen == ["bf16" if cuda_bf16 else "no"]
-    # a bf16 run keeps the frozen towers in bf16 (half the bytes) and trains the adapter's fp32 weights
+    # a bf16 run keeps the frozen towers in bf16 (half the bytes) and trains the projector's fp32 weights
     frozen = torch.bfloat16 if cuda_bf16 else torch.float32
     assert dtypes == [[{frozen}, {frozen}, {torch.float32}]]
     assert f"| precision | {expected} |" in (tmp_path / "out" / "README.md").read_text()
@@ -278,7 +278,7 @@ def test_what_trains_is_fp32_and_what_is_frozen_takes_the_runs_dtype(unfrozen, l
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     frozen = {
         name: p.dtype for name, p in model.named_parameters() if not p.requires_grad and "original_module" not in name
-    }  # peft's untouched copy of the adapter
+    }  # peft's untouched copy of the projector
     assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
     assert any("multi_modal_projector" in name for name in trainable)
     assert any("language_model" in name or "lm_head" in name for name in trainable) == (unfrozen or lora)
@@ -294,8 +294,8 @@ def test_model_card_lists_both_base_model_ids():
     from huggingface_hub import ModelCard
     from transformers import GenerationConfig
 
-    from clipqwen.model_card import build_model_card
-    from clipqwen.presets import tiny_config
+    from clipqwen.publishing.model_card import build_model_card
+    from clipqwen.tiny import tiny_config
 
     card = build_model_card(
         repo_id="you/clipqwen-flickr30k",
@@ -318,11 +318,12 @@ def test_assembling_from_two_local_backbone_folders(tmp_path):
     """The --vision_model_name_or_path / --text_model_name_or_path path, with folders instead of Hub ids."""
     from transformers import AutoTokenizer, CLIPVisionModelWithProjection, Qwen3ForCausalLM
 
-    from clipqwen.presets import bundled_tokenizer_dir, clip_image_processor, tiny_config
+    from clipqwen.backbones.assemble import tower_image_processor
+    from clipqwen.tiny import bundled_tokenizer_dir, tiny_config
 
     config = tiny_config()
     CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
-    clip_image_processor().save_pretrained(tmp_path / "clip")
+    tower_image_processor().save_pretrained(tmp_path / "clip")
     qwen = Qwen3ForCausalLM(config.text_config)
     qwen.save_pretrained(tmp_path / "qwen")
     AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp_path / "qwen")
@@ -412,7 +413,7 @@ def test_a_run_trains_with_the_prompt_it_saves_and_a_given_model_keeps_its_own(t
     seen.clear()
     run(tmp_path / "seed", "--do_train", "--max_steps", "1", "--preset", "seed_exact")
     assert saved_prompt(tmp_path / "seed") == "" and set(seen) == {""}
-    assert json.loads((tmp_path / "seed" / "config.json").read_text())["adapter_type"] == "linear"
+    assert json.loads((tmp_path / "seed" / "config.json").read_text())["projector_type"] == "linear"
 
 
 def test_checkpoints_hold_only_trainable_weights(tmp_path):
@@ -442,7 +443,7 @@ def test_lora_train_save_reload_merge_gives_the_same_captions(tmp_path):
     from peft import PeftModel
     from transformers import set_seed
 
-    from clipqwen.presets import bundled_processor, tiny_config
+    from clipqwen.tiny import bundled_processor, tiny_config
     from modeling_clipqwen import ClipQwenForConditionalGeneration
 
     out = tmp_path / "lora"
@@ -603,7 +604,7 @@ def test_caption_cli_on_a_folder_of_photos(trained, tmp_path):
         [
             sys.executable,
             "-m",
-            "clipqwen.caption_cli",
+            "clipqwen.inference.cli",
             str(out),
             str(PHOTOS),
             "--num_beams",

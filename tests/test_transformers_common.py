@@ -160,7 +160,7 @@ class ClipQwenResamplerModelTest(ClipQwenForConditionalGenerationModelTest):
     def setUp(self):
         super().setUp()
         self.model_tester = ClipQwenModelTester(
-            self, adapter_type="resampler", vision_feature_type="patch", num_query_tokens=3
+            self, projector_type="resampler", vision_feature_type="patch", num_query_tokens=3
         )
 
     # The mixin's gradient-checkpointing tests unfreeze every parameter and expect each to get a gradient. A

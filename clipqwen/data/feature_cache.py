@@ -12,8 +12,8 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from transformers.utils import logging
 
-from ..checkpoints import file_problem, file_record
-from ..tower_inference import CNN_CHUNK, for_inference, is_cnn
+from ..backbones.fast_tower import CNN_CHUNK, for_inference, is_cnn
+from ..training.checkpoints import file_problem, file_record
 from .cleaning import image_entries, load_or_reason, skip_unreadable
 
 
@@ -70,7 +70,7 @@ def add_vision_features(
     local_rank: int = 0,
     barrier=None,
 ) -> Dataset:
-    """Replace the `image` column by frozen CLIP features (`vision_embeds`), one encoding per image.
+    """Replace the `image` column by frozen image-tower features (`vision_embeds`), one encoding per image.
 
     The Arrow file is keyed by the vision weights, the preprocessing, the rows (datasets'
     fingerprint) and the images' content, and used only if it matches its manifest (size, SHA-256).

@@ -36,7 +36,7 @@ def load_caption_data(args, cache_dir: str | None = None) -> DatasetDict:
     files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
     dirs = {"train": args.train_dir, "validation": args.validation_dir, "test": args.test_dir}
     if args.dataset_name == "embedded":
-        from ..embedded import load_embedded_dataset
+        from .embedded import load_embedded_dataset
 
         loaded = {split: (dataset, "embedded", None) for split, dataset in load_embedded_dataset().items()}
     elif any(files.values()):

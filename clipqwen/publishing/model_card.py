@@ -8,8 +8,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import GenerationConfig
 
-from .checkpoints import sha256_of
-from .hub import REVISION_PLACEHOLDER, is_hub_id
+from ..hub import REVISION_PLACEHOLDER, is_hub_id
+from ..training.checkpoints import sha256_of
 
 
 TEMPLATE = """---
@@ -18,7 +18,7 @@ TEMPLATE = """---
 
 # {title}
 
-An image captioner in the transformers format: **{vision}** (CLIP vision tower, {vision_state}) → **{adapter} adapter**
+An image captioner in the transformers format: **{vision}** (image tower, {vision_state}) → **{projector} projector**
 ({feature_desc}, {num_image_tokens} image token(s)) → **{text}** ({decoder} decoder, {text_state}).
 Trained with clipqwen's `run_captioning.py` on **{dataset}**{dataset_detail}.
 
@@ -216,9 +216,9 @@ def build_model_card(
     figures = (("Loss and metric curves", curves_png), ("Sample captions", samples_png))
     curves = "\n\n".join(f"![{alt}]({png})" for alt, png in figures if png)
     feature_desc = (
-        "pooled, projected CLIP embedding"
+        "the pooled image embedding"
         if model_config.vision_feature_type == "pooled"
-        else f"CLIP patch tokens of layer {model_config.vision_feature_layer}"
+        else f"one token per feature-map position of layer {model_config.vision_feature_layer}"
     )
     generation = decoding_settings(generation_config)
     text = TEMPLATE.format(
@@ -228,7 +228,7 @@ def build_model_card(
         text=text_id,
         vision_state="frozen" if vision_frozen else "fine-tuned",
         text_state="frozen" if language_frozen else "fine-tuned",
-        adapter=model_config.adapter_type,
+        projector=model_config.projector_type,
         feature_desc=feature_desc,
         num_image_tokens=model_config.num_image_tokens,
         decoder=model_config.text_config.model_type,

@@ -22,8 +22,8 @@ MIN_IMAGE_RELIANCE = 0.05
 
 LOW_RELIANCE_CAUSES = (
     "the layout (one image token first, as in --preset seed_exact, sits in the decoder's attention sink and is "
-    "ignored: use the default clipcap preset), a learning rate too low or too few steps for the adapter to learn "
-    "(--learning_rate, --num_train_epochs), or an image path that does not train (an adapter frozen by hand, "
+    "ignored: use the default clipcap preset), a learning rate too low or too few steps for the projector to learn "
+    "(--learning_rate, --num_train_epochs), or an image path that does not train (a projector frozen by hand, "
     "features that are all alike, e.g. zeros from unreadable images)"
 )
 
