@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from benchmarks.common import configure_threads, image_paths, load_average, log  # noqa: E402
-from clipqwen.inference import load  # noqa: E402
+from clipqwen.inference.captioning import load  # noqa: E402
 
 
 def stream_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
