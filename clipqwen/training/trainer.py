@@ -6,6 +6,7 @@ state, marked complete (clipqwen.training.checkpoints) before they are pushed or
 docs/reliability.md for each fault: a NaN loss, SIGTERM, a failed save, images lost mid-run.
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from transformers.utils import logging
 from .. import hub
 from ..caption_metrics import load_caption_metric
 from . import checkpoints
+from .freezing import lora_merged
 from .reliance import RelianceMeter
 from .signals import GracefulStopCallback
 
@@ -197,25 +199,28 @@ class CaptionTrainer(Trainer):
         pad_id = processor.caption_end_token_id
         captions, rows = [], []
         seen = set()
-        for batch in loader:
-            if self._note_lost(prefix, batch):
-                new_tokens = torch.full((0, 1), pad_id, device=self.args.device)
-                row_index = torch.zeros(0, dtype=torch.long, device=self.args.device)
-            else:
-                row_index = batch.pop("row_index")
-                with self.accelerator.autocast():
-                    generated = model.generate(**batch, **self.generation_kwargs)
-                new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            # pad (lost images: row -1), gather, and keep each row once: the last batch repeats rows
-            new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=1, pad_index=pad_id)
-            new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=0, pad_index=pad_id)
-            row_index = self.accelerator.pad_across_processes(row_index, dim=0, pad_index=-1)
-            new_tokens, row_index = self.accelerator.gather((new_tokens, row_index))
-            for tokens, row in zip(processor.batch_decode(new_tokens), row_index.tolist()):
-                if row >= 0 and row not in seen:
-                    seen.add(row)
-                    captions.append(tokens)
-                    rows.append(row)
+        # LoRA merged while generating (the exported model's weights and speed); sharded weights stay as they are
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        with contextlib.nullcontext() if sharded else lora_merged(model):
+            for batch in loader:
+                if self._note_lost(prefix, batch):
+                    new_tokens = torch.full((0, 1), pad_id, device=self.args.device)
+                    row_index = torch.zeros(0, dtype=torch.long, device=self.args.device)
+                else:
+                    row_index = batch.pop("row_index")
+                    with self.accelerator.autocast():
+                        generated = model.generate(**batch, **self.generation_kwargs)
+                    new_tokens = generated[:, batch["input_ids"].shape[1] :]
+                # pad (lost images: row -1), gather, and keep each row once: the last batch repeats rows
+                new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=1, pad_index=pad_id)
+                new_tokens = self.accelerator.pad_across_processes(new_tokens, dim=0, pad_index=pad_id)
+                row_index = self.accelerator.pad_across_processes(row_index, dim=0, pad_index=-1)
+                new_tokens, row_index = self.accelerator.gather((new_tokens, row_index))
+                for tokens, row in zip(processor.batch_decode(new_tokens), row_index.tolist()):
+                    if row >= 0 and row not in seen:
+                        seen.add(row)
+                        captions.append(tokens)
+                        rows.append(row)
         model.train(was_training)
         return captions, rows
 
