@@ -1,5 +1,5 @@
-"""LoRA during evaluation: captions are written with the adapter merged, as the exported model writes them, and the
-frozen decoder comes back bit for bit."""
+"""LoRA during evaluation: captions are written with the adapter merged into the decoder's weights, as
+merge_and_unload (the export) folds it, and the frozen decoder comes back bit for bit."""
 
 import copy
 

@@ -56,9 +56,10 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
 
 @contextmanager
 def lora_merged(model):
-    """LoRA folded into the decoder's weights while the block runs, as the exported model has it: captions are
-    written at the merged model's speed (peft's unmerged layers made a beam-search step 2.3x slower on the Flickr8k
-    recipe's model) and are the ones the export will write. The frozen weights are put back exactly afterwards:
+    """LoRA folded into the decoder's weights while the block runs, as the exported model has it: each wrapped
+    linear then costs what the plain one does (on the Flickr8k recipe's model, a LoRA'd q_proj at 192 rows: 923 µs
+    unmerged, 673 merged, 655 plain), ~10 % of a beam-search step (beam-3 captions of 250 val photos in an
+    evaluation: 217.6 s unmerged, 195.7 s merged, one core). The frozen weights are put back exactly afterwards:
     unmerging alone would not restore bf16 weights bit for bit. A model without LoRA runs as it is."""
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     if not layers:
