@@ -106,7 +106,8 @@ class RelianceMeter:
         else:
             inputs = {**inputs, key: other}
             due_rows = {
-                name: v[due] if torch.is_tensor(v) and len(v) == len(images) else v for name, v in inputs.items()
+                name: v[due] if torch.is_tensor(v) and v.dim() and len(v) == len(images) else v
+                for name, v in inputs.items()
             }
             deranged[due], _ = caption_nats(model, due_rows)
             reliant[due] = 1.0
