@@ -146,6 +146,21 @@ def match_processor(model: ClipQwenForConditionalGeneration, processor) -> ClipQ
     return model
 
 
+# CLIP's preprocessing at 224 px: shortest edge 224 (bicubic), centre crop 224, pixels / 255, normalised, RGB. The
+# converted towers keep it and differ only in mean and std, written out in full in their saved processor configs.
+CLIP_RECIPE_224 = dict(
+    do_resize=True,
+    size={"shortest_edge": 224},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    do_convert_rgb=True,
+)
+
+
 def tower_image_processor(name_or_path: str | None = None, **kwargs):
     """An image processor of CLIP's recipe (shortest-edge resize, centre crop, normalise): CLIP ViT-B/32's by
     default (224, bicubic, OpenAI mean/std), or the one saved with a tower checkpoint (CLIP's, or EfficientNet-Lite0's

