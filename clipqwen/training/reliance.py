@@ -96,11 +96,7 @@ class RelianceMeter:
             other = None
         self.spare = images[-1:].clone()
         due = torch.arange(0, len(images), self.every, device=true_nats.device)
-        deranged, reliant, skipped = (
-            torch.zeros_like(true_nats),
-            torch.zeros_like(true_nats),
-            torch.zeros_like(true_nats),
-        )
+        deranged, reliant, skipped = torch.zeros(3, *true_nats.shape, dtype=true_nats.dtype, device=true_nats.device)
         if other is None:
             skipped[due] = 1.0
         else:
