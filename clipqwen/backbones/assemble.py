@@ -2,9 +2,12 @@
 
 import os
 import pickle
-from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging
 
@@ -15,43 +18,54 @@ from modeling_clipqwen import ClipQwenForConditionalGeneration, multi_modal_proj
 logger = logging.get_logger(__name__)
 
 
-@contextmanager
-def _safetensors_conversion_disabled():
-    previous = os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
-    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
+# from_pretrained's Hub options; the rest of a backbone's options go to the loader
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def _weights_folder(name_or_path: str, **hub_options) -> str:
+    """A local folder for `name_or_path`: itself, or a snapshot of the Hub repository's JSON files and weights at
+    its revision (safetensors, else the .bin). transformers, given a Hub id whose revision has only a .bin, asks
+    the safetensors converter bot for its pull request and loads that, or has it open one; from a folder it
+    does neither. Anything else (a mistyped path) is left to transformers' own error."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
     try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
-        else:
-            os.environ["DISABLE_SAFETENSORS_CONVERSION"] = previous
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return name_or_path
+    folder = snapshot_download(name_or_path, allow_patterns=["*.json", "model*.safetensors"], **hub_options)
+    if not any(Path(folder).glob("model*.safetensors")):
+        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "pytorch_model*.bin"], **hub_options)
+    return folder
 
 
 def load_backbone_weights(model_class, name_or_path: str, **options):
     """`model_class.from_pretrained` from safetensors where the checkpoint has them, else from its
-    `.bin` through torch's `weights_only` unpickler (CLIP B/32's `main` has only a .bin), with the
-    safetensors converter bot off. With `gguf_file=`, from that file, dequantized."""
-    with _safetensors_conversion_disabled():
-        if options.get("gguf_file"):
-            return model_class.from_pretrained(name_or_path, **options)
-        try:
-            return model_class.from_pretrained(name_or_path, use_safetensors=True, **options)
-        except OSError as error:
-            if "safetensors" not in str(error):
-                raise
+    `.bin` through torch's `weights_only` unpickler (CLIP B/32's `main` has only a .bin), read from a local
+    folder (`_weights_folder`) so that the converter bot is never asked. With `gguf_file=`, from that file,
+    dequantized. The model's `name_or_path` is `name_or_path`, the Hub id a model card names."""
+    if options.get("gguf_file"):
+        return model_class.from_pretrained(name_or_path, **options)
+    folder = _weights_folder(name_or_path, **{key: options.pop(key) for key in HUB_OPTIONS if key in options})
+    try:
+        model = model_class.from_pretrained(folder, use_safetensors=True, **options)
+    except OSError as error:
+        if "safetensors" not in str(error):
+            raise
         logger.warning(
             "%s has no safetensors weights at this revision: loading its .bin with torch's weights_only "
             "unpickler (tensors only).",
             name_or_path,
         )
         try:
-            return model_class.from_pretrained(name_or_path, use_safetensors=False, weights_only=True, **options)
+            model = model_class.from_pretrained(folder, use_safetensors=False, weights_only=True, **options)
         except pickle.UnpicklingError as error:
             raise ValueError(
                 f"{name_or_path}: its .bin weights hold objects other than tensors and were refused without running "
                 f"them ({str(error).splitlines()[0]}). Use a checkpoint with safetensors weights."
             ) from error
+    model.config._name_or_path = name_or_path
+    return model
 
 
 def _merge_options(backbone: str, named: dict, extra: dict | None) -> dict:
