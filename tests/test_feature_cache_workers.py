@@ -13,7 +13,7 @@ from PIL import ImageFile
 
 import run_captioning
 from clipqwen.data import cleaning, feature_cache
-from clipqwen.data.feature_cache import add_vision_features
+from clipqwen.data.feature_cache import Processes, add_vision_features
 from clipqwen.data.sources import read_annotation_file
 from clipqwen.images import load_image
 from clipqwen.publishing import export
@@ -199,10 +199,10 @@ def test_shards_are_merged_in_order_and_reused_by_any_number_of_processes(make_m
     for rank in (0, 1):
         with pytest.raises(Built):
             add_vision_features(
-                dataset, model, processor, tmp_path / "three", batch_size=4, rank=rank, world_size=3, barrier=stop_here
+                dataset, model, processor, tmp_path / "three", batch_size=4, processes=Processes(rank, 3, 0, stop_here)
             )
     last = add_vision_features(
-        dataset, model, processor, tmp_path / "three", batch_size=4, rank=2, world_size=3, barrier=lambda: None
+        dataset, model, processor, tmp_path / "three", batch_size=4, processes=Processes(2, 3, 0, lambda: None)
     )
     assert list(last["image_id"]) == list(single["image_id"])
     shards = sorted(path.name for path in (tmp_path / "three").glob("*.arrow"))

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -51,6 +53,17 @@ def image_content_key(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the run's processes (DDP ranks): `rank` of `world_size`, `local_rank` on its
+    machine, and `barrier`, which waits for all of them (None in a one-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    barrier: Callable[[], None] | None = None
+
+
 # Bumped when the cache file's layout or meaning changes, so an old file is never read as a new one.
 _CACHE_LAYOUT = "features+unreadable/2"
 
@@ -65,10 +78,7 @@ def add_vision_features(
     split: str = "train",
     num_workers: int | None = None,
     drop_unreadable: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-    local_rank: int = 0,
-    barrier=None,
+    processes: Processes = Processes(),
 ) -> Dataset:
     """Replace the `image` column by frozen image-tower features (`vision_embeds`), one encoding per image.
 
@@ -77,9 +87,10 @@ def add_vision_features(
     Its pass is the unreadable-image check: a refused image is dropped and logged as
     `drop_unreadable_images` does (`drop_unreadable=False`: it stops the run), its reason cached so
     that reruns log it too. `num_workers` DataLoader processes decode while this one runs the tower;
-    the features do not depend on their number. With `world_size` > 1 (`barrier` waits for every
-    rank) each rank encodes its shard of whole batches into its own file and reads all shards; where
-    `cache_dir` is not shared, `local_rank` 0 encodes the shards its disk lacks."""
+    the features do not depend on their number. With `processes.world_size` > 1 each rank encodes its shard of
+    whole batches into its own file and, past the barrier, reads all shards; where `cache_dir` is not shared,
+    each machine's `local_rank` 0 encodes the shards its disk lacks."""
+    rank, world_size, barrier = processes.rank, processes.world_size, processes.barrier
     key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:{_CACHE_LAYOUT}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
@@ -113,7 +124,7 @@ def add_vision_features(
         files = files or _complete_cache(cache_dir, fingerprint, world_size)
         # Another node's shards are missing where the folder is not shared between machines: each node's first
         # process encodes them on its own disk, one writer per file, while the node's other processes wait.
-        if files is None and local_rank == 0:
+        if files is None and processes.local_rank == 0:
             for other in range(world_size):
                 shard = _shard_file(cache_dir, fingerprint, other, world_size)
                 if not _is_valid(shard):

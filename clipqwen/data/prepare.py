@@ -14,7 +14,7 @@ from datasets import Dataset
 from ..hub import clipqwen_cache_dir
 from ..training.timing import PhaseTimer
 from .cleaning import add_caption_lengths, drop_unreadable_images, expand_captions, remove_empty_captions
-from .feature_cache import add_vision_features
+from .feature_cache import Processes, add_vision_features
 from .sources import load_caption_data
 
 
@@ -105,7 +105,12 @@ def add_features(splits, data_args, training_args, model, processor):
     """Image-tower features for every split, each image decoded once (also the unreadable-image check).
     Under DDP each rank encodes its shard, and all wait for all before reading the merged cache."""
     cache_dir = data_args.feature_cache_dir or clipqwen_cache_dir() / "features"
-    barrier = dist.barrier if training_args.world_size > 1 else None
+    processes = Processes(
+        training_args.process_index,
+        training_args.world_size,
+        training_args.local_process_index,
+        dist.barrier if training_args.world_size > 1 else None,
+    )
     model.model.vision_tower.to(training_args.device)
     try:
         return {
@@ -118,10 +123,7 @@ def add_features(splits, data_args, training_args, model, processor):
                 split=split,
                 num_workers=data_args.preprocessing_num_workers,
                 drop_unreadable=data_args.check_images,
-                rank=training_args.process_index,
-                world_size=training_args.world_size,
-                local_rank=training_args.local_process_index,
-                barrier=barrier,
+                processes=processes,
             )
             for split, dataset in splits.items()
         }
