@@ -2,23 +2,25 @@
 
 from transformers import GenerationConfig
 
-from clipqwen.publishing.model_card import build_model_card
+from clipqwen.publishing.model_card import CardFacts, build_model_card
 from clipqwen.tiny import tiny_config
 
 
 def card(generation_config) -> str:
     return str(
         build_model_card(
-            repo_id="you/clipqwen-flickr30k",
-            vision_id="openai/clip-vit-base-patch32",
-            text_id="Qwen/Qwen3-0.6B-Base",
-            dataset_name="nlphuji/flickr30k",
-            model_config=tiny_config(),
-            metrics={"test_rougeL": 0.5},
-            hyperparameters={"learning rate": 1e-3},
-            generation_config=generation_config,
-            trainable=1,
-            total=2,
+            CardFacts(
+                repo_id="you/clipqwen-flickr30k",
+                vision_id="openai/clip-vit-base-patch32",
+                text_id="Qwen/Qwen3-0.6B-Base",
+                dataset_name="nlphuji/flickr30k",
+                model_config=tiny_config(),
+                metrics={"test_rougeL": 0.5},
+                hyperparameters={"learning rate": 1e-3},
+                generation_config=generation_config,
+                trainable=1,
+                total=2,
+            )
         )
     )
 
@@ -43,16 +45,18 @@ def test_the_results_table_has_the_literatures_columns_and_says_what_reliance_me
     metrics |= {"eval_distinct_captions": 0.9}
     text = str(
         build_model_card(
-            repo_id="you/m",
-            vision_id="v",
-            text_id="t",
-            dataset_name="d",
-            model_config=tiny_config(),
-            metrics=metrics,
-            hyperparameters={},
-            generation_config=GenerationConfig(),
-            trainable=1,
-            total=2,
+            CardFacts(
+                repo_id="you/m",
+                vision_id="v",
+                text_id="t",
+                dataset_name="d",
+                model_config=tiny_config(),
+                metrics=metrics,
+                hyperparameters={},
+                generation_config=GenerationConfig(),
+                trainable=1,
+                total=2,
+            )
         )
     )
     header = "| split | images | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D | ROUGE-L | loss | image reliance |"

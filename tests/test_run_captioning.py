@@ -173,7 +173,7 @@ def assert_card_figures_trace_to_results(out: Path):
     rate = results["train_pairs"] / results["time_training_seconds"]
     assert results["time_training_per_second"] == pytest.approx(rate, rel=0.01)
     # what is left: names and modes, and the optimizer's and warm-up's settings as the training arguments give them
-    assert set(rows) == {"optimizer", "scheduler", "warm-up", "precision", "caption mode", "LoRA"}, rows
+    assert set(rows) == {"optimizer", "scheduler", "warm-up", "precision", "caption mode", "batches", "LoRA"}, rows
     trainable, total = results["train_trainable_parameters"], results["train_total_parameters"]
     assert f"Trainable parameters: {trainable:,} of {total:,}." in card.text
     for result in card.data.to_dict()["model-index"][0]["results"]:
@@ -294,20 +294,22 @@ def test_model_card_lists_both_base_model_ids():
     from huggingface_hub import ModelCard
     from transformers import GenerationConfig
 
-    from clipqwen.publishing.model_card import build_model_card
+    from clipqwen.publishing.model_card import CardFacts, build_model_card
     from clipqwen.tiny import tiny_config
 
     card = build_model_card(
-        repo_id="you/clipqwen-flickr30k",
-        vision_id="openai/clip-vit-base-patch32",
-        text_id="Qwen/Qwen3-0.6B-Base",
-        dataset_name="nlphuji/flickr30k",
-        model_config=tiny_config(),
-        metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
-        hyperparameters={"learning rate": 1e-3},
-        generation_config=GenerationConfig(num_beams=3),
-        trainable=1,
-        total=2,
+        CardFacts(
+            repo_id="you/clipqwen-flickr30k",
+            vision_id="openai/clip-vit-base-patch32",
+            text_id="Qwen/Qwen3-0.6B-Base",
+            dataset_name="nlphuji/flickr30k",
+            model_config=tiny_config(),
+            metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
+            hyperparameters={"learning rate": 1e-3},
+            generation_config=GenerationConfig(num_beams=3),
+            trainable=1,
+            total=2,
+        )
     )
     reloaded = ModelCard(str(card))
     assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]

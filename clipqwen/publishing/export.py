@@ -12,7 +12,14 @@ from .. import hub
 from ..data.prepare import CaptionData
 from ..training import checkpoints
 from ..training.timing import PhaseTimer
-from .model_card import build_model_card, describe_data, describe_training, framework_versions, parameter_counts
+from .model_card import (
+    CardFacts,
+    build_model_card,
+    describe_data,
+    describe_training,
+    framework_versions,
+    parameter_counts,
+)
 from .plots import plot_sample_grid, plot_training_curves
 
 
@@ -163,7 +170,7 @@ def model_card(trainer, model, model_args, data_args, metrics, timer, **figures)
     """The model card, from the run's real values."""
     training_args = trainer.args
     vision_id, text_id = describe_backbones(model_args, model.config)
-    return build_model_card(
+    facts = CardFacts(
         repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
         vision_id=vision_id,
         text_id=text_id,
@@ -182,6 +189,7 @@ def model_card(trainer, model, model_args, data_args, metrics, timer, **figures)
         language_frozen=model_args.freeze_language_model,
         **figures,
     )
+    return build_model_card(facts)
 
 
 def publish(staging: Path, final: Path, step: int) -> None:

@@ -1,12 +1,13 @@
 """The model card (README.md of the exported folder), written from the run's real values, never by hand."""
 
 import hashlib
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from ..hub import REVISION_PLACEHOLDER, is_hub_id
 from ..training.checkpoints import sha256_of
@@ -142,115 +143,129 @@ def _fmt(value, digits=4):
     return f"{value:.{digits}f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
 
-def build_model_card(
-    *,
-    repo_id,
-    vision_id,
-    text_id,
-    dataset_name,
-    model_config,
-    metrics: dict,
-    hyperparameters: dict,
-    trainable: int,
-    total: int,
-    generation_config: GenerationConfig,
-    dataset_revision=None,
-    dataset_detail="",
-    versions: dict | None = None,
-    phases: dict | None = None,
-    curves_png=None,
-    samples_png=None,
-    revision=REVISION_PLACEHOLDER,
-    has_demo=False,
-    license="apache-2.0",
-    vision_frozen=True,
-    language_frozen=True,
-) -> ModelCard:
-    """The card from `metrics` (Trainer-style eval_* / test_* keys: num_images and RESULT_COLUMNS'
-    keys) and the saved `generation_config`, the one source of the decoding it names.
+@dataclass
+class CardFacts:
+    """What a model card states about one run. `metrics`: Trainer-style eval_* / test_* keys (num_images and
+    RESULT_COLUMNS' keys); `generation_config`: the saved one, the only source of the decoding the card names;
     `revision` stays a placeholder until clipqwen.hub.push_export pins the pushed commit."""
+
+    repo_id: str
+    vision_id: str
+    text_id: str
+    dataset_name: str
+    model_config: PretrainedConfig
+    generation_config: GenerationConfig
+    metrics: dict
+    hyperparameters: dict
+    trainable: int
+    total: int
+    dataset_revision: str | None = None
+    dataset_detail: str = ""
+    versions: dict | None = None
+    phases: dict | None = None
+    curves_png: str | None = None
+    samples_png: str | None = None
+    revision: str = REVISION_PLACEHOLDER
+    has_demo: bool = False
+    license: str = "apache-2.0"
+    vision_frozen: bool = True
+    language_frozen: bool = True
+
+
+def results_rows(metrics: dict) -> list[str]:
+    """The results table's rows: validation, then test, for each split the metrics have."""
     rows = []
     for prefix, name in (("eval", "validation"), ("test", "test")):
         if any(f"{prefix}_{key}" in metrics for key, _ in RESULT_COLUMNS):
             values = [metrics.get(f"{prefix}_{key}") for key in ("num_images", *dict(RESULT_COLUMNS))]
             rows.append(f"| {name} | " + " | ".join(_fmt(value) for value in values) + " |")
-    model_index_results = [
+    return rows
+
+
+def card_metadata(facts: CardFacts) -> str:
+    """The card's YAML header: the Hub's model card data, and a model-index with the scores of each split."""
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=facts.license,
+        # Hub ids only: a tiny randomly initialised test model has no base model to link to.
+        base_model=[model_id for model_id in (facts.vision_id, facts.text_id) if is_hub_id(model_id)] or None,
+        datasets=[facts.dataset_name] if is_hub_id(facts.dataset_name) else None,
+        tags=["image-captioning", "clip", "qwen3", "clipqwen", "custom_code"],
+        metrics=["rouge", "bleu", "cider"],
+        model_name=facts.repo_id,
+        eval_results=None,
+    )
+    results = [
         {
             "task": {"type": "image-to-text", "name": "Image captioning"},
             "dataset": {
-                "name": dataset_name,
-                "type": dataset_name,
+                "name": facts.dataset_name,
+                "type": facts.dataset_name,
                 "split": "test" if prefix == "test" else "validation",
-                **({"revision": dataset_revision} if dataset_revision else {}),
+                **({"revision": facts.dataset_revision} if facts.dataset_revision else {}),
             },
             # metric types the Hub knows (its metric ids), with the exact variant in the readable name
             "metrics": [
-                {"type": hub_type, "value": round(float(metrics[f"{prefix}_{key}"]), 4), "name": label}
+                {"type": hub_type, "value": round(float(facts.metrics[f"{prefix}_{key}"]), 4), "name": label}
                 for key, hub_type, label in (
                     ("rougeL", "rouge", "ROUGE-L (rouge_score F)"),
                     ("bleu4", "bleu", "BLEU-4"),
                     ("cider", "cider", "CIDEr-D"),
                 )
-                if f"{prefix}_{key}" in metrics
+                if f"{prefix}_{key}" in facts.metrics
             ],
         }
         for prefix in ("eval", "test")
-        if f"{prefix}_rougeL" in metrics
+        if f"{prefix}_rougeL" in facts.metrics
     ]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        license=license,
-        # Hub ids only: a tiny randomly initialised test model has no base model to link to.
-        base_model=[model_id for model_id in (vision_id, text_id) if is_hub_id(model_id)] or None,
-        datasets=[dataset_name] if is_hub_id(dataset_name) else None,
-        tags=["image-captioning", "clip", "qwen3", "clipqwen", "custom_code"],
-        metrics=["rouge", "bleu", "cider"],
-        model_name=repo_id,
-        eval_results=None,
-    )
-    card_data_yaml = card_data.to_yaml()
-    if model_index_results:
-        model_index = {"model-index": [{"name": repo_id, "results": model_index_results}]}
-        card_data_yaml += "\n" + yaml.safe_dump(model_index, sort_keys=False).strip()
-    figures = (("Loss and metric curves", curves_png), ("Sample captions", samples_png))
-    curves = "\n\n".join(f"![{alt}]({png})" for alt, png in figures if png)
+    metadata = card_data.to_yaml()
+    if results:
+        model_index = {"model-index": [{"name": facts.repo_id, "results": results}]}
+        metadata += "\n" + yaml.safe_dump(model_index, sort_keys=False).strip()
+    return metadata
+
+
+def build_model_card(facts: CardFacts) -> ModelCard:
+    """The model card of one run, from its facts."""
+    config = facts.model_config
+    figures = (("Loss and metric curves", facts.curves_png), ("Sample captions", facts.samples_png))
     feature_desc = (
         "the pooled image embedding"
-        if model_config.vision_feature_type == "pooled"
-        else f"one token per feature-map position of layer {model_config.vision_feature_layer}"
+        if config.vision_feature_type == "pooled"
+        else f"one token per feature-map position of layer {config.vision_feature_layer}"
     )
-    generation = decoding_settings(generation_config)
+    rows = results_rows(facts.metrics)
     text = TEMPLATE.format(
-        card_data=card_data_yaml,
-        title=repo_id.split("/")[-1],
-        vision=vision_id,
-        text=text_id,
-        vision_state="frozen" if vision_frozen else "fine-tuned",
-        text_state="frozen" if language_frozen else "fine-tuned",
-        projector=model_config.projector_type,
+        card_data=card_metadata(facts),
+        title=facts.repo_id.split("/")[-1],
+        vision=facts.vision_id,
+        text=facts.text_id,
+        vision_state="frozen" if facts.vision_frozen else "fine-tuned",
+        text_state="frozen" if facts.language_frozen else "fine-tuned",
+        projector=config.projector_type,
         feature_desc=feature_desc,
-        num_image_tokens=model_config.num_image_tokens,
-        decoder=model_config.text_config.model_type,
-        dataset=dataset_name,
-        dataset_detail=dataset_detail,
-        generation=generation,
+        num_image_tokens=config.num_image_tokens,
+        decoder=config.text_config.model_type,
+        dataset=facts.dataset_name,
+        dataset_detail=facts.dataset_detail,
+        generation=decoding_settings(facts.generation_config),
         split_desc="validation and test splits",
         metric_headers=" | ".join(header for _, header in RESULT_COLUMNS),
         metric_rules="---|" * len(RESULT_COLUMNS),
         metrics_rows="\n".join(rows) or "| " + " | ".join("–" * (len(RESULT_COLUMNS) + 2)) + " |",
-        curves=curves,
-        repo_id=repo_id,
-        revision=revision,
+        curves="\n\n".join(f"![{alt}]({png})" for alt, png in figures if png),
+        repo_id=facts.repo_id,
+        revision=facts.revision,
         demo="\nA Gradio demo (`app.py` in the clipqwen repository) runs this model in the browser: "
-        f"`python app.py {repo_id}`.\n"
-        if has_demo
+        f"`python app.py {facts.repo_id}`.\n"
+        if facts.has_demo
         else "",
-        hyper_rows="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items()),
-        trainable=trainable,
-        total=total,
-        versions=", ".join(f"{name} {version}" for name, version in (versions or {}).items()) or "not recorded",
-        phases=phase_table(phases) if phases else "",
+        hyper_rows="\n".join(f"| {k} | {v} |" for k, v in facts.hyperparameters.items()),
+        trainable=facts.trainable,
+        total=facts.total,
+        versions=", ".join(f"{name} {version}" for name, version in (facts.versions or {}).items()) or "not recorded",
+        phases=phase_table(facts.phases) if facts.phases else "",
     )
     return ModelCard(text)
 
@@ -301,6 +316,7 @@ def describe_training(trainer, model_args, data_args) -> dict:
         "total batch size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
         "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
         "caption mode": data_args.caption_mode,
+        "batches": getattr(args.train_sampling_strategy, "value", args.train_sampling_strategy),
         "max caption tokens": data_args.max_caption_length,
         "LoRA": (
             f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, on {model_args.lora_target_modules}"
