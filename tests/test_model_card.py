@@ -1,32 +1,31 @@
 """The model card states the decoding of the generation_config saved beside it, and no other."""
 
+from huggingface_hub import ModelCard
 from transformers import GenerationConfig
 
 from clipqwen.publishing.model_card import CardFacts, build_model_card
 from clipqwen.tiny import tiny_config
 
 
-def card(generation_config) -> str:
-    return str(
-        build_model_card(
-            CardFacts(
-                repo_id="you/clipqwen-flickr30k",
-                vision_id="openai/clip-vit-base-patch32",
-                text_id="Qwen/Qwen3-0.6B-Base",
-                dataset_name="nlphuji/flickr30k",
-                model_config=tiny_config(),
-                metrics={"test_rougeL": 0.5},
-                hyperparameters={"learning rate": 1e-3},
-                generation_config=generation_config,
-                trainable=1,
-                total=2,
-            )
-        )
+def card(**facts) -> str:
+    """The card of a Flickr30K run with one test score, greedy decoding, and `facts` instead where given."""
+    defaults = dict(
+        repo_id="you/clipqwen-flickr30k",
+        vision_id="openai/clip-vit-base-patch32",
+        text_id="Qwen/Qwen3-0.6B-Base",
+        dataset_name="nlphuji/flickr30k",
+        model_config=tiny_config(),
+        metrics={"test_rougeL": 0.5},
+        hyperparameters={"learning rate": 1e-3},
+        generation_config=GenerationConfig(),
+        trainable=1,
+        total=2,
     )
+    return str(build_model_card(CardFacts(**(defaults | facts))))
 
 
 def test_the_card_names_the_saved_decoding_in_its_text_and_its_usage_snippet():
-    text = card(GenerationConfig(num_beams=3, max_new_tokens=7, min_new_tokens=1, bos_token_id=0))
+    text = card(generation_config=GenerationConfig(num_beams=3, max_new_tokens=7, min_new_tokens=1, bos_token_id=0))
     decoding = "num_beams=3, max_new_tokens=7, min_new_tokens=1"
     assert f"Captions generated with {decoding} (this repository's `generation_config.json`" in text
     assert f"# decodes as generation_config.json says ({decoding}); keyword arguments override it" in text
@@ -35,7 +34,7 @@ def test_the_card_names_the_saved_decoding_in_its_text_and_its_usage_snippet():
 
 
 def test_a_generation_config_without_settings_gives_no_made_up_numbers():
-    text = card(GenerationConfig())
+    text = card(generation_config=GenerationConfig())
     assert "Captions generated with greedy decoding" in text
     assert "max_new_tokens" not in text and "num_beams" not in text
 
@@ -43,23 +42,15 @@ def test_a_generation_config_without_settings_gives_no_made_up_numbers():
 def test_the_results_table_has_the_literatures_columns_and_says_what_reliance_means():
     metrics = {"eval_num_images": 10, "eval_bleu1": 0.61, "eval_bleu4": 0.17, "eval_image_reliance": 0.42}
     metrics |= {"eval_distinct_captions": 0.9}
-    text = str(
-        build_model_card(
-            CardFacts(
-                repo_id="you/m",
-                vision_id="v",
-                text_id="t",
-                dataset_name="d",
-                model_config=tiny_config(),
-                metrics=metrics,
-                hyperparameters={},
-                generation_config=GenerationConfig(),
-                trainable=1,
-                total=2,
-            )
-        )
-    )
+    text = card(metrics=metrics)
     header = "| split | images | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D | ROUGE-L | loss | image reliance |"
     assert header in text
     assert "| validation | 10 | 0.6100 | – | – | 0.1700 | – | – | – | 0.4200 | 0.9000 |" in text
     assert "*image reliance* is the loss with each caption's image swapped" in text
+
+
+def test_the_card_lists_both_base_model_ids_and_the_dataset():
+    text = card(metrics={"test_rougeL": 0.5123, "test_cider": 0.75})
+    reloaded = ModelCard(text)
+    assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]
+    assert reloaded.data.datasets == ["nlphuji/flickr30k"] and "0.5123" in text

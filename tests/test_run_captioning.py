@@ -290,32 +290,6 @@ def test_lora_with_an_unfrozen_vision_tower_is_refused_before_anything_loads(tmp
         run(tmp_path / "out", "--do_train", "--lora_r", "4", "--freeze_vision_model", "False")
 
 
-def test_model_card_lists_both_base_model_ids():
-    from huggingface_hub import ModelCard
-    from transformers import GenerationConfig
-
-    from clipqwen.publishing.model_card import CardFacts, build_model_card
-    from clipqwen.tiny import tiny_config
-
-    card = build_model_card(
-        CardFacts(
-            repo_id="you/clipqwen-flickr30k",
-            vision_id="openai/clip-vit-base-patch32",
-            text_id="Qwen/Qwen3-0.6B-Base",
-            dataset_name="nlphuji/flickr30k",
-            model_config=tiny_config(),
-            metrics={"test_rougeL": 0.5123, "test_cider": 0.75},
-            hyperparameters={"learning rate": 1e-3},
-            generation_config=GenerationConfig(num_beams=3),
-            trainable=1,
-            total=2,
-        )
-    )
-    reloaded = ModelCard(str(card))
-    assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]
-    assert reloaded.data.datasets == ["nlphuji/flickr30k"] and "0.5123" in str(card)
-
-
 def test_assembling_from_two_local_backbone_folders(tmp_path):
     """The --vision_model_name_or_path / --text_model_name_or_path path, with folders instead of Hub ids."""
     from transformers import AutoTokenizer, CLIPVisionModelWithProjection, Qwen3ForCausalLM
