@@ -153,6 +153,39 @@ def test_a_backbone_with_only_a_bin_loads_its_tensors_through_the_weights_only_u
         assert torch.equal(expected, actual), name
 
 
+def test_a_hub_backbone_is_read_from_a_snapshot_of_its_weights_in_the_subfolder_asked_for(
+    pickled_clip, tmp_path, monkeypatch
+):
+    """A Hub id loads from a local snapshot (from a folder, transformers never asks the safetensors converter bot):
+    its safetensors asked for first, then the .bin, both in the subfolder the caller names; the model keeps the id."""
+    from fnmatch import fnmatch
+
+    from transformers import CLIPVisionModelWithProjection
+
+    from clipqwen.backbones import assemble
+
+    clip, folder = pickled_clip
+    repo, snapshot = tmp_path / "hub-repo", tmp_path / "snapshot"
+    shutil.copytree(folder, repo / "vision")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns, **options):  # huggingface_hub's file filter is fnmatch too
+        asked.append(allow_patterns)
+        for file in (path for path in repo.rglob("*") if path.is_file()):
+            name = file.relative_to(repo).as_posix()
+            if any(fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(assemble, "snapshot_download", snapshot_download)
+    loaded = assemble.load_backbone_weights(CLIPVisionModelWithProjection, "you/towers", subfolder="vision")
+    assert asked == [["*.json", "vision/model*.safetensors"], ["*.json", "vision/pytorch_model*.bin"]]
+    assert loaded.config._name_or_path == "you/towers"
+    for (name, expected), actual in zip(clip.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name
+
+
 def test_a_backbone_bin_holding_code_is_refused_without_running_it(pickled_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 

@@ -22,20 +22,23 @@ logger = logging.get_logger(__name__)
 HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
-def _weights_folder(name_or_path: str, **hub_options) -> str:
-    """A local folder for `name_or_path`: itself, or a snapshot of the Hub repository's JSON files and weights at
-    its revision (safetensors, else the .bin). transformers, given a Hub id whose revision has only a .bin, asks
-    the safetensors converter bot for its pull request and loads that, or has it open one; from a folder it
-    does neither. Anything else (a mistyped path) is left to transformers' own error."""
+def _weights_folder(name_or_path: str, subfolder: str = "", **hub_options) -> str:
+    """A local folder for `name_or_path`: itself, or a snapshot of the Hub repository's JSON files and weights
+    (in `subfolder` where given) at its revision: safetensors, else the .bin. transformers, given a Hub id whose
+    revision has only a .bin, asks the safetensors converter bot for its pull request and loads that, or has it
+    open one; from a folder it does neither. Anything else (a mistyped path) is left to transformers' own error."""
     if os.path.isdir(name_or_path):
         return name_or_path
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:
         return name_or_path
-    folder = snapshot_download(name_or_path, allow_patterns=["*.json", "model*.safetensors"], **hub_options)
-    if not any(Path(folder).glob("model*.safetensors")):
-        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "pytorch_model*.bin"], **hub_options)
+    weights = f"{subfolder}/" if subfolder else ""
+    folder = snapshot_download(name_or_path, allow_patterns=["*.json", f"{weights}model*.safetensors"], **hub_options)
+    if not any((Path(folder) / subfolder).glob("model*.safetensors")):
+        folder = snapshot_download(
+            name_or_path, allow_patterns=["*.json", f"{weights}pytorch_model*.bin"], **hub_options
+        )
     return folder
 
 
@@ -46,7 +49,8 @@ def load_backbone_weights(model_class, name_or_path: str, **options):
     dequantized. The model's `name_or_path` is `name_or_path`, the Hub id a model card names."""
     if options.get("gguf_file"):
         return model_class.from_pretrained(name_or_path, **options)
-    folder = _weights_folder(name_or_path, **{key: options.pop(key) for key in HUB_OPTIONS if key in options})
+    hub_options = {key: options.pop(key) for key in HUB_OPTIONS if key in options}
+    folder = _weights_folder(name_or_path, options.get("subfolder", ""), **hub_options)
     try:
         model = model_class.from_pretrained(folder, use_safetensors=True, **options)
     except OSError as error:
