@@ -5,7 +5,7 @@ squeeze-excite removed, channels-last, `CNN_CHUNK` images at a time), in fp32 an
 
     python benchmarks/bench_tower.py [--images 256] [--rounds 3]
 
-Weights: the converted ImageNet Lite0 folder where `python -m clipqwen.backbones.efficientnet_lite DIR` made one
+Weights: the converted ImageNet Lite0 folder where `python -m clipqwen.backbones efficientnet-lite0 DIR` made one
 ($HF_HOME/clipqwen/converted/efficientnet-lite0, as scripts/flickr8k.sh does), else random weights of the same
 shape (the speed does not depend on them). Prints images/s per variant (median of the rounds), the ratio to the
 old path in the same dtype, and the largest difference of the new path's 7×7 map from the old one's.

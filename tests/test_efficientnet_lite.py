@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 as a stock transformers EfficientNetModel (clipqwen.backbones.efficientnet_lite), checked against
 an independent forward of the lukemelas Lite0 recipe written here in plain torch, with random weights in the lukemelas
 layout. The real ImageNet weights are checked only where they are on disk: set CLIPQWEN_LITE0_WEIGHTS to the .pth
-(`python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR` prints where it fetched it)."""
+(`python -m clipqwen.backbones efficientnet-lite0 OUTPUT_DIR` prints where it fetched it)."""
 
 import json
 import math
@@ -16,7 +16,9 @@ from PIL import Image
 from transformers import AutoModel, EfficientNetModel
 
 from clipqwen.backbones import efficientnet_lite as lite
+from clipqwen.backbones.__main__ import main as convert_main
 from clipqwen.backbones.assemble import tower_image_processor
+from clipqwen.backbones.wheel_weights import CONVERSION_STAMP
 
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "coco-cc-by"
@@ -171,7 +173,7 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
     assert type(model) is EfficientNetModel and model.config.hidden_act == "relu6"
     with torch.no_grad():
         assert torch.equal(model(pixels).pooler_output, converted_model(random_sd)(pixels).pooler_output)
-    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite.sha256_of(source)
+    assert json.loads((folder / CONVERSION_STAMP).read_text())["source_sha256"] == lite.sha256_of(source)
     assert (folder / "model.safetensors").is_file()
 
     # the same source again: nothing is rebuilt; another source: the folder is replaced whole
@@ -180,12 +182,25 @@ def test_save_lite0_round_trips_through_auto_classes(tmp_path, random_sd, pixels
     monkeypatch.undo()
     torch.save(random_lukemelas_state_dict(seed=1), source)
     lite.save_lite0(folder, state_dict_path=source)
-    assert json.loads((folder / lite.MANIFEST).read_text())["source_sha256"] == lite.sha256_of(source)
+    assert json.loads((folder / CONVERSION_STAMP).read_text())["source_sha256"] == lite.sha256_of(source)
     assert sorted(path.name for path in tmp_path.iterdir()) == [lite.LITE0.name, "lite0"]  # no temporary folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a model")
-    with pytest.raises(FileExistsError, match="not written by save_lite0"):
+    with pytest.raises(FileExistsError, match="not written by a clipqwen converter"):
         lite.save_lite0(tmp_path / "mine", state_dict_path=source)
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+    (tmp_path / "legacy").mkdir()  # the converter's folder before conversion.json: replaced, not refused
+    (tmp_path / "legacy" / "lite0_manifest.json").write_text("{}")
+    lite.save_lite0(tmp_path / "legacy", state_dict_path=source)
+    assert sorted(path.name for path in (tmp_path / "legacy").iterdir())[:2] == ["config.json", CONVERSION_STAMP]
+
+
+def test_the_converter_command_saves_a_folder_and_lists_it(tmp_path, random_sd, capsys):
+    source = tmp_path / lite.LITE0.name
+    torch.save(random_sd, source)
+    convert_main(["efficientnet-lite0", str(tmp_path / "lite0"), "--source", str(source)])
+    assert type(AutoModel.from_pretrained(tmp_path / "lite0")) is EfficientNetModel
+    assert f"{tmp_path / 'lite0' / 'model.safetensors'} (" in capsys.readouterr().out
 
 
 def test_saved_image_processor_gives_lite0_normalisation(tmp_path):

