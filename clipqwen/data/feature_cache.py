@@ -90,35 +90,44 @@ def add_vision_features(
     the features do not depend on their number. With `processes.world_size` > 1 each rank encodes its shard of
     whole batches into its own file and, past the barrier, reads all shards; where `cache_dir` is not shared,
     each machine's `local_rank` 0 encodes the shards its disk lacks."""
-    rank, world_size, barrier = processes.rank, processes.world_size, processes.barrier
     key = f"{vision_cache_key(model, processor)}:{dataset._fingerprint}:{image_content_key(dataset)}:{_CACHE_LAYOUT}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    whole = cache_dir / f"vision-features-{fingerprint}.arrow"
+
+    rank, world_size = processes.rank, processes.world_size
+
+    def encode(shard: int | None, target: Path):
+        """Encode shard `shard` of `world_size` (None: every row) into `target`."""
+        discard_damaged_cache(target)
+        if shard is None:
+            start, stop = 0, len(dataset)
+        else:
+            start, stop = _shard_bounds(len(dataset), shard, world_size, batch_size)
+            message = "%s: rank %d of %d encodes rows %d to %d (%d images) into %s"
+            logger.info(message, split, rank, world_size, start, stop - 1, stop - start, target.name)
+        _encode_to_file(dataset, range(start, stop), model, processor, target, batch_size, num_workers, split)
+
+    files = _feature_files(cache_dir, fingerprint, split, processes, encode)
+    if world_size > 1:
+        message = "%s: rank %d of %d reads the feature cache: %d images from %d file(s)"
+        logger.info(message, split, rank, world_size, len(dataset), len(files))
+    return _join_features(dataset, files, split, drop_unreadable)
+
+
+def _feature_files(cache_dir: Path, fingerprint: str, split: str, processes: Processes, encode) -> list[Path]:
+    """The cache's complete files for `fingerprint`, after this process encoded its part where they were missing
+    (one file, or with several processes one shard per rank, past the barrier the shards another machine wrote)."""
+    rank, world_size, barrier = processes.rank, processes.world_size, processes.barrier
     files = _complete_cache(cache_dir, fingerprint)
     if files is None:  # build this process's part (all rows in one process)
         if world_size > 1:
             target = _shard_file(cache_dir, fingerprint, rank, world_size)
-            start, stop = _shard_bounds(len(dataset), rank, world_size, batch_size)
+            if not _is_valid(target):
+                encode(rank, target)
         else:
-            target, start, stop = whole, 0, len(dataset)
-        discard_damaged_cache(target)
-        if not target.exists():
-            if world_size > 1:
-                logger.info(
-                    "%s: rank %d of %d encodes rows %d to %d (%d images) into %s",
-                    split,
-                    rank,
-                    world_size,
-                    start,
-                    stop - 1,
-                    stop - start,
-                    target.name,
-                )
-            _encode_to_file(dataset, range(start, stop), model, processor, target, batch_size, num_workers, split)
-            if world_size == 1:
-                files = [target]  # just written and recorded in its manifest: no need to read it again
+            files = [cache_dir / f"vision-features-{fingerprint}.arrow"]
+            encode(None, files[0])  # recorded in its manifest as it is written: no need to read it again
     if world_size > 1 and barrier is not None:
         barrier()  # every rank, whether it built or reused: the number of barriers never depends on the files
         files = files or _complete_cache(cache_dir, fingerprint, world_size)
@@ -134,41 +143,25 @@ def add_vision_features(
                         shard.name,
                         cache_dir,
                     )
-                    discard_damaged_cache(shard)
-                    _encode_to_file(
-                        dataset,
-                        range(*_shard_bounds(len(dataset), other, world_size, batch_size)),
-                        model,
-                        processor,
-                        shard,
-                        batch_size,
-                        num_workers,
-                        split,
-                    )
+                    encode(other, shard)
         barrier()
+    files = files or _complete_cache(cache_dir, fingerprint, world_size)
     if files is None:
-        files = _complete_cache(cache_dir, fingerprint, world_size)
-        if files is None:
-            raise RuntimeError(
-                f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
-                f"process wrote its part (key {fingerprint}). Give every process of a machine the "
-                "same --feature_cache_dir."
-            )
+        raise RuntimeError(
+            f"The feature cache for {split} in {cache_dir} is incomplete or damaged after every "
+            f"process wrote its part (key {fingerprint}). Give every process of a machine the "
+            "same --feature_cache_dir."
+        )
+    return files
+
+
+def _join_features(dataset: Dataset, files: list[Path], split: str, drop_unreadable: bool) -> Dataset:
+    """`dataset` with its `image` column replaced by the cached features, unreadable images dropped (or refused)."""
     parts = [Dataset.from_file(str(file)) for file in files]
     # a shard may be empty
     features = datasets.concatenate_datasets([part for part in parts if len(part)] or parts[:1])
     if len(features) != len(dataset):
         raise RuntimeError(f"The feature cache {files[0]} has {len(features)} rows for {len(dataset)} images.")
-    if world_size > 1:
-        logger.info(
-            "%s: rank %d of %d reads the feature cache: %d images from %d file(s)",
-            split,
-            rank,
-            world_size,
-            len(features),
-            len(files),
-        )
-
     rest = dataset.with_format(None).remove_columns("image")
     if rest._indices is not None:
         rest = rest.flatten_indices(keep_in_memory=True)  # a small table (ids, captions); axis=1 needs no mapping
