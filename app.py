@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -71,25 +72,34 @@ def served_models(model: str, revision: str | None, allowed: list[str]) -> dict[
     return served
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What main() decides for every request: the models visitors may pick (`served_models`), their precision,
+    whether they load from the local cache only (the Hub out of reach), and the limits of a request and the queue."""
+
+    served: dict[str, tuple[str, str | None]]
+    precision: str = "auto"
+    local_files_only: bool = False
+    max_images: int = MAX_IMAGES
+    max_request_mb: float = MAX_REQUEST_MB
+    max_queue: int = MAX_QUEUE
+
+
 _MODELS: dict[tuple, tuple] = {}  # (model, revision, precision) -> (model, processor), the last two loaded
 _LOADING = threading.Lock()  # a page opening (model_decoding) and a caption request may ask for a model at once
 
 
-def get_model(
-    choice: str, served: dict[str, tuple[str, str | None]], precision: str = "auto", local_files_only: bool = False
-):
-    """Load (or reuse) a served model and its processor in `precision` (`local_files_only`: from the local cache,
-    main() found the Hub out of reach). Any other name is refused unseen, with one message whatever it names: no
-    answer reveals which folders or repos exist."""
-    if choice not in served:
-        raise ModelLoadError(
-            f"This demo serves only {', '.join(f'`{label}`' for label in served)}: pick one in the model box."
-        )
-    key = (*served[choice], resolve_precision(precision, DEVICE))
+def get_model(choice: str, serving: Serving):
+    """Load (or reuse) a served model and its processor in the served precision. Any other name is refused unseen,
+    with one message whatever it names: no answer reveals which folders or repos exist."""
+    if choice not in serving.served:
+        labels = ", ".join(f"`{label}`" for label in serving.served)
+        raise ModelLoadError(f"This demo serves only {labels}: pick one in the model box.")
+    key = (*serving.served[choice], resolve_precision(serving.precision, DEVICE))
     with _LOADING:
         if key not in _MODELS:
             loaded = captioning.load(
-                key[0], key[1], device=DEVICE, precision=key[2], local_files_only=local_files_only
+                key[0], key[1], device=DEVICE, precision=key[2], local_files_only=serving.local_files_only
             )
             while len(_MODELS) >= 2:
                 _MODELS.pop(next(iter(_MODELS)))
@@ -143,12 +153,12 @@ def widened(value, bounds: tuple) -> dict:
     return {"value": value, "minimum": min(bounds[0], value), "maximum": max(bounds[1], value)}
 
 
-def model_decoding(choice: str, *, served, precision="auto", local_files_only=False) -> list:
+def model_decoding(choice: str, *, serving: Serving) -> list:
     """Updates of the status and the decoding controls, set from the model's generation_config.
     The page is built before any model loads (a Space must answer at once), so this loads it; a
     model that does not load leaves the controls as they are and says why."""
     try:
-        captioner, _ = get_model(choice, served, precision, local_files_only)
+        captioner, _ = get_model(choice, serving)
     except (ModelLoadError, PrecisionError) as error:
         return [gr.update()] * 5 + [f"⚠️ {error}"]
     values = decoding_values(captioner.generation_config)
@@ -173,17 +183,14 @@ def caption(
     max_new_tokens,
     prefix,
     *,
-    served,
-    max_images=MAX_IMAGES,
-    max_bytes=MAX_REQUEST_MB * 2**20,
-    precision="auto",
-    local_files_only=False,
+    serving: Serving,
 ):
-    """-> (gallery of (image, caption), captions as text, status in Markdown)."""
+    """The Caption button, given the page's inputs in order -> (gallery of (image, caption), captions as text, status
+    in Markdown)."""
     prefix = prefix or ""
     if len(prefix) > MAX_PREFIX_CHARS:
         return [], "", f"⚠️ The prompt prefix has {len(prefix):,} characters; at most {MAX_PREFIX_CHARS} are allowed."
-    taken, left_out = within_limits(files or [], max_images, max_bytes)
+    taken, left_out = within_limits(files or [], serving.max_images, int(serving.max_request_mb * 2**20))
     images, read, unreadable = captioning.read_images(taken, upload_name)
     names = [upload_name(file) for file in read]
     problems = [left_out] * bool(left_out) + [f"⚠️ {problem}" for problem in unreadable]
@@ -191,7 +198,7 @@ def caption(
         problems.append("Add one or more images: drop them in, or click an example photo.")
     try:
         started = time.perf_counter()
-        captioner, processor = get_model(model, served, precision, local_files_only)
+        captioner, processor = get_model(model, serving)
         loading = time.perf_counter() - started
     except (ModelLoadError, PrecisionError) as error:
         return [], "", "\n\n".join([f"⚠️ {error}"] + problems)
@@ -216,7 +223,7 @@ def caption(
 
     status = (
         f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE} "
-        f"({resolve_precision(precision, DEVICE)})"
+        f"({resolve_precision(serving.precision, DEVICE)})"
     )
     status += f" ({seconds / len(images):.2f} s per image)" if len(images) > 1 else ""
     status += f"; loading the model took {loading:.1f} s." if loading > 0.5 else "."
@@ -230,19 +237,13 @@ def add_example(files, event: gr.SelectData):
     return files if Path(photo).name in {Path(file).name for file in files} else files + [photo]
 
 
-def build_demo(
-    served: dict[str, tuple[str, str | None]],
-    max_images: int = MAX_IMAGES,
-    max_request_mb: float = MAX_REQUEST_MB,
-    precision: str = "auto",
-    max_queue: int = MAX_QUEUE,
-    local_files_only: bool = False,
-) -> gr.Blocks:
+def build_demo(serving: Serving) -> gr.Blocks:
     with gr.Blocks(title="ClipQwen captioner") as demo:
         gr.Markdown("# ClipQwen image captioner\nimage tower → projector → language model, one transformers model.")
         with gr.Row():
             with gr.Column():
-                model = gr.Dropdown(list(served), value=next(iter(served)), label="Model", elem_id="model")
+                choices = list(serving.served)
+                model = gr.Dropdown(choices, value=choices[0], label="Model", elem_id="model")
                 files = gr.File(
                     label="Images", file_count="multiple", file_types=["image"], height=180, elem_id="images"
                 )
@@ -310,11 +311,9 @@ def build_demo(
             with gr.Accordion("Example photo credits", open=False):
                 gr.Markdown(photo_credits())
         inputs = [files, model, decoding, num_beams, temperature, top_p, max_new_tokens, prefix]
-        loading = dict(served=served, precision=precision, local_files_only=local_files_only)
-        limits = dict(loading, max_images=max_images, max_bytes=int(max_request_mb * 2**20))
         # outside the queue: opening the page never waits behind captioning, nor is refused by a full queue
         from_model = dict(
-            fn=functools.partial(model_decoding, **loading),
+            fn=functools.partial(model_decoding, serving=serving),
             inputs=model,
             outputs=[decoding, num_beams, temperature, top_p, max_new_tokens, status],
             queue=False,
@@ -323,9 +322,12 @@ def build_demo(
         demo.load(**from_model)
         model.change(**from_model)
         button.click(
-            functools.partial(caption, **limits), inputs=inputs, outputs=[gallery, text, status], api_name="caption"
+            functools.partial(caption, serving=serving),
+            inputs=inputs,
+            outputs=[gallery, text, status],
+            api_name="caption",
         )
-    return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    return demo.queue(max_size=serving.max_queue, default_concurrency_limit=1)
 
 
 def main(argv=None):
@@ -365,7 +367,15 @@ def main(argv=None):
         parser.error(str(error))
     # an unreachable Hub: served Hub ids load from the local cache, or fail at once instead of after retries
     offline = hub.hub_out_of_reach([name for name, _ in served.values()])
-    demo = build_demo(served, args.max_images, args.max_request_mb, args.precision, args.max_queue, offline)
+    serving = Serving(
+        served,
+        precision=args.precision,
+        local_files_only=offline,
+        max_images=args.max_images,
+        max_request_mb=args.max_request_mb,
+        max_queue=args.max_queue,
+    )
+    demo = build_demo(serving)
     # max_file_size: Gradio refuses a larger upload while it arrives, before it reaches caption().
     demo.launch(
         server_name=args.host,

@@ -359,7 +359,7 @@ def test_the_app_decides_on_an_unreachable_hub_at_startup(app, saved_model, unre
     monkeypatch.setattr(app, "build_demo", build_demo)
     with pytest.raises(Built):
         app.main([str(saved_model), "--allowed_models", "someone/clipqwen-flickr30k"])
-    assert built[0][-1] is True  # local_files_only
+    assert built[0][0].local_files_only is True
     assert_process_still_online()
 
 
@@ -483,9 +483,9 @@ def app():
     return app
 
 
-def run_app(app, files, choice, served, **limits):
-    """caption() as the Caption button calls it: greedy, 3 new tokens, no prefix."""
-    return app.caption(files, choice, app.BEAM, 1, 0.7, 0.9, 3, "", served=served, **limits)
+def run_app(app, files, choice, served, **settings):
+    """caption() as the Caption button calls it: greedy, 3 new tokens, no prefix; `settings` are app.Serving's."""
+    return app.caption(files, choice, app.BEAM, 1, 0.7, 0.9, 3, "", serving=app.Serving(served, **settings))
 
 
 def test_app_serves_only_its_models_and_answers_alike_for_existing_and_missing_ones(app, saved_model, tmp_path):
@@ -540,14 +540,16 @@ def test_app_decodes_no_image_beyond_the_count_and_byte_limits(app, saved_model,
 
     decoded.clear()
     budget = sum(os.path.getsize(path) for path in photos[:2]) + 1  # two photos fit, the third does not
-    _, text, status = run_app(app, photos, str(saved_model), served, max_bytes=budget)
+    _, text, status = run_app(app, photos, str(saved_model), served, max_request_mb=budget / 2**20)
     assert len(decoded) == 2 and f"{len(photos) - 2} image(s) left out" in status
 
 
 def test_app_refuses_a_prompt_prefix_over_its_cap(app, saved_model):
     served = app.served_models(str(saved_model), "", [])
     long = "a photo of " * 1000
-    gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, long, served=served)
+    gallery, text, status = app.caption(
+        [str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, long, serving=app.Serving(served)
+    )
     assert gallery == [] and status == (
         f"⚠️ The prompt prefix has {len(long):,} characters; at most {app.MAX_PREFIX_CHARS} are allowed."
     )
@@ -573,7 +575,7 @@ def test_app_never_shows_an_empty_caption(app, eos_first_model):
 
 def test_app_controls_start_from_the_models_generation_config(app, two_beam_model, sampling_model, saved_model):
     served = app.served_models(str(two_beam_model), "", [str(sampling_model), str(saved_model)])
-    demo = app.build_demo(served)
+    demo = app.build_demo(app.Serving(served))
     # built before any model loads: the project's decoding, until the page's load event reads the model's
     start = {c["props"].get("elem_id"): c["props"].get("value") for c in demo.config["components"] if "props" in c}
     assert start["num-beams"] == CAPTION_GENERATION["num_beams"] and start["decoding"] == app.BEAM
@@ -582,7 +584,7 @@ def test_app_controls_start_from_the_models_generation_config(app, two_beam_mode
     assert "load" in triggers
 
     def controls(folder):
-        updates = app.model_decoding(str(folder), served=served)
+        updates = app.model_decoding(str(folder), serving=app.Serving(served))
         names = ("decoding", "num_beams", "temperature", "top_p", "max_new_tokens")
         return {name: update.get("value") for name, update in zip(names, updates)}, updates[-1]
 
@@ -593,16 +595,18 @@ def test_app_controls_start_from_the_models_generation_config(app, two_beam_mode
     )
     fallback = dict(decoding=app.BEAM, num_beams=1, max_new_tokens=CAPTION_GENERATION["max_new_tokens"]) | neutral
     assert controls(saved_model) == (fallback, "")
-    unchanged, status = app.model_decoding("/etc", served=served)[:5], app.model_decoding("/etc", served=served)[5]
+    updates = app.model_decoding("/etc", serving=app.Serving(served))
+    unchanged, status = updates[:5], updates[5]
     assert unchanged == [{"__type__": "update"}] * 5 and status.startswith("⚠️ This demo serves only")
 
 
 def test_app_captions_with_its_controls_over_the_models_settings(app, two_beam_model, monkeypatch):
     served = app.served_models(str(two_beam_model), "", [])
-    model, _ = app.get_model(str(two_beam_model), served)
+    model, _ = app.get_model(str(two_beam_model), app.Serving(served))
     asked = spy_on_generate(model, monkeypatch)
-    app.caption([str(PHOTO)], str(two_beam_model), app.BEAM, 3, 0.7, 0.9, 4, "", served=served)
-    app.caption([str(PHOTO)], str(two_beam_model), app.SAMPLING, 3, 0.7, 0.9, 4, "", served=served)
+    serving = app.Serving(served)
+    app.caption([str(PHOTO)], str(two_beam_model), app.BEAM, 3, 0.7, 0.9, 4, "", serving=serving)
+    app.caption([str(PHOTO)], str(two_beam_model), app.SAMPLING, 3, 0.7, 0.9, 4, "", serving=serving)
     assert [(a["num_beams"], a["max_new_tokens"], a["do_sample"], a["min_new_tokens"]) for a in asked] == [
         (3, 4, False, 1),
         (1, 4, True, 1),
@@ -640,12 +644,10 @@ def test_cli_int8_without_its_library_names_the_extra_before_loading(saved_model
 
 
 def test_app_captions_in_the_operators_precision(app, saved_model):
-    served = app.served_models(str(saved_model), "", [])
-    gallery, text, status = app.caption(
-        [str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, "", served=served, precision="bf16"
-    )
+    serving = app.Serving(app.served_models(str(saved_model), "", []), precision="bf16")
+    gallery, text, status = app.caption([str(PHOTO)], str(saved_model), app.BEAM, 1, 0.7, 0.9, 3, "", serving=serving)
     assert status.startswith("Captioned 1 image") and "(bf16)" in status and gallery[0][1].strip()
-    model, _ = app.get_model(str(saved_model), served, "bf16")
+    model, _ = app.get_model(str(saved_model), serving)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
