@@ -38,20 +38,20 @@ from benchmarks.common import (  # noqa: E402
     configure_threads,
     course_logits,
     emit,
+    emit_variant,
     environment,
     headline_ratios,
     image_paths,
     load_average,
     log,
+    measure_variants,
     median,
-    median_summary,
     per_round_ratios,
     pick_device,
     processor_for,
     profiled,
     resolve_weights,
     results_path,
-    run_rounds,
     sync,
     write_results,
 )
@@ -232,23 +232,12 @@ def main(argv=None):
     configure_threads(args.threads)
     if args.only:
         load_before = load_average()
-        result = run_one(args, device, resolve_weights(device, weights_of(args.only)))
-        result["threads"] = torch.get_num_threads()
-        result["load_average_1min"] = [load_before, load_average()]
-        emit(result)
+        emit_variant(run_one(args, device, resolve_weights(device, weights_of(args.only))), load_before)
         return
 
-    argv = list(argv if argv is not None else sys.argv[1:])
-    variants = [v for v in args.variants.split(",") if v]
-    runs = run_rounds(Path(__file__), variants, argv, args.rounds)
-    results = {v: median_summary(r, MEDIAN_KEYS) for v, r in runs.items()}
-    summary = {
-        "benchmark": "caption",
-        **environment(device),
-        "rounds": args.rounds,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        **results,
-    }
+    runs, results, summary = measure_variants(Path(__file__), "caption", args, argv, device, MEDIAN_KEYS)
+    variants = list(runs)
+    summary |= results
     # greedy tokens of the first round (every round computes the same ones)
     for reference in ("course", "ours_bs1"):
         if reference in results:

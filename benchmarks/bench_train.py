@@ -43,14 +43,15 @@ from benchmarks.common import (  # noqa: E402
     configure_threads,
     course_logits,
     emit,
+    emit_variant,
     environment,
     frozen_lm_train_flops,
     headline_ratios,
     load_average,
     load_examples,
     log,
+    measure_variants,
     median,
-    median_summary,
     pair_stream,
     peak_flops,
     per_round_ratios,
@@ -60,7 +61,6 @@ from benchmarks.common import (  # noqa: E402
     projector_train_flops,
     resolve_weights,
     results_path,
-    run_rounds,
     sync,
     write_results,
 )
@@ -352,26 +352,15 @@ def main(argv=None):
         weights = WEIGHTS_OF[args.only]
         result = (run_course if args.only.startswith("course") else run_ours)(args, device, weights)
         result["weights"] = resolve_weights(device, weights)
-        result["threads"] = torch.get_num_threads()
-        result["load_average_1min"] = [load_before, load_average()]
         peak = peak_flops(device)
         result["achieved_tflops"] = result["flops_per_pair"] * result["pairs_per_s"] / 1e12
         result["mfu"] = result["achieved_tflops"] * 1e12 / peak if peak else None
-        emit(result)
+        emit_variant(result, load_before)
         return
 
-    argv = list(argv if argv is not None else sys.argv[1:])
-    variants = [v for v in args.variants.split(",") if v]
-    runs = run_rounds(Path(__file__), variants, argv, args.rounds)
-    results = {v: median_summary(r, MEDIAN_KEYS) for v, r in runs.items()}
-    summary = {
-        "benchmark": "train",
-        **environment(device),
-        "rounds": args.rounds,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "peak_flops_bf16": peak_flops(device),
-        **results,
-    }
+    runs, results, summary = measure_variants(Path(__file__), "train", args, argv, device, MEDIAN_KEYS)
+    variants = list(runs)
+    summary |= {"peak_flops_bf16": peak_flops(device), **results}
     # each ratio: ours / the baseline within each round (same load), then the median over the rounds
     ratios = {}
     for base in (b for b in ("course", "course_fp32") if b in runs):

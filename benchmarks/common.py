@@ -342,6 +342,29 @@ def run_rounds(script: Path, variants: list[str], argv: list[str], rounds: int) 
     return results
 
 
+def measure_variants(script: Path, benchmark: str, args, argv, device: torch.device, median_keys: tuple[str, ...]):
+    """The parent's side of a benchmark: every variant of `args.variants` for `args.rounds` rounds (`run_rounds`).
+    Returns the runs per variant, each variant's `median_summary` and the summary record's head (the machine)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    variants = [v for v in args.variants.split(",") if v]
+    runs = run_rounds(script, variants, argv, args.rounds)
+    results = {v: median_summary(r, median_keys) for v, r in runs.items()}
+    head = {
+        "benchmark": benchmark,
+        **environment(device),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
+    return runs, results, head
+
+
+def emit_variant(result: dict, load_before: float | None):
+    """The child's side: its record with the threads it ran on and the machine's load before and after, as JSON."""
+    result["threads"] = torch.get_num_threads()
+    result["load_average_1min"] = [load_before, load_average()]
+    emit(result)
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None

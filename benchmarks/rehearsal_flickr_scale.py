@@ -42,6 +42,7 @@ from bench_cache import SIZES, machine  # noqa: E402
 from PIL import Image, ImageFile  # noqa: E402
 
 import run_captioning  # noqa: E402
+from clipqwen.data.sources import FLICKR30K_FEATURES  # noqa: E402
 
 
 # Karpathy's proportions of Flickr30K (29,000 / 1,014 / 1,000 images).
@@ -70,16 +71,7 @@ def make_flickr_like(folder: Path, count: int, seed: int = 0, shard_rows: int = 
     sizes = {split: max(1, round(count * n / total)) for split, n in KARPATHY.items()}
     labels = [split for split, n in sizes.items() for _ in range(n)]
     rng.shuffle(labels)  # as in the real table, the splits are interleaved
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.List(datasets.Value("string")),
-            "sentids": datasets.List(datasets.Value("string")),
-            "split": datasets.Value("string"),
-            "img_id": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-        }
-    )
+    features = FLICKR30K_FEATURES
     folder.mkdir(parents=True, exist_ok=True)
     jpeg_bytes = 0
     for shard, start in enumerate(range(0, len(labels), shard_rows)):

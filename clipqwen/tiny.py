@@ -22,15 +22,9 @@ from .hub import clipqwen_cache_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "qwen3-tokenizer"
 
-TINY_VISION = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=224,
-    patch_size=32,
-    projection_dim=32,
-)
+# one width for both transformers: 2 layers of 64 with 4 heads
+TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = dict(**TINY_WIDTH, image_size=224, patch_size=32, projection_dim=32)
 # EfficientNet at toy size: total stride 32 as in the real one; width_coefficient scales all widths
 TINY_EFFICIENTNET = dict(
     model_type="efficientnet",
@@ -47,15 +41,7 @@ TINY_EFFICIENTNET = dict(
     expand_ratios=[1, 2, 2, 2],
     depthwise_padding=[],
 )
-TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-)
+TINY_TEXT = dict(**TINY_WIDTH, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 
 
 def tiny_config(**overrides) -> ClipQwenConfig:

@@ -13,6 +13,12 @@ from conftest import ROOT, free_port
 
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# every run here: the tiny model on 16 embedded images, batches of 4 per process, nothing saved but the model
+TINY_RUN = (
+    "run_captioning.py --use_cpu True --tiny_model --dataset_name embedded --max_train_samples 16 --do_train "
+    "--per_device_train_batch_size 4 --per_device_eval_batch_size 2 --report_to none --save_strategy no "
+    "--dataloader_pin_memory False"
+).split()
 
 
 def two_processes() -> list[str]:
@@ -25,38 +31,9 @@ def test_two_process_ddp_trains_evaluates_and_writes_once(tmp_path):
     out = tmp_path / "ddp"
     command = [
         *two_processes(),
-        "run_captioning.py",
-        "--use_cpu",
-        "True",
-        "--tiny_model",
-        "--freeze_language_model",
-        "False",
-        "--dataset_name",
-        "embedded",
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "7",
-        "--do_train",
-        "--do_eval",
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "2",
-        "--max_new_tokens",
-        "4",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--output_dir",
-        str(out),
-        "--feature_cache_dir",
-        str(tmp_path / "features"),
-        "--dataloader_pin_memory",
-        "False",
+        *TINY_RUN,
+        *"--freeze_language_model False --max_eval_samples 7 --do_eval --max_steps 3 --max_new_tokens 4".split(),
+        *["--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features")],
     ]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -89,35 +66,8 @@ def test_the_shipped_accelerate_configs_load_and_the_readme_shows_them(name, dis
 
 # ---- several machines, as two "nodes" on 127.0.0.1 ------------------------------------------------------------------
 TRAIN = [
-    "run_captioning.py",
-    "--use_cpu",
-    "True",
-    "--tiny_model",
-    "--freeze_language_model",
-    "False",
-    "--dataset_name",
-    "embedded",
-    "--max_train_samples",
-    "16",
-    "--do_train",
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "4",
-    "--per_device_eval_batch_size",
-    "2",
-    "--report_to",
-    "none",
-    "--save_strategy",
-    "no",
-    "--dataloader_pin_memory",
-    "False",
-    "--log_level",
-    "info",
-    "--log_level_replica",
-    "info",
-    "--seed",
-    "7",
+    *TINY_RUN,
+    *"--freeze_language_model False --max_steps 3 --log_level info --log_level_replica info --seed 7".split(),
 ]
 
 
@@ -206,37 +156,9 @@ def test_two_ranks_each_encode_a_shard_of_the_feature_cache_and_both_train_on_al
     out = tmp_path / "ddp"
     command = [
         *two_processes(),
-        "run_captioning.py",
-        "--use_cpu",
-        "True",
-        "--tiny_model",
-        "--dataset_name",
-        "embedded",
-        "--max_train_samples",
-        "16",
-        "--do_train",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "2",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--output_dir",
-        str(out),
-        "--feature_cache_dir",
-        str(tmp_path / "features"),
-        "--dataloader_pin_memory",
-        "False",
-        "--log_level",
-        "info",
-        "--log_level_replica",
-        "info",
-        "--preprocessing_num_workers",
-        "1",
+        *TINY_RUN,
+        *"--max_steps 2 --log_level info --log_level_replica info --preprocessing_num_workers 1".split(),
+        *["--output_dir", str(out), "--feature_cache_dir", str(tmp_path / "features")],
     ]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr

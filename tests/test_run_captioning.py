@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import run_captioning
+from clipqwen.data.sources import FLICKR30K_FEATURES
 from clipqwen.training.trainer import TRAINABLE_WEIGHTS
 
 from conftest import PHOTOS, ROOT
 from conftest import TINY as QUICK
-from localhub import flickr30k_features
 
 
 TINY = [
@@ -555,7 +555,7 @@ def test_flickr30k_loading_path_on_a_local_parquet_with_the_hub_schema(tmp_path)
         "img_id": [str(i) for i in range(len(rows))],
         "filename": [r["file_name"] for r in rows],
     }
-    features = flickr30k_features()
+    features = FLICKR30K_FEATURES
     folder = tmp_path / "flickr30k" / "TEST"
     folder.mkdir(parents=True)
     datasets.Dataset.from_dict(table, features=features).to_parquet(folder / "0000.parquet")

@@ -19,6 +19,17 @@ logger = logging.get_logger(__name__)
 
 # Karpathy's split of Flickr30K (images per split), as nlphuji/flickr30k's `split` column holds it.
 KARPATHY_FLICKR30K = {"train": 29000, "validation": 1014, "test": 1000}
+# nlphuji/flickr30k's parquet schema (refs/convert/parquet): five captions and their sentence ids per photo
+FLICKR30K_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "caption": datasets.List(datasets.Value("string")),
+        "sentids": datasets.List(datasets.Value("string")),
+        "split": datasets.Value("string"),
+        "img_id": datasets.Value("string"),
+        "filename": datasets.Value("string"),
+    }
+)
 SPLIT_ALIASES = {
     "train": "train",
     "val": "validation",

@@ -55,7 +55,6 @@ from .repos import (
     build_clip_repo,
     build_flickr30k_repo,
     build_qwen_repo,
-    flickr30k_features,
     flickr30k_rows,
     qwen_tokenizer_files,
 )
@@ -71,7 +70,6 @@ __all__ = [
     "build_qwen_repo",
     "build_flickr30k_repo",
     "build_all",
-    "flickr30k_features",
     "flickr30k_rows",
     "qwen_tokenizer_files",
 ]

@@ -155,21 +155,15 @@ def build_qwen_repo(hub: LocalHub, repo_id: str = QWEN_ID, seed: int = 0) -> str
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    _project_on_path()
+    from clipqwen.tiny import TINY_TEXT
+    from configuration_clipqwen import QWEN3_0_6B_BASE
+
+    # Qwen3-0.6B-Base's config.json at the tiny width, with its context length
+    real_at_tiny_width = {**QWEN3_0_6B_BASE, **TINY_TEXT, "max_position_embeddings": 32768}
     config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=32768,
+        **real_at_tiny_width,
         max_window_layers=2,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151643,
         use_sliding_window=False,
         sliding_window=None,
         architectures=["Qwen3ForCausalLM"],
@@ -222,22 +216,6 @@ def flickr30k_rows(n_images: int = 300, *, image_size: int = 256, seed: int = 0)
     return columns
 
 
-def flickr30k_features():
-    """nlphuji/flickr30k's parquet schema: image, caption (5), sentids (5), split, img_id, filename."""
-    import datasets
-
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.List(datasets.Value("string")),
-            "sentids": datasets.List(datasets.Value("string")),
-            "split": datasets.Value("string"),
-            "img_id": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-        }
-    )
-
-
 def build_flickr30k_repo(
     hub: LocalHub,
     n_images: int = 300,
@@ -253,7 +231,9 @@ def build_flickr30k_repo(
     features in the parquet metadata. Returns {"main": sha, "refs/convert/parquet": sha}."""
     import datasets
 
-    features = flickr30k_features()
+    _project_on_path()
+    from clipqwen.data.sources import FLICKR30K_FEATURES as features
+
     columns = flickr30k_rows(n_images, image_size=image_size, seed=seed)
     shards = {}
     with tempfile.TemporaryDirectory() as tmp:
