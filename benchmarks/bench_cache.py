@@ -7,8 +7,9 @@ Paths timed (images/s, medians of alternating rounds: old, new 1 worker, new 2 w
 - data path alone, the vision tower left out (it runs on the workers' batches in the main process, on the GPU in a
   real run, and is the same in both paths):
   old = what a first run did before: `drop_unreadable_images` (a decode of every image), then a second decode and
-  `processor.preprocess_images`, one process; new = `_DecodedChunks` through a DataLoader with 1 or 2 worker
-  processes, exactly as `add_vision_features` builds it (one decode, the processor's `ClipPixels`);
+  the image processor's own call (`preprocess_images` below), one process; new = `_DecodedChunks` through a
+  DataLoader with 1 or 2 worker processes, exactly as `add_vision_features` builds it (one decode, the processor's
+  `ClipPixels`);
 - end to end with the tiny CLIP of the tests: old = the check, then decode + `preprocess_images` + vision tower
   batch by batch; new = `add_vision_features` into a fresh cache folder (Arrow file, manifest and all).
 

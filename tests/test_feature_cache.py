@@ -73,6 +73,6 @@ def test_cached_features_use_the_processors_image_path(make_model, processor, tm
     model = make_model()
     cached = add_vision_features(data, model, processor, tmp_path)
     expected = model.get_vision_embeds(processor(images=[strip])["pixel_values"])
-    # pixels within one level of 255 of the processor's (clipqwen.images.ClipPixels): features within 1e-3 here; a
+    # pixels within one level of 255 of the processor's (processing_clipqwen.ClipPixels): features within 1e-3 here; a
     # wrong RGB conversion or aspect bound moves them by 0.1-1
     torch.testing.assert_close(torch.as_tensor(np.stack(cached["vision_embeds"])), expected, atol=2e-3, rtol=0)
