@@ -120,7 +120,7 @@ def _feature_files(cache_dir: Path, fingerprint: str, split: str, processes: Pro
     (one file, or with several processes one shard per rank, past the barrier the shards another machine wrote)."""
     rank, world_size, barrier = processes.rank, processes.world_size, processes.barrier
     files = _complete_cache(cache_dir, fingerprint)
-    if files is None:  # build this process's part (all rows in one process)
+    if files is None:  # build this process's part: its shard, or every row where it is the only process
         if world_size > 1:
             target = _shard_file(cache_dir, fingerprint, rank, world_size)
             if not _is_valid(target):
