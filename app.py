@@ -26,6 +26,7 @@ from clipqwen.images import printable
 from clipqwen.inference import captioning
 from clipqwen.inference.captioning import CAPTION_GENERATION, caption_generation_config
 from clipqwen.inference.loading import ModelLoadError
+from clipqwen.inference.packed_linear import decoding_path
 from clipqwen.precision import PrecisionError, resolve_precision
 
 
@@ -223,7 +224,7 @@ def caption(
 
     status = (
         f"Captioned {len(images)} image{'s' * (len(images) > 1)} in {seconds:.2f} s on {DEVICE} "
-        f"({resolve_precision(serving.precision, DEVICE)})"
+        f"({decoding_path(captioner)})"
     )
     status += f" ({seconds / len(images):.2f} s per image)" if len(images) > 1 else ""
     status += f"; loading the model took {loading:.1f} s." if loading > 0.5 else "."

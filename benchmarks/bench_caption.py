@@ -8,8 +8,11 @@ course (baseline), in the course's own dtypes (CLIP and the projector fp32, Qwen
 ours_batched: `model.generate(...)`, batch 16, KV cache, in clipqwen's default precision on this machine
     (clipqwen.precision); CLIP encodes the batch in chunks of --vision-chunk images and generate() gets their
     `vision_embeds`, so that CLIP's activations for all 16 images are never held at once.
-ours_bs1: the same, one image at a time (the latency a person waits for).
+ours_bs1: the same, one image at a time (the latency a person waits for), against its floor: the tower's weights
+    once and the decoder's once per new token, read at the bandwidth measured in the same process.
 *_bf16, *_int8: the same in bf16, or with the decoder's linears int8 weight-only (optimum-quanto).
+Ours on a CPU runs as the CLI does: the decoder's fp32 / bf16 weights prepacked for oneDNN
+(clipqwen.inference.packed_linear); *_plain: without that, the reference path.
 Every variant runs the course's layout (--preset seed_exact: one image token, first), so that token ids compare
 across variants; the default layout's 8 image tokens and prompt lengthen the prompt by 9 positions, once per caption.
 Every variant decodes the JPEGs and preprocesses inside the timed region and produces exactly --new-tokens tokens
@@ -52,21 +55,43 @@ from benchmarks.common import (  # noqa: E402
     profiled,
     resolve_weights,
     results_path,
+    stream_bandwidth,
     sync,
+    weight_bytes,
     write_results,
 )
+from clipqwen.inference.packed_linear import pack_decoder_linears  # noqa: E402
 from processing_clipqwen import to_rgb  # noqa: E402
 
 
-VARIANTS = ("course", "course_fp32", "ours_batched", "ours_batched_bf16", "ours_bs1", "ours_bs1_bf16", "ours_bs1_int8")
+VARIANTS = (
+    "course",
+    "course_fp32",
+    "ours_batched",
+    "ours_batched_bf16",
+    "ours_bs1",
+    "ours_bs1_bf16",
+    "ours_bs1_int8",
+    "ours_bs1_plain",
+    "ours_bs1_bf16_plain",
+)
 DEFAULT_VARIANTS = ("course", "ours_batched", "ours_batched_bf16", "ours_bs1", "ours_bs1_bf16", "ours_bs1_int8")
-MEDIAN_KEYS = ("seconds", "captions_per_s", "new_tokens_per_s", "seconds_per_caption", "peak_memory_gib")
+MEDIAN_KEYS = (
+    "seconds",
+    "captions_per_s",
+    "new_tokens_per_s",
+    "seconds_per_caption",
+    "peak_memory_gib",
+    "read_gb_s",
+    "floor_seconds_per_caption",
+    "ratio_to_floor",
+)
 
 
 def weights_of(variant: str) -> str:
     if variant == "course":
         return "course"
-    suffix = variant.rsplit("_", 1)[-1]
+    suffix = variant.removesuffix("_plain").rsplit("_", 1)[-1]
     return suffix if suffix in ("fp32", "bf16", "int8") else "default"
 
 
@@ -187,6 +212,8 @@ def run_one(args, device, weights):
     model = build_model(device, weights, "seed_exact", tiny=args.tiny).eval()
     processor = processor_for(model, "seed_exact")
     course, bs1 = args.only.startswith("course"), args.only.startswith("ours_bs1")
+    if not course and not args.only.endswith("_plain"):
+        pack_decoder_linears(model)  # what clipqwen-caption and the demo run (on a CPU that gains from it)
     count = (args.course_images if course else args.bs1_images if bs1 else None) or args.images
     paths = image_paths(count)
     batch_size = 1 if course or bs1 else args.batch_size
@@ -197,7 +224,8 @@ def run_one(args, device, weights):
             captions, seconds = run_ours(args, model, processor, paths, device, weights, batch_size)
     lengths = sorted({len(c) for c in captions})
     log(f"{args.only}: {len(captions)} captions × {lengths} tokens in {seconds:.2f} s")
-    return {
+    at_floor = floor(model, args, seconds / len(captions)) if bs1 and device.type == "cpu" else {}
+    return at_floor | {
         "variant": args.only,
         "images": len(captions),
         "batch_size": batch_size,
@@ -212,6 +240,21 @@ def run_one(args, device, weights):
         "vision_chunk": None if course or batch_size == 1 else args.vision_chunk,
         "tokens": captions,
         **memory.report(),
+    }
+
+
+def floor(model, args, seconds_per_caption: float) -> dict:
+    """Batch 1 on a CPU: the tower's weights read once and the decoder's once per new token (prefill writes the
+    first), at the read bandwidth measured here, and the caption's time as a multiple of it."""
+    decoder = weight_bytes(model.get_decoder().layers) + weight_bytes(model.lm_head)
+    tower = weight_bytes(model.model.vision_tower) + weight_bytes(model.model.multi_modal_projector)
+    bandwidth = stream_bandwidth()["read_gb_s_wall"]
+    seconds = (tower + args.new_tokens * decoder) / (bandwidth * 1e9)
+    return {
+        "decoder_gb_per_token": round(decoder / 1e9, 3),
+        "read_gb_s": bandwidth,
+        "floor_seconds_per_caption": round(seconds, 3),
+        "ratio_to_floor": round(seconds_per_caption / seconds, 2),
     }
 
 
@@ -244,6 +287,12 @@ def main(argv=None):
             summary[f"same_tokens_as_{reference}"] = {
                 v: same_tokens(r["tokens"], results[reference]["tokens"]) for v, r in results.items() if v != reference
             }
+    # prepacked weights against the plain ones, in the same precision: the reference path's captions
+    summary["same_tokens_packed_as_plain"] = {
+        v.removesuffix("_plain"): same_tokens(results[v.removesuffix("_plain")]["tokens"], r["tokens"])
+        for v, r in results.items()
+        if v.endswith("_plain") and v.removesuffix("_plain") in results
+    }
     ratios = {}
     for base in (b for b in ("course", "course_fp32") if b in runs):
         for v in (v for v in variants if v.startswith("ours")):
@@ -271,6 +320,7 @@ def main(argv=None):
         headline["latency_bs1_seconds"] = {
             weights: {
                 "seconds_per_caption": results[v]["seconds_per_caption"],
+                "ratio_to_floor": results[v].get("ratio_to_floor"),
                 "new_tokens": args.new_tokens,
                 **(
                     {"vs_ours_bs1": summary["same_tokens_as_ours_bs1"][v]}
@@ -293,6 +343,7 @@ def main(argv=None):
             "targets",
             "same_tokens_as_course",
             "same_tokens_as_ours_bs1",
+            "same_tokens_packed_as_plain",
         )
         figures = {key: summary[key] for key in keep if key in summary}
         write_results("caption", figures | results, headline, environment(device), path)

@@ -1,10 +1,12 @@
 """Caption quality of a TRAINED model in fp32, bf16 and int8 weight-only: the same greedy captions of the embedded
 test split (the decoding saved with the model), scored with clipqwen.caption_metrics, and each precision's tokens
-compared with fp32's. Random-weight benchmarks cannot say this: their greedy tokens drift for reasons a trained model
-may not have.
+compared with the first's (default: fp32 with plain weights, the reference path). `PRECISION:plain` loads without
+the CPU's prepacked decoder weights (clipqwen.inference.packed_linear), which every front door uses by default.
+Random-weight benchmarks cannot say this: their greedy tokens drift for reasons a trained model may not have.
 
     python run_captioning.py configs/embedded-tiny.json --output_dir outputs/embedded-fp32   # the trained model
     python benchmarks/bench_precision_quality.py outputs/embedded-fp32
+    python benchmarks/bench_precision_quality.py outputs/flickr8k --photos ../shared/data/flickr8k --limit 250
 
 The model loads through clipqwen.inference.loading with `precision=` exactly as clipqwen-caption and app.py load it.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from datasets import Dataset, Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     RESULTS,
@@ -31,13 +34,24 @@ from benchmarks.common import (  # noqa: E402
 from clipqwen.caption_metrics import compute_caption_metrics  # noqa: E402
 from clipqwen.data.embedded import load_embedded_dataset  # noqa: E402
 from clipqwen.inference.loading import load_clipqwen  # noqa: E402
+from clipqwen.inference.packed_linear import decoding_path  # noqa: E402
 from clipqwen.precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a trained clipqwen folder (the embedded main job's output)")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated; fp32 first")
+    parser.add_argument(
+        "--precisions",
+        default=",".join(["fp32:plain", *PRECISIONS, "bf16:plain"]),
+        help="comma-separated, the reference first; PRECISION:plain = without prepacked weights",
+    )
+    parser.add_argument(
+        "--photos",
+        help="a folder of Flickr30K-layout parquet shards (image, caption, split): its val photos instead of the "
+        "embedded test split",
+    )
+    parser.add_argument("--limit", type=int, default=250, help="with --photos: the first N val photos")
     parser.add_argument("--batch-size", type=int, default=60, help="the main job's per_device_eval_batch_size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -75,25 +89,27 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     configure_threads(args.threads)
-    test = load_embedded_dataset()["test"]
+    test = val_photos(args.photos, args.limit) if args.photos else load_embedded_dataset()["test"]
     references = test["captions"]
     figures, reference_tokens = {}, None
-    for precision in [p for p in args.precisions.split(",") if p]:
-        model, processor = load_clipqwen(args.model, device=str(device), precision=precision)
+    for variant in [p for p in args.precisions.split(",") if p]:
+        precision, _, plain = variant.partition(":")
+        model, processor = load_clipqwen(args.model, device=str(device), precision=precision, pack_weights=not plain)
         start = time.perf_counter()
         tokens, captions = caption_split(model, processor, test, args.batch_size, str(device))
         seconds = time.perf_counter() - start
         scores = compute_caption_metrics(captions, references)
-        reference_tokens = reference_tokens or tokens  # the first precision (fp32) is the reference
-        figures[precision] = {
+        reference_tokens = reference_tokens or tokens  # the first variant (fp32, plain weights) is the reference
+        figures[variant] = {
+            "path": decoding_path(model),
             "seconds": round(seconds, 2),
             **{k: round(v, 4) for k, v in scores.items()},
             "vs_first": agreement(tokens, reference_tokens),
             "first_captions": captions[:3],
         }
         log(
-            f"{precision}: {scores} in {seconds:.1f} s; vs {args.precisions.split(',')[0]}: "
-            f"{figures[precision]['vs_first']}"
+            f"{variant}: {scores} in {seconds:.1f} s; vs {args.precisions.split(',')[0]}: "
+            f"{figures[variant]['vs_first']}"
         )
         del model
     first = next(iter(figures.values()))
@@ -119,6 +135,15 @@ def main(argv=None):
         }
         write_results("trained_model_precision", summary, headline, environment(device), Path(args.results))
     emit(summary)
+
+
+def val_photos(folder: str, limit: int) -> Dataset:
+    """The first `limit` val rows of the parquet shards in `folder`, as the embedded split's columns."""
+    rows = Dataset.from_parquet([str(f) for f in sorted(Path(folder).glob("*.parquet"))]).filter(
+        lambda split: split == "val", input_columns="split"
+    )
+    rows = rows.select(range(min(limit, len(rows)))).cast_column("image", Image())
+    return rows.rename_column("caption", "captions")
 
 
 def model_decoding(folder: str) -> dict:

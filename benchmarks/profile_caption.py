@@ -25,38 +25,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from benchmarks.common import configure_threads, image_paths, load_average, log  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    clocked,
+    configure_threads,
+    image_paths,
+    load_average,
+    log,
+    stream_bandwidth,
+    weight_bytes,
+)
 from clipqwen.inference.captioning import load  # noqa: E402
-
-
-def stream_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
-    """Read bandwidth (GB/s) of a sum over an fp32 tensor far larger than the caches (decoding at batch 1 reads
-    every weight once per token), per wall-clock second and per CPU second of this process: on a shared
-    machine the two differ by the share of the core the scheduler gave us."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    wall, cpu = zip(*(clocked(x.sum)[0] for _ in range(repeats)))
-    return {
-        "read_gb_s_wall": round(x.nbytes / min(wall) / 1e9, 2),
-        "read_gb_s_cpu": round(x.nbytes / min(cpu) / 1e9, 2),
-    }
-
-
-def clocked(fn):
-    """((wall seconds, CPU seconds of this process), fn())."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return (time.perf_counter() - wall, time.process_time() - cpu), out
-
-
-def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's weights as stored: quanto's int8 weights count their int8 data and scales."""
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if hasattr(tensor, "_data") and hasattr(tensor, "_scale"):  # optimum-quanto QTensor
-            total += tensor._data.nbytes + tensor._scale.nbytes
-        else:
-            total += tensor.nbytes
-    return total
 
 
 def timed(fn, repeats):

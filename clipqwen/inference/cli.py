@@ -26,6 +26,7 @@ from ..training.preflight import MAX_NEW_TOKENS, MAX_NUM_BEAMS  # the bounds run
 from . import captioning
 from .captioning import CAPTION_GENERATION
 from .loading import ModelLoadError, one_line
+from .packed_linear import decoding_path
 
 
 MAX_BATCH_SIZE = 1024  # images decoded and held at once; beyond it a typo is likelier than intent
@@ -165,6 +166,7 @@ def caption_files(args) -> int:
     model, processor = captioning.load(
         args.model, args.revision, device=args.device, precision=args.precision, local_files_only=offline
     )
+    print(f"clipqwen-caption: captioning on {args.device} in {decoding_path(model)}", file=sys.stderr)
     flags = {name: getattr(args, name) for name in captioning.DECODING}  # None: not given
     generation = captioning.generation_config(model.generation_config, **flags)
 

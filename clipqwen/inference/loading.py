@@ -17,6 +17,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils.hub import cached_file, get_checkpoint_shard_files
 
 from clipqwen import hub
+from clipqwen.inference.packed_linear import pack_decoder_linears
 from clipqwen.precision import apply_precision, check_precision_available, weights_dtype
 from configuration_clipqwen import ClipQwenConfig
 from modeling_clipqwen import ClipQwenForConditionalGeneration
@@ -173,11 +174,13 @@ def load_clipqwen(
     cache_dir: str | None = None,
     precision: str | None = None,
     local_files_only: bool = False,
+    pack_weights: bool = True,
 ):
     """(model in eval mode on `device`, processor) for a clipqwen folder or Hub id; ModelLoadError otherwise.
     `precision` (fp32, bf16, int8: clipqwen.precision) sets the weights' dtype and replaces `dtype`; int8 without
     its library raises PrecisionError before anything is read. `local_files_only`: nothing from the Hub, the
-    local cache only (what an entry point passes when `hub.hub_out_of_reach`)."""
+    local cache only (what an entry point passes when `hub.hub_out_of_reach`). `pack_weights`: on a CPU, the
+    decoder's fp32 / bf16 linears prepacked for oneDNN (packed_linear: the same captions, faster)."""
     if precision is not None:
         check_precision_available(precision)
         dtype = weights_dtype(precision)
@@ -205,4 +208,6 @@ def load_clipqwen(
     captioner = captioner.to(device).eval()
     if precision is not None:
         apply_precision(captioner, precision)
+    if pack_weights:
+        pack_decoder_linears(captioner)
     return captioner, processor
