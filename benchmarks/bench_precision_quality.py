@@ -91,7 +91,7 @@ def main(argv=None):
     configure_threads(args.threads)
     test = val_photos(args.photos, args.limit) if args.photos else load_embedded_dataset()["test"]
     references = test["captions"]
-    figures, reference_tokens = {}, None
+    figures, tokens_of = {}, {}
     for variant in [p for p in args.precisions.split(",") if p]:
         precision, _, plain = variant.partition(":")
         model, processor = load_clipqwen(args.model, device=str(device), precision=precision, pack_weights=not plain)
@@ -99,7 +99,8 @@ def main(argv=None):
         tokens, captions = caption_split(model, processor, test, args.batch_size, str(device))
         seconds = time.perf_counter() - start
         scores = compute_caption_metrics(captions, references)
-        reference_tokens = reference_tokens or tokens  # the first variant (fp32, plain weights) is the reference
+        tokens_of[variant] = tokens
+        reference_tokens = next(iter(tokens_of.values()))  # the first variant (fp32, plain weights) is the reference
         figures[variant] = {
             "path": decoding_path(model),
             "seconds": round(seconds, 2),
@@ -112,6 +113,9 @@ def main(argv=None):
             f"{figures[variant]['vs_first']}"
         )
         del model
+    for variant in figures:  # prepacked weights against the plain ones in the same precision
+        if f"{variant}:plain" in tokens_of:
+            figures[variant]["vs_plain"] = agreement(tokens_of[variant], tokens_of[f"{variant}:plain"])
     first = next(iter(figures.values()))
     differences = {
         p: {k: round(f[k] - first[k], 4) for k in first if isinstance(first[k], float) and k != "seconds"}

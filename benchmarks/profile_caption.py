@@ -34,7 +34,8 @@ from benchmarks.common import (  # noqa: E402
     stream_bandwidth,
     weight_bytes,
 )
-from clipqwen.inference.captioning import load  # noqa: E402
+from clipqwen.inference.loading import load_clipqwen  # noqa: E402
+from clipqwen.inference.packed_linear import decoding_path  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -79,7 +80,10 @@ def profile(model, processor, path, new_tokens, repeats):
             phase.append((b[0] - a[0], b[1] - a[1]))
 
     def generate():
-        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        # greedy, whatever the model's generation_config says: the phases above are one greedy caption's
+        return model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1
+        )
 
     generate()  # warm-up
     generate_s, _ = timed(generate, repeats)
@@ -102,7 +106,12 @@ def profile(model, processor, path, new_tokens, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a saved clipqwen folder (benchmarks/make_random_model.py)")
-    parser.add_argument("--precision", nargs="+", default=["bf16", "int8"])
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["bf16", "int8"],
+        help="each of fp32, bf16, int8, with :plain for the decoder's weights as stored (not prepacked for oneDNN)",
+    )
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -112,10 +121,11 @@ def main(argv=None):
     report = {"load_average_1min": [load_average()], "threads": torch.get_num_threads()}
     report["bandwidth"] = stream_bandwidth()
     for precision in args.precision:
-        model, processor = load(args.model, precision=precision)
+        weights, _, plain = precision.partition(":")
+        model, processor = load_clipqwen(args.model, precision=weights, pack_weights=not plain)
         lm_bytes = weight_bytes(model.model.language_model.layers) + weight_bytes(model.lm_head)
         tower_bytes = weight_bytes(model.model.vision_tower) + weight_bytes(model.model.multi_modal_projector)
-        result = profile(model, processor, path, args.new_tokens, args.repeats)
+        result = {"path": decoding_path(model), **profile(model, processor, path, args.new_tokens, args.repeats)}
         result["decoder_weight_gb_per_token"] = round(lm_bytes / 1e9, 3)
         # the floor: the tower's weights once, the decoder's once per token (prefill writes the first)
         result["floor_ms"] = [

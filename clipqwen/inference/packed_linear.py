@@ -11,6 +11,8 @@ Inference only: a packed layer has no trainable `weight` (its state dict still h
 model saves and loads as before).
 """
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -78,7 +80,18 @@ def pack_decoder_linears(model: nn.Module) -> nn.Module:
     head = model.get_output_embeddings()
     if type(head) is nn.Linear and head.weight is not model.get_input_embeddings().weight:
         model.set_output_embeddings(PackedLinear(head))
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the plain weights' freed pages back to the system. glibc's malloc keeps freed heap pages in the process
+    (the weights of a few MB each are heap chunks), so without this the process holds both copies: Qwen3-0.6B's
+    decoder packed in bf16 took 2.50 GB of memory against 1.67 before, and 1.68 after this. No-op without glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        pass
 
 
 def decoding_path(model: nn.Module) -> str:
