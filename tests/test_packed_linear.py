@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers import pipeline
 
 from clipqwen.inference import packed_linear
 from clipqwen.inference.loading import load_clipqwen
@@ -96,3 +97,12 @@ def test_the_loader_packs_by_default_and_not_when_asked(tmp_path):
     plain, _ = load_clipqwen(str(tmp_path), precision="fp32", pack_weights=False)
     assert decoding_path(model) == "fp32, decoder weights prepacked for oneDNN"
     assert decoding_path(plain) == "fp32"
+
+
+def test_the_pipeline_captions_with_a_packed_model_as_with_the_plain_one():
+    photo = Image.open(sorted(PHOTOS.glob("*.jpg"))[0])
+    texts = []
+    for model in (tiny_model(), pack_decoder_linears(tiny_model())):
+        captioner = pipeline("image-text-to-text", model=model, processor=bundled_processor())
+        texts.append(captioner(images=photo, text="", generate_kwargs=CAPTION)[0]["generated_text"])
+    assert texts[0] == texts[1] and texts[0].strip()
