@@ -106,3 +106,12 @@ def test_the_pipeline_captions_with_a_packed_model_as_with_the_plain_one():
         captioner = pipeline("image-text-to-text", model=model, processor=bundled_processor())
         texts.append(captioner(images=photo, text="", generate_kwargs=CAPTION)[0]["generated_text"])
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_a_compiled_model_runs_its_packed_layers_eagerly():
+    """Inductor cannot lower oneDNN's linear on a weight it did not pack itself (an assertion inside torch); the
+    layer runs outside the compiled graph instead of failing the user's torch.compile."""
+    torch.manual_seed(0)
+    layer, hidden = PackedLinear(nn.Linear(64, 32)), torch.randn(3, 5, 64)
+    compiled = torch.compile(lambda x: torch.relu(layer(x)) * 2)
+    torch.testing.assert_close(compiled(hidden), torch.relu(layer(hidden)) * 2)

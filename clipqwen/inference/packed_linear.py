@@ -38,6 +38,7 @@ class PackedLinear(nn.Module):
             self.packed_weight = pack(state_dict.pop(prefix + "weight").to(self.packed_weight.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    @torch.compiler.disable  # Inductor cannot lower this op on a weight it did not pack itself: run it eagerly
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_weight, self.bias, "none", [], "")
 
