@@ -7,8 +7,8 @@ reordered once into oneDNN's blocked layout reads it at 17 GB/s, and gives the s
 (docs/benchmarks.md). That reorder is what Inductor's freezing pass does before it calls oneDNN's linear
 (`torch.ops.mkldnn`); here it is done once at load, without compiling anything.
 
-Inference only: a packed layer has no trainable `weight` (its state dict still holds the plain one, so a packed
-model saves and loads as before).
+Inference on the CPU only: a packed layer has no trainable `weight` and cannot move to a GPU (its state dict still
+holds the plain weight, so a packed model saves and loads as before).
 """
 
 import ctypes
@@ -101,7 +101,7 @@ def decoding_path(model: nn.Module) -> str:
     modules = [*model.get_decoder().modules(), model.get_output_embeddings()]
     if any(type(module).__module__.startswith("optimum.quanto") for module in modules):
         return "int8 (weight-only decoder, optimum-quanto)"
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model.get_input_embeddings().weight.dtype, "")
-    dtype = dtype or str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    dtype = model.get_input_embeddings().weight.dtype
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
     packed = any(isinstance(module, PackedLinear) for module in modules)
-    return dtype + ", decoder weights prepacked for oneDNN" * packed
+    return name + ", decoder weights prepacked for oneDNN" * packed
