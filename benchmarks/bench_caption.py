@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     add_common_arguments,
     autocast,
     build_model,
+    caption_bytes,
     configure_threads,
     course_logits,
     emit,
@@ -57,7 +58,6 @@ from benchmarks.common import (  # noqa: E402
     results_path,
     stream_bandwidth,
     sync,
-    weight_bytes,
     write_results,
 )
 from clipqwen.inference.packed_linear import pack_decoder_linears  # noqa: E402
@@ -246,10 +246,9 @@ def run_one(args, device, weights):
 def floor(model, args, seconds_per_caption: float) -> dict:
     """Batch 1 on a CPU: the tower's weights read once and the decoder's once per new token (prefill writes the
     first), at the read bandwidth measured here, and the caption's time as a multiple of it."""
-    decoder = weight_bytes(model.get_decoder().layers) + weight_bytes(model.lm_head)
-    tower = weight_bytes(model.model.vision_tower) + weight_bytes(model.model.multi_modal_projector)
+    decoder, read = caption_bytes(model, args.new_tokens)
     bandwidth = stream_bandwidth()["read_gb_s_wall"]
-    seconds = (tower + args.new_tokens * decoder) / (bandwidth * 1e9)
+    seconds = read / (bandwidth * 1e9)
     return {
         "decoder_gb_per_token": round(decoder / 1e9, 3),
         "read_gb_s": bandwidth,

@@ -166,6 +166,15 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def caption_bytes(model, new_tokens: int) -> tuple[int, int]:
+    """(bytes of decoder weights read per new token, bytes read for one batch-1 caption): the image tower's and
+    projector's weights once, the decoder's (LM head included) once per new token, prefill writing the first.
+    Divided by the read bandwidth, the second is the caption's floor."""
+    decoder = weight_bytes(model.get_decoder().layers) + weight_bytes(model.lm_head)
+    tower = weight_bytes(model.model.vision_tower) + weight_bytes(model.model.multi_modal_projector)
+    return decoder, tower + new_tokens * decoder
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -26,13 +26,13 @@ from PIL import Image  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    caption_bytes,
     clocked,
     configure_threads,
     image_paths,
     load_average,
     log,
     stream_bandwidth,
-    weight_bytes,
 )
 from clipqwen.inference.loading import load_clipqwen  # noqa: E402
 from clipqwen.inference.packed_linear import decoding_path  # noqa: E402
@@ -123,13 +123,11 @@ def main(argv=None):
     for precision in args.precision:
         weights, _, plain = precision.partition(":")
         model, processor = load_clipqwen(args.model, precision=weights, pack_weights=not plain)
-        lm_bytes = weight_bytes(model.model.language_model.layers) + weight_bytes(model.lm_head)
-        tower_bytes = weight_bytes(model.model.vision_tower) + weight_bytes(model.model.multi_modal_projector)
+        lm_bytes, read_bytes = caption_bytes(model, args.new_tokens)
         result = {"path": decoding_path(model), **profile(model, processor, path, args.new_tokens, args.repeats)}
         result["decoder_weight_gb_per_token"] = round(lm_bytes / 1e9, 3)
-        # the floor: the tower's weights once, the decoder's once per token (prefill writes the first)
         result["floor_ms"] = [
-            round(1000 * (tower_bytes + args.new_tokens * lm_bytes) / (report["bandwidth"][key] * 1e9), 1)
+            round(1000 * read_bytes / (report["bandwidth"][key] * 1e9), 1)
             for key in ("read_gb_s_wall", "read_gb_s_cpu")
         ]
         result["ratio_to_floor"] = [round(c / f, 2) for c, f in zip(result["caption_ms"], result["floor_ms"])]
