@@ -39,7 +39,7 @@ CLIP_VIT_B32 = dict(projection_dim=512)
 VISION_TOWERS = ("clip_vision_model", "efficientnet", "dinov2")
 
 ProjectorType = Literal["linear", "mlp2x_gelu", "resampler"]
-VisionFeatureType = Literal["pooled", "patch"]
+VisionFeatureType = Literal["pooled", "patch", "grid"]
 
 
 @strict
@@ -64,9 +64,15 @@ class ClipQwenConfig(PreTrainedConfig):
             `"pooled"`: one image embedding (CLIP's `image_embeds`, a CNN's pooled output, DINOv2's
             layernormed CLS token), expanded into `num_pooled_image_tokens` tokens (ClipCap). `"patch"`:
             one token per feature-map position (LLaVA): a ViT's CLS + patch states of
-            `vision_feature_layer`, or a CNN's map.
+            `vision_feature_layer`, or a CNN's map. `"grid"`: the whole image's feature (a ViT's CLS state
+            of `vision_feature_layer`, a CNN's mean) followed by the mean of each cell of a
+            `vision_grid_size` × `vision_grid_size` grid over the map, each expanded as a pooled embedding:
+            where things are, in a few tokens.
         num_pooled_image_tokens (`int`, *optional*, defaults to 8):
-            Image tokens made from the pooled embedding. Only used with `vision_feature_type="pooled"`.
+            Image tokens made from each pooled embedding: with `vision_feature_type="pooled"` the image's
+            one, with `"grid"` the image's and each cell's.
+        vision_grid_size (`int`, *optional*, defaults to 2):
+            Cells per side of the grid with `vision_feature_type="grid"`, at most the map's side.
         num_query_tokens (`int`, *optional*, defaults to 8):
             Image tokens the resampler hands the decoder (BLIP-2's name). Only used with
             `projector_type="resampler"`.
@@ -93,6 +99,7 @@ class ClipQwenConfig(PreTrainedConfig):
     projector_type: ProjectorType = "mlp2x_gelu"
     vision_feature_type: VisionFeatureType = "pooled"
     num_pooled_image_tokens: int = interval(min=1)(default=8)
+    vision_grid_size: int = interval(min=1)(default=2)
     num_query_tokens: int = interval(min=1)(default=8)
     vision_feature_layer: int = -2
     image_token_id: int | None = 151655
@@ -123,7 +130,7 @@ class ClipQwenConfig(PreTrainedConfig):
     # checks that need the sub-configs. Each message names the field and what is allowed.
     def validate_vision_feature_layer(self):
         if self.vision_config.model_type == "efficientnet":
-            if self.vision_feature_type == "patch" and self.vision_feature_layer != -1:
+            if self.vision_feature_type != "pooled" and self.vision_feature_layer != -1:
                 raise ValueError(
                     f"vision_feature_layer={self.vision_feature_layer}: an EfficientNet offers its final "
                     "feature map only; use -1."
@@ -141,6 +148,14 @@ class ClipQwenConfig(PreTrainedConfig):
             raise ValueError(
                 'projector_type="resampler" reads the image tower\'s feature map: set vision_feature_type="patch" '
                 f"(it is {self.vision_feature_type!r})."
+            )
+
+    def validate_vision_grid_size(self):
+        side = self.feature_map_side
+        if self.vision_feature_type == "grid" and self.vision_grid_size > side:
+            raise ValueError(
+                f"vision_grid_size={self.vision_grid_size} is larger than the tower's {side}×{side} feature map: "
+                f"use at most {side}."
             )
 
     def validate_image_token_id(self):
@@ -195,15 +210,21 @@ class ClipQwenConfig(PreTrainedConfig):
             return self.num_query_tokens
         if self.vision_feature_type == "pooled":
             return self.num_pooled_image_tokens
+        if self.vision_feature_type == "grid":
+            return (1 + self.vision_grid_size**2) * self.num_pooled_image_tokens
         return self.num_feature_positions
+
+    @property
+    def feature_map_side(self) -> int:
+        """Positions per side of the tower's feature map (a CNN's total stride is 32)."""
+        vision = self.vision_config
+        return vision.image_size // (32 if vision.model_type == "efficientnet" else vision.patch_size)
 
     @property
     def num_feature_positions(self) -> int:
         """Feature vectors one image gives the projector with `vision_feature_type="patch"`."""
-        vision = self.vision_config
-        if vision.model_type == "efficientnet":
-            return (vision.image_size // 32) ** 2  # total stride 32, no CLS
-        return (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS
+        cls = self.vision_config.model_type != "efficientnet"  # a ViT's CLS state comes first
+        return self.feature_map_side**2 + cls
 
 
 __all__ = ["ClipQwenConfig"]

@@ -71,8 +71,9 @@ class ClipQwenMultiModalProjector(nn.Module):
     def __init__(self, config: ClipQwenConfig):
         super().__init__()
         hidden = config.text_config.hidden_size
-        # a pooled embedding becomes K tokens through the last layer's width (ClipCap); patches 1:1
-        tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type == "pooled" else 1
+        # a pooled embedding (the image's, a grid cell's) becomes K tokens through the last layer's width
+        # (ClipCap); patches 1:1. The decoder's own positions tell the grid's cells apart, as LLaVA's patches.
+        tokens_per_feature = config.num_pooled_image_tokens if config.vision_feature_type != "patch" else 1
         self.hidden_size = hidden
         if config.projector_type == "linear":
             self.layers = nn.Sequential(nn.Linear(config.vision_feature_size, hidden * tokens_per_feature))
@@ -185,15 +186,22 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
 
     def _vision_tower(self, pixel_values: torch.FloatTensor, **kwargs):
         """The tower's outputs and the features the projector reads: pooled (batch, feature_size),
-        CLIP's `image_embeds` or a `pooler_output`; or patches (batch, positions, feature_size), CLIP's
-        `vision_feature_layer` states or a CNN's final map flattened."""
+        CLIP's `image_embeds` or a `pooler_output`; patches (batch, positions, feature_size), CLIP's
+        `vision_feature_layer` states or a CNN's final map flattened; or the grid (batch, 1 + cells,
+        feature_size): the whole image's feature, then each cell's mean over the map, row by row."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        is_cnn = self.config.vision_config.model_type == "efficientnet"
-        if self.config.vision_feature_type == "pooled" or is_cnn:
+        feature_type = self.config.vision_feature_type
+        if self.config.vision_config.model_type == "efficientnet":
             outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-            if self.config.vision_feature_type == "pooled":
-                return outputs, outputs.image_embeds if "image_embeds" in outputs else outputs.pooler_output
-            return outputs, outputs.last_hidden_state.flatten(2).transpose(1, 2)  # (b, c, h, w) → (b, h·w, c)
+            if feature_type == "pooled":
+                return outputs, outputs.pooler_output
+            feature_map = outputs.last_hidden_state  # (b, c, h, w)
+            if feature_type == "patch":
+                return outputs, feature_map.flatten(2).transpose(1, 2)  # (b, h·w, c)
+            return outputs, self._grid(outputs.pooler_output, feature_map)
+        if feature_type == "pooled":
+            outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+            return outputs, outputs.image_embeds if "image_embeds" in outputs else outputs.pooler_output
         requested = kwargs.pop("output_hidden_states", None)
         if requested is None:
             requested = self.vision_tower.config.output_hidden_states
@@ -203,7 +211,16 @@ class ClipQwenModel(ClipQwenPreTrainedModel):
             embeds = self.vision_tower.layernorm(embeds)
         if not requested:  # read for the features, not asked for by the caller
             outputs.hidden_states = None
+        if feature_type == "grid":
+            side = self.config.feature_map_side
+            patches = embeds[:, 1:].transpose(1, 2).unflatten(2, (side, side))  # (b, width, side, side)
+            return outputs, self._grid(embeds[:, 0], patches)
         return outputs, embeds
+
+    def _grid(self, whole: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
+        """(b, width) and (b, width, h, w) → (b, 1 + g², width): the whole image first, then the cells' means."""
+        cells = nn.functional.adaptive_avg_pool2d(feature_map, self.config.vision_grid_size)
+        return torch.cat([whole[:, None], cells.flatten(2).transpose(1, 2)], dim=1)
 
     def get_vision_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
         """The image tower alone: what a feature cache stores and `vision_embeds=` takes back (this

@@ -110,19 +110,26 @@ class ModelArguments:
     vision_feature_type: VisionFeatureType | None = field(
         default=None,
         metadata={
-            "help": "Image features: the pooled embedding, or every position's hidden state (LLaVA). Default: the "
+            "help": "Image features: the pooled embedding, every position's hidden state (LLaVA), or the pooled "
+            "embedding and the means of a --vision_grid_size grid of cells over the feature map. Default: the "
             "preset's."
         },
     )
     num_pooled_image_tokens: int | None = field(
         default=None,
-        metadata={"help": "Image tokens made from the pooled embedding (ClipCap's K). Default: the preset's."},
+        metadata={
+            "help": "Image tokens made from each pooled embedding (ClipCap's K; with --vision_feature_type grid "
+            "the image's and each cell's). Default: the preset's."
+        },
+    )
+    vision_grid_size: int = field(
+        default=2, metadata={"help": "Cells per side of the grid with --vision_feature_type grid."}
     )
     num_query_tokens: int = field(
         default=8, metadata={"help": "Image tokens the resampler makes (--projector_type resampler)."}
     )
     vision_feature_layer: int = field(
-        default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch."}
+        default=-2, metadata={"help": "Vision-tower hidden-state index for --vision_feature_type patch or grid."}
     )
     freeze_vision_model: bool = field(
         default=True, metadata={"help": "Keep the vision tower frozen (enables the feature cache)."}
@@ -339,6 +346,7 @@ def build_model_and_processor(args: ModelArguments, frozen_dtype: torch.dtype = 
         projector_type=args.projector_type,
         vision_feature_type=args.vision_feature_type,
         num_pooled_image_tokens=args.num_pooled_image_tokens,
+        vision_grid_size=args.vision_grid_size,
         num_query_tokens=args.num_query_tokens,
         vision_feature_layer=args.vision_feature_layer,
     )

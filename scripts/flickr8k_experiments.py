@@ -37,6 +37,14 @@ RUNS = {
     "clipcap": dict(LAYOUTS["clipcap"]),
     # LLaVA: the 7×7 feature map, one token per position, through an MLP
     "patch": dict(projector_type="mlp2x_gelu", vision_feature_type="patch", vision_feature_layer=-1, prompt=PREFIX),
+    # ClipCap over the pooled map and each cell of a 2×2 grid on it: where things are, in 10 tokens
+    "grid": dict(
+        projector_type="mlp2x_gelu",
+        vision_feature_type="grid",
+        vision_feature_layer=-1,
+        num_pooled_image_tokens=2,
+        prompt=PREFIX,
+    ),
 }
 RUNS |= {f"{name}-blind": dict(settings, blind=True) for name, settings in RUNS.items()}
 RUNS |= {f"{name}-lora": dict(settings, lora_r=8) for name, settings in RUNS.items() if "blind" not in name}

@@ -93,6 +93,21 @@ def test_patch_features_take_cls_plus_patch_grid_tokens():
     assert ClipQwenConfig(num_pooled_image_tokens=4).num_image_tokens == 4
 
 
+def test_the_grid_takes_the_image_and_each_cell_as_pooled_embeddings():
+    config = ClipQwenConfig(vision_feature_type="grid", vision_grid_size=3, num_pooled_image_tokens=2)
+    assert (config.num_image_tokens, config.vision_feature_size) == ((1 + 9) * 2, 768)  # CLIP's states, not 512
+    efficientnet = ClipQwenConfig(
+        vision_feature_type="grid",
+        vision_feature_layer=-1,
+        vision_config={"model_type": "efficientnet", "image_size": 224},
+    )
+    assert (efficientnet.feature_map_side, efficientnet.num_image_tokens) == (7, 5 * 8)
+    with pytest.raises(StrictDataclassError, match="vision_grid_size=8 is larger than the tower's 7×7 feature map"):
+        ClipQwenConfig(vision_feature_type="grid", vision_grid_size=8)
+    with pytest.raises(StrictDataclassError, match="vision_feature_layer=-2: an EfficientNet offers its final"):
+        ClipQwenConfig(vision_feature_type="grid", vision_config={"model_type": "efficientnet", "image_size": 224})
+
+
 def test_the_resampler_takes_its_query_count_and_reads_the_feature_map():
     config = ClipQwenConfig(projector_type="resampler", vision_feature_type="patch", num_query_tokens=6)
     assert (config.num_image_tokens, config.num_feature_positions) == (6, 50)
@@ -126,6 +141,7 @@ BAD = {
     "projector_type": (1, "transformer"),
     "vision_feature_type": (1, "cls"),
     "num_pooled_image_tokens": ("2", 0),
+    "vision_grid_size": ("2", 0),
     "num_query_tokens": ("2", 0),
     "vision_feature_layer": ("x", 40),
     "image_token_id": ("5", 10**7),

@@ -27,7 +27,8 @@ def loss_and_projector_grads(model, **inputs):
 
 
 @pytest.mark.parametrize(
-    "feature_type, projector", [("pooled", "mlp2x_gelu"), ("patch", "mlp2x_gelu"), ("patch", "resampler")]
+    "feature_type, projector",
+    [("pooled", "mlp2x_gelu"), ("patch", "mlp2x_gelu"), ("patch", "resampler"), ("grid", "mlp2x_gelu")],
 )
 def test_loss_from_cached_features_equals_loss_from_pixels(make_model, photos, feature_type, projector):
     model = make_model(vision_feature_type=feature_type, projector_type=projector)

@@ -54,3 +54,9 @@ def test_the_card_lists_both_base_model_ids_and_the_dataset():
     reloaded = ModelCard(text)
     assert reloaded.data.base_model == ["openai/clip-vit-base-patch32", "Qwen/Qwen3-0.6B-Base"]
     assert reloaded.data.datasets == ["nlphuji/flickr30k"] and "0.5123" in text
+
+
+def test_the_card_says_which_image_features_the_projector_reads():
+    assert "(the pooled image embedding, 8 image token(s))" in card()
+    grid = card(model_config=tiny_config(vision_feature_type="grid", num_pooled_image_tokens=2))
+    assert "(the whole image's feature and a 2×2 grid of the feature map's cell means (layer -2), 10 image" in grid

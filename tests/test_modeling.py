@@ -58,6 +58,7 @@ def test_text_part_logits_equal_qwen3_for_causal_lm(make_model):
         {"num_pooled_image_tokens": 4},
         {"vision_feature_type": "patch", "projector_type": "mlp2x_gelu"},
         {"vision_feature_type": "patch", "projector_type": "resampler", "num_query_tokens": 3},
+        {"vision_feature_type": "grid", "num_pooled_image_tokens": 2},
     ],
 )
 def test_loss_equals_hand_computed_cross_entropy(make_model, processor, photos, overrides):
@@ -126,7 +127,12 @@ def naive_greedy(model, batch, new_tokens):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"vision_feature_type": "patch"}, {"vision_feature_type": "patch", "projector_type": "resampler"}],
+    [
+        {},
+        {"vision_feature_type": "patch"},
+        {"vision_feature_type": "patch", "projector_type": "resampler"},
+        {"vision_feature_type": "grid"},
+    ],
 )
 def test_greedy_with_kv_cache_equals_naive_loop(make_model, processor, photos, overrides):
     model = make_model(**overrides)

@@ -85,7 +85,7 @@ class ClipQwenModelTester:
         self.num_hidden_layers = text_config["num_hidden_layers"]
         self.num_attention_heads = text_config["num_attention_heads"]
         self.layout = layout
-        self.num_image_tokens = layout.get("num_query_tokens", num_pooled_image_tokens)
+        self.num_image_tokens = self.get_config().num_image_tokens
         self.seq_length = seq_length + self.num_image_tokens
         self.encoder_seq_length = self.seq_length
 
@@ -166,7 +166,7 @@ class ClipQwenResamplerModelTest(ClipQwenForConditionalGenerationModelTest):
     # The mixin's gradient-checkpointing tests unfreeze every parameter and expect each to get a gradient. A
     # feature map read at vision_feature_layer leaves CLIP's later layers, its post-layernorm and its projection
     # unused, by design; the pooled layout runs these tests above, through the same checkpointing machinery.
-    _unused_by_design = "patch features leave CLIP's later layers, post-layernorm and projection without gradients"
+    _unused_by_design = "a feature map leaves CLIP's later layers, post-layernorm and projection without gradients"
 
     @unittest.skip(_unused_by_design)
     def test_training_gradient_checkpointing(self):
@@ -179,3 +179,11 @@ class ClipQwenResamplerModelTest(ClipQwenForConditionalGenerationModelTest):
     @unittest.skip(_unused_by_design)
     def test_training_gradient_checkpointing_use_reentrant_true(self):
         pass
+
+
+class ClipQwenGridModelTest(ClipQwenResamplerModelTest):
+    """The same common tests with the grid features (CLS + 2×2 cells of CLIP's patch states) and the MLP."""
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = ClipQwenModelTester(self, vision_feature_type="grid", num_pooled_image_tokens=2)

@@ -51,7 +51,7 @@ def dinov2_model(seed=0, **overrides):
 
 @pytest.mark.parametrize(
     "feature_type, projector, tokens",
-    [("pooled", "mlp2x_gelu", 3), ("patch", "mlp2x_gelu", 49), ("patch", "resampler", 5)],
+    [("pooled", "mlp2x_gelu", 3), ("patch", "mlp2x_gelu", 49), ("patch", "resampler", 5), ("grid", "mlp2x_gelu", 15)],
 )
 def test_efficientnet_features_become_image_tokens(feature_type, projector, tokens, photos):
     model = efficientnet_model(
@@ -62,7 +62,11 @@ def test_efficientnet_features_become_image_tokens(feature_type, projector, toke
     assert model.config.num_image_tokens == tokens  # 224 px / total stride 32 = a 7×7 map, no CLS
     batch = processor(images=photos[:2], suffix=["a cat.", "two dogs on grass."])
     embeds = model.get_vision_embeds(batch["pixel_values"])
-    assert embeds.shape == ((2, 128) if feature_type == "pooled" else (2, 49, 128))
+    assert embeds.shape == {"pooled": (2, 128), "patch": (2, 49, 128), "grid": (2, 5, 128)}[feature_type]
+    if feature_type == "grid":  # the image's mean, then the 2×2 cells' (their order: the DINOv2 test's map varies)
+        feature_map = model.model.vision_tower(pixel_values=batch["pixel_values"]).last_hidden_state
+        torch.testing.assert_close(embeds[:, 0], feature_map.mean((2, 3)))
+        torch.testing.assert_close(embeds[:, 1], feature_map[:, :, :4, :4].mean((2, 3)))  # adaptive cells overlap
     from_pixels = model(**batch).loss
     from_features = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, vision_embeds=embeds).loss
     torch.testing.assert_close(from_pixels, from_features)
@@ -72,7 +76,12 @@ def test_efficientnet_features_become_image_tokens(feature_type, projector, toke
 
 @pytest.mark.parametrize(
     "feature_type, layer, projector, tokens",
-    [("pooled", -2, "mlp2x_gelu", 3), ("patch", -1, "mlp2x_gelu", 50), ("patch", -2, "resampler", 5)],
+    [
+        ("pooled", -2, "mlp2x_gelu", 3),
+        ("patch", -1, "mlp2x_gelu", 50),
+        ("patch", -2, "resampler", 5),
+        ("grid", -1, "mlp2x_gelu", 15),
+    ],
 )
 def test_dinov2_features_become_image_tokens(feature_type, layer, projector, tokens, photos):
     """Pooled: the CLS token after the final LayerNorm (Dinov2Model's pooler_output). Patch: CLS + patch states of
@@ -93,9 +102,19 @@ def test_dinov2_features_become_image_tokens(feature_type, layer, projector, tok
         ("pooled", -2): tower.last_hidden_state[:, 0],
         ("patch", -1): tower.last_hidden_state,
         ("patch", -2): model.model.vision_tower.layernorm(tower.hidden_states[-2]),
+        # the CLS state, then the 2×2 cells' means of the 7×7 patch states (row-major), which overlap at the middle
+        ("grid", -1): torch.stack(
+            [tower.last_hidden_state[:, 0]]
+            + [
+                tower.last_hidden_state[:, 1:].unflatten(1, (7, 7))[:, rows, columns].mean((1, 2))
+                for rows in (slice(0, 4), slice(3, 7))
+                for columns in (slice(0, 4), slice(3, 7))
+            ],
+            dim=1,
+        ),
     }[feature_type, layer]
     torch.testing.assert_close(embeds, expected)
-    assert embeds.shape == ((2, 32) if feature_type == "pooled" else (2, 50, 32))
+    assert embeds.shape == {"pooled": (2, 32), "patch": (2, 50, 32), "grid": (2, 5, 32)}[feature_type]
     from_pixels = model(**batch).loss
     from_features = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, vision_embeds=embeds).loss
     torch.testing.assert_close(from_pixels, from_features)

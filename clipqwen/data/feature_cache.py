@@ -30,6 +30,8 @@ def vision_cache_key(model, processor) -> str:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     config = model.config
     digest.update(f"{config.vision_feature_type}:{config.vision_feature_layer}".encode())
+    if config.vision_feature_type == "grid":  # added only here, so that the other layouts' caches stay valid
+        digest.update(f":{config.vision_grid_size}".encode())
     digest.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

@@ -230,11 +230,12 @@ def build_model_card(facts: CardFacts) -> ModelCard:
     """The model card of one run, from its facts."""
     config = facts.model_config
     figures = (("Loss and metric curves", facts.curves_png), ("Sample captions", facts.samples_png))
-    feature_desc = (
-        "the pooled image embedding"
-        if config.vision_feature_type == "pooled"
-        else f"one token per feature-map position of layer {config.vision_feature_layer}"
-    )
+    feature_desc = {
+        "pooled": "the pooled image embedding",
+        "patch": f"one token per feature-map position of layer {config.vision_feature_layer}",
+        "grid": f"the whole image's feature and a {config.vision_grid_size}×{config.vision_grid_size} grid of "
+        f"the feature map's cell means (layer {config.vision_feature_layer})",
+    }[config.vision_feature_type]
     rows = results_rows(facts.metrics)
     text = TEMPLATE.format(
         card_data=card_metadata(facts),
